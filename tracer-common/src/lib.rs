@@ -1,0 +1,232 @@
+//! Wire types shared by the kernel programs and the userspace tracer.
+//!
+//! Every type is `#[repr(C)]` with explicit widths and explicit padding, and its size is
+//! pinned by a compile-time assertion: the two sides are built by different compilers
+//! for different targets and must agree byte for byte.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Kinds of events in the ring buffer; the first field of every event.
+pub mod kind {
+    /// A connection the traced process accepted (or one it already had open).
+    pub const CONN_OPEN: u16 = 1;
+    /// One request/response exchange on a traced connection.
+    pub const REQUEST: u16 = 2;
+    /// A traced connection closed.
+    pub const CONN_CLOSE: u16 = 3;
+    /// A listener retransmitted a SYN-ACK.
+    pub const SYNACK_RETRANSMIT: u16 = 4;
+    /// A traced process (thread group) exited.
+    pub const PROCESS_EXIT: u16 = 5;
+    /// A traced process forked a new process.
+    pub const PROCESS_FORK: u16 = 6;
+}
+
+/// How a traced connection came to be known.
+pub mod origin {
+    /// Accepted by the traced process while the tracer ran: every phase is known.
+    pub const ACCEPTED: u32 = 1;
+    /// Already open when tracing started; first seen on a read. Measured from its next
+    /// request on.
+    pub const EXISTING: u32 = 2;
+    /// Opened by the traced process with connect(): an upstream call.
+    pub const CONNECTED: u32 = 3;
+}
+
+/// Bits of [`Request::flags`] and [`ConnClose::flags`].
+pub mod flags {
+    /// The connection closed while a request was read but no response written.
+    pub const ABORTED: u32 = 1 << 0;
+    /// The connection closed before the peer acknowledged the whole response.
+    pub const UNDELIVERED: u32 = 1 << 1;
+    /// The peer sent a reset.
+    pub const RESET_RECEIVED: u32 = 1 << 2;
+    /// This side sent a reset.
+    pub const RESET_SENT: u32 = 1 << 3;
+    /// The request was read before a write was ever seen on the socket, and the first
+    /// data arrival is unknown (connection older than the tracer).
+    pub const ARRIVAL_UNKNOWN: u32 = 1 << 4;
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Common start of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub _pad0: u16,
+    /// Thread group id (the "PID" users see) of the process involved.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub _pad1: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was emitted.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the connection's identity while it lives.
+    pub sock: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 32);
+
+/// The 4-tuple of a connection. IPv4 addresses are stored as IPv4-mapped IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnAddr {
+    pub family: u16,
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ConnAddr>() == 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOpen {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+    /// One of [`origin`].
+    pub origin: u32,
+    /// SYN-ACK retransmits before the handshake completed.
+    pub synack_retransmits: u32,
+    /// When the first SYN-ACK was sent (0 if unknown).
+    pub synack_ns: u64,
+    /// When the connection became ESTABLISHED and was queued on the listener (0 if unknown).
+    pub established_ns: u64,
+    /// When accept() returned it; `header.ts_ns` for accepted connections.
+    pub accepted_ns: u64,
+    /// First data queued on the socket before the application first read (0 if none).
+    pub first_data_ns: u64,
+}
+const _: () = assert!(size_of::<ConnOpen>() == 112);
+
+/// One exchange: a request read by the server, then its response written and delivered.
+/// Timestamps are CLOCK_MONOTONIC nanoseconds; 0 means "did not happen / unknown".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub header: EventHeader,
+    /// First byte of the request queued on the socket.
+    pub arrival_ns: u64,
+    pub first_read_ns: u64,
+    pub last_read_ns: u64,
+    pub first_write_ns: u64,
+    pub last_write_ns: u64,
+    /// When the peer acknowledged the last byte of the response.
+    pub acked_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// 0-based index of the request on its connection.
+    pub index: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Request>() == 104);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnClose {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub requests: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<ConnClose>() == 96);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynAckRetransmit {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+}
+const _: () = assert!(size_of::<SynAckRetransmit>() == 72);
+
+/// Process lifecycle: `header.tgid` is the process; for a fork, `child` is the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    pub header: EventHeader,
+    pub child: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProcessEvent>() == 40);
+
+/// The largest event; userspace rejects records of unknown size.
+pub const MAX_EVENT_SIZE: usize = size_of::<ConnOpen>();
+
+/// Offsets into kernel structures, resolved by userspace from the running kernel's BTF
+/// and handed to the programs before load. Rust kernel programs get no CO-RE
+/// relocations, so nothing here may be a compile-time constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common (at the start of struct sock and struct request_sock)
+    pub skc_family: u32,
+    pub skc_num: u32,
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    pub sk_type: u32,
+    // struct tcp_sock
+    pub tcp_srtt_us: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_write_seq: u32,
+    // struct tcp_request_sock
+    pub treq_snt_synack: u32,
+    // struct sk_buff -> cb, and struct tcp_skb_cb inside it
+    pub skb_cb: u32,
+    pub tcp_skb_cb_ack_seq: u32,
+    // struct task_struct, files_struct, fdtable, file, socket
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 96);
+
+/// Settings the programs read; set by userspace before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramConfig {
+    /// Non-zero: a connection is traced when its listener's port is in `PORTS`, whoever
+    /// accepts it. Zero: when the accepting process is in `PIDS`.
+    pub filter_by_port: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProgramConfig>() == 8);
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events that did not fit in the ring buffer.
+    pub const LOST_EVENTS: u32 = 0;
+    /// Kernel reads of socket fields that failed.
+    pub const READ_ERRORS: u32 = 1;
+    /// Per-socket state entries that could not be created (map full).
+    pub const STATE_FULL: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for ProgramConfig {}
+}

@@ -1,0 +1,53 @@
+//! accept()/accept4() return: the connection gets its owner, or is forgotten when the
+//! accepting process is not traced.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    conn::{emit_open, now, state_mut},
+    kernel::{conn_addr, sock_of_fd},
+    maps::{filter_by_port, is_traced_tgid, SOCKS},
+};
+
+/// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
+/// and the 8-byte syscall number): fixed by the syscall tracepoint ABI.
+const SYS_EXIT_RET: usize = 16;
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> i32 {
+    on_accept_return(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> i32 {
+    on_accept_return(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept_return(ctx: &TracePointContext) {
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) }) else { return };
+    if fd < 0 {
+        return;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let Some(sk) = sock_of_fd(task, fd as u32) else { return };
+    let Some(st) = state_mut(sk) else { return };
+    if st.owner != 0 {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !filter_by_port() && !is_traced_tgid(tgid) {
+        let _ = SOCKS.remove(&sk);
+        return;
+    }
+    let ts = now();
+    st.owner = tgid;
+    let first_data_ns = st.pending_data_ns;
+    emit_open(sk, st, &conn_addr(sk), ts, first_data_ns);
+}

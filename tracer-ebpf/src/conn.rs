@@ -1,0 +1,196 @@
+//! Per-connection state and the events emitted from it.
+
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use tracer_common::{
+    counter, flags, kind, ConnAddr, ConnClose, ConnOpen, EventHeader, Request,
+};
+
+use crate::maps::{bump, EVENTS, SOCKS};
+
+/// Where a traced server connection is in its request/response cycle.
+pub mod dir {
+    /// Nothing read or written yet (or the connection predates tracing).
+    pub const IDLE: u32 = 0;
+    /// Reading a request.
+    pub const READING: u32 = 1;
+    /// Writing (or delivering) its response.
+    pub const WRITING: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockState {
+    /// Tgid of the process that accepted the connection; 0 while it waits in the
+    /// accept queue.
+    pub owner: u32,
+    /// One of [`dir`].
+    pub dir: u32,
+    pub origin: u32,
+    pub synack_retransmits: u32,
+    pub synack_ns: u64,
+    pub established_ns: u64,
+    /// First data queued since the last read, i.e. the start of the next request.
+    pub pending_data_ns: u64,
+    /// Per request.
+    pub arrival_ns: u64,
+    pub first_read_ns: u64,
+    pub last_read_ns: u64,
+    pub first_write_ns: u64,
+    pub last_write_ns: u64,
+    pub acked_ns: u64,
+    pub req_in: u64,
+    pub req_out: u64,
+    /// Per connection.
+    pub total_in: u64,
+    pub total_out: u64,
+    /// Sequence number just past the last byte written; the response is delivered when
+    /// the peer acknowledges it.
+    pub ack_target: u32,
+    pub requests: u32,
+    pub req_flags: u32,
+    pub conn_flags: u32,
+}
+
+impl SockState {
+    #[inline(always)]
+    pub const fn new(origin: u32) -> Self {
+        Self {
+            owner: 0,
+            dir: dir::IDLE,
+            origin,
+            synack_retransmits: 0,
+            synack_ns: 0,
+            established_ns: 0,
+            pending_data_ns: 0,
+            arrival_ns: 0,
+            first_read_ns: 0,
+            last_read_ns: 0,
+            first_write_ns: 0,
+            last_write_ns: 0,
+            acked_ns: 0,
+            req_in: 0,
+            req_out: 0,
+            total_in: 0,
+            total_out: 0,
+            ack_target: 0,
+            requests: 0,
+            req_flags: 0,
+            conn_flags: 0,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn header(kind: u16, tgid: u32, sk: u64, ts_ns: u64) -> EventHeader {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    EventHeader {
+        kind,
+        _pad0: 0,
+        tgid,
+        tid,
+        _pad1: 0,
+        ts_ns,
+        sock: sk,
+    }
+}
+
+#[inline(always)]
+pub fn state_mut(sk: u64) -> Option<&'static mut SockState> {
+    SOCKS.get_ptr_mut(sk).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn insert_state(sk: u64, state: &SockState) -> bool {
+    if SOCKS.insert(sk, state, 0).is_err() {
+        bump(counter::STATE_FULL);
+        return false;
+    }
+    true
+}
+
+pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_ns: u64) {
+    // Events are filled in place in the ring buffer: building them on the 512-byte BPF
+    // stack first would not fit beside the connection state.
+    let Some(mut slot) = EVENTS.reserve::<ConnOpen>(0) else {
+        bump(counter::LOST_EVENTS);
+        return;
+    };
+    let e = slot.as_mut_ptr();
+    unsafe {
+        (*e).header = header(kind::CONN_OPEN, st.owner, sk, ts);
+        (*e).addr = *addr;
+        (*e).origin = st.origin;
+        (*e).synack_retransmits = st.synack_retransmits;
+        (*e).synack_ns = st.synack_ns;
+        (*e).established_ns = st.established_ns;
+        (*e).accepted_ns = ts;
+        (*e).first_data_ns = first_data_ns;
+    }
+    slot.submit(0);
+}
+
+/// Emit the exchange in progress (if there is one) and reset the per-request fields.
+#[inline(always)]
+pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
+    if st.first_read_ns == 0 && st.first_write_ns == 0 {
+        return;
+    }
+    if let Some(mut slot) = EVENTS.reserve::<Request>(0) {
+        let e = slot.as_mut_ptr();
+        unsafe {
+            (*e).header = header(kind::REQUEST, st.owner, sk, ts);
+            (*e).arrival_ns = st.arrival_ns;
+            (*e).first_read_ns = st.first_read_ns;
+            (*e).last_read_ns = st.last_read_ns;
+            (*e).first_write_ns = st.first_write_ns;
+            (*e).last_write_ns = st.last_write_ns;
+            (*e).acked_ns = st.acked_ns;
+            (*e).bytes_in = st.req_in;
+            (*e).bytes_out = st.req_out;
+            (*e).index = st.requests;
+            (*e).flags = st.req_flags | extra_flags;
+        }
+        slot.submit(0);
+    } else {
+        bump(counter::LOST_EVENTS);
+    }
+    st.requests += 1;
+    st.arrival_ns = 0;
+    st.first_read_ns = 0;
+    st.last_read_ns = 0;
+    st.first_write_ns = 0;
+    st.last_write_ns = 0;
+    st.acked_ns = 0;
+    st.req_in = 0;
+    st.req_out = 0;
+    st.req_flags = 0;
+}
+
+pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
+    let mut pending = 0;
+    if st.dir == dir::READING {
+        pending |= flags::ABORTED;
+    } else if st.dir == dir::WRITING && st.acked_ns == 0 {
+        pending |= flags::UNDELIVERED;
+    }
+    finish_request(sk, st, ts, pending);
+    let Some(mut slot) = EVENTS.reserve::<ConnClose>(0) else {
+        bump(counter::LOST_EVENTS);
+        return;
+    };
+    let e = slot.as_mut_ptr();
+    unsafe {
+        (*e).header = header(kind::CONN_CLOSE, st.owner, sk, ts);
+        (*e).addr = *addr;
+        (*e).bytes_in = st.total_in;
+        (*e).bytes_out = st.total_out;
+        (*e).requests = st.requests;
+        (*e).flags = st.conn_flags | pending;
+    }
+    slot.submit(0);
+}

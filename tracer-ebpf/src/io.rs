@@ -1,0 +1,148 @@
+//! Send, receive, data arrival and acknowledgements on traced connections.
+//!
+//! No event here: these hooks run per syscall or per packet, so they only update the
+//! connection's state. An exchange is emitted when the next request starts or the
+//! connection closes.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::{flags, origin};
+
+use crate::{
+    conn::{dir, finish_request, insert_state, now, state_mut, SockState, emit_open},
+    kernel::{conn_addr, is_inet_tcp, read},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid},
+    off,
+};
+
+const MSG_PEEK: i32 = 2;
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let msg_flags: i32 = ctx.arg(2);
+    if ret > 0 && msg_flags & MSG_PEEK == 0 {
+        on_read(sk, ret as u64);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if ret > 0 {
+        on_write(sk, ret as u64);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(st) = state_mut(sk) {
+        // Data that arrives while a request is being read belongs to that request.
+        if st.pending_data_ns == 0 && st.dir != dir::READING {
+            st.pending_data_ns = now();
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(st) = state_mut(sk) else { return 0 };
+    if st.dir != dir::WRITING || st.acked_ns != 0 {
+        return 0;
+    }
+    let skb: u64 = ctx.arg(1);
+    let Some(ack_seq) = read::<u32>(skb, off!(skb_cb) + off!(tcp_skb_cb_ack_seq)) else {
+        return 0;
+    };
+    if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
+        st.acked_ns = now();
+    }
+    0
+}
+
+#[inline(always)]
+fn on_read(sk: u64, len: u64) {
+    let ts = now();
+    let st = match state_mut(sk) {
+        Some(st) => st,
+        None => {
+            if !adopt_existing(sk, ts) {
+                return;
+            }
+            match state_mut(sk) {
+                Some(st) => st,
+                None => return,
+            }
+        }
+    };
+    if st.owner == 0 || st.origin == origin::CONNECTED {
+        // Read before accept() returned it: someone else's socket, or a race with the
+        // accept hook. Leave it to the accept hook.
+        return;
+    }
+    if st.dir != dir::READING {
+        if st.dir == dir::WRITING {
+            finish_request(sk, st, ts, 0);
+        }
+        st.dir = dir::READING;
+        st.first_read_ns = ts;
+        st.arrival_ns = st.pending_data_ns;
+        if st.arrival_ns == 0 {
+            st.req_flags |= flags::ARRIVAL_UNKNOWN;
+        }
+    }
+    st.pending_data_ns = 0;
+    st.last_read_ns = ts;
+    st.req_in += len;
+    st.total_in += len;
+}
+
+#[inline(always)]
+fn on_write(sk: u64, len: u64) {
+    let Some(st) = state_mut(sk) else { return };
+    if st.owner == 0 || st.origin == origin::CONNECTED {
+        return;
+    }
+    let ts = now();
+    if st.dir != dir::WRITING {
+        st.dir = dir::WRITING;
+        st.first_write_ns = ts;
+    }
+    st.last_write_ns = ts;
+    st.req_out += len;
+    st.total_out += len;
+    // On loopback the peer's ACK is often processed inside this very write, before the
+    // hook runs: check what is already acknowledged.
+    let write_seq = read::<u32>(sk, off!(tcp_write_seq)).unwrap_or(0);
+    let snd_una = read::<u32>(sk, off!(tcp_snd_una)).unwrap_or(0);
+    st.ack_target = write_seq;
+    st.acked_ns = if snd_una.wrapping_sub(write_seq) as i32 >= 0 { ts } else { 0 };
+}
+
+/// A traced process reads from a TCP connection the tracer has not seen accepted: it was
+/// open before tracing started. Track it from its next request on.
+#[inline(always)]
+fn adopt_existing(sk: u64, ts: u64) -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let traced = if filter_by_port() {
+        read::<u16>(sk, off!(skc_num)).is_some_and(|port| is_traced_port(port))
+    } else {
+        is_traced_tgid(tgid)
+    };
+    if !traced || !is_inet_tcp(sk) {
+        return false;
+    }
+    let mut st = SockState::new(origin::EXISTING);
+    st.owner = tgid;
+    if !insert_state(sk, &st) {
+        return false;
+    }
+    emit_open(sk, &st, &conn_addr(sk), ts, 0);
+    true
+}

@@ -1,0 +1,82 @@
+//! Reads of kernel structures at offsets resolved from BTF.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use tracer_common::{ConnAddr, AF_INET, AF_INET6};
+
+use crate::{maps::{bump, TupleKey}, off};
+
+pub const IPPROTO_TCP: u16 = 6;
+pub const SOCK_STREAM: u16 = 1;
+
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Option<T> {
+    match unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            bump(tracer_common::counter::READ_ERRORS);
+            None
+        }
+    }
+}
+
+/// The 4-tuple of a `struct sock` (or `struct request_sock`, which starts with the same
+/// `struct sock_common`). IPv4 addresses come out IPv4-mapped.
+#[inline(always)]
+pub fn conn_addr(sk: u64) -> ConnAddr {
+    let mut addr = ConnAddr::default();
+    addr.family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    addr.local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    addr.remote_port = u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+    if addr.family == AF_INET {
+        let local = read::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]);
+        let remote = read::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]);
+        addr.local_addr = mapped(local);
+        addr.remote_addr = mapped(remote);
+    } else if addr.family == AF_INET6 {
+        addr.local_addr = read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
+        addr.remote_addr = read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
+    }
+    addr
+}
+
+#[inline(always)]
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+#[inline(always)]
+pub fn tuple_key(addr: &ConnAddr) -> TupleKey {
+    TupleKey {
+        local_port: addr.local_port,
+        remote_port: addr.remote_port,
+        _pad: 0,
+        remote_addr: addr.remote_addr,
+    }
+}
+
+/// A TCP socket over IPv4 or IPv6 (not UDP, Unix, MPTCP, ...).
+#[inline(always)]
+pub fn is_inet_tcp(sk: u64) -> bool {
+    let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    if family != AF_INET && family != AF_INET6 {
+        return false;
+    }
+    read::<u16>(sk, off!(sk_protocol)) == Some(IPPROTO_TCP)
+        && read::<u16>(sk, off!(sk_type)) == Some(SOCK_STREAM)
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task.
+#[inline(always)]
+pub fn sock_of_fd(task: u64, fd: u32) -> Option<u64> {
+    let files: u64 = read(task, off!(task_files))?;
+    let fdt: u64 = read(files, off!(files_fdt))?;
+    let max_fds: u32 = read(fdt, off!(fdtable_max_fds))?;
+    if fd >= max_fds {
+        return None;
+    }
+    let fd_array: u64 = read(fdt, off!(fdtable_fd))?;
+    let file: u64 = read(fd_array, fd * 8)?;
+    let socket: u64 = read(file, off!(file_private_data))?;
+    let sk: u64 = read(socket, off!(socket_sk))?;
+    (sk != 0).then_some(sk)
+}

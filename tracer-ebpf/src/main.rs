@@ -1,0 +1,30 @@
+//! Kernel programs of the tracer.
+//!
+//! The programs keep one `SockState` per traced connection and emit an event only at
+//! phase boundaries (connection accepted, request/response exchange finished, connection
+//! closed), so a keep-alive request costs one event however it is chunked.
+//!
+//! One module per hook family: `state` (TCP state changes), `accept` (accept syscalls),
+//! `io` (send, receive, data arrival, acknowledgements), `retransmit` (SYN-ACK
+//! retransmits), `process` (fork and exit of traced processes).
+#![no_std]
+#![no_main]
+
+mod accept;
+mod conn;
+mod io;
+mod kernel;
+mod maps;
+mod process;
+mod retransmit;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,117 @@
+//! Maps and globals shared by every program.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{counter, KernelOffsets, ProgramConfig};
+
+use crate::conn::SockState;
+
+/// Kernel struct offsets, resolved from BTF by userspace before load.
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets {
+    skc_family: 0,
+    skc_num: 0,
+    skc_dport: 0,
+    skc_rcv_saddr: 0,
+    skc_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_v6_daddr: 0,
+    sk_protocol: 0,
+    sk_type: 0,
+    tcp_srtt_us: 0,
+    tcp_snd_una: 0,
+    tcp_write_seq: 0,
+    treq_snt_synack: 0,
+    skb_cb: 0,
+    tcp_skb_cb_ack_seq: 0,
+    task_pid: 0,
+    task_tgid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    _pad: 0,
+};
+
+#[unsafe(no_mangle)]
+pub static CONFIG: ProgramConfig = ProgramConfig {
+    filter_by_port: 0,
+    _pad: 0,
+};
+
+/// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
+/// into the code: the loader rewrites the value before the program is verified.
+#[macro_export]
+macro_rules! off {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&$crate::maps::OFFSETS.$field) }
+    };
+}
+
+#[inline(always)]
+pub fn filter_by_port() -> bool {
+    unsafe { core::ptr::read_volatile(&CONFIG.filter_by_port) != 0 }
+}
+
+/// Events to userspace. Sized by the loader (`--ring-buffer-size`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Traced thread groups (tgid → 1). Filled by userspace, extended on fork.
+#[map]
+pub static PIDS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Traced listening ports (port → 1) in `--port` mode.
+#[map]
+pub static PORTS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Per-connection state, keyed by the `struct sock` address. Sized by the loader.
+#[map]
+pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
+
+/// First SYN-ACK time and retransmit count of handshakes that needed a retransmit,
+/// keyed by the connection's tuple until the connection is established.
+#[map]
+pub static SYNACKS: HashMap<TupleKey, SynAckInfo> = HashMap::with_max_entries(8192, 0);
+
+/// Per-CPU counters (see `tracer_common::counter`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TupleKey {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+    pub remote_addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SynAckInfo {
+    pub first_synack_ns: u64,
+    pub retransmits: u32,
+    pub _pad: u32,
+}
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn is_traced_tgid(tgid: u32) -> bool {
+    PIDS.get_ptr(tgid).is_some()
+}
+
+#[inline(always)]
+pub fn is_traced_port(port: u16) -> bool {
+    PORTS.get_ptr(port as u32).is_some()
+}

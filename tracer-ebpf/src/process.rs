@@ -1,0 +1,63 @@
+//! Fork and exit of traced processes: children of a traced process are traced from
+//! their first instruction; userspace learns when a traced process is gone.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::{counter, kind, EventHeader, ProcessEvent};
+
+use crate::{
+    conn::now,
+    kernel::read,
+    maps::{bump, is_traced_tgid, EVENTS, PIDS},
+    off,
+};
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_traced_tgid(parent_tgid) {
+        return 0;
+    }
+    let child: u64 = ctx.arg(1);
+    let (Some(pid), Some(tgid)) = (read::<u32>(child, off!(task_pid)), read::<u32>(child, off!(task_tgid))) else {
+        return 0;
+    };
+    if pid != tgid {
+        return 0; // a new thread of a traced process: already covered by its tgid
+    }
+    let _ = PIDS.insert(&tgid, &1, 0);
+    emit(kind::PROCESS_FORK, parent_tgid, tgid);
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // The thread-group leader exits last in the common case; its exit ends the process.
+    if tgid != pid_tgid as u32 || !is_traced_tgid(tgid) {
+        return 0;
+    }
+    let _ = PIDS.remove(&tgid);
+    emit(kind::PROCESS_EXIT, tgid, 0);
+    0
+}
+
+#[inline(always)]
+fn emit(event_kind: u16, tgid: u32, child: u32) {
+    match EVENTS.reserve::<ProcessEvent>(0) {
+        Some(mut slot) => {
+            slot.write(ProcessEvent {
+                header: EventHeader {
+                    kind: event_kind,
+                    tgid,
+                    ts_ns: now(),
+                    ..EventHeader::default()
+                },
+                child,
+                _pad: 0,
+            });
+            slot.submit(0);
+        }
+        None => bump(counter::LOST_EVENTS),
+    }
+}

@@ -1,0 +1,104 @@
+//! TCP state changes: a passive connection is established (queued for accept), an
+//! active one starts connecting, a connection closes.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::origin;
+
+use crate::{
+    conn::{dir, emit_close, insert_state, now, state_mut, SockState},
+    kernel::{conn_addr, read, tuple_key},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, SOCKS, SYNACKS},
+    off,
+};
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT2: i32 = 5;
+const TCP_TIME_WAIT: i32 = 6;
+const TCP_CLOSE: i32 = 7;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_CLOSING: i32 = 11;
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    match (old, new) {
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
+        (_, TCP_SYN_SENT) => on_connect(sk),
+        (_, TCP_CLOSE) => {
+            if old == TCP_LAST_ACK {
+                // The peer closed first and has now acknowledged our FIN.
+                on_all_acked(sk);
+            }
+            on_close(sk)
+        }
+        // Our FIN is acknowledged, so is every byte before it.
+        (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
+        _ => {}
+    }
+    0
+}
+
+/// The final ACK of a handshake was processed: the connection is queued on its
+/// listener. The owner is unknown until accept() returns it.
+#[inline(always)]
+fn on_passive_established(sk: u64) {
+    let ts = now();
+    let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    if filter_by_port() && !is_traced_port(local_port) {
+        return;
+    }
+    let mut st = SockState::new(origin::ACCEPTED);
+    st.established_ns = ts;
+    let addr = conn_addr(sk);
+    let key = tuple_key(&addr);
+    if let Some(info) = SYNACKS.get_ptr(&key) {
+        // A SYN-ACK was retransmitted: the request socket told us when the first went out.
+        let info = unsafe { *info };
+        st.synack_ns = info.first_synack_ns;
+        st.synack_retransmits = info.retransmits;
+        let _ = SYNACKS.remove(&key);
+    } else {
+        // No retransmit: the kernel measured the SYN-ACK round trip into srtt just before
+        // this state change (srtt_us holds 8 × the first sample, in microseconds).
+        let srtt_us8 = read::<u32>(sk, off!(tcp_srtt_us)).unwrap_or(0) as u64;
+        let rtt_ns = (srtt_us8 >> 3) * 1000;
+        if rtt_ns > 0 && rtt_ns < ts {
+            st.synack_ns = ts - rtt_ns;
+        }
+    }
+    insert_state(sk, &st);
+}
+
+#[inline(always)]
+fn on_connect(sk: u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_traced_tgid(tgid) {
+        return;
+    }
+    let mut st = SockState::new(origin::CONNECTED);
+    st.owner = tgid;
+    insert_state(sk, &st);
+}
+
+#[inline(always)]
+fn on_all_acked(sk: u64) {
+    if let Some(st) = state_mut(sk) {
+        if st.dir == dir::WRITING && st.acked_ns == 0 {
+            st.acked_ns = now();
+        }
+    }
+}
+
+#[inline(always)]
+fn on_close(sk: u64) {
+    let Some(st) = state_mut(sk) else { return };
+    if st.owner != 0 && st.origin != origin::CONNECTED {
+        let addr = conn_addr(sk);
+        emit_close(sk, st, &addr, now());
+    }
+    let _ = SOCKS.remove(&sk);
+}

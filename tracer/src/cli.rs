@@ -1,0 +1,120 @@
+//! Command-line flags, and their validation into a [`Config`].
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  tracer --pid $(pgrep -o nginx)              trace nginx and its workers until Ctrl-C
+  tracer --pid 1234 --duration 30s            30 seconds, then print the report
+  tracer --port 8080 --interval 10s           whoever accepts on port 8080, a report every 10 s
+  tracer --pid 1234 --connections             also one line per connection as it closes
+  tracer --pid 1234 --output json > out.json  JSON lines (see README for the fields)
+
+Phases: handshake, accept_wait, recv_wait, think, send, delivery (see README).
+Needs root, or CAP_BPF and CAP_PERFMON, and a kernel with BTF.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Where does a server's time go? Per-connection and per-request phases measured in
+/// the kernel with eBPF, for a running process, without a proxy or packet capture.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, after_help = EXAMPLES)]
+pub struct Args {
+    /// Trace this process and its descendants (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Trace connections accepted on this local port, by any process (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+
+    /// Stop after this long (e.g. 30s, 500ms, 2m) and print the final report.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Also print a report every DURATION.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// Print one line per traced connection when it closes.
+    #[arg(long)]
+    pub connections: bool,
+
+    /// Size of the kernel-to-user ring buffer in bytes (a power of two, ≥ 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub ring_buffer_size: u32,
+
+    /// Connections tracked at once; more are counted as untracked.
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub max_sockets: u32,
+
+    /// Log what the tracer does (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Parses `250ms`, `1.5s`, `2m`, `1h`, `800us`, `10ns`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().with_context(|| format!("'{text}' is not a duration like 250ms, 1.5s or 2m"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => bail!("unknown unit '{other}' in '{text}' (use ns, us, ms, s, m or h)"),
+    };
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+impl Args {
+    pub fn validate(&self) -> Result<()> {
+        if self.pids.is_empty() && self.ports.is_empty() {
+            bail!("nothing to trace: give --pid PID or --port PORT (see --help)");
+        }
+        if !self.pids.is_empty() && !self.ports.is_empty() {
+            bail!("--pid and --port are alternatives: give one of them");
+        }
+        if self.ring_buffer_size < 4096 || !self.ring_buffer_size.is_power_of_two() {
+            bail!("--ring-buffer-size must be a power of two of at least 4096, not {}", self.ring_buffer_size);
+        }
+        if self.max_sockets == 0 {
+            bail!("--max-sockets must be at least 1");
+        }
+        if self.interval.is_some_and(|i| i.is_zero()) {
+            bail!("--interval must be longer than zero");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("800us").unwrap(), Duration::from_micros(800));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5parsecs").is_err());
+    }
+}

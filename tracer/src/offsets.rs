@@ -1,0 +1,52 @@
+//! The kernel struct offsets the programs need, resolved from the running kernel's BTF.
+
+use anyhow::{ensure, Context as _, Result};
+use tracer_common::KernelOffsets;
+
+use crate::btf::Btf;
+
+/// Resolves every offset in [`KernelOffsets`]; the error names the field that is missing.
+pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
+    let byte = |strukt: &str, path: &str, size: u32| -> Result<u32> {
+        let loc = btf.field(strukt, path)?;
+        ensure!(
+            loc.bitfield_size == 0 && (size == 0 || loc.size == size),
+            "{strukt}.{path} has an unexpected layout on this kernel ({loc:?}, expected {size} bytes)"
+        );
+        Ok(loc.byte_offset)
+    };
+    let sock_common = btf.field("sock", "__sk_common")?.byte_offset;
+    ensure!(sock_common == 0, "struct sock does not start with struct sock_common");
+    let offsets = KernelOffsets {
+        skc_family: byte("sock_common", "skc_family", 2)?,
+        skc_num: byte("sock_common", "skc_num", 2)?,
+        skc_dport: byte("sock_common", "skc_dport", 2)?,
+        skc_rcv_saddr: byte("sock_common", "skc_rcv_saddr", 4)?,
+        skc_daddr: byte("sock_common", "skc_daddr", 4)?,
+        skc_v6_rcv_saddr: byte("sock_common", "skc_v6_rcv_saddr", 16)?,
+        skc_v6_daddr: byte("sock_common", "skc_v6_daddr", 16)?,
+        sk_protocol: byte("sock", "sk_protocol", 2)?,
+        sk_type: byte("sock", "sk_type", 2)?,
+        tcp_srtt_us: byte("tcp_sock", "srtt_us", 4)?,
+        tcp_snd_una: byte("tcp_sock", "snd_una", 4)?,
+        tcp_write_seq: byte("tcp_sock", "write_seq", 4)?,
+        treq_snt_synack: byte("tcp_request_sock", "snt_synack", 8)?,
+        skb_cb: byte("sk_buff", "cb", 0)?,
+        tcp_skb_cb_ack_seq: byte("tcp_skb_cb", "ack_seq", 4)?,
+        task_pid: byte("task_struct", "pid", 4)?,
+        task_tgid: byte("task_struct", "tgid", 4)?,
+        task_files: byte("task_struct", "files", 8)?,
+        files_fdt: byte("files_struct", "fdt", 8)?,
+        fdtable_fd: byte("fdtable", "fd", 8)?,
+        fdtable_max_fds: byte("fdtable", "max_fds", 4)?,
+        file_private_data: byte("file", "private_data", 8)?,
+        socket_sk: byte("socket", "sk", 8)?,
+        _pad: 0,
+    };
+    Ok(offsets)
+}
+
+pub fn from_running_kernel() -> Result<KernelOffsets> {
+    let btf = Btf::from_sys_fs()?;
+    resolve(&btf).context("locating kernel struct fields in BTF")
+}

@@ -1,0 +1,170 @@
+//! Loading and attaching the kernel programs.
+//!
+//! The table below lists every hook the tracer uses, with the program that implements it
+//! on this kernel family; the loader attaches each, says which it chose, and names the
+//! phases lost when a hook cannot attach instead of failing silently.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use log::{debug, info, warn};
+use tracer_common::{counter, KernelOffsets, ProgramConfig};
+
+/// How a hook is implemented.
+#[derive(Debug, Clone, Copy)]
+enum Attach {
+    /// BTF-typed tracepoint (`tp_btf`): the kernel function's own arguments.
+    TpBtf(&'static str),
+    /// Classic tracepoint under tracefs: category and name.
+    TracePoint(&'static str, &'static str),
+}
+
+struct Hook {
+    /// Logical hook name, for messages.
+    hook: &'static str,
+    program: &'static str,
+    attach: Attach,
+    /// What is lost without it.
+    needed_for: &'static str,
+}
+
+const HOOKS: &[Hook] = &[
+    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase" },
+    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase" },
+    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()" },
+    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in" },
+    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out" },
+    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait" },
+    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery" },
+    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits" },
+    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start" },
+    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited" },
+];
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+
+pub struct LoadOptions {
+    pub offsets: KernelOffsets,
+    pub config: ProgramConfig,
+    pub ring_buffer_bytes: u32,
+    pub max_sockets: u32,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+}
+
+/// Classic tracepoints need tracefs; a fresh machine may not have it mounted.
+fn ensure_tracefs() -> Result<()> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(());
+        }
+    }
+    info!("mounting tracefs at /sys/kernel/tracing");
+    let target = c"/sys/kernel/tracing";
+    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {err}; mount it with `mount -t tracefs nodev /sys/kernel/tracing`");
+    }
+    Ok(())
+}
+
+fn permission_hint(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if s.contains("Operation not permitted") || s.contains("Permission denied") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+impl Probes {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux); the tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &opts.offsets, true)
+            .override_global("CONFIG", &opts.config, true)
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .map_max_entries("SOCKS", opts.max_sockets)
+            .load(PROGRAMS)
+            .map_err(|e| {
+                let hint = permission_hint(&e);
+                let err = anyhow::Error::new(e).context("loading the kernel programs");
+                if hint {
+                    err.context("not permitted: run as root, or grant CAP_BPF and CAP_PERFMON (e.g. `sudo setcap cap_bpf,cap_perfmon+ep tracer`)")
+                } else {
+                    err
+                }
+            })?;
+        ensure_tracefs()?;
+        for hook in HOOKS {
+            let result = attach(&mut ebpf, hook, &btf);
+            match result {
+                Ok(()) => debug!("{}: {} ({:?})", hook.hook, hook.program, hook.attach),
+                Err(e) if hook.needed_for == "every phase" => {
+                    return Err(e.context(format!("attaching the {} hook ({:?})", hook.hook, hook.attach)));
+                }
+                Err(e) => warn!("{} hook unavailable ({:?}: {e:#}): no {}", hook.hook, hook.attach, hook.needed_for),
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    pub fn add_pid(&mut self, tgid: u32) -> Result<()> {
+        let mut pids: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("PIDS").context("PIDS map missing")?)?;
+        pids.insert(tgid, 1, 0).with_context(|| format!("adding PID {tgid} to the traced set"))
+    }
+
+    pub fn add_port(&mut self, port: u16) -> Result<()> {
+        let mut ports: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("PORTS").context("PORTS map missing")?)?;
+        ports.insert(port as u32, 1, 0).with_context(|| format!("adding port {port}"))
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Sum over CPUs of one of the kernel-side counters.
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        Ok(counters.get(&index, 0)?.iter().sum())
+    }
+
+    pub fn lost_events(&self) -> u64 {
+        self.counter(counter::LOST_EVENTS).unwrap_or(0)
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf) -> Result<()> {
+    let program = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("program {} missing from the object", hook.program))?;
+    match hook.attach {
+        Attach::TpBtf(name) => {
+            let p: &mut BtfTracePoint = program.try_into()?;
+            p.load(name, btf)?;
+            p.attach()?;
+        }
+        Attach::TracePoint(category, name) => {
+            let p: &mut TracePoint = program.try_into()?;
+            p.load()?;
+            p.attach(category, name)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The traced processes: validation of user-given PIDs and their descendants in /proc.
+
+use std::{collections::{HashMap, HashSet}, fs};
+
+use anyhow::{bail, Result};
+
+/// Parent PID of a process from /proc/PID/stat (the field after the parenthesised name).
+fn parent_of(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Checks that `pid` names a user-space process.
+pub fn validate(pid: u32) -> Result<()> {
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(_) => bail!("no process with PID {pid}; check it with `ps -p {pid}`"),
+    };
+    // Kernel threads have no memory map and descend from kthreadd (PID 2).
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if pid == 2 || (cmdline.is_empty() && parent_of(&stat) == Some(2)) {
+        bail!("PID {pid} is a kernel thread, not a server process");
+    }
+    Ok(())
+}
+
+/// `roots` and every process descending from them, as /proc shows them now.
+pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Some(ppid) = fs::read_to_string(format!("/proc/{pid}/stat")).ok().as_deref().and_then(parent_of) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut seen: HashSet<u32> = HashSet::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    let mut out = Vec::new();
+    while let Some(pid) = stack.pop() {
+        if seen.insert(pid) {
+            out.push(pid);
+            stack.extend(children.get(&pid).into_iter().flatten());
+        }
+    }
+    out
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    fs::metadata(format!("/proc/{pid}")).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_comes_after_the_name_even_with_spaces() {
+        assert_eq!(parent_of("123 (my (odd) name) S 77 123 123 0"), Some(77));
+    }
+
+    #[test]
+    fn own_process_is_valid_and_its_own_descendant() {
+        let me = std::process::id();
+        validate(me).unwrap();
+        assert!(with_descendants(&[me]).contains(&me));
+        assert!(validate(u32::MAX - 1).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! JSON output: one JSON object per line, each with a `type` field ("connection" or
+//! "report"). Field names are stable; the README documents them.
+
+use serde::Serialize;
+
+use super::{Format, Snapshot};
+use crate::{stats::ListenerStats, timeline::{ClosedConnection, Phase}};
+
+pub struct Json;
+
+#[derive(Serialize)]
+struct ConnectionJson {
+    r#type: &'static str,
+    pid: u32,
+    local: String,
+    remote: String,
+    duration_ns: Option<u64>,
+    bytes_in: u64,
+    bytes_out: u64,
+    requests: u32,
+    reset: bool,
+    aborted: bool,
+}
+
+#[derive(Serialize)]
+pub struct PhaseJson {
+    pub count: u64,
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+#[derive(Serialize)]
+struct ListenerJson {
+    port: u16,
+    connections: u64,
+    requests: u64,
+    aborted: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    synack_retransmits: u64,
+    resets: u64,
+    listen_drops: u64,
+    phases: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct ReportJson {
+    r#type: &'static str,
+    kind: &'static str,
+    elapsed_s: f64,
+    events: u64,
+    lost_events: u64,
+    untracked_connections: u64,
+    listeners: Vec<ListenerJson>,
+}
+
+pub fn phase_json(hist: &hdrhistogram::Histogram<u64>) -> PhaseJson {
+    let q = |q: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(q) };
+    PhaseJson {
+        count: hist.len(),
+        mean_ns: if hist.is_empty() { 0 } else { hist.mean().round() as u64 },
+        p50_ns: q(0.5),
+        p90_ns: q(0.9),
+        p99_ns: q(0.99),
+        p999_ns: q(0.999),
+        max_ns: if hist.is_empty() { 0 } else { hist.max() },
+    }
+}
+
+fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
+    let phases = Phase::ALL
+        .into_iter()
+        .map(|p| {
+            let value = serde_json::to_value(phase_json(&l.phases[&p])).expect("serializable");
+            (p.name().to_owned(), value)
+        })
+        .collect();
+    ListenerJson {
+        port,
+        connections: l.connections,
+        requests: l.requests,
+        aborted: l.aborted,
+        bytes_in: l.bytes_in,
+        bytes_out: l.bytes_out,
+        synack_retransmits: l.synack_retransmits,
+        resets: l.resets,
+        listen_drops: l.listen_drops,
+        phases,
+    }
+}
+
+impl Format for Json {
+    fn connection(&self, c: &ClosedConnection) -> String {
+        serde_json::to_string(&ConnectionJson {
+            r#type: "connection",
+            pid: c.tgid,
+            local: c.local.to_string(),
+            remote: c.remote.to_string(),
+            duration_ns: c.duration_ns,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            requests: c.requests,
+            reset: c.reset,
+            aborted: c.aborted,
+        })
+        .expect("serializable")
+            + "\n"
+    }
+
+    fn report(&self, s: &Snapshot<'_>) -> String {
+        serde_json::to_string(&ReportJson {
+            r#type: "report",
+            kind: s.kind.name(),
+            elapsed_s: s.elapsed_s,
+            events: s.stats.events,
+            lost_events: s.stats.lost_events,
+            untracked_connections: s.stats.state_full,
+            listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l)).collect(),
+        })
+        .expect("serializable")
+            + "\n"
+    }
+}

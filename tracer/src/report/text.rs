@@ -1,0 +1,174 @@
+//! The text report: per listener, one row per phase with its percentiles and a
+//! log-scale histogram bar, fitting 80 columns.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+use super::{duration, Format, Snapshot};
+use crate::{stats::ListenerStats, timeline::{ClosedConnection, Phase}};
+
+pub struct Text;
+
+/// Bucket edges of the bar chart: 1µs, 10µs, ..., 10s (one character per decade, with
+/// everything below 1µs in the first and above 10s in the last).
+const BAR_DECADES: [u64; 8] = [
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+    10_000_000_000,
+];
+const BLOCKS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// One character per decade from <1µs to ≥10s; the height is the share of samples there.
+pub fn bar(hist: &Histogram<u64>) -> String {
+    let total = hist.len();
+    if total == 0 {
+        return String::new();
+    }
+    let mut counts = [0u64; BAR_DECADES.len() + 1];
+    for v in hist.iter_recorded() {
+        let value = v.value_iterated_to();
+        let bucket = BAR_DECADES.iter().position(|&edge| value < edge).unwrap_or(BAR_DECADES.len());
+        counts[bucket] += v.count_at_value();
+    }
+    counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                '·'
+            } else {
+                // Any sample shows at least the lowest block.
+                let level = ((c as f64 / total as f64) * 8.0).ceil() as usize;
+                BLOCKS[level.clamp(1, 8)]
+            }
+        })
+        .collect()
+}
+
+fn phase_row(out: &mut String, phase: Phase, hist: &Histogram<u64>) {
+    if hist.is_empty() {
+        let _ = writeln!(out, "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7}", phase.name(), 0, "-", "-", "-", "-", "-");
+        return;
+    }
+    let q = |q: f64| duration(hist.value_at_quantile(q));
+    let _ = writeln!(
+        out,
+        "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
+        phase.name(),
+        hist.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        duration(hist.max()),
+        bar(hist),
+    );
+}
+
+pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
+    let _ = writeln!(
+        out,
+        "listener :{port}  connections {}  requests {}  aborted {}  in {}B  out {}B",
+        l.connections, l.requests, l.aborted, l.bytes_in, l.bytes_out
+    );
+    let _ = writeln!(
+        out,
+        "  synack_retransmits {}  resets {}  listen_drops {}",
+        l.synack_retransmits, l.resets, l.listen_drops
+    );
+    let _ = writeln!(
+        out,
+        "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
+        "phase", "count", "p50", "p90", "p99", "p99.9", "max", "1µ 10µ…10s"
+    );
+    for phase in Phase::ALL {
+        phase_row(out, phase, &l.phases[&phase]);
+    }
+}
+
+impl Format for Text {
+    fn connection(&self, c: &ClosedConnection) -> String {
+        format!(
+            "conn pid={} {} <- {} duration={} in={}B out={}B requests={}{}{}",
+            c.tgid,
+            c.local,
+            c.remote,
+            c.duration_ns.map(duration).unwrap_or_else(|| "?".into()),
+            c.bytes_in,
+            c.bytes_out,
+            c.requests,
+            if c.reset { " reset" } else { "" },
+            if c.aborted { " aborted" } else { "" },
+        )
+    }
+
+    fn report(&self, s: &Snapshot<'_>) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "== tracer {} report: {:.1}s, {} events, {} lost ==",
+            s.kind.name(),
+            s.elapsed_s,
+            s.stats.events,
+            s.stats.lost_events
+        );
+        if s.stats.lost_events > 0 {
+            let _ = writeln!(
+                out,
+                "warning: {} events were lost (ring buffer full): counts and histograms are incomplete; raise --ring-buffer-size",
+                s.stats.lost_events
+            );
+        }
+        if s.stats.state_full > 0 {
+            let _ = writeln!(
+                out,
+                "warning: {} connections were not tracked (per-socket state full); raise --max-sockets",
+                s.stats.state_full
+            );
+        }
+        if s.stats.listeners.is_empty() {
+            let _ = writeln!(out, "no connections seen");
+        }
+        for (port, l) in &s.stats.listeners {
+            listener_section(&mut out, *port, l);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::new_histogram;
+
+    #[test]
+    fn bar_puts_samples_in_their_decade() {
+        let mut h = new_histogram();
+        for _ in 0..10 {
+            h.record(50_000_000).unwrap(); // 50 ms: the 10ms..100ms decade
+        }
+        assert_eq!(bar(&h), "·····█···");
+        h.record(500).unwrap();
+        assert_eq!(bar(&h).chars().next(), Some('▁'));
+    }
+
+    #[test]
+    fn rows_fit_80_columns() {
+        let mut l = ListenerStats::default();
+        for p in Phase::ALL {
+            for v in [1_000u64, 999_000_000, 3_000_000_000_000] {
+                l.phases.get_mut(&p).unwrap().record(v).unwrap();
+            }
+        }
+        let mut out = String::new();
+        listener_section(&mut out, 65535, &l);
+        for line in out.lines() {
+            assert!(line.chars().count() <= 80, "{} columns: {line}", line.chars().count());
+        }
+    }
+}

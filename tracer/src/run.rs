@@ -1,0 +1,236 @@
+//! The tracing session: attach, read events until told to stop, report.
+
+use std::{
+    collections::HashSet,
+    io::{self, IsTerminal as _, Write as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use log::{info, warn};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracer_common::{counter, ProgramConfig};
+
+use crate::{
+    cli::{Args, OutputFormat},
+    events::{self, Event},
+    offsets,
+    probes::{LoadOptions, Probes},
+    procs,
+    report::{json::Json, text::Text, Format, ReportKind, Snapshot},
+    stats::Stats,
+    timeline::{Record, Timeline},
+};
+
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+fn print(text: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+struct Session {
+    format: Box<dyn Format>,
+    print_connections: bool,
+    timeline: Timeline,
+    stats: Stats,
+    records: Vec<Record>,
+    /// Traced processes still alive (PID mode).
+    live: HashSet<u32>,
+    started: Instant,
+    last_report: Instant,
+    decode_errors: u64,
+}
+
+impl Session {
+    fn handle(&mut self, bytes: &[u8]) -> Result<()> {
+        let event = match events::decode(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                self.decode_errors += 1;
+                if self.decode_errors == 1 {
+                    warn!("undecodable event: {e:#}");
+                }
+                return Ok(());
+            }
+        };
+        self.stats.events += 1;
+        match event {
+            Event::ProcessFork(p) => {
+                self.live.insert(p.child);
+            }
+            Event::ProcessExit(p) => {
+                self.live.remove(&p.header.tgid);
+            }
+            _ => {}
+        }
+        self.records.clear();
+        self.timeline.apply(&event, &mut self.records);
+        for record in &self.records {
+            self.stats.apply(record);
+            if let Record::Closed(conn) = record {
+                if self.print_connections {
+                    print(&self.format.connection(conn))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, kind: ReportKind) -> Result<()> {
+        let snapshot = Snapshot {
+            kind,
+            stats: &self.stats,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+        };
+        print(&self.format.report(&snapshot))?;
+        self.last_report = Instant::now();
+        Ok(())
+    }
+
+    fn status_line(&self) -> String {
+        format!(
+            "\rtracing {:.0}s: {} connections ({} open), {} requests, {} events, {} lost ",
+            self.started.elapsed().as_secs_f64(),
+            self.stats.total_connections(),
+            self.timeline.open_connections(),
+            self.stats.total_requests(),
+            self.stats.events,
+            self.stats.lost_events,
+        )
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, session: &mut Session) -> Result<()> {
+    while let Some(item) = ring.next() {
+        session.handle(&item)?;
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    args.validate()?;
+    for &pid in &args.pids {
+        procs::validate(pid)?;
+    }
+    let offsets = offsets::from_running_kernel()?;
+    let mut probes = Probes::load(&LoadOptions {
+        offsets,
+        config: ProgramConfig {
+            filter_by_port: (!args.ports.is_empty()) as u32,
+            _pad: 0,
+        },
+        ring_buffer_bytes: args.ring_buffer_size,
+        max_sockets: args.max_sockets,
+    })?;
+    let mut live = HashSet::new();
+    // Register first, then look for descendants: a child forked in between is caught by
+    // the fork hook, one forked before by the /proc scan.
+    for &pid in &args.pids {
+        probes.add_pid(pid)?;
+    }
+    for pid in procs::with_descendants(&args.pids) {
+        probes.add_pid(pid)?;
+        live.insert(pid);
+    }
+    for &port in &args.ports {
+        probes.add_port(port)?;
+    }
+    let ring = probes.take_events()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    let format: Box<dyn Format> = match args.output {
+        OutputFormat::Text => Box::new(Text),
+        OutputFormat::Json => Box::new(Json),
+    };
+    let session = Session {
+        format,
+        print_connections: args.connections,
+        timeline: Timeline::new(),
+        stats: Stats::default(),
+        records: Vec::new(),
+        live,
+        started: Instant::now(),
+        last_report: Instant::now(),
+        decode_errors: 0,
+    };
+    runtime.block_on(trace(args, probes, ring, session))
+}
+
+async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: Session) -> Result<i32> {
+    let what = if args.pids.is_empty() {
+        format!("port(s) {:?}", args.ports)
+    } else {
+        format!("{} process(es) from PID(s) {:?}", session.live.len(), args.pids)
+    };
+    eprintln!("tracer: tracing {what}; Ctrl-C to stop");
+    info!("attached");
+    let status = io::stderr().is_terminal();
+    // SAFETY: the ring buffer owns its file descriptor and stays registered only while
+    // `ring` lives; nothing else closes it.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let pid_mode = !args.pids.is_empty();
+    let reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut session)?;
+                guard.clear_ready();
+            }
+            _ = sigint.recv() => break "interrupted",
+            _ = sigterm.recv() => break "terminated",
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break "duration reached",
+            _ = tick.tick() => {
+                session.stats.lost_events = probes.lost_events();
+                if let Some(interval) = args.interval {
+                    if session.last_report.elapsed() >= interval {
+                        drain(ring.get_mut(), &mut session)?;
+                        session.report(ReportKind::Interval)?;
+                    }
+                }
+                if pid_mode {
+                    session.live.retain(|&pid| procs::is_alive(pid));
+                    if session.live.is_empty() {
+                        break "all traced processes exited";
+                    }
+                }
+                if status {
+                    eprint!("{}", session.status_line());
+                }
+            }
+        }
+    };
+    if status {
+        eprint!("\r\x1b[K");
+    }
+    // Events still in the ring buffer belong in the final report.
+    drain(ring.get_mut(), &mut session)?;
+    session.stats.lost_events = probes.lost_events();
+    session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
+    session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
+    eprintln!("tracer: {reason}; detaching");
+    session.report(ReportKind::Final)?;
+    drop(probes);
+    Ok(0)
+}

@@ -1,0 +1,154 @@
+//! Statistics: one HDR histogram per listener and phase, plus counters.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+use crate::timeline::{Phase, Record};
+
+/// Histograms cover 1 ns to 1 hour with 3 significant digits.
+const MAX_NS: u64 = 3_600_000_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
+}
+
+#[derive(Clone)]
+pub struct ListenerStats {
+    pub phases: BTreeMap<Phase, Histogram<u64>>,
+    pub connections: u64,
+    pub requests: u64,
+    pub aborted: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub synack_retransmits: u64,
+    pub resets: u64,
+    pub listen_drops: u64,
+}
+
+impl Default for ListenerStats {
+    fn default() -> Self {
+        Self {
+            phases: Phase::ALL.into_iter().map(|p| (p, new_histogram())).collect(),
+            connections: 0,
+            requests: 0,
+            aborted: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            synack_retransmits: 0,
+            resets: 0,
+            listen_drops: 0,
+        }
+    }
+}
+
+impl ListenerStats {
+    fn record(&mut self, phase: Phase, ns: Option<u64>) {
+        if let Some(ns) = ns {
+            let hist = self.phases.get_mut(&phase).expect("every phase has a histogram");
+            hist.saturating_record(ns.max(1));
+        }
+    }
+}
+
+/// Everything the reports show.
+#[derive(Clone, Default)]
+pub struct Stats {
+    /// Keyed by local listening port.
+    pub listeners: BTreeMap<u16, ListenerStats>,
+    pub events: u64,
+    pub lost_events: u64,
+    pub read_errors: u64,
+    pub state_full: u64,
+}
+
+impl Stats {
+    pub fn listener(&mut self, port: u16) -> &mut ListenerStats {
+        self.listeners.entry(port).or_default()
+    }
+
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::Opened { listener, handshake_ns, accept_wait_ns, synack_retransmits } => {
+                let l = self.listener(*listener);
+                l.connections += 1;
+                l.record(Phase::Handshake, *handshake_ns);
+                l.record(Phase::AcceptWait, *accept_wait_ns);
+                let _ = synack_retransmits; // counted from the retransmit events themselves
+            }
+            Record::Exchange {
+                listener,
+                recv_wait_ns,
+                think_ns,
+                send_ns,
+                delivery_ns,
+                bytes_in,
+                bytes_out,
+                aborted,
+            } => {
+                let l = self.listener(*listener);
+                l.requests += 1;
+                l.bytes_in += bytes_in;
+                l.bytes_out += bytes_out;
+                if *aborted {
+                    l.aborted += 1;
+                }
+                l.record(Phase::RecvWait, *recv_wait_ns);
+                l.record(Phase::Think, *think_ns);
+                l.record(Phase::Send, *send_ns);
+                l.record(Phase::Delivery, *delivery_ns);
+            }
+            Record::Closed(c) => {
+                if c.reset {
+                    self.listener(c.local.port()).resets += 1;
+                }
+            }
+            Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,
+        }
+    }
+
+    /// Requests in all listeners.
+    pub fn total_requests(&self) -> u64 {
+        self.listeners.values().map(|l| l.requests).sum()
+    }
+
+    pub fn total_connections(&self) -> u64 {
+        self.listeners.values().map(|l| l.connections).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(think_ms: u64) -> Record {
+        Record::Exchange {
+            listener: 80,
+            recv_wait_ns: Some(1_000),
+            think_ns: Some(think_ms * 1_000_000),
+            send_ns: Some(0),
+            delivery_ns: None,
+            bytes_in: 10,
+            bytes_out: 20,
+            aborted: false,
+        }
+    }
+
+    #[test]
+    fn exchanges_fill_histograms_and_counters() {
+        let mut stats = Stats::default();
+        for ms in 1..=100 {
+            stats.apply(&exchange(ms));
+        }
+        let l = &stats.listeners[&80];
+        assert_eq!(l.requests, 100);
+        assert_eq!((l.bytes_in, l.bytes_out), (1000, 2000));
+        let think = &l.phases[&Phase::Think];
+        assert_eq!(think.len(), 100);
+        let p50 = think.value_at_quantile(0.5) as f64 / 1e6;
+        assert!((p50 - 50.0).abs() < 0.1, "p50 {p50}");
+        // A zero-length phase is still a sample.
+        assert_eq!(l.phases[&Phase::Send].len(), 100);
+        assert_eq!(l.phases[&Phase::Delivery].len(), 0);
+    }
+}

@@ -1,0 +1,405 @@
+//! Per-connection timelines: turns the kernel's events into phase durations.
+//!
+//! The kernel reports timestamps at phase boundaries; this module decides which phases
+//! are known and how long each took. Phases of one request never overlap: `recv_wait`
+//! starts no earlier than the moment accept() returned the connection, so a request
+//! queued during `accept_wait` is not counted twice.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request, AF_INET};
+
+use crate::events::Event;
+
+/// The server-side phases, in the order they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    Handshake,
+    AcceptWait,
+    RecvWait,
+    Think,
+    Send,
+    Delivery,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Handshake,
+        Phase::AcceptWait,
+        Phase::RecvWait,
+        Phase::Think,
+        Phase::Send,
+        Phase::Delivery,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Handshake => "handshake",
+            Phase::AcceptWait => "accept_wait",
+            Phase::RecvWait => "recv_wait",
+            Phase::Think => "think",
+            Phase::Send => "send",
+            Phase::Delivery => "delivery",
+        }
+    }
+}
+
+/// What a finished piece of a timeline contributes to the statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A connection was accepted (or first seen) by the traced process.
+    Opened {
+        listener: u16,
+        handshake_ns: Option<u64>,
+        accept_wait_ns: Option<u64>,
+        synack_retransmits: u32,
+    },
+    /// One request/response exchange.
+    Exchange {
+        listener: u16,
+        recv_wait_ns: Option<u64>,
+        think_ns: Option<u64>,
+        send_ns: Option<u64>,
+        delivery_ns: Option<u64>,
+        bytes_in: u64,
+        bytes_out: u64,
+        aborted: bool,
+    },
+    Closed(ClosedConnection),
+    SynAckRetransmit {
+        listener: u16,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedConnection {
+    pub tgid: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// From accept() (or first sight) to close.
+    pub duration_ns: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub requests: u32,
+    pub reset: bool,
+    pub aborted: bool,
+}
+
+struct Conn {
+    listener: u16,
+    seen_ns: u64,
+    accepted_ns: u64,
+}
+
+#[derive(Default)]
+pub struct Timeline {
+    conns: HashMap<u64, Conn>,
+}
+
+fn span(from: u64, to: u64) -> Option<u64> {
+    (from != 0 && to != 0 && to >= from).then(|| to - from)
+}
+
+pub fn socket_addr(addr: &[u8; 16], port: u16) -> SocketAddr {
+    let v6 = Ipv6Addr::from(*addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, port)
+}
+
+pub fn endpoints(addr: &ConnAddr) -> (SocketAddr, SocketAddr) {
+    let _ = AF_INET;
+    (
+        socket_addr(&addr.local_addr, addr.local_port),
+        socket_addr(&addr.remote_addr, addr.remote_port),
+    )
+}
+
+impl Timeline {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connections opened and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn apply(&mut self, event: &Event, out: &mut Vec<Record>) {
+        match event {
+            Event::Open(open) => self.opened(open, out),
+            Event::Request(req) => self.exchange(req, out),
+            Event::Close(close) => self.closed(close, out),
+            Event::SynAckRetransmit(r) => out.push(Record::SynAckRetransmit {
+                listener: r.addr.local_port,
+            }),
+            Event::ProcessExit(_) | Event::ProcessFork(_) => {}
+        }
+    }
+
+    fn opened(&mut self, open: &ConnOpen, out: &mut Vec<Record>) {
+        let accepted = open.origin == origin::ACCEPTED;
+        self.conns.insert(
+            open.header.sock,
+            Conn {
+                listener: open.addr.local_port,
+                seen_ns: open.header.ts_ns,
+                accepted_ns: if accepted { open.accepted_ns } else { 0 },
+            },
+        );
+        out.push(Record::Opened {
+            listener: open.addr.local_port,
+            handshake_ns: if accepted { span(open.synack_ns, open.established_ns) } else { None },
+            accept_wait_ns: if accepted { span(open.established_ns, open.accepted_ns) } else { None },
+            synack_retransmits: open.synack_retransmits,
+        });
+    }
+
+    fn exchange(&mut self, req: &Request, out: &mut Vec<Record>) {
+        let (listener, accepted_ns) = match self.conns.get(&req.header.sock) {
+            Some(c) => (c.listener, c.accepted_ns),
+            // The open event was lost: the exchange still counts, under an unknown listener.
+            None => (0, 0),
+        };
+        let aborted = req.flags & flags::ABORTED != 0;
+        let arrival = if req.arrival_ns != 0 { req.arrival_ns.max(accepted_ns) } else { 0 };
+        let recv_wait_ns = if aborted { None } else { span(arrival, req.first_read_ns) };
+        let (think_ns, send_ns, delivery_ns) = if aborted || req.first_write_ns == 0 {
+            (None, None, None)
+        } else {
+            let delivery = if req.flags & flags::UNDELIVERED != 0 || req.acked_ns == 0 {
+                None
+            } else {
+                // Acknowledged during the last write itself: nothing left to deliver.
+                Some(req.acked_ns.saturating_sub(req.last_write_ns))
+            };
+            (
+                span(req.last_read_ns, req.first_write_ns),
+                span(req.first_write_ns, req.last_write_ns),
+                delivery,
+            )
+        };
+        out.push(Record::Exchange {
+            listener,
+            recv_wait_ns,
+            think_ns,
+            send_ns,
+            delivery_ns,
+            bytes_in: req.bytes_in,
+            bytes_out: req.bytes_out,
+            aborted,
+        });
+    }
+
+    fn closed(&mut self, close: &ConnClose, out: &mut Vec<Record>) {
+        let conn = self.conns.remove(&close.header.sock);
+        let (local, remote) = endpoints(&close.addr);
+        out.push(Record::Closed(ClosedConnection {
+            tgid: close.header.tgid,
+            local,
+            remote,
+            duration_ns: conn.and_then(|c| span(c.seen_ns, close.header.ts_ns)),
+            bytes_in: close.bytes_in,
+            bytes_out: close.bytes_out,
+            requests: close.requests,
+            reset: close.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0,
+            aborted: close.flags & flags::ABORTED != 0,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::{kind, EventHeader};
+
+    const SOCK: u64 = 0xffff_8880_0000_1000;
+    const MS: u64 = 1_000_000;
+
+    fn addr() -> ConnAddr {
+        ConnAddr {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            _pad: 0,
+            local_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1],
+            remote_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2],
+        }
+    }
+
+    fn header(kind: u16, ts_ns: u64) -> EventHeader {
+        EventHeader { kind, tgid: 7, tid: 7, ts_ns, sock: SOCK, ..Default::default() }
+    }
+
+    fn open(synack: u64, established: u64, accepted: u64) -> Event {
+        Event::Open(ConnOpen {
+            header: header(kind::CONN_OPEN, accepted),
+            addr: addr(),
+            origin: origin::ACCEPTED,
+            synack_retransmits: 0,
+            synack_ns: synack,
+            established_ns: established,
+            accepted_ns: accepted,
+            first_data_ns: 0,
+        })
+    }
+
+    fn request(times: [u64; 6], flags: u32, index: u32) -> Event {
+        Event::Request(Request {
+            header: header(kind::REQUEST, times[5].max(times[4])),
+            arrival_ns: times[0],
+            first_read_ns: times[1],
+            last_read_ns: times[2],
+            first_write_ns: times[3],
+            last_write_ns: times[4],
+            acked_ns: times[5],
+            bytes_in: 100,
+            bytes_out: 10,
+            index,
+            flags,
+        })
+    }
+
+    fn run(events: &[Event]) -> Vec<Record> {
+        let mut timeline = Timeline::new();
+        let mut out = Vec::new();
+        for e in events {
+            timeline.apply(e, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn accepted_connection_gets_handshake_and_accept_wait() {
+        let out = run(&[open(1 * MS, 3 * MS, 10 * MS)]);
+        assert_eq!(
+            out[0],
+            Record::Opened {
+                listener: 8080,
+                handshake_ns: Some(2 * MS),
+                accept_wait_ns: Some(7 * MS),
+                synack_retransmits: 0
+            }
+        );
+    }
+
+    #[test]
+    fn chunked_request_and_response_give_one_exchange() {
+        // Request read in several chunks (first read 12, last 15), response written in
+        // pieces (first write 115, last 415), acknowledged at 416.
+        let out = run(&[
+            open(1 * MS, 2 * MS, 10 * MS),
+            request([11 * MS, 12 * MS, 15 * MS, 115 * MS, 415 * MS, 416 * MS], 0, 0),
+        ]);
+        let Record::Exchange { recv_wait_ns, think_ns, send_ns, delivery_ns, aborted, .. } = out[1].clone() else {
+            panic!("expected an exchange, got {:?}", out[1]);
+        };
+        assert_eq!(recv_wait_ns, Some(1 * MS));
+        assert_eq!(think_ns, Some(100 * MS));
+        assert_eq!(send_ns, Some(300 * MS));
+        assert_eq!(delivery_ns, Some(1 * MS));
+        assert!(!aborted);
+    }
+
+    #[test]
+    fn recv_wait_does_not_overlap_accept_wait() {
+        // The request arrived at 3 ms while the connection sat in the accept queue until 50.
+        let out = run(&[
+            open(1 * MS, 2 * MS, 50 * MS),
+            request([3 * MS, 51 * MS, 51 * MS, 52 * MS, 52 * MS, 52 * MS], 0, 0),
+        ]);
+        let Record::Exchange { recv_wait_ns, .. } = out[1] else { panic!() };
+        assert_eq!(recv_wait_ns, Some(1 * MS));
+    }
+
+    #[test]
+    fn aborted_request_counts_but_is_not_timed() {
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            request([4 * MS, 5 * MS, 6 * MS, 0, 0, 0], flags::ABORTED, 0),
+        ]);
+        assert_eq!(
+            out[1],
+            Record::Exchange {
+                listener: 8080,
+                recv_wait_ns: None,
+                think_ns: None,
+                send_ns: None,
+                delivery_ns: None,
+                bytes_in: 100,
+                bytes_out: 10,
+                aborted: true
+            }
+        );
+    }
+
+    #[test]
+    fn undelivered_response_has_no_delivery() {
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 0], flags::UNDELIVERED, 0),
+        ]);
+        let Record::Exchange { think_ns, delivery_ns, .. } = out[1] else { panic!() };
+        assert_eq!(think_ns, Some(1 * MS));
+        assert_eq!(delivery_ns, None);
+    }
+
+    #[test]
+    fn ack_during_the_write_is_zero_delivery() {
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 8 * MS], 0, 0),
+        ]);
+        let Record::Exchange { delivery_ns, .. } = out[1] else { panic!() };
+        assert_eq!(delivery_ns, Some(0));
+    }
+
+    #[test]
+    fn pipelined_requests_on_keep_alive_are_separate_exchanges() {
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            request([4 * MS, 5 * MS, 5 * MS, 6 * MS, 6 * MS, 6 * MS], 0, 0),
+            // The second request arrived during the first's think time: its recv_wait
+            // runs from that arrival.
+            request([5 * MS + 500_000, 7 * MS, 7 * MS, 9 * MS, 9 * MS, 10 * MS], 0, 1),
+        ]);
+        let thinks: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Exchange { think_ns, recv_wait_ns, .. } => Some((*recv_wait_ns, *think_ns)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(thinks, vec![(Some(1 * MS), Some(1 * MS)), (Some(1_500_000), Some(2 * MS))]);
+    }
+
+    #[test]
+    fn close_reports_addresses_duration_and_bytes() {
+        let close = Event::Close(ConnClose {
+            header: header(kind::CONN_CLOSE, 30 * MS),
+            addr: addr(),
+            bytes_in: 500,
+            bytes_out: 700,
+            requests: 2,
+            flags: 0,
+        });
+        let out = run(&[open(1 * MS, 2 * MS, 10 * MS), close]);
+        let Record::Closed(c) = &out[1] else { panic!() };
+        assert_eq!(c.local.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.remote.to_string(), "127.0.0.2:40000");
+        assert_eq!(c.duration_ns, Some(20 * MS));
+        assert_eq!((c.bytes_in, c.bytes_out, c.requests), (500, 700, 2));
+    }
+
+    #[test]
+    fn ipv6_addresses_stay_ipv6() {
+        let mut a = [0u8; 16];
+        a[15] = 1;
+        assert_eq!(socket_addr(&a, 80).to_string(), "[::1]:80");
+    }
+}
