@@ -1,1 +1,11 @@
+//! The lab: a server that reproduces backend pathologies on demand, a client to drive
+//! it, and helpers the privileged integration tests share (starting the tracer,
+//! reading its JSON report).
+//!
+//! Protocol: a request is `GET /?size=N&delay=MS HTTP/1.1` headers ending in a blank
+//! line; the response carries exactly N body bytes (`Content-Length: N`). Connections
+//! are kept alive unless the request says `Connection: close`.
 
+pub mod client;
+pub mod harness;
+pub mod server;

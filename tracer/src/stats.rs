@@ -46,7 +46,7 @@ impl ListenerStats {
     fn record(&mut self, phase: Phase, ns: Option<u64>) {
         if let Some(ns) = ns {
             let hist = self.phases.get_mut(&phase).expect("every phase has a histogram");
-            hist.saturating_record(ns.max(1));
+            hist.saturating_record(ns);
         }
     }
 }
@@ -100,7 +100,7 @@ impl Stats {
             }
             Record::Closed(c) => {
                 if c.reset {
-                    self.listener(c.local.port()).resets += 1;
+                    self.listener(c.listener).resets += 1;
                 }
             }
             Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
-use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request, AF_INET};
+use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request};
 
 use crate::events::Event;
 
@@ -76,6 +76,7 @@ pub enum Record {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosedConnection {
+    pub listener: u16,
     pub tgid: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -90,6 +91,8 @@ pub struct ClosedConnection {
 
 struct Conn {
     listener: u16,
+    local: SocketAddr,
+    remote: SocketAddr,
     seen_ns: u64,
     accepted_ns: u64,
 }
@@ -113,7 +116,6 @@ pub fn socket_addr(addr: &[u8; 16], port: u16) -> SocketAddr {
 }
 
 pub fn endpoints(addr: &ConnAddr) -> (SocketAddr, SocketAddr) {
-    let _ = AF_INET;
     (
         socket_addr(&addr.local_addr, addr.local_port),
         socket_addr(&addr.remote_addr, addr.remote_port),
@@ -144,10 +146,13 @@ impl Timeline {
 
     fn opened(&mut self, open: &ConnOpen, out: &mut Vec<Record>) {
         let accepted = open.origin == origin::ACCEPTED;
+        let (local, remote) = endpoints(&open.addr);
         self.conns.insert(
             open.header.sock,
             Conn {
                 listener: open.addr.local_port,
+                local,
+                remote,
                 seen_ns: open.header.ts_ns,
                 accepted_ns: if accepted { open.accepted_ns } else { 0 },
             },
@@ -198,8 +203,14 @@ impl Timeline {
 
     fn closed(&mut self, close: &ConnClose, out: &mut Vec<Record>) {
         let conn = self.conns.remove(&close.header.sock);
-        let (local, remote) = endpoints(&close.addr);
+        // The kernel may already have released the local port when the socket reaches
+        // CLOSE: the addresses seen at open are the reliable ones.
+        let (local, remote) = match &conn {
+            Some(c) => (c.local, c.remote),
+            None => endpoints(&close.addr),
+        };
         out.push(Record::Closed(ClosedConnection {
+            listener: conn.as_ref().map_or(local.port(), |c| c.listener),
             tgid: close.header.tgid,
             local,
             remote,
@@ -216,7 +227,7 @@ impl Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracer_common::{kind, EventHeader};
+    use tracer_common::{kind, EventHeader, AF_INET};
 
     const SOCK: u64 = 0xffff_8880_0000_1000;
     const MS: u64 = 1_000_000;

@@ -1,0 +1,146 @@
+//! The lab client: connections that send requests and read whole responses, counting
+//! every byte on the wire, so tests can compare with what the tracer saw.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOptions {
+    /// Server address.
+    #[arg(long)]
+    pub server: SocketAddr,
+    /// Connections, opened one after another (or in parallel with --parallel).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// Requests per connection (keep-alive).
+    #[arg(long, default_value_t = 1)]
+    pub requests: usize,
+    /// Response body size asked for.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Run the connections in parallel, one thread each.
+    #[arg(long)]
+    pub parallel: bool,
+    /// Wait this long after the response headers before reading the body (slow reader).
+    #[arg(long, default_value_t = 0)]
+    pub read_delay_ms: u64,
+    /// Receive buffer size to set before connecting (0: system default).
+    #[arg(long, default_value_t = 0)]
+    pub rcvbuf: i32,
+}
+
+/// What one connection sent and received, byte for byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnResult {
+    pub local_port: u16,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub requests: usize,
+    pub elapsed: Duration,
+}
+
+pub fn request_text(size: usize, close: bool) -> String {
+    format!(
+        "GET /?size={size} HTTP/1.1\r\nHost: lab\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
+
+fn connect(opts: &ClientOptions) -> Result<TcpStream> {
+    if opts.rcvbuf == 0 {
+        return TcpStream::connect(opts.server).with_context(|| format!("connecting to {}", opts.server));
+    }
+    // The receive buffer must be set before connect() to limit the advertised window.
+    let domain = if opts.server.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) };
+    anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    crate::server::set_rcvbuf(&stream, opts.rcvbuf)?;
+    let (addr, len) = sockaddr(opts.server);
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_storage).cast(), len) };
+    anyhow::ensure!(rc == 0, "connecting to {}: {}", opts.server, std::io::Error::last_os_error());
+    Ok(stream)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(v4) => {
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// One connection: `requests` exchanges, the last with `Connection: close`.
+pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
+    let start = Instant::now();
+    let stream = connect(opts)?;
+    let local_port = stream.local_addr()?.port();
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let (mut sent, mut received) = (0u64, 0u64);
+    for i in 0..opts.requests {
+        let text = request_text(opts.size, i + 1 == opts.requests);
+        writer.write_all(text.as_bytes())?;
+        sent += text.len() as u64;
+        let mut content_length = None;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("server closed the connection mid-response");
+            }
+            received += line.len() as u64;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.strip_prefix("Content-Length: ") {
+                content_length = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        let length = content_length.context("response without Content-Length")?;
+        if opts.read_delay_ms > 0 {
+            thread::sleep(Duration::from_millis(opts.read_delay_ms));
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        received += length as u64;
+    }
+    Ok(ConnResult {
+        local_port,
+        bytes_sent: sent,
+        bytes_received: received,
+        requests: opts.requests,
+        elapsed: start.elapsed(),
+    })
+}
+
+pub fn run(opts: &ClientOptions) -> Result<Vec<ConnResult>> {
+    if opts.parallel {
+        let handles: Vec<_> = (0..opts.connections)
+            .map(|_| {
+                let opts = opts.clone();
+                thread::spawn(move || one_connection(&opts))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+    } else {
+        (0..opts.connections).map(|_| one_connection(opts)).collect()
+    }
+}

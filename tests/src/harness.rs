@@ -1,0 +1,176 @@
+//! Helpers for the privileged integration tests: start the lab server and the tracer as
+//! child processes, stop the tracer like a user would (SIGINT), and read its JSON.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, ChildStderr, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+/// The workspace's target directory of the profile the tests were built with.
+fn target_dir() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.parent().expect("workspace root").join("target"));
+    target.join(if cfg!(debug_assertions) { "debug" } else { "release" })
+}
+
+/// The tracer binary: `TRACER_BIN`, else the one built beside the tests.
+pub fn tracer_bin() -> PathBuf {
+    std::env::var_os("TRACER_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("tracer"))
+}
+
+pub fn lab_bin() -> PathBuf {
+    std::env::var_os("LAB_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("lab"))
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Starts `lab server ARGS` and waits until it listens.
+pub fn start_lab_server(args: &[&str]) -> Result<(Proc, SocketAddr)> {
+    let mut child = Command::new(lab_bin())
+        .arg("server")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", lab_bin().display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let proc = Proc { child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected lab server output {line:?}"))?
+        .parse()?;
+    Ok((proc, addr))
+}
+
+pub struct Tracer {
+    proc: Proc,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+/// Starts the tracer with `args` (plus `--output json`) and waits until it is attached.
+pub fn start_tracer(args: &[String]) -> Result<Tracer> {
+    let mut child = Command::new(tracer_bin())
+        .args(args)
+        .args(["--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", tracer_bin().display()))?;
+    let stderr: ChildStderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[tracer] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let tracer = Tracer { proc: Proc { child }, stderr_lines: rx };
+    loop {
+        match tracer.stderr_lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.starts_with("tracer: tracing") => return Ok(tracer),
+            Ok(_) => {}
+            Err(_) => bail!("the tracer did not attach within 60 s"),
+        }
+    }
+}
+
+impl Tracer {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// SIGINT, then the JSON lines it printed.
+    pub fn stop(mut self) -> Result<Vec<Value>> {
+        // Let the last events of the traffic reach the ring buffer before stopping.
+        thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for the tracer to exit by itself; its JSON lines.
+    pub fn wait(&mut self) -> Result<Vec<Value>> {
+        let mut out = String::new();
+        self.proc.child.stdout.take().expect("piped stdout").read_to_string(&mut out)?;
+        let status = self.proc.child.wait()?;
+        if !status.success() {
+            bail!("tracer exited with {status}; output:\n{out}");
+        }
+        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}"))).collect()
+    }
+}
+
+/// The last report in the tracer's output.
+pub fn final_report(lines: &[Value]) -> Result<&Value> {
+    lines
+        .iter()
+        .rev()
+        .find(|v| v["type"] == "report" && v["kind"] == "final")
+        .context("no final report in the tracer's output")
+}
+
+pub fn listener<'a>(report: &'a Value, port: u16) -> Result<&'a Value> {
+    report["listeners"]
+        .as_array()
+        .context("report without listeners")?
+        .iter()
+        .find(|l| l["port"] == port)
+        .with_context(|| format!("no listener :{port} in {report}"))
+}
+
+/// A phase statistic in milliseconds, e.g. `phase_ms(listener, "think", "p50_ns")`.
+pub fn phase_ms(listener: &Value, phase: &str, stat: &str) -> f64 {
+    listener["phases"][phase][stat].as_u64().unwrap_or(u64::MAX) as f64 / 1e6
+}
+
+pub fn phase_count(listener: &Value, phase: &str) -> u64 {
+    listener["phases"][phase]["count"].as_u64().unwrap_or(0)
+}
+
+/// Asserts `actual` is within max(`pct`%, `floor_ms`) of `expected`.
+pub fn assert_near(what: &str, actual_ms: f64, expected_ms: f64, pct: f64, floor_ms: f64) {
+    let tolerance = (expected_ms * pct / 100.0).max(floor_ms);
+    assert!(
+        (actual_ms - expected_ms).abs() <= tolerance,
+        "{what}: {actual_ms:.3} ms is not within {tolerance:.3} ms of {expected_ms} ms"
+    );
+}
+
+/// Skips a privileged test when not root, saying so.
+pub fn require_root() -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (run through `cargo xtask test`)");
+        return false;
+    }
+    true
+}

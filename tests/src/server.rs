@@ -1,0 +1,191 @@
+//! The lab server's scenarios.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{mpsc, Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Answer at once.
+    Plain,
+    /// Sleep DELAY before writing each response.
+    SlowThink,
+    /// Write all but the last body byte, sleep DELAY, write the last byte.
+    BodyStall,
+    /// Sleep DELAY before each accept() (combine with a small --backlog).
+    SlowAccept,
+    /// Only WORKERS threads serve connections; the others wait, unread.
+    StarvedWorkers,
+    /// Answer at once with RESPONSE_SIZE bytes; the slowness is a client that reads late.
+    SlowReader,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerOptions {
+    #[arg(long, value_enum, default_value_t = Scenario::Plain)]
+    pub scenario: Scenario,
+    /// The injected delay in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Threads serving connections in starved-workers.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// listen() backlog.
+    #[arg(long, default_value_t = 128)]
+    pub backlog: i32,
+    /// Body size when the request does not ask for one.
+    #[arg(long, default_value_t = 100)]
+    pub response_size: usize,
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Exit after this many connections have been served (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
+}
+
+/// A listener with an explicit backlog (std's is fixed at 128).
+pub fn listen(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), backlog) };
+    anyhow::ensure!(rc == 0, "listen({backlog}): {}", std::io::Error::last_os_error());
+    Ok(listener)
+}
+
+struct Request {
+    size: usize,
+    close: bool,
+}
+
+/// Reads one request's headers; `None` at end of stream.
+fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Result<Option<Request>> {
+    let mut request = Request { size: default_size, close: false };
+    let mut first = true;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        if first {
+            first = false;
+            if let Some(q) = line.split_whitespace().nth(1).and_then(|p| p.split_once('?')).map(|(_, q)| q.to_owned()) {
+                for kv in q.split('&') {
+                    if let Some(("size", v)) = kv.split_once('=') {
+                        request.size = v.parse().unwrap_or(default_size);
+                    }
+                }
+            }
+        } else if line == "\r\n" || line == "\n" {
+            return Ok(Some(request));
+        } else if line.to_ascii_lowercase().starts_with("connection: close") {
+            request.close = true;
+        }
+    }
+}
+
+fn serve_connection(stream: TcpStream, opts: &ServerOptions) -> Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let delay = Duration::from_millis(opts.delay_ms);
+    while let Some(request) = read_request(&mut reader, opts.response_size)? {
+        if opts.scenario == Scenario::SlowThink {
+            thread::sleep(delay);
+        }
+        let header = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n",
+            request.size,
+            if request.close { "Connection: close\r\n" } else { "" }
+        );
+        let body = vec![b'x'; request.size];
+        if opts.scenario == Scenario::BodyStall && request.size > 1 {
+            let mut head = header.into_bytes();
+            head.extend_from_slice(&body[..request.size - 1]);
+            writer.write_all(&head)?;
+            thread::sleep(delay);
+            writer.write_all(&body[request.size - 1..])?;
+        } else {
+            let mut all = header.into_bytes();
+            all.extend_from_slice(&body);
+            writer.write_all(&all)?;
+        }
+        if request.close {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the server until `max_connections` have been served (forever if 0). Prints
+/// `listening on ADDR` on stdout once ready.
+pub fn run(opts: ServerOptions) -> Result<()> {
+    let listener = listen(opts.listen, opts.backlog)?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let opts = Arc::new(opts);
+    let mut handles = Vec::new();
+    let workers = match opts.scenario {
+        Scenario::StarvedWorkers => {
+            let (tx, rx) = mpsc::channel::<TcpStream>();
+            let rx = Arc::new(Mutex::new(rx));
+            for _ in 0..opts.workers.max(1) {
+                let rx = Arc::clone(&rx);
+                let opts = Arc::clone(&opts);
+                handles.push(thread::spawn(move || loop {
+                    let next = rx.lock().expect("queue lock").recv();
+                    let Ok(stream) = next else { break };
+                    let _ = serve_connection(stream, &opts);
+                }));
+            }
+            Some(tx)
+        }
+        _ => None,
+    };
+    let mut served = 0;
+    loop {
+        if opts.scenario == Scenario::SlowAccept {
+            thread::sleep(Duration::from_millis(opts.delay_ms));
+        }
+        let (stream, _) = listener.accept()?;
+        served += 1;
+        match &workers {
+            Some(tx) => tx.send(stream).expect("workers alive"),
+            None => {
+                let opts = Arc::clone(&opts);
+                handles.push(thread::spawn(move || {
+                    let _ = serve_connection(stream, &opts);
+                }));
+            }
+        }
+        if opts.max_connections > 0 && served >= opts.max_connections {
+            break;
+        }
+    }
+    drop(workers);
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Sets a socket's receive buffer (for slow-reader clients).
+pub fn set_rcvbuf(stream: &TcpStream, bytes: i32) -> Result<()> {
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    anyhow::ensure!(rc == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
