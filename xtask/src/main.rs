@@ -1,1 +1,64 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | test | demo`.
+
+mod demo;
+mod setup;
+mod test;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Set-up, tests and demo of the tracer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs (rust-src, bpf-linker, Debian packages); idempotent.
+    Setup,
+    /// Set up, build everything, run the unit tests, then the privileged integration tests.
+    Test(test::Options),
+    /// Trace the lab servers under a mix of scenarios and print the report; with --pid,
+    /// trace that process instead.
+    Demo(demo::Options),
+}
+
+fn main() {
+    let result = match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test(opts) => test::run(&opts),
+        Cmd::Demo(opts) => demo::run(&opts),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs a command to completion; the error names the command.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
