@@ -21,9 +21,11 @@ pub enum Scenario {
     BodyStall,
     /// Sleep DELAY before each accept() (combine with a small --backlog).
     SlowAccept,
-    /// Only WORKERS threads serve connections; the others wait, unread.
+    /// Only WORKERS threads serve connections (each thinking DELAY per request); the
+    /// other connections wait, accepted but unread.
     StarvedWorkers,
-    /// Answer at once with RESPONSE_SIZE bytes; the slowness is a client that reads late.
+    /// Answer at once with RESPONSE_SIZE bytes from a large send buffer, so the response
+    /// waits in the kernel for a client that reads late (`lab client --read-delay-ms`).
     SlowReader,
 }
 
@@ -91,11 +93,14 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
 }
 
 fn serve_connection(stream: TcpStream, opts: &ServerOptions) -> Result<()> {
+    if opts.scenario == Scenario::SlowReader {
+        set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?;
+    }
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let delay = Duration::from_millis(opts.delay_ms);
     while let Some(request) = read_request(&mut reader, opts.response_size)? {
-        if opts.scenario == Scenario::SlowThink {
+        if matches!(opts.scenario, Scenario::SlowThink | Scenario::StarvedWorkers) {
             thread::sleep(delay);
         }
         let header = format!(
@@ -176,16 +181,20 @@ pub fn run(opts: ServerOptions) -> Result<()> {
 
 /// Sets a socket's receive buffer (for slow-reader clients).
 pub fn set_rcvbuf(stream: &TcpStream, bytes: i32) -> Result<()> {
+    set_sockopt(stream, libc::SO_RCVBUF, bytes)
+}
+
+fn set_sockopt(stream: &TcpStream, option: i32, bytes: i32) -> Result<()> {
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            option,
             (&bytes as *const i32).cast(),
             std::mem::size_of::<i32>() as u32,
         )
     };
-    anyhow::ensure!(rc == 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    anyhow::ensure!(rc == 0, "setsockopt({option}): {}", std::io::Error::last_os_error());
     Ok(())
 }
 
