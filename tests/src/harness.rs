@@ -38,7 +38,16 @@ pub struct Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that servers such as nginx stop their workers too; SIGKILL
+    /// after two seconds.
     fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..40 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
