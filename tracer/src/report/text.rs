@@ -89,6 +89,32 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
     for phase in Phase::ALL {
         phase_row(out, phase, &l.phases[&phase]);
     }
+    if let Some(line) = diagnosis(l) {
+        let _ = writeln!(out, "  {line}");
+    }
+}
+
+/// Where a typical connection's time goes: each phase's mean as a share of the sum of
+/// the means, largest first (phases under 1% left out).
+pub fn diagnosis(l: &ListenerStats) -> Option<String> {
+    let means: Vec<(Phase, f64)> = Phase::ALL
+        .into_iter()
+        .filter(|p| !l.phases[p].is_empty())
+        .map(|p| (p, l.phases[&p].mean()))
+        .collect();
+    let total: f64 = means.iter().map(|(_, m)| m).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut shares: Vec<(Phase, f64)> = means.into_iter().map(|(p, m)| (p, 100.0 * m / total)).collect();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = shares
+        .iter()
+        .filter(|(_, pct)| *pct >= 1.0)
+        .take(3)
+        .map(|(p, pct)| format!("{} {:.0}%", p.name(), pct))
+        .collect();
+    Some(format!("time goes to: {}", parts.join(", ")))
 }
 
 impl Format for Text {
@@ -155,6 +181,18 @@ mod tests {
         assert_eq!(bar(&h), "·····█···");
         h.record(500).unwrap();
         assert_eq!(bar(&h).chars().next(), Some('▁'));
+    }
+
+    #[test]
+    fn diagnosis_names_the_dominant_phase_first() {
+        let mut l = ListenerStats::default();
+        l.phases.get_mut(&Phase::Think).unwrap().record(90_000_000).unwrap();
+        l.phases.get_mut(&Phase::RecvWait).unwrap().record(10_000_000).unwrap();
+        l.phases.get_mut(&Phase::Send).unwrap().record(1_000).unwrap();
+        let text = diagnosis(&l).unwrap();
+        assert!(text.starts_with("time goes to: think 90%, recv_wait 10%"), "{text}");
+        assert!(!text.contains("send"), "{text}");
+        assert_eq!(diagnosis(&ListenerStats::default()), None);
     }
 
     #[test]
