@@ -22,8 +22,6 @@ pub struct ListenerStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub synack_retransmits: u64,
-    pub resets: u64,
-    pub listen_drops: u64,
 }
 
 impl Default for ListenerStats {
@@ -36,8 +34,6 @@ impl Default for ListenerStats {
             bytes_in: 0,
             bytes_out: 0,
             synack_retransmits: 0,
-            resets: 0,
-            listen_drops: 0,
         }
     }
 }
@@ -98,11 +94,9 @@ impl Stats {
                 l.record(Phase::Send, *send_ns);
                 l.record(Phase::Delivery, *delivery_ns);
             }
-            Record::Closed(c) => {
-                if c.reset {
-                    self.listener(c.listener).resets += 1;
-                }
-            }
+            // Resets and listen drops are not measured yet: they are left out of the
+            // reports rather than shown as zero.
+            Record::Closed(_) => {}
             Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,
         }
     }

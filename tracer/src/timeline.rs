@@ -85,7 +85,6 @@ pub struct ClosedConnection {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub requests: u32,
-    pub reset: bool,
     pub aborted: bool,
 }
 
@@ -218,7 +217,6 @@ impl Timeline {
             bytes_in: close.bytes_in,
             bytes_out: close.bytes_out,
             requests: close.requests,
-            reset: close.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0,
             aborted: close.flags & flags::ABORTED != 0,
         }));
     }

@@ -18,7 +18,6 @@ struct ConnectionJson {
     bytes_in: u64,
     bytes_out: u64,
     requests: u32,
-    reset: bool,
     aborted: bool,
 }
 
@@ -42,8 +41,6 @@ struct ListenerJson {
     bytes_in: u64,
     bytes_out: u64,
     synack_retransmits: u64,
-    resets: u64,
-    listen_drops: u64,
     phases: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -87,8 +84,6 @@ fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
         bytes_in: l.bytes_in,
         bytes_out: l.bytes_out,
         synack_retransmits: l.synack_retransmits,
-        resets: l.resets,
-        listen_drops: l.listen_drops,
         phases,
     }
 }
@@ -104,7 +99,6 @@ impl Format for Json {
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
             requests: c.requests,
-            reset: c.reset,
             aborted: c.aborted,
         })
         .expect("serializable")

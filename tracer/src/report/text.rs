@@ -76,11 +76,7 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
         "listener :{port}  connections {}  requests {}  aborted {}  in {}B  out {}B",
         l.connections, l.requests, l.aborted, l.bytes_in, l.bytes_out
     );
-    let _ = writeln!(
-        out,
-        "  synack_retransmits {}  resets {}  listen_drops {}",
-        l.synack_retransmits, l.resets, l.listen_drops
-    );
+    let _ = writeln!(out, "  synack_retransmits {}", l.synack_retransmits);
     let _ = writeln!(
         out,
         "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
@@ -120,7 +116,7 @@ pub fn diagnosis(l: &ListenerStats) -> Option<String> {
 impl Format for Text {
     fn connection(&self, c: &ClosedConnection) -> String {
         format!(
-            "conn pid={} {} <- {} duration={} in={}B out={}B requests={}{}{}",
+            "conn pid={} {} <- {} duration={} in={}B out={}B requests={}{}",
             c.tgid,
             c.local,
             c.remote,
@@ -128,7 +124,6 @@ impl Format for Text {
             c.bytes_in,
             c.bytes_out,
             c.requests,
-            if c.reset { " reset" } else { "" },
             if c.aborted { " aborted" } else { "" },
         )
     }
