@@ -152,6 +152,13 @@ impl Format for Text {
                 s.stats.state_full
             );
         }
+        if s.stats.read_errors > 0 {
+            let _ = writeln!(
+                out,
+                "warning: {} kernel reads of socket fields failed; some addresses or phases may be missing",
+                s.stats.read_errors
+            );
+        }
         if s.stats.listeners.is_empty() {
             let _ = writeln!(out, "no connections seen");
         }
