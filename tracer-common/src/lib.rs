@@ -40,10 +40,6 @@ pub mod flags {
     pub const ABORTED: u32 = 1 << 0;
     /// The connection closed before the peer acknowledged the whole response.
     pub const UNDELIVERED: u32 = 1 << 1;
-    /// The peer sent a reset.
-    pub const RESET_RECEIVED: u32 = 1 << 2;
-    /// This side sent a reset.
-    pub const RESET_SENT: u32 = 1 << 3;
     /// The request was read before a write was ever seen on the socket, and the first
     /// data arrival is unknown (connection older than the tracer).
     pub const ARRIVAL_UNKNOWN: u32 = 1 << 4;

@@ -48,7 +48,7 @@ pub struct SockState {
     pub ack_target: u32,
     pub requests: u32,
     pub req_flags: u32,
-    pub conn_flags: u32,
+    pub _pad: u32,
 }
 
 impl SockState {
@@ -75,7 +75,7 @@ impl SockState {
             ack_target: 0,
             requests: 0,
             req_flags: 0,
-            conn_flags: 0,
+            _pad: 0,
         }
     }
 }
@@ -190,7 +190,7 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).bytes_in = st.total_in;
         (*e).bytes_out = st.total_out;
         (*e).requests = st.requests;
-        (*e).flags = st.conn_flags | pending;
+        (*e).flags = pending;
     }
     slot.submit(0);
 }
