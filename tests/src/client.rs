@@ -33,6 +33,9 @@ pub struct ClientOptions {
     /// Receive buffer size to set before connecting (0: system default).
     #[arg(long, default_value_t = 0)]
     pub rcvbuf: i32,
+    /// Wait this long after connect() returns before sending the first request.
+    #[arg(long, default_value_t = 0)]
+    pub pause_after_connect_ms: u64,
 }
 
 /// What one connection sent and received, byte for byte.
@@ -42,6 +45,8 @@ pub struct ConnResult {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub requests: usize,
+    /// How long connect() took.
+    pub connect: Duration,
     pub elapsed: Duration,
 }
 
@@ -92,6 +97,10 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
     let start = Instant::now();
     let stream = connect(opts)?;
+    let connected = start.elapsed();
+    if opts.pause_after_connect_ms > 0 {
+        thread::sleep(Duration::from_millis(opts.pause_after_connect_ms));
+    }
     let local_port = stream.local_addr()?.port();
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -127,6 +136,7 @@ pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
         bytes_sent: sent,
         bytes_received: received,
         requests: opts.requests,
+        connect: connected,
         elapsed: start.elapsed(),
     })
 }

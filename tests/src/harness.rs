@@ -14,6 +14,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
+use crate::netns::Netns;
+
 /// The workspace's target directory of the profile the tests were built with.
 fn target_dir() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -61,7 +63,21 @@ impl Proc {
 
 /// Starts `lab server ARGS` and waits until it listens.
 pub fn start_lab_server(args: &[&str]) -> Result<(Proc, SocketAddr)> {
-    let mut child = Command::new(lab_bin())
+    start_lab_server_in(None, args)
+}
+
+/// The lab binary, run inside `netns` when given.
+pub fn lab_command(netns: Option<&Netns>) -> Command {
+    match netns {
+        Some(ns) => ns.command(lab_bin()),
+        None => Command::new(lab_bin()),
+    }
+}
+
+/// Starts `lab server ARGS` (inside `netns`, when given: `ip netns exec` execs the server,
+/// so the child's PID is the server's) and waits until it listens.
+pub fn start_lab_server_in(netns: Option<&Netns>, args: &[&str]) -> Result<(Proc, SocketAddr)> {
+    let mut child = lab_command(netns)
         .arg("server")
         .args(args)
         .stdout(Stdio::piped())
@@ -173,6 +189,23 @@ pub fn assert_near(what: &str, actual_ms: f64, expected_ms: f64, pct: f64, floor
         (actual_ms - expected_ms).abs() <= tolerance,
         "{what}: {actual_ms:.3} ms is not within {tolerance:.3} ms of {expected_ms} ms"
     );
+}
+
+/// What `lab client` printed: one `key=value …` map per connection.
+pub fn run_lab_client(netns: Option<&Netns>, args: &[&str]) -> Result<Vec<std::collections::HashMap<String, f64>>> {
+    let out = lab_command(netns).arg("client").args(args).stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("lab client {args:?} failed with {}", out.status);
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+                .collect()
+        })
+        .collect())
 }
 
 /// Skips a privileged test when not root, saying so.

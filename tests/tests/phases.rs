@@ -15,6 +15,7 @@ fn client(server: SocketAddr) -> ClientOptions {
         parallel: false,
         read_delay_ms: 0,
         rcvbuf: 0,
+        pause_after_connect_ms: 0,
     }
 }
 

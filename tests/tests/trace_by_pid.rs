@@ -27,6 +27,7 @@ fn reports_exactly_the_traced_connections_with_their_bytes() -> anyhow::Result<(
             parallel: true,
             read_delay_ms: 0,
             rcvbuf: 0,
+            pause_after_connect_ms: 0,
         })
     });
     // Different sizes per connection, so a byte count cannot match by accident.
@@ -40,6 +41,7 @@ fn reports_exactly_the_traced_connections_with_their_bytes() -> anyhow::Result<(
             parallel: false,
             read_delay_ms: 0,
             rcvbuf: 0,
+            pause_after_connect_ms: 0,
         })?;
         expected.insert(r.local_port, r);
     }

@@ -21,6 +21,10 @@ pub mod kind {
     pub const PROCESS_EXIT: u16 = 5;
     /// A traced process forked a new process.
     pub const PROCESS_FORK: u16 = 6;
+    /// The server's kernel reset a traced connection right after closing it (closed with
+    /// unread data, SO_LINGER 0, aborted). Resets while the connection is open are
+    /// carried by its [`ConnClose`] instead.
+    pub const RESET_SENT: u16 = 7;
 }
 
 /// How a traced connection came to be known.
@@ -40,6 +44,10 @@ pub mod flags {
     pub const ABORTED: u32 = 1 << 0;
     /// The connection closed before the peer acknowledged the whole response.
     pub const UNDELIVERED: u32 = 1 << 1;
+    /// The server's kernel sent a reset on the connection (only in [`ConnClose::flags`]).
+    pub const RESET_SENT: u32 = 1 << 2;
+    /// The peer reset the connection (only in [`ConnClose::flags`]).
+    pub const RESET_RECEIVED: u32 = 1 << 3;
     /// The request was read before a write was ever seen on the socket, and the first
     /// data arrival is unknown (connection older than the tracer).
     pub const ARRIVAL_UNKNOWN: u32 = 1 << 4;
@@ -146,6 +154,15 @@ pub struct SynAckRetransmit {
 }
 const _: () = assert!(size_of::<SynAckRetransmit>() == 72);
 
+/// A reset the server sent on a traced connection it had just closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetSent {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+}
+const _: () = assert!(size_of::<ResetSent>() == 72);
+
 /// Process lifecycle: `header.tgid` is the process; for a fork, `child` is the new one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,7 +222,9 @@ pub struct ProgramConfig {
     /// Non-zero: a connection is traced when its listener's port is in `PORTS`, whoever
     /// accepts it. Zero: when the accepting process is in `PIDS`.
     pub filter_by_port: u32,
-    pub _pad: u32,
+    /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` in this kernel's
+    /// `enum skb_drop_reason` (u32::MAX when the kernel has none).
+    pub drop_reason_listen_overflow: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 8);
 

@@ -48,6 +48,10 @@ pub struct SockState {
     pub ack_target: u32,
     pub requests: u32,
     pub req_flags: u32,
+    /// Connection-wide bits of `flags` (resets).
+    pub conn_flags: u32,
+    /// The listener's port. The kernel clears the socket's own copy when it closes.
+    pub local_port: u32,
     pub _pad: u32,
 }
 
@@ -75,6 +79,8 @@ impl SockState {
             ack_target: 0,
             requests: 0,
             req_flags: 0,
+            conn_flags: 0,
+            local_port: 0,
             _pad: 0,
         }
     }
@@ -190,7 +196,7 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).bytes_in = st.total_in;
         (*e).bytes_out = st.total_out;
         (*e).requests = st.requests;
-        (*e).flags = pending;
+        (*e).flags = pending | st.conn_flags;
     }
     slot.submit(0);
 }

@@ -130,16 +130,14 @@ fn on_write(sk: u64, len: u64) {
 #[inline(always)]
 fn adopt_existing(sk: u64, ts: u64) -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let traced = if filter_by_port() {
-        read::<u16>(sk, off!(skc_num)).is_some_and(|port| is_traced_port(port))
-    } else {
-        is_traced_tgid(tgid)
-    };
+    let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    let traced = if filter_by_port() { is_traced_port(local_port) } else { is_traced_tgid(tgid) };
     if !traced || !is_inet_tcp(sk) {
         return false;
     }
     let mut st = SockState::new(origin::EXISTING);
     st.owner = tgid;
+    st.local_port = local_port as u32;
     if !insert_state(sk, &st) {
         return false;
     }

@@ -6,7 +6,8 @@
 //!
 //! One module per hook family: `state` (TCP state changes), `accept` (accept syscalls),
 //! `io` (send, receive, data arrival, acknowledgements), `retransmit` (SYN-ACK
-//! retransmits), `process` (fork and exit of traced processes).
+//! retransmits), `listen` (ACKs dropped on a full accept queue), `reset` (resets sent
+//! and received), `process` (fork and exit of traced processes).
 #![no_std]
 #![no_main]
 
@@ -14,8 +15,10 @@ mod accept;
 mod conn;
 mod io;
 mod kernel;
+mod listen;
 mod maps;
 mod process;
+mod reset;
 mod retransmit;
 mod state;
 

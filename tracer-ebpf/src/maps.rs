@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{counter, KernelOffsets, ProgramConfig};
 
@@ -40,7 +40,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 pub static CONFIG: ProgramConfig = ProgramConfig {
     filter_by_port: 0,
-    _pad: 0,
+    drop_reason_listen_overflow: u32::MAX,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
@@ -50,6 +50,11 @@ macro_rules! off {
     ($field:ident) => {
         unsafe { core::ptr::read_volatile(&$crate::maps::OFFSETS.$field) }
     };
+}
+
+#[inline(always)]
+pub fn drop_reason_listen_overflow() -> u32 {
+    unsafe { core::ptr::read_volatile(&CONFIG.drop_reason_listen_overflow) }
 }
 
 #[inline(always)]
@@ -78,6 +83,17 @@ pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
 #[map]
 pub static SYNACKS: HashMap<TupleKey, SynAckInfo> = HashMap::with_max_entries(8192, 0);
 
+/// Traced server connections that just closed (by sock address), so that a reset the
+/// kernel sends right after closing (unread data, SO_LINGER 0) is still attributed.
+#[map]
+pub static RECENTLY_CLOSED: LruHashMap<u64, ClosedConn> = LruHashMap::with_max_entries(4096, 0);
+
+/// Handshake-completing ACKs each listener dropped because its accept queue was full,
+/// keyed by the listener's socket cookie. The kernel counts such a drop twice in the
+/// listener's drop counter and once in ListenDrops; userspace uses this to tell them apart.
+#[map]
+pub static ACK_OVERFLOWS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
 /// Per-CPU counters (see `tracer_common::counter`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -89,6 +105,13 @@ pub struct TupleKey {
     pub remote_port: u16,
     pub _pad: u32,
     pub remote_addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClosedConn {
+    pub owner: u32,
+    pub local_port: u32,
 }
 
 #[repr(C)]

@@ -7,7 +7,7 @@ use tracer_common::origin;
 use crate::{
     conn::{dir, emit_close, insert_state, now, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, SOCKS, SYNACKS},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, ClosedConn, RECENTLY_CLOSED, SOCKS, SYNACKS},
     off,
 };
 
@@ -53,6 +53,7 @@ fn on_passive_established(sk: u64) {
     }
     let mut st = SockState::new(origin::ACCEPTED);
     st.established_ns = ts;
+    st.local_port = local_port as u32;
     let addr = conn_addr(sk);
     let key = tuple_key(&addr);
     if let Some(info) = SYNACKS.get_ptr(&key) {
@@ -99,6 +100,8 @@ fn on_close(sk: u64) {
     if st.owner != 0 && st.origin != origin::CONNECTED {
         let addr = conn_addr(sk);
         emit_close(sk, st, &addr, now());
+        // An abortive close sends its reset after this state change.
+        let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
     }
     let _ = SOCKS.remove(&sk);
 }

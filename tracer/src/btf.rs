@@ -1,5 +1,6 @@
 //! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): just enough to find
-//! the byte offset of a struct member by name, following anonymous structs and unions.
+//! the byte offset of a struct member by name, following anonymous structs and unions,
+//! and the value of an enumerator.
 //!
 //! The kernel programs are written in Rust, which emits no CO-RE relocations, so every
 //! kernel struct field they read is located here, at start, on the running kernel.
@@ -63,6 +64,8 @@ pub struct Btf {
     types: Vec<Type>, // index = type id; id 0 is void
     strings: Vec<u8>,
     structs_by_name: HashMap<String, u32>,
+    /// Enumerator name → value, for every enum (enumerator names are global in C).
+    enumerators: HashMap<String, i64>,
 }
 
 impl Btf {
@@ -107,6 +110,7 @@ impl Btf {
             members: Vec::new(),
             array_elem: 0,
         }];
+        let mut enumerators = Vec::new();
         let mut pos = hdr_len + type_off;
         let end = pos + type_len;
         while pos < end {
@@ -150,8 +154,25 @@ impl Btf {
                     }
                     pos += vlen * 12;
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => pos += vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => pos += vlen * 12,
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let e = pos + i * 8;
+                        let raw = u32_at(e + 4)?;
+                        let value = if kind_flag { raw as i32 as i64 } else { raw as i64 };
+                        enumerators.push((u32_at(e)?, value));
+                    }
+                    pos += vlen * 8;
+                }
+                KIND_ENUM64 => {
+                    for i in 0..vlen {
+                        let e = pos + i * 12;
+                        let value = (u32_at(e + 4)? as u64 | (u32_at(e + 8)? as u64) << 32) as i64;
+                        enumerators.push((u32_at(e)?, value));
+                    }
+                    pos += vlen * 12;
+                }
+                KIND_FUNC_PROTO => pos += vlen * 8,
+                KIND_DATASEC => pos += vlen * 12,
                 other => bail!("unknown BTF kind {other}"),
             }
             types.push(ty);
@@ -161,7 +182,12 @@ impl Btf {
             types,
             strings,
             structs_by_name: HashMap::new(),
+            enumerators: HashMap::new(),
         };
+        for (name, value) in enumerators {
+            let name = btf.name(name).to_owned();
+            btf.enumerators.entry(name).or_insert(value);
+        }
         for id in 1..btf.types.len() as u32 {
             let ty = &btf.types[id as usize];
             if ty.kind == KIND_STRUCT && ty.size_or_type > 0 {
@@ -170,6 +196,12 @@ impl Btf {
             }
         }
         Ok(btf)
+    }
+
+    /// The value of enumerator `name` (e.g. `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`), if
+    /// this kernel has it.
+    pub fn enumerator(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
     }
 
     fn name(&self, offset: u32) -> &str {
@@ -254,9 +286,9 @@ mod tests {
     use super::*;
 
     /// Builds a BTF blob by hand: struct outer { int a; union { int b; struct { short c;
-    /// short d; }; }; };
+    /// short d; }; }; }; enum reason { R_LOW = 2, R_HIGH = 7 };
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0short\0outer\0a\0b\0c\0d\0".to_vec();
+        let strings = b"\0int\0short\0outer\0a\0b\0c\0d\0reason\0R_LOW\0R_HIGH\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
             strings
@@ -281,6 +313,8 @@ mod tests {
         push(&[0, KIND_UNION << 24 | 2, 4, s("b"), 1, 0, 0, 3, 0]);
         // 5: struct outer { int a; union 4; }
         push(&[s("outer"), KIND_STRUCT << 24 | 2, 8, s("a"), 1, 0, 0, 4, 32]);
+        // 6: enum reason
+        push(&[s("reason"), KIND_ENUM << 24 | 2, 4, s("R_LOW"), 2, s("R_HIGH"), 7]);
         let mut blob = Vec::new();
         for w in [0x0001_eb9fu32, 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&w.to_le_bytes());
@@ -299,6 +333,14 @@ mod tests {
         assert_eq!(btf.field("outer", "d").unwrap().byte_offset, 6);
         assert!(btf.field("outer", "e").is_err());
         assert!(btf.field("missing", "a").is_err());
+    }
+
+    #[test]
+    fn finds_enumerators() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.enumerator("R_LOW"), Some(2));
+        assert_eq!(btf.enumerator("R_HIGH"), Some(7));
+        assert_eq!(btf.enumerator("R_NONE"), None);
     }
 
     #[test]

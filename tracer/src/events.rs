@@ -3,7 +3,7 @@
 use std::mem::size_of;
 
 use anyhow::{bail, Result};
-use tracer_common::{kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, SynAckRetransmit};
+use tracer_common::{kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, SynAckRetransmit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -11,6 +11,7 @@ pub enum Event {
     Request(Request),
     Close(ConnClose),
     SynAckRetransmit(SynAckRetransmit),
+    ResetSent(ResetSent),
     ProcessExit(ProcessEvent),
     ProcessFork(ProcessEvent),
 }
@@ -34,6 +35,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::REQUEST => Event::Request(read(bytes)?),
         kind::CONN_CLOSE => Event::Close(read(bytes)?),
         kind::SYNACK_RETRANSMIT => Event::SynAckRetransmit(read(bytes)?),
+        kind::RESET_SENT => Event::ResetSent(read(bytes)?),
         kind::PROCESS_EXIT => Event::ProcessExit(read(bytes)?),
         kind::PROCESS_FORK => Event::ProcessFork(read(bytes)?),
         other => bail!("unknown event kind {other}"),

@@ -7,6 +7,7 @@
 mod btf;
 mod cli;
 mod events;
+mod listeners;
 mod offsets;
 mod probes;
 mod procs;

@@ -46,7 +46,18 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
     Ok(offsets)
 }
 
-pub fn from_running_kernel() -> Result<KernelOffsets> {
+/// What the programs need to know about the running kernel.
+pub struct KernelFacts {
+    pub offsets: KernelOffsets,
+    /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, when the kernel has it.
+    pub drop_reason_listen_overflow: Option<u32>,
+}
+
+pub fn from_running_kernel() -> Result<KernelFacts> {
     let btf = Btf::from_sys_fs()?;
-    resolve(&btf).context("locating kernel struct fields in BTF")
+    let offsets = resolve(&btf).context("locating kernel struct fields in BTF")?;
+    let drop_reason_listen_overflow = btf
+        .enumerator("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+        .and_then(|v| u32::try_from(v).ok());
+    Ok(KernelFacts { offsets, drop_reason_listen_overflow })
 }

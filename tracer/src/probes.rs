@@ -42,6 +42,9 @@ const HOOKS: &[Hook] = &[
     Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait" },
     Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery" },
     Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits" },
+    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)" },
+    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent" },
+    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received" },
     Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start" },
     Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited" },
 ];
@@ -109,6 +112,10 @@ impl Probes {
             })?;
         ensure_tracefs()?;
         for hook in HOOKS {
+            if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
+                warn!("this kernel has no listen-overflow drop reason: handshake ACKs dropped on a full accept queue count twice in listen_drops");
+                continue;
+            }
             let result = attach(&mut ebpf, hook, &btf);
             match result {
                 Ok(()) => debug!("{}: {} ({:?})", hook.hook, hook.program, hook.attach),
@@ -143,6 +150,13 @@ impl Probes {
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
         Ok(counters.get(&index, 0)?.iter().sum())
+    }
+
+    /// Handshake ACKs the listener with socket `cookie` dropped on a full accept queue.
+    pub fn ack_overflows(&self, cookie: u64) -> u64 {
+        let Some(map) = self.ebpf.map("ACK_OVERFLOWS") else { return 0 };
+        let Ok(map) = BpfHashMap::<&MapData, u64, u64>::try_from(map) else { return 0 };
+        map.get(&cookie, 0).unwrap_or(0)
     }
 
     pub fn lost_events(&self) -> u64 {

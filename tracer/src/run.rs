@@ -18,6 +18,7 @@ use tracer_common::{counter, ProgramConfig};
 use crate::{
     cli::{Args, OutputFormat},
     events::{self, Event},
+    listeners::ListenerWatch,
     offsets,
     probes::{LoadOptions, Probes},
     procs,
@@ -53,6 +54,7 @@ struct Session {
     started: Instant,
     last_report: Instant,
     decode_errors: u64,
+    listeners: ListenerWatch,
 }
 
 impl Session {
@@ -88,6 +90,15 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Reads the kernel-side counters that are not events: lost events and listen drops.
+    fn poll_counters(&mut self, probes: &Probes) {
+        self.stats.lost_events = probes.lost_events();
+        self.listeners.refresh(&self.live, |cookie| probes.ack_overflows(cookie));
+        for (port, drops) in self.listeners.drops_by_port() {
+            self.stats.listener(port).listen_drops = drops;
+        }
     }
 
     fn report(&mut self, kind: ReportKind) -> Result<()> {
@@ -126,12 +137,12 @@ pub fn run(args: Args) -> Result<i32> {
     for &pid in &args.pids {
         procs::validate(pid)?;
     }
-    let offsets = offsets::from_running_kernel()?;
+    let kernel = offsets::from_running_kernel()?;
     let mut probes = Probes::load(&LoadOptions {
-        offsets,
+        offsets: kernel.offsets,
         config: ProgramConfig {
             filter_by_port: (!args.ports.is_empty()) as u32,
-            _pad: 0,
+            drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
         },
         ring_buffer_bytes: args.ring_buffer_size,
         max_sockets: args.max_sockets,
@@ -169,6 +180,7 @@ pub fn run(args: Args) -> Result<i32> {
         started: Instant::now(),
         last_report: Instant::now(),
         decode_errors: 0,
+        listeners: ListenerWatch::new(&args.ports),
     };
     runtime.block_on(trace(args, probes, ring, session))
 }
@@ -179,6 +191,8 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     } else {
         format!("{} process(es) from PID(s) {:?}", session.live.len(), args.pids)
     };
+    // The listeners' counters as they are now: listen drops count from here.
+    session.poll_counters(&probes);
     eprintln!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
     let status = io::stderr().is_terminal();
@@ -202,7 +216,7 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
             _ = sigterm.recv() => break "terminated",
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break "duration reached",
             _ = tick.tick() => {
-                session.stats.lost_events = probes.lost_events();
+                session.poll_counters(&probes);
                 if let Some(interval) = args.interval {
                     if session.last_report.elapsed() >= interval {
                         drain(ring.get_mut(), &mut session)?;
@@ -226,7 +240,7 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     }
     // Events still in the ring buffer belong in the final report.
     drain(ring.get_mut(), &mut session)?;
-    session.stats.lost_events = probes.lost_events();
+    session.poll_counters(&probes);
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
     eprintln!("tracer: {reason}; detaching");

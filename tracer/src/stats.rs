@@ -22,6 +22,12 @@ pub struct ListenerStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub synack_retransmits: u64,
+    /// SYNs and handshake ACKs dropped because the listener's queues were full.
+    pub listen_drops: u64,
+    /// Connections the server's kernel reset.
+    pub resets_sent: u64,
+    /// Connections the peer reset.
+    pub resets_received: u64,
 }
 
 impl Default for ListenerStats {
@@ -34,6 +40,9 @@ impl Default for ListenerStats {
             bytes_in: 0,
             bytes_out: 0,
             synack_retransmits: 0,
+            listen_drops: 0,
+            resets_sent: 0,
+            resets_received: 0,
         }
     }
 }
@@ -94,9 +103,12 @@ impl Stats {
                 l.record(Phase::Send, *send_ns);
                 l.record(Phase::Delivery, *delivery_ns);
             }
-            // Resets and listen drops are not measured yet: they are left out of the
-            // reports rather than shown as zero.
-            Record::Closed(_) => {}
+            Record::Closed(c) => {
+                let l = self.listener(c.listener);
+                l.resets_sent += c.reset_sent as u64;
+                l.resets_received += c.reset_received as u64;
+            }
+            Record::ResetAfterClose { listener } => self.listener(*listener).resets_sent += 1,
             Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,
         }
     }

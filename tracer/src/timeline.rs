@@ -72,6 +72,10 @@ pub enum Record {
     SynAckRetransmit {
         listener: u16,
     },
+    /// The server reset a connection as it closed it (abortive close).
+    ResetAfterClose {
+        listener: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +90,8 @@ pub struct ClosedConnection {
     pub bytes_out: u64,
     pub requests: u32,
     pub aborted: bool,
+    pub reset_sent: bool,
+    pub reset_received: bool,
 }
 
 struct Conn {
@@ -139,6 +145,7 @@ impl Timeline {
             Event::SynAckRetransmit(r) => out.push(Record::SynAckRetransmit {
                 listener: r.addr.local_port,
             }),
+            Event::ResetSent(r) => out.push(Record::ResetAfterClose { listener: r.addr.local_port }),
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
     }
@@ -218,6 +225,8 @@ impl Timeline {
             bytes_out: close.bytes_out,
             requests: close.requests,
             aborted: close.flags & flags::ABORTED != 0,
+            reset_sent: close.flags & flags::RESET_SENT != 0,
+            reset_received: close.flags & flags::RESET_RECEIVED != 0,
         }));
     }
 }

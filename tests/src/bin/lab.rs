@@ -23,11 +23,12 @@ fn main() -> anyhow::Result<()> {
         Command::Client(opts) => {
             for r in client::run(&opts)? {
                 println!(
-                    "port={} sent={} received={} requests={} elapsed_ms={:.1}",
+                    "port={} sent={} received={} requests={} connect_ms={:.3} elapsed_ms={:.1}",
                     r.local_port,
                     r.bytes_sent,
                     r.bytes_received,
                     r.requests,
+                    r.connect.as_secs_f64() * 1e3,
                     r.elapsed.as_secs_f64() * 1e3
                 );
             }

@@ -19,6 +19,8 @@ struct ConnectionJson {
     bytes_out: u64,
     requests: u32,
     aborted: bool,
+    reset_sent: bool,
+    reset_received: bool,
 }
 
 #[derive(Serialize)]
@@ -41,6 +43,9 @@ struct ListenerJson {
     bytes_in: u64,
     bytes_out: u64,
     synack_retransmits: u64,
+    listen_drops: u64,
+    resets_sent: u64,
+    resets_received: u64,
     phases: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -84,6 +89,9 @@ fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
         bytes_in: l.bytes_in,
         bytes_out: l.bytes_out,
         synack_retransmits: l.synack_retransmits,
+        listen_drops: l.listen_drops,
+        resets_sent: l.resets_sent,
+        resets_received: l.resets_received,
         phases,
     }
 }
@@ -100,6 +108,8 @@ impl Format for Json {
             bytes_out: c.bytes_out,
             requests: c.requests,
             aborted: c.aborted,
+            reset_sent: c.reset_sent,
+            reset_received: c.reset_received,
         })
         .expect("serializable")
             + "\n"

@@ -76,7 +76,11 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
         "listener :{port}  connections {}  requests {}  aborted {}  in {}B  out {}B",
         l.connections, l.requests, l.aborted, l.bytes_in, l.bytes_out
     );
-    let _ = writeln!(out, "  synack_retransmits {}", l.synack_retransmits);
+    let _ = writeln!(
+        out,
+        "  synack_retransmits {}  listen_drops {}  resets sent {} received {}",
+        l.synack_retransmits, l.listen_drops, l.resets_sent, l.resets_received
+    );
     let _ = writeln!(
         out,
         "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
@@ -125,7 +129,12 @@ impl Format for Text {
             c.bytes_out,
             c.requests,
             if c.aborted { " aborted" } else { "" },
-        )
+        ) + match (c.reset_sent, c.reset_received) {
+            (true, true) => " reset-both",
+            (true, false) => " reset-sent",
+            (false, true) => " reset-received",
+            (false, false) => "",
+        }
     }
 
     fn report(&self, s: &Snapshot<'_>) -> String {

@@ -1,0 +1,57 @@
+//! Resets on traced connections, sent by the server's kernel or received from the peer.
+//! A reset on an open connection only marks it (its close event carries the mark); one
+//! sent just after the connection closed (an abortive close: unread data, SO_LINGER 0)
+//! becomes an event of its own.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::{counter, flags, kind, EventHeader, ResetSent};
+
+use crate::{
+    conn::{now, state_mut},
+    kernel::conn_addr,
+    maps::{bump, EVENTS, RECENTLY_CLOSED},
+};
+
+/// `tcp_send_reset(sk, skb, reason)`; `sk` is null for segments that match no socket.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        return 0;
+    }
+    if let Some(st) = state_mut(sk) {
+        st.conn_flags |= flags::RESET_SENT;
+        return 0;
+    }
+    let Some(closed) = RECENTLY_CLOSED.get_ptr(&sk) else { return 0 };
+    let closed = unsafe { *closed };
+    let _ = RECENTLY_CLOSED.remove(&sk);
+    let Some(mut slot) = EVENTS.reserve::<ResetSent>(0) else {
+        bump(counter::LOST_EVENTS);
+        return 0;
+    };
+    let e = slot.as_mut_ptr();
+    unsafe {
+        (*e).header = EventHeader {
+            kind: kind::RESET_SENT,
+            tgid: closed.owner,
+            ts_ns: now(),
+            sock: sk,
+            ..EventHeader::default()
+        };
+        (*e).addr = conn_addr(sk);
+        (*e).addr.local_port = closed.local_port as u16;
+    }
+    slot.submit(0);
+    0
+}
+
+/// `tcp_receive_reset(sk)`: runs before the connection is torn down.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(st) = state_mut(sk) {
+        st.conn_flags |= flags::RESET_RECEIVED;
+    }
+    0
+}
