@@ -51,6 +51,9 @@ pub struct ServerOptions {
     /// Exit after this many connections have been served (0: never).
     #[arg(long, default_value_t = 0)]
     pub max_connections: usize,
+    /// Close connections abortively (SO_LINGER 0): the kernel resets them.
+    #[arg(long)]
+    pub abort_on_close: bool,
 }
 
 /// A listener with an explicit backlog (std's is fixed at 128).
@@ -95,6 +98,9 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
 fn serve_connection(stream: TcpStream, opts: &ServerOptions) -> Result<()> {
     if opts.scenario == Scenario::SlowReader {
         set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?;
+    }
+    if opts.abort_on_close {
+        set_linger_zero(&stream)?;
     }
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -176,6 +182,22 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     for h in handles {
         let _ = h.join();
     }
+    Ok(())
+}
+
+/// SO_LINGER with a zero timeout: close() resets the connection instead of ending it.
+pub fn set_linger_zero(stream: &TcpStream) -> Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    anyhow::ensure!(rc == 0, "setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
     Ok(())
 }
 
