@@ -52,7 +52,6 @@ struct Session {
     /// Traced processes still alive (PID mode).
     live: HashSet<u32>,
     started: Instant,
-    last_report: Instant,
     decode_errors: u64,
     listeners: ListenerWatch,
 }
@@ -108,7 +107,6 @@ impl Session {
             elapsed_s: self.started.elapsed().as_secs_f64(),
         };
         print(&self.format.report(&snapshot))?;
-        self.last_report = Instant::now();
         Ok(())
     }
 
@@ -178,7 +176,6 @@ pub fn run(args: Args) -> Result<i32> {
         records: Vec::new(),
         live,
         started: Instant::now(),
-        last_report: Instant::now(),
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports),
     };
@@ -204,6 +201,12 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Interval reports on a fixed schedule from the start, whatever the load.
+    let mut reports = args.interval.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let pid_mode = !args.pids.is_empty();
     let reason = loop {
         tokio::select! {
@@ -215,14 +218,13 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
             _ = sigint.recv() => break "interrupted",
             _ = sigterm.recv() => break "terminated",
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break "duration reached",
+            _ = async { reports.as_mut().unwrap().tick().await }, if reports.is_some() => {
+                drain(ring.get_mut(), &mut session)?;
+                session.poll_counters(&probes);
+                session.report(ReportKind::Interval)?;
+            }
             _ = tick.tick() => {
                 session.poll_counters(&probes);
-                if let Some(interval) = args.interval {
-                    if session.last_report.elapsed() >= interval {
-                        drain(ring.get_mut(), &mut session)?;
-                        session.report(ReportKind::Interval)?;
-                    }
-                }
                 if pid_mode {
                     session.live.retain(|&pid| procs::is_alive(pid));
                     if session.live.is_empty() {
