@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "/usr/sbin/nft"),
     ("nginx", "/usr/sbin/nginx"),
     ("curl", "/usr/bin/curl"),
+    ("procps", "/usr/sbin/sysctl"),
+    ("bsdutils", "/usr/bin/script"),
 ];
 
 const NIGHTLY: &str = "nightly";
