@@ -2,7 +2,7 @@
 //! every byte on the wire, so tests can compare with what the tracer saw.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -93,6 +93,33 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     }
 }
 
+/// Reads one response (headers, then `Content-Length` body bytes, after waiting
+/// `read_delay_ms` between the two); the bytes read.
+pub fn read_response(reader: &mut impl BufRead, read_delay_ms: u64) -> Result<u64> {
+    let mut received = 0u64;
+    let mut content_length = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("server closed the connection mid-response");
+        }
+        received += line.len() as u64;
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("Content-Length: ") {
+            content_length = Some(v.trim().parse::<usize>()?);
+        }
+    }
+    let length = content_length.context("response without Content-Length")?;
+    if read_delay_ms > 0 {
+        thread::sleep(Duration::from_millis(read_delay_ms));
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(received + length as u64)
+}
+
 /// One connection: `requests` exchanges, the last with `Connection: close`.
 pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
     let start = Instant::now();
@@ -109,27 +136,7 @@ pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
         let text = request_text(opts.size, i + 1 == opts.requests);
         writer.write_all(text.as_bytes())?;
         sent += text.len() as u64;
-        let mut content_length = None;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                bail!("server closed the connection mid-response");
-            }
-            received += line.len() as u64;
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.strip_prefix("Content-Length: ") {
-                content_length = Some(v.trim().parse::<usize>()?);
-            }
-        }
-        let length = content_length.context("response without Content-Length")?;
-        if opts.read_delay_ms > 0 {
-            thread::sleep(Duration::from_millis(opts.read_delay_ms));
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body)?;
-        received += length as u64;
+        received += read_response(&mut reader, opts.read_delay_ms)?;
     }
     Ok(ConnResult {
         local_port,

@@ -6,6 +6,7 @@
 //! line; the response carries exactly N body bytes (`Content-Length: N`). Connections
 //! are kept alive unless the request says `Connection: close`.
 
+pub mod backends;
 pub mod client;
 pub mod harness;
 pub mod netns;

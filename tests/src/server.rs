@@ -11,6 +11,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+use crate::backends::{spin, Shared, Upstreams};
+use std::sync::atomic::AtomicUsize;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// Answer at once.
@@ -27,6 +30,15 @@ pub enum Scenario {
     /// Answer at once with RESPONSE_SIZE bytes from a large send buffer, so the response
     /// waits in the kernel for a client that reads late (`lab client --read-delay-ms`).
     SlowReader,
+    /// A round-robin load balancer: each request goes to the next --backend (keep-alive
+    /// connections per serving thread) and its answer comes back once the backend's
+    /// whole response is read.
+    Balancer,
+    /// Each request looks up a row in PostgreSQL: on --replica for one request in
+    /// --replica-every, on --primary otherwise.
+    Database,
+    /// Each request burns DELAY of CPU in the server itself: no upstream call.
+    LocalWork,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +66,18 @@ pub struct ServerOptions {
     /// Close connections abortively (SO_LINGER 0): the kernel resets them.
     #[arg(long)]
     pub abort_on_close: bool,
+    /// Backends of the balancer (repeat the option).
+    #[arg(long = "backend")]
+    pub backends: Vec<SocketAddr>,
+    /// PostgreSQL connection string of the primary (database scenario).
+    #[arg(long)]
+    pub primary: Option<String>,
+    /// PostgreSQL connection string of the replica (database scenario).
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// One request in this many reads from the replica.
+    #[arg(long, default_value_t = 4)]
+    pub replica_every: usize,
 }
 
 /// A listener with an explicit backlog (std's is fixed at 128).
@@ -95,7 +119,8 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
     }
 }
 
-fn serve_connection(stream: TcpStream, opts: &ServerOptions) -> Result<()> {
+fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared>) -> Result<()> {
+    let mut upstreams = Upstreams::new(Arc::clone(shared));
     if opts.scenario == Scenario::SlowReader {
         set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?;
     }
@@ -106,8 +131,12 @@ fn serve_connection(stream: TcpStream, opts: &ServerOptions) -> Result<()> {
     let mut reader = BufReader::new(stream);
     let delay = Duration::from_millis(opts.delay_ms);
     while let Some(request) = read_request(&mut reader, opts.response_size)? {
-        if matches!(opts.scenario, Scenario::SlowThink | Scenario::StarvedWorkers) {
-            thread::sleep(delay);
+        match opts.scenario {
+            Scenario::SlowThink | Scenario::StarvedWorkers => thread::sleep(delay),
+            Scenario::Balancer => upstreams.balance(request.size)?,
+            Scenario::Database => upstreams.query()?,
+            Scenario::LocalWork => spin(delay),
+            _ => {}
         }
         let header = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n",
@@ -139,6 +168,16 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     let listener = listen(opts.listen, opts.backlog)?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
+    if opts.scenario == Scenario::Balancer && opts.backends.is_empty() {
+        anyhow::bail!("the balancer needs at least one --backend");
+    }
+    let shared = Arc::new(Shared {
+        backends: opts.backends.clone(),
+        next: AtomicUsize::new(0),
+        primary: opts.primary.clone(),
+        replica: opts.replica.clone(),
+        replica_every: opts.replica_every,
+    });
     let opts = Arc::new(opts);
     let mut handles = Vec::new();
     let workers = match opts.scenario {
@@ -148,10 +187,11 @@ pub fn run(opts: ServerOptions) -> Result<()> {
             for _ in 0..opts.workers.max(1) {
                 let rx = Arc::clone(&rx);
                 let opts = Arc::clone(&opts);
+                let shared = Arc::clone(&shared);
                 handles.push(thread::spawn(move || loop {
                     let next = rx.lock().expect("queue lock").recv();
                     let Ok(stream) = next else { break };
-                    let _ = serve_connection(stream, &opts);
+                    let _ = serve_connection(stream, &opts, &shared);
                 }));
             }
             Some(tx)
@@ -169,8 +209,13 @@ pub fn run(opts: ServerOptions) -> Result<()> {
             Some(tx) => tx.send(stream).expect("workers alive"),
             None => {
                 let opts = Arc::clone(&opts);
+                let shared = Arc::clone(&shared);
                 handles.push(thread::spawn(move || {
-                    let _ = serve_connection(stream, &opts);
+                    if let Err(e) = serve_connection(stream, &opts, &shared) {
+                        if opts.scenario == Scenario::Database || opts.scenario == Scenario::Balancer {
+                            eprintln!("lab server: {e:#}");
+                        }
+                    }
                 }));
             }
         }

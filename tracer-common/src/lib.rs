@@ -25,6 +25,10 @@ pub mod kind {
     /// unread data, SO_LINGER 0, aborted). Resets while the connection is open are
     /// carried by its [`ConnClose`] instead.
     pub const RESET_SENT: u16 = 7;
+    /// A connect() by a traced process finished: established, refused, timed out, ...
+    pub const UPSTREAM_CONNECT: u16 = 8;
+    /// The first byte of an upstream response was read: one upstream request is timed.
+    pub const UPSTREAM_REQUEST: u16 = 9;
 }
 
 /// How a traced connection came to be known.
@@ -36,6 +40,13 @@ pub mod origin {
     pub const EXISTING: u32 = 2;
     /// Opened by the traced process with connect(): an upstream call.
     pub const CONNECTED: u32 = 3;
+    /// An upstream connection the traced process already had open when tracing started.
+    pub const EXISTING_CONNECTED: u32 = 4;
+
+    /// Connections the traced process opened (its upstream calls).
+    pub const fn is_client(origin: u32) -> bool {
+        origin == CONNECTED || origin == EXISTING_CONNECTED
+    }
 }
 
 /// Bits of [`Request::flags`] and [`ConnClose::flags`].
@@ -130,8 +141,11 @@ pub struct Request {
     pub index: u32,
     /// Bits of [`flags`].
     pub flags: u32,
+    /// The thread that last read the request: the one whose `think` this is.
+    pub tid: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Request>() == 104);
+const _: () = assert!(size_of::<Request>() == 112);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -154,6 +168,53 @@ pub struct SynAckRetransmit {
 }
 const _: () = assert!(size_of::<SynAckRetransmit>() == 72);
 
+/// A connect() by a traced process ended. `header.tid` is the connecting thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamConnect {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+    /// connect() started (SYN_SENT).
+    pub start_ns: u64,
+    /// Established, or given up.
+    pub end_ns: u64,
+    /// SYNs sent again.
+    pub syn_retransmits: u32,
+    /// 0 when established; the socket error (errno: ECONNREFUSED, ETIMEDOUT, ...) when
+    /// the connect failed; [`CONNECT_ABANDONED`] when the application closed the socket
+    /// before the connect completed (a connect timeout of its own).
+    pub error: i32,
+}
+const _: () = assert!(size_of::<UpstreamConnect>() == 96);
+
+/// [`UpstreamConnect::error`] of a connect the application gave up on.
+pub const CONNECT_ABANDONED: i32 = -1;
+
+/// One upstream request: the traced process wrote a request on a connection it opened
+/// and started reading the response. `header.tid` is the thread that wrote the request
+/// (the one that waited).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamRequest {
+    pub header: EventHeader,
+    pub addr: ConnAddr,
+    pub first_write_ns: u64,
+    pub last_write_ns: u64,
+    /// First byte of the response queued on the socket (0: unknown, or no response).
+    pub response_ns: u64,
+    /// The application's first read of the response (0: none, the connection closed).
+    pub first_read_ns: u64,
+    /// Bytes of this request.
+    pub bytes_out: u64,
+    /// Bytes read on the connection since the previous event (the previous response).
+    pub bytes_in: u64,
+    /// Bits of [`flags`]: `ABORTED` when the connection closed with no response.
+    pub flags: u32,
+    /// One of [`origin`] (CONNECTED or EXISTING_CONNECTED).
+    pub origin: u32,
+}
+const _: () = assert!(size_of::<UpstreamRequest>() == 128);
+
 /// A reset the server sent on a traced connection it had just closed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,8 +234,8 @@ pub struct ProcessEvent {
 }
 const _: () = assert!(size_of::<ProcessEvent>() == 40);
 
-/// The largest event; userspace rejects records of unknown size.
-pub const MAX_EVENT_SIZE: usize = size_of::<ConnOpen>();
+/// The largest event.
+pub const MAX_EVENT_SIZE: usize = size_of::<UpstreamRequest>();
 
 /// Offsets into kernel structures, resolved by userspace from the running kernel's BTF
 /// and handed to the programs before load. Rust kernel programs get no CO-RE
@@ -211,7 +272,8 @@ pub struct KernelOffsets {
     pub fdtable_max_fds: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
-    pub _pad: u32,
+    /// struct sock.sk_err
+    pub sk_err: u32,
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 96);
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use crate::{
     conn::{emit_open, now, state_mut},
     kernel::{conn_addr, sock_of_fd},
-    maps::{filter_by_port, is_traced_tgid, SOCKS},
+    maps::{filter_by_port, is_traced_tgid, PIDS, SOCKS},
 };
 
 /// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
@@ -45,6 +45,11 @@ fn on_accept_return(ctx: &TracePointContext) {
     if !filter_by_port() && !is_traced_tgid(tgid) {
         let _ = SOCKS.remove(&sk);
         return;
+    }
+    if filter_by_port() && !is_traced_tgid(tgid) {
+        // Port mode: the process serving the port is traced from now on, so that its
+        // upstream calls are seen too.
+        let _ = PIDS.insert(&tgid, &1, 0);
     }
     let ts = now();
     st.owner = tgid;

@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use tracer_common::{
-    counter, flags, kind, ConnAddr, ConnClose, ConnOpen, EventHeader, Request,
+    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request,
 };
 
 use crate::maps::{bump, EVENTS, SOCKS};
@@ -52,7 +52,9 @@ pub struct SockState {
     pub conn_flags: u32,
     /// The listener's port. The kernel clears the socket's own copy when it closes.
     pub local_port: u32,
-    pub _pad: u32,
+    /// Server connections: the thread that last read the request (whose think it is).
+    /// Upstream connections: the thread that wrote the request (the one that waits).
+    pub tid: u32,
 }
 
 impl SockState {
@@ -81,7 +83,7 @@ impl SockState {
             req_flags: 0,
             conn_flags: 0,
             local_port: 0,
-            _pad: 0,
+            tid: 0,
         }
     }
 }
@@ -92,7 +94,12 @@ pub fn now() -> u64 {
 }
 
 #[inline(always)]
-fn header(kind: u16, tgid: u32, sk: u64, ts_ns: u64) -> EventHeader {
+pub fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+#[inline(always)]
+pub fn header(kind: u16, tgid: u32, sk: u64, ts_ns: u64) -> EventHeader {
     let tid = bpf_get_current_pid_tgid() as u32;
     EventHeader {
         kind,
@@ -160,6 +167,8 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
             (*e).bytes_out = st.req_out;
             (*e).index = st.requests;
             (*e).flags = st.req_flags | extra_flags;
+            (*e).tid = st.tid;
+            (*e)._pad = 0;
         }
         slot.submit(0);
     } else {
@@ -179,12 +188,14 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
 
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
     let mut pending = 0;
-    if st.dir == dir::READING {
-        pending |= flags::ABORTED;
-    } else if st.dir == dir::WRITING && st.acked_ns == 0 {
-        pending |= flags::UNDELIVERED;
+    if !origin::is_client(st.origin) {
+        if st.dir == dir::READING {
+            pending |= flags::ABORTED;
+        } else if st.dir == dir::WRITING && st.acked_ns == 0 {
+            pending |= flags::UNDELIVERED;
+        }
+        finish_request(sk, st, ts, pending);
     }
-    finish_request(sk, st, ts, pending);
     let Some(mut slot) = EVENTS.reserve::<ConnClose>(0) else {
         bump(counter::LOST_EVENTS);
         return;

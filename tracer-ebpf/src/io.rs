@@ -8,10 +8,10 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, progra
 use tracer_common::{flags, origin};
 
 use crate::{
-    conn::{dir, finish_request, insert_state, now, state_mut, SockState, emit_open},
+    conn::{current_tid, dir, emit_open, finish_request, insert_state, now, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
     maps::{filter_by_port, is_traced_port, is_traced_tgid},
-    off,
+    off, upstream,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -53,7 +53,7 @@ pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let Some(st) = state_mut(sk) else { return 0 };
-    if st.dir != dir::WRITING || st.acked_ns != 0 {
+    if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
         return 0;
     }
     let skb: u64 = ctx.arg(1);
@@ -81,7 +81,11 @@ fn on_read(sk: u64, len: u64) {
             }
         }
     };
-    if st.owner == 0 || st.origin == origin::CONNECTED {
+    if origin::is_client(st.origin) {
+        upstream::on_read(sk, st, len, ts);
+        return;
+    }
+    if st.owner == 0 {
         // Read before accept() returned it: someone else's socket, or a race with the
         // accept hook. Leave it to the accept hook.
         return;
@@ -99,17 +103,34 @@ fn on_read(sk: u64, len: u64) {
     }
     st.pending_data_ns = 0;
     st.last_read_ns = ts;
+    st.tid = current_tid();
     st.req_in += len;
     st.total_in += len;
 }
 
 #[inline(always)]
 fn on_write(sk: u64, len: u64) {
-    let Some(st) = state_mut(sk) else { return };
-    if st.owner == 0 || st.origin == origin::CONNECTED {
+    let ts = now();
+    let st = match state_mut(sk) {
+        Some(st) => st,
+        None => {
+            // An upstream connection open before tracing started starts with a write.
+            if !upstream::adopt_existing(sk) {
+                return;
+            }
+            match state_mut(sk) {
+                Some(st) => st,
+                None => return,
+            }
+        }
+    };
+    if origin::is_client(st.origin) {
+        upstream::on_write(st, len, ts);
         return;
     }
-    let ts = now();
+    if st.owner == 0 {
+        return;
+    }
     if st.dir != dir::WRITING {
         st.dir = dir::WRITING;
         st.first_write_ns = ts;
@@ -129,6 +150,9 @@ fn on_write(sk: u64, len: u64) {
 /// open before tracing started. Track it from its next request on.
 #[inline(always)]
 fn adopt_existing(sk: u64, ts: u64) -> bool {
+    if upstream::adopt_existing(sk) {
+        return true;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
     let traced = if filter_by_port() { is_traced_port(local_port) } else { is_traced_tgid(tgid) };

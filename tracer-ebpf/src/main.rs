@@ -7,7 +7,8 @@
 //! One module per hook family: `state` (TCP state changes), `accept` (accept syscalls),
 //! `io` (send, receive, data arrival, acknowledgements), `retransmit` (SYN-ACK
 //! retransmits), `listen` (ACKs dropped on a full accept queue), `reset` (resets sent
-//! and received), `process` (fork and exit of traced processes).
+//! and received), `upstream` (connections the traced process opens), `process` (fork
+//! and exit of traced processes).
 #![no_std]
 #![no_main]
 
@@ -21,6 +22,7 @@ mod process;
 mod reset;
 mod retransmit;
 mod state;
+mod upstream;
 
 #[cfg(not(test))]
 #[panic_handler]

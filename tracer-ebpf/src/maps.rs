@@ -34,7 +34,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     fdtable_max_fds: 0,
     file_private_data: 0,
     socket_sk: 0,
-    _pad: 0,
+    sk_err: 0,
 };
 
 #[unsafe(no_mangle)]
@@ -93,6 +93,11 @@ pub static RECENTLY_CLOSED: LruHashMap<u64, ClosedConn> = LruHashMap::with_max_e
 /// listener's drop counter and once in ListenDrops; userspace uses this to tell them apart.
 #[map]
 pub static ACK_OVERFLOWS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Upstream connections the traced processes had open when tracing started, by tuple:
+/// filled by userspace from /proc, consumed when the connection is first used.
+#[map]
+pub static EXISTING_CLIENTS: HashMap<TupleKey, u32> = HashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters (see `tracer_common::counter`).
 #[map]

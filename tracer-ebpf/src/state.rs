@@ -1,14 +1,14 @@
 //! TCP state changes: a passive connection is established (queued for accept), an
 //! active one starts connecting, a connection closes.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::origin;
 
 use crate::{
     conn::{dir, emit_close, insert_state, now, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, ClosedConn, RECENTLY_CLOSED, SOCKS, SYNACKS},
-    off,
+    maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SOCKS, SYNACKS},
+    off, upstream,
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -27,7 +27,12 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let new: i32 = ctx.arg(2);
     match (old, new) {
         (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
-        (_, TCP_SYN_SENT) => on_connect(sk),
+        (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+            if let Some(st) = state_mut(sk) {
+                upstream::on_connect_end(sk, st, 0);
+            }
+        }
         (_, TCP_CLOSE) => {
             if old == TCP_LAST_ACK {
                 // The peer closed first and has now acknowledged our FIN.
@@ -75,17 +80,6 @@ fn on_passive_established(sk: u64) {
 }
 
 #[inline(always)]
-fn on_connect(sk: u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !is_traced_tgid(tgid) {
-        return;
-    }
-    let mut st = SockState::new(origin::CONNECTED);
-    st.owner = tgid;
-    insert_state(sk, &st);
-}
-
-#[inline(always)]
 fn on_all_acked(sk: u64) {
     if let Some(st) = state_mut(sk) {
         if st.dir == dir::WRITING && st.acked_ns == 0 {
@@ -97,7 +91,18 @@ fn on_all_acked(sk: u64) {
 #[inline(always)]
 fn on_close(sk: u64) {
     let Some(st) = state_mut(sk) else { return };
-    if st.owner != 0 && st.origin != origin::CONNECTED {
+    if origin::is_client(st.origin) {
+        if st.origin == origin::CONNECTED && st.established_ns == 0 {
+            upstream::on_connect_failed(sk, st);
+        } else {
+            if st.dir == dir::WRITING {
+                // A request that got no response.
+                upstream::emit_request(sk, st, upstream::NO_RESPONSE);
+            }
+            let addr = conn_addr(sk);
+            emit_close(sk, st, &addr, now());
+        }
+    } else if st.owner != 0 {
         let addr = conn_addr(sk);
         emit_close(sk, st, &addr, now());
         // An abortive close sends its reset after this state change.

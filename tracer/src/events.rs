@@ -3,7 +3,10 @@
 use std::mem::size_of;
 
 use anyhow::{bail, Result};
-use tracer_common::{kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, SynAckRetransmit};
+use tracer_common::{
+    kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, SynAckRetransmit, UpstreamConnect,
+    UpstreamRequest,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -12,6 +15,8 @@ pub enum Event {
     Close(ConnClose),
     SynAckRetransmit(SynAckRetransmit),
     ResetSent(ResetSent),
+    UpstreamConnect(UpstreamConnect),
+    UpstreamRequest(UpstreamRequest),
     ProcessExit(ProcessEvent),
     ProcessFork(ProcessEvent),
 }
@@ -36,6 +41,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::CONN_CLOSE => Event::Close(read(bytes)?),
         kind::SYNACK_RETRANSMIT => Event::SynAckRetransmit(read(bytes)?),
         kind::RESET_SENT => Event::ResetSent(read(bytes)?),
+        kind::UPSTREAM_CONNECT => Event::UpstreamConnect(read(bytes)?),
+        kind::UPSTREAM_REQUEST => Event::UpstreamRequest(read(bytes)?),
         kind::PROCESS_EXIT => Event::ProcessExit(read(bytes)?),
         kind::PROCESS_FORK => Event::ProcessFork(read(bytes)?),
         other => bail!("unknown event kind {other}"),

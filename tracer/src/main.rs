@@ -15,6 +15,7 @@ mod report;
 mod run;
 mod stats;
 mod timeline;
+mod upstream;
 
 use std::io::{self, Write as _};
 

@@ -41,7 +41,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         fdtable_max_fds: byte("fdtable", "max_fds", 4)?,
         file_private_data: byte("file", "private_data", 8)?,
         socket_sk: byte("socket", "sk", 8)?,
-        _pad: 0,
+        sk_err: byte("sock", "sk_err", 4)?,
     };
     Ok(offsets)
 }

@@ -1,10 +1,13 @@
 //! Statistics: one HDR histogram per listener and phase, plus counters.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use hdrhistogram::Histogram;
 
-use crate::timeline::{Phase, Record};
+use crate::{
+    timeline::{Phase, Record},
+    upstream::ConnectOutcome,
+};
 
 /// Histograms cover 1 ns to 1 hour with 3 significant digits.
 const MAX_NS: u64 = 3_600_000_000_000;
@@ -28,6 +31,49 @@ pub struct ListenerStats {
     pub resets_sent: u64,
     /// Connections the peer reset.
     pub resets_received: u64,
+    /// Sum of the think samples, and the part of it spent waiting on each upstream peer.
+    pub think_total_ns: u64,
+    pub think_waits: BTreeMap<SocketAddr, u64>,
+}
+
+impl ListenerStats {
+    /// Think time not spent waiting on an upstream peer.
+    pub fn think_local_ns(&self) -> u64 {
+        self.think_total_ns.saturating_sub(self.think_waits.values().sum())
+    }
+}
+
+/// One upstream peer (remote address and port) of the traced processes.
+#[derive(Clone)]
+pub struct PeerStats {
+    pub connect: Histogram<u64>,
+    pub upstream: Histogram<u64>,
+    /// Connects that succeeded.
+    pub connections: u64,
+    pub syn_retransmits: u64,
+    /// Failed connects by outcome.
+    pub failures: BTreeMap<ConnectOutcome, u64>,
+    pub requests: u64,
+    /// Requests the connection closed on before any response.
+    pub unanswered: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Default for PeerStats {
+    fn default() -> Self {
+        Self {
+            connect: new_histogram(),
+            upstream: new_histogram(),
+            connections: 0,
+            syn_retransmits: 0,
+            failures: BTreeMap::new(),
+            requests: 0,
+            unanswered: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
 }
 
 impl Default for ListenerStats {
@@ -43,6 +89,8 @@ impl Default for ListenerStats {
             listen_drops: 0,
             resets_sent: 0,
             resets_received: 0,
+            think_total_ns: 0,
+            think_waits: BTreeMap::new(),
         }
     }
 }
@@ -61,6 +109,8 @@ impl ListenerStats {
 pub struct Stats {
     /// Keyed by local listening port.
     pub listeners: BTreeMap<u16, ListenerStats>,
+    /// Upstream peers, keyed by remote address and port.
+    pub peers: BTreeMap<SocketAddr, PeerStats>,
     pub events: u64,
     pub lost_events: u64,
     pub read_errors: u64,
@@ -90,8 +140,15 @@ impl Stats {
                 bytes_in,
                 bytes_out,
                 aborted,
+                think_waits,
             } => {
                 let l = self.listener(*listener);
+                if let Some(think) = think_ns {
+                    l.think_total_ns += think;
+                    for (peer, ns) in think_waits {
+                        *l.think_waits.entry(*peer).or_default() += ns;
+                    }
+                }
                 l.requests += 1;
                 l.bytes_in += bytes_in;
                 l.bytes_out += bytes_out;
@@ -109,6 +166,31 @@ impl Stats {
                 l.resets_received += c.reset_received as u64;
             }
             Record::ResetAfterClose { listener } => self.listener(*listener).resets_sent += 1,
+            Record::Connect { peer, connect_ns, syn_retransmits, outcome } => {
+                let p = self.peers.entry(*peer).or_default();
+                p.syn_retransmits += *syn_retransmits as u64;
+                if *outcome == ConnectOutcome::Established {
+                    p.connections += 1;
+                    if let Some(ns) = connect_ns {
+                        p.connect.saturating_record(*ns);
+                    }
+                } else {
+                    *p.failures.entry(*outcome).or_default() += 1;
+                }
+            }
+            Record::Upstream { peer, upstream_ns, bytes_out, bytes_in, answered } => {
+                let p = self.peers.entry(*peer).or_default();
+                p.requests += 1;
+                p.bytes_out += bytes_out;
+                p.bytes_in += bytes_in;
+                if !answered {
+                    p.unanswered += 1;
+                }
+                if let Some(ns) = upstream_ns {
+                    p.upstream.saturating_record(*ns);
+                }
+            }
+            Record::UpstreamClosed { peer, bytes_in } => self.peers.entry(*peer).or_default().bytes_in += bytes_in,
             Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,
         }
     }
@@ -137,6 +219,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             aborted: false,
+            think_waits: vec![(SocketAddr::from(([10, 0, 0, 5], 5432)), think_ms * 1_000_000 / 2)],
         }
     }
 
@@ -156,5 +239,8 @@ mod tests {
         // A zero-length phase is still a sample.
         assert_eq!(l.phases[&Phase::Send].len(), 100);
         assert_eq!(l.phases[&Phase::Delivery].len(), 0);
+        // Half of every think was spent waiting on the database.
+        assert_eq!(l.think_total_ns, 5050 * 1_000_000);
+        assert_eq!(l.think_local_ns(), 2525 * 1_000_000);
     }
 }

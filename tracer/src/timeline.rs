@@ -10,9 +10,12 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
-use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request};
+use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request, UpstreamConnect, UpstreamRequest};
 
-use crate::events::Event;
+use crate::{
+    events::Event,
+    upstream::{ConnectOutcome, Wait, Waits},
+};
 
 /// The server-side phases, in the order they happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,8 +70,30 @@ pub enum Record {
         bytes_in: u64,
         bytes_out: u64,
         aborted: bool,
+        /// The part of think spent waiting on each upstream peer.
+        think_waits: Vec<(SocketAddr, u64)>,
     },
     Closed(ClosedConnection),
+    /// A connect() by the traced process ended.
+    Connect {
+        peer: SocketAddr,
+        connect_ns: Option<u64>,
+        syn_retransmits: u32,
+        outcome: ConnectOutcome,
+    },
+    /// One upstream request; `bytes_in` is what was read since the previous one.
+    Upstream {
+        peer: SocketAddr,
+        upstream_ns: Option<u64>,
+        bytes_out: u64,
+        bytes_in: u64,
+        answered: bool,
+    },
+    /// An upstream connection closed: the bytes read since its last request.
+    UpstreamClosed {
+        peer: SocketAddr,
+        bytes_in: u64,
+    },
     SynAckRetransmit {
         listener: u16,
     },
@@ -102,9 +127,17 @@ struct Conn {
     accepted_ns: u64,
 }
 
+/// An upstream connection: its peer and the bytes already reported.
+struct Client {
+    peer: SocketAddr,
+    bytes_in: u64,
+}
+
 #[derive(Default)]
 pub struct Timeline {
     conns: HashMap<u64, Conn>,
+    clients: HashMap<u64, Client>,
+    waits: Waits,
 }
 
 fn span(from: u64, to: u64) -> Option<u64> {
@@ -146,6 +179,8 @@ impl Timeline {
                 listener: r.addr.local_port,
             }),
             Event::ResetSent(r) => out.push(Record::ResetAfterClose { listener: r.addr.local_port }),
+            Event::UpstreamConnect(c) => self.connected(c, out),
+            Event::UpstreamRequest(r) => self.upstream_request(r, out),
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
     }
@@ -178,6 +213,11 @@ impl Timeline {
             None => (0, 0),
         };
         let aborted = req.flags & flags::ABORTED != 0;
+        let think_waits = if aborted || req.first_write_ns == 0 || req.last_read_ns == 0 {
+            Vec::new()
+        } else {
+            self.waits.attribute(req.tid, req.last_read_ns, req.first_write_ns)
+        };
         let arrival = if req.arrival_ns != 0 { req.arrival_ns.max(accepted_ns) } else { 0 };
         let recv_wait_ns = if aborted { None } else { span(arrival, req.first_read_ns) };
         let (think_ns, send_ns, delivery_ns) = if aborted || req.first_write_ns == 0 {
@@ -204,10 +244,50 @@ impl Timeline {
             bytes_in: req.bytes_in,
             bytes_out: req.bytes_out,
             aborted,
+            think_waits,
+        });
+    }
+
+    fn connected(&mut self, c: &UpstreamConnect, out: &mut Vec<Record>) {
+        let (_, peer) = endpoints(&c.addr);
+        let outcome = ConnectOutcome::from_error(c.error);
+        if outcome == ConnectOutcome::Established {
+            self.clients.insert(c.header.sock, Client { peer, bytes_in: 0 });
+        }
+        out.push(Record::Connect {
+            peer,
+            connect_ns: if outcome == ConnectOutcome::Established { span(c.start_ns, c.end_ns) } else { None },
+            syn_retransmits: c.syn_retransmits,
+            outcome,
+        });
+    }
+
+    fn upstream_request(&mut self, r: &UpstreamRequest, out: &mut Vec<Record>) {
+        let (_, peer) = endpoints(&r.addr);
+        let client = self.clients.entry(r.header.sock).or_insert(Client { peer, bytes_in: 0 });
+        client.bytes_in += r.bytes_in;
+        let answered = r.flags & flags::ABORTED == 0;
+        if answered && r.first_read_ns != 0 {
+            // The thread waited from its last write until it read the response.
+            self.waits.record(r.header.tid, Wait { peer, start_ns: r.last_write_ns, end_ns: r.first_read_ns });
+        }
+        out.push(Record::Upstream {
+            peer,
+            upstream_ns: if answered { span(r.last_write_ns, r.response_ns) } else { None },
+            bytes_out: r.bytes_out,
+            bytes_in: r.bytes_in,
+            answered,
         });
     }
 
     fn closed(&mut self, close: &ConnClose, out: &mut Vec<Record>) {
+        if let Some(client) = self.clients.remove(&close.header.sock) {
+            out.push(Record::UpstreamClosed {
+                peer: client.peer,
+                bytes_in: close.bytes_in.saturating_sub(client.bytes_in),
+            });
+            return;
+        }
         let conn = self.conns.remove(&close.header.sock);
         // The kernel may already have released the local port when the socket reaches
         // CLOSE: the addresses seen at open are the reliable ones.
@@ -280,6 +360,8 @@ mod tests {
             bytes_out: 10,
             index,
             flags,
+            tid: 7,
+            _pad: 0,
         })
     }
 
@@ -351,7 +433,8 @@ mod tests {
                 delivery_ns: None,
                 bytes_in: 100,
                 bytes_out: 10,
-                aborted: true
+                aborted: true,
+                think_waits: vec![],
             }
         );
     }

@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nginx", "/usr/sbin/nginx"),
     ("curl", "/usr/bin/curl"),
     ("procps", "/usr/sbin/sysctl"),
+    ("postgresql", "/usr/share/doc/postgresql/copyright"),
     ("bsdutils", "/usr/bin/script"),
 ];
 

@@ -1,10 +1,15 @@
 //! JSON output: one JSON object per line, each with a `type` field ("connection" or
 //! "report"). Field names are stable; the README documents them.
 
+use std::{collections::BTreeMap, net::SocketAddr};
+
 use serde::Serialize;
 
 use super::{Format, Snapshot};
-use crate::{stats::ListenerStats, timeline::{ClosedConnection, Phase}};
+use crate::{
+    stats::{ListenerStats, PeerStats},
+    timeline::{ClosedConnection, Phase},
+};
 
 pub struct Json;
 
@@ -47,6 +52,34 @@ struct ListenerJson {
     resets_sent: u64,
     resets_received: u64,
     phases: serde_json::Map<String, serde_json::Value>,
+    think_attribution: ThinkJson,
+}
+
+#[derive(Serialize)]
+struct ThinkJson {
+    think_ns: u64,
+    local_ns: u64,
+    /// Largest first.
+    peers: Vec<PeerWaitJson>,
+}
+
+#[derive(Serialize)]
+struct PeerWaitJson {
+    peer: String,
+    wait_ns: u64,
+}
+
+#[derive(Serialize)]
+struct UpstreamJson {
+    peer: String,
+    connections: u64,
+    syn_retransmits: u64,
+    connect_failures: BTreeMap<String, u64>,
+    requests: u64,
+    unanswered: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    phases: BTreeMap<&'static str, PhaseJson>,
 }
 
 #[derive(Serialize)]
@@ -58,6 +91,7 @@ struct ReportJson {
     lost_events: u64,
     untracked_connections: u64,
     listeners: Vec<ListenerJson>,
+    upstreams: Vec<UpstreamJson>,
 }
 
 pub fn phase_json(hist: &hdrhistogram::Histogram<u64>) -> PhaseJson {
@@ -93,6 +127,33 @@ fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
         resets_sent: l.resets_sent,
         resets_received: l.resets_received,
         phases,
+        think_attribution: ThinkJson {
+            think_ns: l.think_total_ns,
+            local_ns: l.think_local_ns(),
+            peers: {
+                let mut peers: Vec<_> = l
+                    .think_waits
+                    .iter()
+                    .map(|(peer, ns)| PeerWaitJson { peer: peer.to_string(), wait_ns: *ns })
+                    .collect();
+                peers.sort_by(|a, b| b.wait_ns.cmp(&a.wait_ns));
+                peers
+            },
+        },
+    }
+}
+
+fn upstream_json(peer: &SocketAddr, p: &PeerStats) -> UpstreamJson {
+    UpstreamJson {
+        peer: peer.to_string(),
+        connections: p.connections,
+        syn_retransmits: p.syn_retransmits,
+        connect_failures: p.failures.iter().map(|(o, n)| (o.name(), *n)).collect(),
+        requests: p.requests,
+        unanswered: p.unanswered,
+        bytes_in: p.bytes_in,
+        bytes_out: p.bytes_out,
+        phases: BTreeMap::from([("connect", phase_json(&p.connect)), ("upstream", phase_json(&p.upstream))]),
     }
 }
 
@@ -124,6 +185,7 @@ impl Format for Json {
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
             listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l)).collect(),
+            upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p)).collect(),
         })
         .expect("serializable")
             + "\n"

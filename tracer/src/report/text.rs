@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 
 use super::{duration, Format, Snapshot};
-use crate::{stats::ListenerStats, timeline::{ClosedConnection, Phase}};
+use crate::{
+    stats::{ListenerStats, PeerStats},
+    timeline::{ClosedConnection, Phase},
+};
 
 pub struct Text;
 
@@ -50,16 +53,16 @@ pub fn bar(hist: &Histogram<u64>) -> String {
         .collect()
 }
 
-fn phase_row(out: &mut String, phase: Phase, hist: &Histogram<u64>) {
+fn phase_row(out: &mut String, name: &str, hist: &Histogram<u64>) {
     if hist.is_empty() {
-        let _ = writeln!(out, "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7}", phase.name(), 0, "-", "-", "-", "-", "-");
+        let _ = writeln!(out, "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7}", name, 0, "-", "-", "-", "-", "-");
         return;
     }
     let q = |q: f64| duration(hist.value_at_quantile(q));
     let _ = writeln!(
         out,
         "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
-        phase.name(),
+        name,
         hist.len(),
         q(0.5),
         q(0.9),
@@ -81,17 +84,82 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
         "  synack_retransmits {}  listen_drops {}  resets sent {} received {}",
         l.synack_retransmits, l.listen_drops, l.resets_sent, l.resets_received
     );
+    header_row(out);
+    for phase in Phase::ALL {
+        phase_row(out, phase.name(), &l.phases[&phase]);
+    }
+    if let Some(line) = diagnosis(l) {
+        let _ = writeln!(out, "  {line}");
+    }
+    if let Some(line) = think_attribution(l) {
+        let _ = writeln!(out, "  {line}");
+    }
+}
+
+fn header_row(out: &mut String) {
     let _ = writeln!(
         out,
         "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7} {}",
         "phase", "count", "p50", "p90", "p99", "p99.9", "max", "1µ 10µ…10s"
     );
-    for phase in Phase::ALL {
-        phase_row(out, phase, &l.phases[&phase]);
+}
+
+/// How think splits between waits on upstream peers (largest first, at most three) and
+/// local work; nothing when no request waited on a peer.
+pub fn think_attribution(l: &ListenerStats) -> Option<String> {
+    if l.think_total_ns == 0 || l.think_waits.is_empty() {
+        return None;
     }
-    if let Some(line) = diagnosis(l) {
-        let _ = writeln!(out, "  {line}");
+    let pct = |ns: u64| 100.0 * ns as f64 / l.think_total_ns as f64;
+    let mut waits: Vec<_> = l.think_waits.iter().collect();
+    waits.sort_by(|a, b| b.1.cmp(a.1));
+    let mut parts: Vec<String> = waits.iter().take(3).map(|(peer, ns)| format!("{:.0}% {peer}", pct(**ns))).collect();
+    if waits.len() > 3 {
+        let rest: u64 = waits[3..].iter().map(|(_, ns)| **ns).sum();
+        parts.push(format!("{:.0}% other peers", pct(rest)));
     }
+    parts.push(format!("{:.0}% local", pct(l.think_local_ns())));
+    Some(wrap("think waits on: ", &parts))
+}
+
+/// `head` and the comma-separated `parts`, broken into lines that fit 80 columns once
+/// indented by two; continuation lines are indented further.
+fn wrap(head: &str, parts: &[String]) -> String {
+    const WIDTH: usize = 78;
+    let mut out = head.to_owned();
+    let mut line_len = head.chars().count();
+    for (i, part) in parts.iter().enumerate() {
+        let piece = if i + 1 < parts.len() { format!("{part},") } else { part.clone() };
+        let len = piece.chars().count();
+        if i > 0 {
+            if line_len + 1 + len > WIDTH {
+                out.push_str("\n    ");
+                line_len = 2;
+            } else {
+                out.push(' ');
+                line_len += 1;
+            }
+        }
+        out.push_str(&piece);
+        line_len += len;
+    }
+    out
+}
+
+pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats) {
+    let _ = writeln!(
+        out,
+        "upstream {peer}  connections {}  requests {}  in {}B  out {}B",
+        p.connections, p.requests, p.bytes_in, p.bytes_out
+    );
+    let _ = writeln!(out, "  syn_retransmits {}  unanswered {}", p.syn_retransmits, p.unanswered);
+    if !p.failures.is_empty() {
+        let failures: Vec<String> = p.failures.iter().map(|(o, n)| format!("{} {n}", o.name())).collect();
+        let _ = writeln!(out, "  {}", wrap("failed connects: ", &failures));
+    }
+    header_row(out);
+    phase_row(out, "connect", &p.connect);
+    phase_row(out, "upstream", &p.upstream);
 }
 
 /// Where a typical connection's time goes: each phase's mean as a share of the sum of
@@ -174,6 +242,9 @@ impl Format for Text {
         for (port, l) in &s.stats.listeners {
             listener_section(&mut out, *port, l);
         }
+        for (peer, p) in &s.stats.peers {
+            peer_section(&mut out, peer, p);
+        }
         out
     }
 }
@@ -207,6 +278,19 @@ mod tests {
     }
 
     #[test]
+    fn think_attribution_names_peers_and_local() {
+        let mut l = ListenerStats::default();
+        assert_eq!(think_attribution(&l), None);
+        l.think_total_ns = 1_000;
+        l.think_waits.insert("10.0.0.5:5432".parse().unwrap(), 900);
+        l.think_waits.insert("10.0.0.6:5432".parse().unwrap(), 50);
+        assert_eq!(
+            think_attribution(&l).unwrap(),
+            "think waits on: 90% 10.0.0.5:5432, 5% 10.0.0.6:5432, 5% local"
+        );
+    }
+
+    #[test]
     fn rows_fit_80_columns() {
         let mut l = ListenerStats::default();
         for p in Phase::ALL {
@@ -214,8 +298,18 @@ mod tests {
                 l.phases.get_mut(&p).unwrap().record(v).unwrap();
             }
         }
+        l.think_total_ns = 1_000_000;
+        for (i, port) in [5432, 5433, 5434, 5435].into_iter().enumerate() {
+            let peer = std::net::SocketAddr::from(([0xfe80, 0, 0, 0, 0, 0, 0, 1 + i as u16], port));
+            l.think_waits.insert(peer, 100_000);
+        }
+        let mut p = PeerStats::default();
+        p.failures.insert(crate::upstream::ConnectOutcome::NetworkUnreachable, 12);
+        p.failures.insert(crate::upstream::ConnectOutcome::Abandoned, 3);
+        p.connect.record(3_000_000_000_000).unwrap();
         let mut out = String::new();
         listener_section(&mut out, 65535, &l);
+        peer_section(&mut out, &"[fe80::1]:65535".parse().unwrap(), &p);
         for line in out.lines() {
             assert!(line.chars().count() <= 80, "{} columns: {line}", line.chars().count());
         }

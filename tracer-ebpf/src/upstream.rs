@@ -1,0 +1,158 @@
+//! Connections the traced process opens: connect time (with SYN retransmits and the
+//! outcome of failed connects) and, per request, the wait for the response.
+//!
+//! On a client socket a request starts when the process writes after it has read (or
+//! first writes). The request's upstream wait ends when the first byte of the response
+//! is queued on the socket; its event is emitted at the process's first read of the
+//! response, so it reaches userspace before the server request whose think time it
+//! belongs to.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
+
+use crate::{
+    conn::{current_tid, dir, header, insert_state, now, state_mut, SockState},
+    kernel::{conn_addr, is_inet_tcp, read, tuple_key},
+    maps::{bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
+    off,
+};
+
+/// connect() moved the socket to SYN_SENT.
+#[inline(always)]
+pub fn on_connect_start(sk: u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_traced_tgid(tgid) {
+        return;
+    }
+    let mut st = SockState::new(origin::CONNECTED);
+    st.owner = tgid;
+    st.tid = current_tid();
+    st.synack_ns = now(); // connect start
+    insert_state(sk, &st);
+}
+
+/// SYN_SENT → ESTABLISHED (`error` 0) or → CLOSE (the socket error, or abandoned).
+#[inline(always)]
+pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
+    let ts = now();
+    if error == 0 {
+        st.established_ns = ts;
+    }
+    let Some(mut slot) = EVENTS.reserve::<UpstreamConnect>(0) else {
+        bump(counter::LOST_EVENTS);
+        return;
+    };
+    let e = slot.as_mut_ptr();
+    unsafe {
+        (*e).header = header(kind::UPSTREAM_CONNECT, st.owner, sk, ts);
+        (*e).header.tid = st.tid;
+        (*e).addr = conn_addr(sk);
+        (*e).start_ns = st.synack_ns;
+        (*e).end_ns = ts;
+        (*e).syn_retransmits = st.synack_retransmits;
+        (*e).error = error;
+    }
+    slot.submit(0);
+}
+
+/// A connecting socket closed: the connect failed with the socket's error, or the
+/// application gave up on it.
+#[inline(always)]
+pub fn on_connect_failed(sk: u64, st: &mut SockState) {
+    let err = read::<i32>(sk, off!(sk_err)).unwrap_or(0);
+    on_connect_end(sk, st, if err != 0 { err } else { CONNECT_ABANDONED });
+}
+
+#[inline(always)]
+pub fn on_write(st: &mut SockState, len: u64, ts: u64) {
+    if st.dir != dir::WRITING {
+        st.dir = dir::WRITING;
+        st.first_write_ns = ts;
+        // Data that came before this request is no response to it.
+        st.pending_data_ns = 0;
+    }
+    st.last_write_ns = ts;
+    st.tid = current_tid();
+    st.req_out += len;
+    st.total_out += len;
+}
+
+#[inline(always)]
+pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64) {
+    if st.dir == dir::WRITING {
+        st.first_read_ns = ts;
+        emit_request(sk, st, 0);
+        st.dir = dir::READING;
+    }
+    st.req_in += len;
+    st.total_in += len;
+}
+
+/// Emits the request in progress and starts counting the next.
+#[inline(always)]
+pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
+    let response_ns = if st.pending_data_ns >= st.first_write_ns { st.pending_data_ns } else { 0 };
+    if let Some(mut slot) = EVENTS.reserve::<UpstreamRequest>(0) {
+        let e = slot.as_mut_ptr();
+        unsafe {
+            (*e).header = header(kind::UPSTREAM_REQUEST, st.owner, sk, now());
+            (*e).header.tid = st.tid;
+            (*e).addr = conn_addr(sk);
+            (*e).first_write_ns = st.first_write_ns;
+            (*e).last_write_ns = st.last_write_ns;
+            (*e).response_ns = response_ns;
+            (*e).first_read_ns = st.first_read_ns;
+            (*e).bytes_out = st.req_out;
+            (*e).bytes_in = st.req_in;
+            (*e).flags = extra_flags;
+            (*e).origin = st.origin;
+        }
+        slot.submit(0);
+    } else {
+        bump(counter::LOST_EVENTS);
+    }
+    st.requests += 1;
+    st.req_out = 0;
+    st.req_in = 0;
+    st.first_read_ns = 0;
+}
+
+/// A traced process writes to (or reads from) a TCP connection the tracer has not seen
+/// it open. When userspace found it among the process's upstream connections at start,
+/// it is tracked from here on.
+#[inline(always)]
+pub fn adopt_existing(sk: u64) -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_traced_tgid(tgid) || !is_inet_tcp(sk) {
+        return false;
+    }
+    let addr: ConnAddr = conn_addr(sk);
+    let key = tuple_key(&addr);
+    if EXISTING_CLIENTS.get_ptr(&key).is_none() {
+        return false;
+    }
+    let _ = EXISTING_CLIENTS.remove(&key);
+    let mut st = SockState::new(origin::EXISTING_CONNECTED);
+    st.owner = tgid;
+    st.tid = current_tid();
+    insert_state(sk, &st)
+}
+
+/// `tcp_retransmit_skb(sk, skb, ...)`: counts the SYNs of a traced connect sent again.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(st) = state_mut(sk) {
+        if st.origin == origin::CONNECTED && st.established_ns == 0 {
+            st.synack_retransmits += 1;
+        }
+    }
+    0
+}
+
+/// Flags for a request cut short by the connection's close.
+pub const NO_RESPONSE: u32 = flags::ABORTED;
