@@ -69,9 +69,11 @@ impl Upstreams {
             *slot = Some(postgres::Client::connect(url, postgres::NoTls).with_context(|| format!("connecting to {url}"))?);
         }
         let client = slot.as_mut().expect("just connected");
-        let key = ((n * 7919) % 1_000_000 + 1) as i32;
-        let rows = client.query("SELECT v FROM items WHERE k = $1", &[&key])?;
-        anyhow::ensure!(rows.len() == 1, "key {key}: {} rows", rows.len());
+        // The simple protocol: one round trip per query.
+        let key = (n * 7919) % 1_000_000 + 1;
+        let messages = client.simple_query(&format!("SELECT v FROM items WHERE k = {key}"))?;
+        let rows = messages.iter().filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_))).count();
+        anyhow::ensure!(rows == 1, "key {key}: {rows} rows");
         Ok(())
     }
 }

@@ -10,4 +10,5 @@ pub mod backends;
 pub mod client;
 pub mod harness;
 pub mod netns;
+pub mod pg;
 pub mod server;

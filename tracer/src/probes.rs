@@ -42,6 +42,7 @@ const HOOKS: &[Hook] = &[
     Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait" },
     Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery" },
     Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits" },
+    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects" },
     Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)" },
     Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent" },
     Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received" },

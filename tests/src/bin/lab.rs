@@ -15,6 +15,13 @@ enum Command {
     Server(server::ServerOptions),
     /// Drive a server; prints one line per connection with its byte counts.
     Client(client::ClientOptions),
+    /// Waits for a line on stdin, then connects to each address in turn (giving up after
+    /// --timeout-ms) and prints how each attempt ended.
+    Connect {
+        #[arg(long, default_value_t = 3500)]
+        timeout_ms: u64,
+        addrs: Vec<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +38,21 @@ fn main() -> anyhow::Result<()> {
                     r.connect.as_secs_f64() * 1e3,
                     r.elapsed.as_secs_f64() * 1e3
                 );
+            }
+            Ok(())
+        }
+        Command::Connect { timeout_ms, addrs } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            for addr in addrs {
+                let start = std::time::Instant::now();
+                let outcome = match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(timeout_ms)) {
+                    Ok(_) => "established".to_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".to_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "gave_up".to_owned(),
+                    Err(e) => format!("error:{e}"),
+                };
+                println!("addr={addr} outcome={outcome} elapsed_ms={:.0}", start.elapsed().as_secs_f64() * 1e3);
             }
             Ok(())
         }
