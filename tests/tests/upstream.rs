@@ -215,3 +215,45 @@ fn slow_replica_is_found_behind_the_backend() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Upstream connections the process opened before the tracer started (a warmed-up
+/// pool) are recognised as upstream, not taken for accepted connections, and timed from
+/// their next request on.
+#[test]
+fn already_open_upstream_connections_are_traced() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (_fast, fast) = start_lab_server(&[])?;
+    let (_slow, slow) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", "40"])?;
+    let (balancer, addr) =
+        start_lab_server(&["--scenario", "balancer", "--backend", &fast.to_string(), "--backend", &slow.to_string()])?;
+    let stream = std::net::TcpStream::connect(addr)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut exchange = || -> anyhow::Result<()> {
+        writer.write_all(client::request_text(100, false).as_bytes())?;
+        client::read_response(&mut reader, 0)?;
+        Ok(())
+    };
+    // Both upstream connections open before tracing starts.
+    for _ in 0..4 {
+        exchange()?;
+    }
+    let tracer = start_tracer(&["--pid".into(), balancer.pid().to_string()])?;
+    for _ in 0..10 {
+        exchange()?;
+    }
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    let s = upstream(report, slow)?;
+    let f = upstream(report, fast)?;
+    assert_eq!((s["requests"].as_u64(), f["requests"].as_u64()), (Some(5), Some(5)), "{report}");
+    assert_eq!((s["connections"].as_u64(), f["connections"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert_near("slow upstream p50", upstream_ms(s, "upstream", "p50_ns"), 40.0, 5.0, 2.0);
+    let l = listener(report, addr.port())?;
+    assert_eq!(l["requests"], 10, "{l}");
+    let on_slow = attributed_ns(l, slow) as f64 / 1e6;
+    assert!((190.0..230.0).contains(&on_slow), "think on the slow backend {on_slow} ms: {l}");
+    Ok(())
+}

@@ -277,6 +277,103 @@ pub struct KernelOffsets {
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 96);
 
+/// Where a traced server connection is in its request/response cycle.
+pub mod dir {
+    /// Nothing read or written yet (or the connection predates tracing).
+    pub const IDLE: u32 = 0;
+    /// Reading a request.
+    pub const READING: u32 = 1;
+    /// Writing (or delivering) its response.
+    pub const WRITING: u32 = 2;
+}
+
+/// The programs' state of one traced connection (the `SOCKS` map's value). Userspace
+/// reads it only at the end, to report exchanges still waiting for their connection's
+/// next request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockState {
+    /// Tgid of the process that accepted the connection; 0 while it waits in the
+    /// accept queue.
+    pub owner: u32,
+    /// One of [`dir`].
+    pub dir: u32,
+    pub origin: u32,
+    pub synack_retransmits: u32,
+    pub synack_ns: u64,
+    pub established_ns: u64,
+    /// First data queued since the last read, i.e. the start of the next request.
+    pub pending_data_ns: u64,
+    /// Per request.
+    pub arrival_ns: u64,
+    pub first_read_ns: u64,
+    pub last_read_ns: u64,
+    pub first_write_ns: u64,
+    pub last_write_ns: u64,
+    pub acked_ns: u64,
+    pub req_in: u64,
+    pub req_out: u64,
+    /// Per connection.
+    pub total_in: u64,
+    pub total_out: u64,
+    /// Sequence number just past the last byte written; the response is delivered when
+    /// the peer acknowledges it.
+    pub ack_target: u32,
+    pub requests: u32,
+    pub req_flags: u32,
+    /// Connection-wide bits of `flags` (resets).
+    pub conn_flags: u32,
+    /// The listener's port. The kernel clears the socket's own copy when it closes.
+    pub local_port: u32,
+    /// Server connections: the thread that last read the request (whose think it is).
+    /// Upstream connections: the thread that wrote the request (the one that waits).
+    pub tid: u32,
+}
+const _: () = assert!(size_of::<SockState>() == 144);
+
+impl SockState {
+    #[inline(always)]
+    pub const fn new(origin: u32) -> Self {
+        Self {
+            owner: 0,
+            dir: dir::IDLE,
+            origin,
+            synack_retransmits: 0,
+            synack_ns: 0,
+            established_ns: 0,
+            pending_data_ns: 0,
+            arrival_ns: 0,
+            first_read_ns: 0,
+            last_read_ns: 0,
+            first_write_ns: 0,
+            last_write_ns: 0,
+            acked_ns: 0,
+            req_in: 0,
+            req_out: 0,
+            total_in: 0,
+            total_out: 0,
+            ack_target: 0,
+            requests: 0,
+            req_flags: 0,
+            conn_flags: 0,
+            local_port: 0,
+            tid: 0,
+        }
+    }
+}
+
+/// A connection as the programs look it up before they know its socket: local port,
+/// remote port and remote address (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<TupleKey>() == 24);
+
 /// Settings the programs read; set by userspace before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -306,4 +403,6 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for ProgramConfig {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for SockState {}
 }

@@ -4,6 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
+pub use tracer_common::TupleKey;
 use tracer_common::{counter, KernelOffsets, ProgramConfig};
 
 use crate::conn::SockState;
@@ -102,15 +103,6 @@ pub static EXISTING_CLIENTS: HashMap<TupleKey, u32> = HashMap::with_max_entries(
 /// Per-CPU counters (see `tracer_common::counter`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TupleKey {
-    pub local_port: u16,
-    pub remote_port: u16,
-    pub _pad: u32,
-    pub remote_addr: [u8; 16],
-}
 
 #[repr(C)]
 #[derive(Clone, Copy)]

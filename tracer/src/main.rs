@@ -13,6 +13,7 @@ mod probes;
 mod procs;
 mod report;
 mod run;
+mod sockets;
 mod stats;
 mod timeline;
 mod upstream;

@@ -13,7 +13,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
-use tracer_common::{counter, KernelOffsets, ProgramConfig};
+use tracer_common::{
+    counter, dir, flags, kind, origin, EventHeader, KernelOffsets, ProgramConfig, Request, SockState, TupleKey,
+};
 
 /// How a hook is implemented.
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +137,13 @@ impl Probes {
         pids.insert(tgid, 1, 0).with_context(|| format!("adding PID {tgid} to the traced set"))
     }
 
+    /// An upstream connection the traced process had open before tracing started.
+    pub fn add_existing_upstream(&mut self, key: TupleKey) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, TupleKey, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("EXISTING_CLIENTS").context("EXISTING_CLIENTS map missing")?)?;
+        map.insert(key, 1, 0).context("registering an open upstream connection")
+    }
+
     pub fn add_port(&mut self, port: u16) -> Result<()> {
         let mut ports: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("PORTS").context("PORTS map missing")?)?;
@@ -158,6 +167,37 @@ impl Probes {
         let Some(map) = self.ebpf.map("ACK_OVERFLOWS") else { return 0 };
         let Ok(map) = BpfHashMap::<&MapData, u64, u64>::try_from(map) else { return 0 };
         map.get(&cookie, 0).unwrap_or(0)
+    }
+
+    /// Exchanges whose response was written but which the programs have not emitted yet,
+    /// because they emit an exchange when its connection's next request starts. Read at
+    /// the end of tracing, so that the last request of every open connection counts.
+    pub fn in_flight_exchanges(&self) -> Vec<Request> {
+        let Some(map) = self.ebpf.map("SOCKS") else { return Vec::new() };
+        let Ok(socks) = BpfHashMap::<&MapData, u64, SockState>::try_from(map) else { return Vec::new() };
+        socks
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, st)| {
+                !origin::is_client(st.origin) && st.owner != 0 && st.dir == dir::WRITING && st.first_write_ns != 0
+            })
+            .map(|(sk, st)| Request {
+                header: EventHeader { kind: kind::REQUEST, tgid: st.owner, tid: st.tid, sock: sk, ..Default::default() },
+                arrival_ns: st.arrival_ns,
+                first_read_ns: st.first_read_ns,
+                last_read_ns: st.last_read_ns,
+                first_write_ns: st.first_write_ns,
+                last_write_ns: st.last_write_ns,
+                acked_ns: st.acked_ns,
+                bytes_in: st.req_in,
+                bytes_out: st.req_out,
+                index: st.requests,
+                // Not acknowledged yet: its delivery is still going on, so it has none.
+                flags: st.req_flags | if st.acked_ns == 0 { flags::UNDELIVERED } else { 0 },
+                tid: st.tid,
+                _pad: 0,
+            })
+            .collect()
     }
 
     pub fn lost_events(&self) -> u64 {

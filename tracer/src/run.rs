@@ -22,6 +22,7 @@ use crate::{
     offsets,
     probes::{LoadOptions, Probes},
     procs,
+    sockets,
     report::{json::Json, text::Text, Format, ReportKind, Snapshot},
     stats::Stats,
     timeline::{Record, Timeline},
@@ -69,6 +70,10 @@ impl Session {
             }
         };
         self.stats.events += 1;
+        self.apply(event)
+    }
+
+    fn apply(&mut self, event: Event) -> Result<()> {
         match event {
             Event::ProcessFork(p) => {
                 self.live.insert(p.child);
@@ -154,6 +159,13 @@ pub fn run(args: Args) -> Result<i32> {
     for pid in procs::with_descendants(&args.pids) {
         probes.add_pid(pid)?;
         live.insert(pid);
+        // Connections it opened before tracing started (pools of database connections).
+        for key in sockets::existing_upstreams(pid) {
+            if let Err(e) = probes.add_existing_upstream(key) {
+                warn!("{e:#}");
+                break;
+            }
+        }
     }
     for &port in &args.ports {
         probes.add_port(port)?;
@@ -240,8 +252,12 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     if status {
         eprint!("\r\x1b[K");
     }
-    // Events still in the ring buffer belong in the final report.
+    // Events still in the ring buffer belong in the final report, and so do the last
+    // exchanges of connections still open.
     drain(ring.get_mut(), &mut session)?;
+    for request in probes.in_flight_exchanges() {
+        session.apply(Event::Request(request))?;
+    }
     session.poll_counters(&probes);
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
