@@ -497,6 +497,66 @@ mod tests {
         assert_eq!((c.bytes_in, c.bytes_out, c.requests), (500, 700, 2));
     }
 
+    fn upstream(tid: u32, port: u16, last_write: u64, response: u64, first_read: u64) -> Event {
+        let mut addr = addr();
+        addr.local_port = 50000 + port;
+        addr.remote_port = port;
+        Event::UpstreamRequest(UpstreamRequest {
+            header: EventHeader { kind: kind::UPSTREAM_REQUEST, tgid: 7, tid, ts_ns: first_read, sock: port as u64, ..Default::default() },
+            addr,
+            first_write_ns: last_write,
+            last_write_ns: last_write,
+            response_ns: response,
+            first_read_ns: first_read,
+            bytes_out: 20,
+            bytes_in: 0,
+            flags: 0,
+            origin: origin::CONNECTED,
+        })
+    }
+
+    #[test]
+    fn think_is_attributed_to_the_upstream_calls_of_its_thread() {
+        // Request read by thread 7 until 10 ms, response written at 100 ms. Thread 7
+        // waited on :5432 from 12 to 80 ms (response queued at 78); thread 9 waited on
+        // :6379 meanwhile, which is not this request's.
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            upstream(9, 6379, 20 * MS, 30 * MS, 31 * MS),
+            upstream(7, 5432, 12 * MS, 78 * MS, 80 * MS),
+            request([4 * MS, 5 * MS, 10 * MS, 100 * MS, 100 * MS, 101 * MS], 0, 0),
+        ]);
+        let upstream_ns: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Upstream { peer, upstream_ns, .. } => Some((peer.port(), *upstream_ns)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(upstream_ns, vec![(6379, Some(10 * MS)), (5432, Some(66 * MS))]);
+        let Record::Exchange { think_ns, think_waits, .. } = out.last().unwrap().clone() else { panic!() };
+        assert_eq!(think_ns, Some(90 * MS));
+        assert_eq!(think_waits, vec![("127.0.0.2:5432".parse().unwrap(), 68 * MS)]);
+    }
+
+    #[test]
+    fn upstream_bytes_in_are_not_lost_at_close() {
+        let mut timeline = Timeline::new();
+        let mut out = Vec::new();
+        let mut connect = UpstreamConnect::default();
+        connect.header.sock = 5432;
+        connect.addr = addr();
+        timeline.apply(&Event::UpstreamConnect(connect), &mut out);
+        let Event::UpstreamRequest(mut req) = upstream(7, 5432, MS, 2 * MS, 3 * MS) else { panic!() };
+        req.bytes_in = 0;
+        timeline.apply(&Event::UpstreamRequest(req), &mut out);
+        req.bytes_in = 300; // the first response, read before the second request
+        timeline.apply(&Event::UpstreamRequest(req), &mut out);
+        let close = ConnClose { header: EventHeader { sock: 5432, ..Default::default() }, bytes_in: 500, ..Default::default() };
+        timeline.apply(&Event::Close(close), &mut out);
+        assert_eq!(out.last(), Some(&Record::UpstreamClosed { peer: "127.0.0.2:40000".parse().unwrap(), bytes_in: 200 }));
+    }
+
     #[test]
     fn ipv6_addresses_stay_ipv6() {
         let mut a = [0u8; 16];

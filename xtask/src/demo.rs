@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: the tracer on the lab. Three lab servers each inject one fault
-//! (slow think, a stalled response body, a slow accept loop); the tracer attaches to all
-//! three, the lab client drives traffic, and the report shows which phase each server
-//! loses its time in. With `--pid`, the tracer attaches to that process instead.
+//! `cargo xtask demo`: the tracer on the lab. Four lab servers each show one fault (slow
+//! think, a stalled response body, a slow accept loop, a balancer with one slow backend
+//! of two); the tracer attaches to all four, the lab client drives traffic, and the
+//! report shows which phase each server loses its time in and which upstream peer the
+//! balancer waits on. With `--pid`, the tracer attaches to that process instead.
 
 use std::{
     io::{BufRead, BufReader},
@@ -66,10 +67,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let (think, think_addr) = lab_server(&["--scenario", "slow-think", "--delay-ms", "40"])?;
     let (stall, stall_addr) = lab_server(&["--scenario", "body-stall", "--delay-ms", "120"])?;
     let (accept, accept_addr) = lab_server(&["--scenario", "slow-accept", "--delay-ms", "25"])?;
+    let (_fast, fast_addr) = lab_server(&[])?;
+    let (_slow, slow_addr) = lab_server(&["--scenario", "slow-think", "--delay-ms", "30"])?;
+    let (balancer, balancer_addr) =
+        lab_server(&["--scenario", "balancer", "--backend", &fast_addr, "--backend", &slow_addr])?;
     println!("lab: slow-think (40 ms) on {think_addr}, body-stall (120 ms) on {stall_addr}, slow-accept (25 ms) on {accept_addr}");
+    println!("lab: balancer on {balancer_addr} over {fast_addr} and {slow_addr} (30 ms slower)");
 
     let mut tracer = Command::new(bin("tracer"));
-    for server in [&think, &stall, &accept] {
+    for server in [&think, &stall, &accept, &balancer] {
         tracer.args(["--pid", &server.0.id().to_string()]);
     }
     let mut tracer = Killed(tracer.args(&opts.tracer_args).stderr(Stdio::piped()).spawn()?);
@@ -89,6 +95,7 @@ pub fn run(opts: &Options) -> Result<()> {
         (think_addr.clone(), vec!["--connections", "4", "--requests", "10", "--parallel"]),
         (stall_addr.clone(), vec!["--connections", "2", "--requests", "8", "--parallel"]),
         (accept_addr.clone(), vec!["--connections", "30", "--parallel"]),
+        (balancer_addr.clone(), vec!["--connections", "2", "--requests", "10", "--parallel"]),
     ];
     let handles: Vec<_> = clients
         .into_iter()
