@@ -29,6 +29,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use log::{debug, warn};
 
+use crate::procs;
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_LISTEN: u32 = 10;
 const INET_DIAG_SKMEMINFO: u16 = 7;
@@ -183,23 +185,6 @@ fn parse_listener(body: &[u8]) -> Option<Listening> {
     Some(Listening { port, inode, cookie, drops: drops? })
 }
 
-/// Inodes of the sockets process `pid` has open.
-fn socket_inodes(pid: u32) -> HashSet<u32> {
-    let mut out = HashSet::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
-    for entry in dir.flatten() {
-        if let Ok(target) = fs::read_link(entry.path()) {
-            let target = target.to_string_lossy();
-            if let Some(inode) = target.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-                if let Ok(inode) = inode.parse() {
-                    out.insert(inode);
-                }
-            }
-        }
-    }
-    out
-}
-
 fn netns_of(pid: Option<u32>) -> Option<(u64, PathBuf)> {
     let path = match pid {
         Some(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
@@ -281,7 +266,7 @@ impl ListenerWatch {
             let mut listening = socket.dump(libc::AF_INET as u8)?;
             listening.extend(socket.dump(libc::AF_INET6 as u8)?);
             debug!("netns {ns}: {} listening sockets", listening.len());
-            let mut owned: Option<HashSet<u32>> = None;
+            let mut owned: Option<HashSet<u64>> = None;
             for l in listening {
                 if let Some(t) = self.tracked.get_mut(&(ns, l.cookie)) {
                     t.drops = l.drops;
@@ -301,8 +286,8 @@ impl ListenerWatch {
                 }
                 let ours = if self.ports.is_empty() {
                     owned
-                        .get_or_insert_with(|| ns_pids.iter().flat_map(|&p| socket_inodes(p)).collect())
-                        .contains(&l.inode)
+                        .get_or_insert_with(|| ns_pids.iter().flat_map(|&p| procs::socket_inodes(p)).collect())
+                        .contains(&(l.inode as u64))
                 } else {
                     self.ports.contains(&l.port)
                 };

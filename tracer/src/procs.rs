@@ -51,6 +51,23 @@ pub fn is_alive(pid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}")).is_ok()
 }
 
+/// Socket inodes process `pid` has open.
+pub fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
+    for entry in dir.flatten() {
+        if let Ok(target) = fs::read_link(entry.path()) {
+            let target = target.to_string_lossy();
+            if let Some(inode) = target.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                if let Ok(inode) = inode.parse() {
+                    out.insert(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,26 +79,9 @@ fn upstream_tuples(entries: &[Entry], owned: &HashSet<u64>) -> Vec<TupleKey> {
         .collect()
 }
 
-/// Socket inodes process `pid` has open.
-fn owned_inodes(pid: u32) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
-    for entry in dir.flatten() {
-        if let Ok(target) = fs::read_link(entry.path()) {
-            let target = target.to_string_lossy();
-            if let Some(inode) = target.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-                if let Ok(inode) = inode.parse() {
-                    out.insert(inode);
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The upstream connections process `pid` has open now.
 pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
-    let owned = owned_inodes(pid);
+    let owned = crate::procs::socket_inodes(pid);
     if owned.is_empty() {
         return Vec::new();
     }
