@@ -145,13 +145,31 @@ impl Tracer {
 
     /// Waits for the tracer to exit by itself; its JSON lines.
     pub fn wait(&mut self) -> Result<Vec<Value>> {
+        let (code, lines) = self.wait_with_code()?;
+        if code != 0 {
+            bail!("tracer exited with {code}; output:\n{lines:?}");
+        }
+        Ok(lines)
+    }
+
+    /// SIGINT, then the exit code and the JSON lines, whatever the code.
+    pub fn stop_with_code(mut self) -> Result<(i32, Vec<Value>)> {
+        thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
+        self.wait_with_code()
+    }
+
+    /// Waits for the tracer to exit; its exit code and JSON lines.
+    pub fn wait_with_code(&mut self) -> Result<(i32, Vec<Value>)> {
         let mut out = String::new();
         self.proc.child.stdout.take().expect("piped stdout").read_to_string(&mut out)?;
         let status = self.proc.child.wait()?;
-        if !status.success() {
-            bail!("tracer exited with {status}; output:\n{out}");
-        }
-        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}"))).collect()
+        let code = status.code().with_context(|| format!("tracer killed: {status}"))?;
+        let lines = out
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}")))
+            .collect::<Result<_>>()?;
+        Ok((code, lines))
     }
 }
 

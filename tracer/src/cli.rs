@@ -5,6 +5,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, ValueEnum};
 
+use crate::checks::Check;
+
 const EXAMPLES: &str = "\
 Examples:
   tracer --pid $(pgrep -o nginx)              trace nginx and its workers until Ctrl-C
@@ -12,6 +14,16 @@ Examples:
   tracer --port 8080 --interval 10s           whoever accepts on port 8080, a report every 10 s
   tracer --pid 1234 --connections             also one line per connection as it closes
   tracer --pid 1234 --output json > out.json  JSON lines (see README for the fields)
+  tracer --pid 1234 --slow 200ms              one line per request slower than 200 ms
+  tracer --duration 60s --check 'think.p99<50ms' --check 'listen_drops==0' -- ./server
+                                              run ./server traced for 60 s; exit 1 if a
+                                              check fails (CI)
+
+Checks: PHASE.STAT OP DURATION or COUNTER OP NUMBER, optionally scoped:
+  think[:8080].p99<50ms  upstream[10.0.0.5:5432].p50<5ms  lost_events==0
+  STAT: count mean p50 p90 p99 p99.9 max; OP: < <= > >= == !=
+Exit status: 0 all checks hold, 1 a check failed (or the traced command did),
+2 usage or set-up error.
 
 Phases: handshake, accept_wait, recv_wait, think, send, delivery (see README).
 Needs root, or CAP_BPF and CAP_PERFMON, and a kernel with BTF.";
@@ -59,9 +71,33 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub max_sockets: u32,
 
+    /// A budget to check on the final report, e.g. 'think.p99<50ms' or 'listen_drops==0'
+    /// (repeatable; see below). The exit status is 1 when one fails.
+    #[arg(long = "check", value_name = "EXPR", value_parser = parse_check)]
+    pub checks: Vec<Check>,
+
+    /// Fewest samples a phase statistic needs for its check to be judged; with fewer
+    /// the check fails.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub min_samples: u64,
+
+    /// Print every request (and connection setup) slower than DURATION, phase by phase.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub slow: Option<Duration>,
+
     /// Log what the tracer does (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Run this command and trace it, with its descendants, from its first instruction;
+    /// stop when it exits (or at --duration, stopping it).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// The whole chain of causes, so the message says what is wrong and where.
+fn parse_check(text: &str) -> Result<Check, String> {
+    crate::checks::parse(text).map_err(|e| format!("{e:#}"))
 }
 
 /// Parses `250ms`, `1.5s`, `2m`, `1h`, `800us`, `10ns`; a bare number is seconds.
@@ -84,8 +120,11 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 
 impl Args {
     pub fn validate(&self) -> Result<()> {
-        if self.pids.is_empty() && self.ports.is_empty() {
-            bail!("nothing to trace: give --pid PID or --port PORT (see --help)");
+        if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty()) {
+            bail!("-- COMMAND traces the command it starts: leave out --pid and --port");
+        }
+        if self.pids.is_empty() && self.ports.is_empty() && self.command.is_empty() {
+            bail!("nothing to trace: give --pid PID, --port PORT or -- COMMAND (see --help)");
         }
         if !self.pids.is_empty() && !self.ports.is_empty() {
             bail!("--pid and --port are alternatives: give one of them");

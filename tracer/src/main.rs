@@ -5,7 +5,9 @@
 //! `report` (text or JSON). `run` wires them together.
 
 mod btf;
+mod checks;
 mod cli;
+mod command;
 mod events;
 mod listeners;
 mod offsets;

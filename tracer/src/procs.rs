@@ -47,8 +47,11 @@ pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
     out
 }
 
+/// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
 pub fn is_alive(pid: u32) -> bool {
-    fs::metadata(format!("/proc/{pid}")).is_ok()
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// Socket inodes process `pid` has open.

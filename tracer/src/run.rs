@@ -16,14 +16,16 @@ use tokio::{
 use tracer_common::{counter, ProgramConfig};
 
 use crate::{
+    checks::{self, Verdict},
     cli::{Args, OutputFormat},
+    command::Launched,
     events::{self, Event},
     listeners::ListenerWatch,
     offsets,
     probes::{LoadOptions, Probes},
     procs,
     sockets,
-    report::{json::Json, text::Text, Format, ReportKind, Snapshot},
+    report::{json::Json, text::Text, Format, ReportKind, Slow, Snapshot},
     stats::Stats,
     timeline::{Record, Timeline},
 };
@@ -55,6 +57,8 @@ struct Session {
     started: Instant,
     decode_errors: u64,
     listeners: ListenerWatch,
+    /// `--slow`, in nanoseconds.
+    slow_ns: Option<u64>,
 }
 
 impl Session {
@@ -92,6 +96,9 @@ impl Session {
                     print(&self.format.connection(conn))?;
                 }
             }
+            if let Some(slow) = self.slow_ns.and_then(|t| Slow::from_record(record, t)) {
+                print(&self.format.slow(&slow))?;
+            }
         }
         Ok(())
     }
@@ -105,11 +112,12 @@ impl Session {
         }
     }
 
-    fn report(&mut self, kind: ReportKind) -> Result<()> {
+    fn report(&mut self, kind: ReportKind, checks: &[Verdict]) -> Result<()> {
         let snapshot = Snapshot {
             kind,
             stats: &self.stats,
             elapsed_s: self.started.elapsed().as_secs_f64(),
+            checks,
         };
         print(&self.format.report(&snapshot))?;
         Ok(())
@@ -141,6 +149,16 @@ pub fn run(args: Args) -> Result<i32> {
         procs::validate(pid)?;
     }
     let kernel = offsets::from_running_kernel()?;
+    // A command is started now but held before its first instruction until its PID is
+    // registered below.
+    let mut launched = match args.command.is_empty() {
+        true => None,
+        false => Some(Launched::spawn(&args.command)?),
+    };
+    let roots: Vec<u32> = match &launched {
+        Some(l) => vec![l.pid],
+        None => args.pids.clone(),
+    };
     let mut probes = Probes::load(&LoadOptions {
         offsets: kernel.offsets,
         config: ProgramConfig {
@@ -153,10 +171,10 @@ pub fn run(args: Args) -> Result<i32> {
     let mut live = HashSet::new();
     // Register first, then look for descendants: a child forked in between is caught by
     // the fork hook, one forked before by the /proc scan.
-    for &pid in &args.pids {
+    for &pid in &roots {
         probes.add_pid(pid)?;
     }
-    for pid in procs::with_descendants(&args.pids) {
+    for pid in procs::with_descendants(&roots) {
         probes.add_pid(pid)?;
         live.insert(pid);
         // Connections it opened before tracing started (pools of database connections).
@@ -190,12 +208,21 @@ pub fn run(args: Args) -> Result<i32> {
         started: Instant::now(),
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports),
+        slow_ns: args.slow.map(|d| d.as_nanos() as u64),
     };
-    runtime.block_on(trace(args, probes, ring, session))
+    runtime.block_on(trace(args, probes, ring, session, launched.as_mut()))
 }
 
-async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: Session) -> Result<i32> {
-    let what = if args.pids.is_empty() {
+async fn trace(
+    args: Args,
+    probes: Probes,
+    ring: RingBuf<MapData>,
+    mut session: Session,
+    mut launched: Option<&mut Launched>,
+) -> Result<i32> {
+    let what = if let Some(l) = &launched {
+        format!("command {:?} (PID {})", args.command.join(" "), l.pid)
+    } else if args.pids.is_empty() {
         format!("port(s) {:?}", args.ports)
     } else {
         format!("{} process(es) from PID(s) {:?}", session.live.len(), args.pids)
@@ -204,6 +231,11 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     session.poll_counters(&probes);
     eprintln!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
+    if let Some(l) = launched.as_mut() {
+        l.release()?;
+    }
+    // Set when the tracer stopped the command itself (at --duration or on SIGTERM).
+    let mut stopped_command = false;
     let status = io::stderr().is_terminal();
     // SAFETY: the ring buffer owns its file descriptor and stays registered only while
     // `ring` lives; nothing else closes it.
@@ -220,27 +252,50 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
         t
     });
     let pid_mode = !args.pids.is_empty();
-    let reason = loop {
+    let reason: String = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut session)?;
                 guard.clear_ready();
             }
-            _ = sigint.recv() => break "interrupted",
-            _ = sigterm.recv() => break "terminated",
-            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break "duration reached",
+            _ = sigint.recv() => {
+                if let Some(l) = launched.as_mut() {
+                    l.stop(libc::SIGINT, Duration::from_secs(5));
+                    stopped_command = true;
+                }
+                break "interrupted".into();
+            }
+            _ = sigterm.recv() => {
+                if let Some(l) = launched.as_mut() {
+                    l.stop(libc::SIGTERM, Duration::from_secs(5));
+                    stopped_command = true;
+                }
+                break "terminated".into();
+            }
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
+                if let Some(l) = launched.as_mut() {
+                    // Let its last events reach the ring buffer with the rest.
+                    l.stop(libc::SIGTERM, Duration::from_secs(5));
+                    stopped_command = true;
+                }
+                break "duration reached".into();
+            }
             _ = async { reports.as_mut().unwrap().tick().await }, if reports.is_some() => {
                 drain(ring.get_mut(), &mut session)?;
                 session.poll_counters(&probes);
-                session.report(ReportKind::Interval)?;
+                session.report(ReportKind::Interval, &[])?;
             }
             _ = tick.tick() => {
                 session.poll_counters(&probes);
-                if pid_mode {
+                if let Some(l) = launched.as_mut() {
+                    if let Some(status) = l.try_wait() {
+                        break format!("the command exited with status {status}");
+                    }
+                } else if pid_mode {
                     session.live.retain(|&pid| procs::is_alive(pid));
                     if session.live.is_empty() {
-                        break "all traced processes exited";
+                        break "all traced processes exited".into();
                     }
                 }
                 if status {
@@ -262,7 +317,24 @@ async fn trace(args: Args, probes: Probes, ring: RingBuf<MapData>, mut session: 
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
     eprintln!("tracer: {reason}; detaching");
-    session.report(ReportKind::Final)?;
+    let verdicts: Vec<Verdict> =
+        args.checks.iter().map(|c| checks::evaluate(c, &session.stats, args.min_samples)).collect();
+    session.report(ReportKind::Final, &verdicts)?;
     drop(probes);
-    Ok(0)
+    let failed_checks = verdicts.iter().filter(|v| !v.passed).count();
+    if failed_checks > 0 {
+        eprintln!("tracer: {failed_checks} of {} checks failed", verdicts.len());
+    }
+    // The command's own failure comes first; a command the tracer stopped did not fail.
+    let command_status = match launched {
+        Some(l) if !stopped_command => l.try_wait().unwrap_or(0),
+        _ => 0,
+    };
+    Ok(if command_status != 0 {
+        command_status
+    } else if failed_checks > 0 {
+        1
+    } else {
+        0
+    })
 }

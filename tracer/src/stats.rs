@@ -124,7 +124,7 @@ impl Stats {
 
     pub fn apply(&mut self, record: &Record) {
         match record {
-            Record::Opened { listener, handshake_ns, accept_wait_ns, synack_retransmits } => {
+            Record::Opened { listener, handshake_ns, accept_wait_ns, synack_retransmits, .. } => {
                 let l = self.listener(*listener);
                 l.connections += 1;
                 l.record(Phase::Handshake, *handshake_ns);
@@ -133,6 +133,8 @@ impl Stats {
             }
             Record::Exchange {
                 listener,
+                remote: _,
+                pid: _,
                 recv_wait_ns,
                 think_ns,
                 send_ns,
@@ -212,6 +214,8 @@ mod tests {
     fn exchange(think_ms: u64) -> Record {
         Record::Exchange {
             listener: 80,
+            remote: None,
+            pid: 1,
             recv_wait_ns: Some(1_000),
             think_ns: Some(think_ms * 1_000_000),
             send_ns: Some(0),

@@ -56,6 +56,9 @@ pub enum Record {
     /// A connection was accepted (or first seen) by the traced process.
     Opened {
         listener: u16,
+        /// The client, and the traced process that accepted it.
+        remote: SocketAddr,
+        pid: u32,
         handshake_ns: Option<u64>,
         accept_wait_ns: Option<u64>,
         synack_retransmits: u32,
@@ -63,6 +66,9 @@ pub enum Record {
     /// One request/response exchange.
     Exchange {
         listener: u16,
+        /// The client (unknown when the connection's open event was lost).
+        remote: Option<SocketAddr>,
+        pid: u32,
         recv_wait_ns: Option<u64>,
         think_ns: Option<u64>,
         send_ns: Option<u64>,
@@ -200,6 +206,8 @@ impl Timeline {
         );
         out.push(Record::Opened {
             listener: open.addr.local_port,
+            remote,
+            pid: open.header.tgid,
             handshake_ns: if accepted { span(open.synack_ns, open.established_ns) } else { None },
             accept_wait_ns: if accepted { span(open.established_ns, open.accepted_ns) } else { None },
             synack_retransmits: open.synack_retransmits,
@@ -207,10 +215,10 @@ impl Timeline {
     }
 
     fn exchange(&mut self, req: &Request, out: &mut Vec<Record>) {
-        let (listener, accepted_ns) = match self.conns.get(&req.header.sock) {
-            Some(c) => (c.listener, c.accepted_ns),
+        let (listener, accepted_ns, remote) = match self.conns.get(&req.header.sock) {
+            Some(c) => (c.listener, c.accepted_ns, Some(c.remote)),
             // The open event was lost: the exchange still counts, under an unknown listener.
-            None => (0, 0),
+            None => (0, 0, None),
         };
         let aborted = req.flags & flags::ABORTED != 0;
         let think_waits = if aborted || req.first_write_ns == 0 || req.last_read_ns == 0 {
@@ -237,6 +245,8 @@ impl Timeline {
         };
         out.push(Record::Exchange {
             listener,
+            remote,
+            pid: req.header.tgid,
             recv_wait_ns,
             think_ns,
             send_ns,
@@ -381,6 +391,8 @@ mod tests {
             out[0],
             Record::Opened {
                 listener: 8080,
+                remote: "127.0.0.2:40000".parse().unwrap(),
+                pid: 7,
                 handshake_ns: Some(2 * MS),
                 accept_wait_ns: Some(7 * MS),
                 synack_retransmits: 0
@@ -427,6 +439,8 @@ mod tests {
             out[1],
             Record::Exchange {
                 listener: 8080,
+                remote: Some("127.0.0.2:40000".parse().unwrap()),
+                pid: 7,
                 recv_wait_ns: None,
                 think_ns: None,
                 send_ns: None,

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 
-use super::{Format, Snapshot};
+use super::{Format, Slow, Snapshot};
 use crate::{
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
@@ -92,6 +92,31 @@ struct ReportJson {
     untracked_connections: u64,
     listeners: Vec<ListenerJson>,
     upstreams: Vec<UpstreamJson>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checks: Vec<CheckJson>,
+}
+
+#[derive(Serialize)]
+struct CheckJson {
+    check: String,
+    passed: bool,
+    /// Nanoseconds for phase statistics, the count otherwise; null when not measured.
+    value: Option<f64>,
+    unit: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct SlowJson {
+    r#type: &'static str,
+    what: &'static str,
+    listener: u16,
+    pid: u32,
+    remote: Option<String>,
+    total_ns: u64,
+    largest: &'static str,
+    phases: BTreeMap<&'static str, u64>,
+    think_waits: Vec<PeerWaitJson>,
 }
 
 pub fn phase_json(hist: &hdrhistogram::Histogram<u64>) -> PhaseJson {
@@ -176,6 +201,22 @@ impl Format for Json {
             + "\n"
     }
 
+    fn slow(&self, s: &Slow) -> String {
+        serde_json::to_string(&SlowJson {
+            r#type: "slow",
+            what: s.what,
+            listener: s.listener,
+            pid: s.pid,
+            remote: s.remote.map(|r| r.to_string()),
+            total_ns: s.total_ns,
+            largest: s.largest,
+            phases: s.phases.iter().copied().collect(),
+            think_waits: s.think_waits.iter().map(|(p, ns)| PeerWaitJson { peer: p.to_string(), wait_ns: *ns }).collect(),
+        })
+        .expect("serializable")
+            + "\n"
+    }
+
     fn report(&self, s: &Snapshot<'_>) -> String {
         serde_json::to_string(&ReportJson {
             r#type: "report",
@@ -186,6 +227,17 @@ impl Format for Json {
             untracked_connections: s.stats.state_full,
             listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l)).collect(),
             upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p)).collect(),
+            checks: s
+                .checks
+                .iter()
+                .map(|v| CheckJson {
+                    check: v.check.clone(),
+                    passed: v.passed,
+                    value: v.value,
+                    unit: if v.is_duration { "ns" } else { "count" },
+                    message: v.message.clone(),
+                })
+                .collect(),
         })
         .expect("serializable")
             + "\n"

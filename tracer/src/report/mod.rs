@@ -3,7 +3,13 @@
 pub mod json;
 pub mod text;
 
-use crate::{stats::Stats, timeline::ClosedConnection};
+use std::net::SocketAddr;
+
+use crate::{
+    checks::Verdict,
+    stats::Stats,
+    timeline::{ClosedConnection, Record},
+};
 
 /// Why a report is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,11 +32,64 @@ pub struct Snapshot<'a> {
     pub stats: &'a Stats,
     /// Seconds covered by the report.
     pub elapsed_s: f64,
+    /// Verdicts of the `--check`s (final report only).
+    pub checks: &'a [Verdict],
+}
+
+/// One request or connection setup slower than `--slow`: every phase it went through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slow {
+    /// "request" or "connection".
+    pub what: &'static str,
+    pub listener: u16,
+    pub pid: u32,
+    pub remote: Option<SocketAddr>,
+    pub total_ns: u64,
+    /// The phases that happened, in order.
+    pub phases: Vec<(&'static str, u64)>,
+    pub largest: &'static str,
+    /// The part of think spent waiting on upstream peers.
+    pub think_waits: Vec<(SocketAddr, u64)>,
+}
+
+impl Slow {
+    /// The slow request or connection setup in `record`, if it took longer than
+    /// `threshold_ns`. Aborted requests are not timed, so never slow.
+    pub fn from_record(record: &Record, threshold_ns: u64) -> Option<Slow> {
+        let (what, listener, pid, remote, phases, think_waits) = match record {
+            Record::Opened { listener, remote, pid, handshake_ns, accept_wait_ns, .. } => (
+                "connection",
+                *listener,
+                *pid,
+                Some(*remote),
+                vec![("handshake", *handshake_ns), ("accept_wait", *accept_wait_ns)],
+                Vec::new(),
+            ),
+            Record::Exchange { aborted: true, .. } => return None,
+            Record::Exchange { listener, remote, pid, recv_wait_ns, think_ns, send_ns, delivery_ns, think_waits, .. } => (
+                "request",
+                *listener,
+                *pid,
+                *remote,
+                vec![("recv_wait", *recv_wait_ns), ("think", *think_ns), ("send", *send_ns), ("delivery", *delivery_ns)],
+                think_waits.clone(),
+            ),
+            _ => return None,
+        };
+        let phases: Vec<(&'static str, u64)> = phases.into_iter().filter_map(|(n, v)| Some((n, v?))).collect();
+        let total_ns: u64 = phases.iter().map(|(_, v)| v).sum();
+        if total_ns <= threshold_ns {
+            return None;
+        }
+        let largest = phases.iter().max_by_key(|(_, v)| *v).map(|(n, _)| *n)?;
+        Some(Slow { what, listener, pid, remote, total_ns, phases, largest, think_waits })
+    }
 }
 
 /// One output format.
 pub trait Format {
     fn connection(&self, conn: &ClosedConnection) -> String;
+    fn slow(&self, slow: &Slow) -> String;
     fn report(&self, snapshot: &Snapshot<'_>) -> String;
 }
 
@@ -54,6 +113,43 @@ pub fn duration(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn exchange(think_ms: u64, aborted: bool) -> Record {
+        Record::Exchange {
+            listener: 8080,
+            remote: Some("10.1.2.3:40000".parse().unwrap()),
+            pid: 42,
+            recv_wait_ns: Some(MS),
+            think_ns: Some(think_ms * MS),
+            send_ns: Some(2 * MS),
+            delivery_ns: None,
+            bytes_in: 1,
+            bytes_out: 1,
+            aborted,
+            think_waits: vec![],
+        }
+    }
+
+    #[test]
+    fn slow_requests_name_their_largest_phase() {
+        assert_eq!(Slow::from_record(&exchange(10, false), 50 * MS), None);
+        let slow = Slow::from_record(&exchange(100, false), 50 * MS).unwrap();
+        assert_eq!(slow.total_ns, 103 * MS);
+        assert_eq!(slow.largest, "think");
+        assert_eq!(slow.phases, vec![("recv_wait", MS), ("think", 100 * MS), ("send", 2 * MS)]);
+        assert_eq!(Slow::from_record(&exchange(100, true), 50 * MS), None);
+        let setup = Record::Opened {
+            listener: 8080,
+            remote: "10.1.2.3:40000".parse().unwrap(),
+            pid: 42,
+            handshake_ns: Some(MS),
+            accept_wait_ns: Some(80 * MS),
+            synack_retransmits: 0,
+        };
+        assert_eq!(Slow::from_record(&setup, 50 * MS).unwrap().largest, "accept_wait");
+    }
 
     #[test]
     fn durations_keep_three_digits() {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use super::{duration, Format, Snapshot};
+use super::{duration, Format, Slow, Snapshot};
 use crate::{
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
@@ -205,6 +205,34 @@ impl Format for Text {
         }
     }
 
+    fn slow(&self, s: &Slow) -> String {
+        let phases: Vec<String> = s
+            .phases
+            .iter()
+            .map(|(name, ns)| {
+                if *name == s.largest {
+                    format!("[{name} {}]", duration(*ns))
+                } else {
+                    format!("{name} {}", duration(*ns))
+                }
+            })
+            .collect();
+        let mut line = format!(
+            "slow {} :{} <- {} pid {}: {} = {}",
+            s.what,
+            s.listener,
+            s.remote.map_or_else(|| "?".to_owned(), |r| r.to_string()),
+            s.pid,
+            duration(s.total_ns),
+            phases.join(" + ")
+        );
+        if !s.think_waits.is_empty() {
+            let waits: Vec<String> = s.think_waits.iter().map(|(peer, ns)| format!("{peer} {}", duration(*ns))).collect();
+            line += &format!("; think waited on {}", waits.join(", "));
+        }
+        line
+    }
+
     fn report(&self, s: &Snapshot<'_>) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -244,6 +272,13 @@ impl Format for Text {
         }
         for (peer, p) in &s.stats.peers {
             peer_section(&mut out, peer, p);
+        }
+        if !s.checks.is_empty() {
+            let failed = s.checks.iter().filter(|v| !v.passed).count();
+            let _ = writeln!(out, "checks: {} passed, {failed} failed", s.checks.len() - failed);
+            for verdict in s.checks {
+                let _ = writeln!(out, "  {verdict}");
+            }
         }
         out
     }

@@ -1,0 +1,402 @@
+//! Budget checks for CI: `--check 'think.p99<50ms'`, evaluated on the final report.
+//!
+//! Grammar: `SUBJECT OP VALUE`, where SUBJECT is `PHASE.STAT` or `COUNTER`, either
+//! optionally scoped with `[...]` right after the name: a listening port (`think[:8080]`
+//! or `think[8080]`) or an upstream peer (`upstream[10.0.0.5:5432]`). OP is one of
+//! `<`, `<=`, `>`, `>=`, `==`, `!=`. VALUE is a duration (`50ms`, `1.5s`) for phase
+//! statistics and a number for counters and `count`. Without a scope a phase merges all
+//! listeners (server phases) or all peers (`connect`, `upstream`), and a counter sums
+//! them.
+
+use std::{fmt, net::SocketAddr};
+
+use anyhow::{bail, Context as _, Result};
+use hdrhistogram::Histogram;
+
+use crate::{
+    cli::parse_duration,
+    report::duration,
+    stats::{new_histogram, ListenerStats, PeerStats, Stats},
+    timeline::Phase,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stat {
+    Count,
+    Mean,
+    Quantile(f64),
+    Max,
+}
+
+impl Stat {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "count" => Self::Count,
+            "mean" => Self::Mean,
+            "p50" => Self::Quantile(0.5),
+            "p90" => Self::Quantile(0.9),
+            "p99" => Self::Quantile(0.99),
+            "p99.9" => Self::Quantile(0.999),
+            "max" => Self::Max,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl Op {
+    fn holds(self, a: f64, b: f64) -> bool {
+        match self {
+            Op::Lt => a < b,
+            Op::Le => a <= b,
+            Op::Gt => a > b,
+            Op::Ge => a >= b,
+            Op::Eq => a == b,
+            Op::Ne => a != b,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    All,
+    Listener(u16),
+    Peer(SocketAddr),
+}
+
+/// What a check measures.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Subject {
+    /// A server phase (`handshake` … `delivery`) or a client one (`connect`, `upstream`).
+    Phase { name: String, scope: Scope, stat: Stat },
+    Counter { name: String, scope: Scope },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub text: String,
+    pub subject: Subject,
+    pub op: Op,
+    /// Nanoseconds for durations, the number itself otherwise.
+    pub limit: f64,
+}
+
+const CLIENT_PHASES: [&str; 2] = ["connect", "upstream"];
+const LISTENER_COUNTERS: [&str; 9] = [
+    "connections",
+    "requests",
+    "aborted",
+    "bytes_in",
+    "bytes_out",
+    "synack_retransmits",
+    "listen_drops",
+    "resets_sent",
+    "resets_received",
+];
+const PEER_COUNTERS: [&str; 4] = ["upstream_requests", "syn_retransmits", "connect_failures", "unanswered"];
+const GLOBAL_COUNTERS: [&str; 2] = ["lost_events", "untracked_connections"];
+
+fn is_server_phase(name: &str) -> bool {
+    Phase::ALL.iter().any(|p| p.name() == name)
+}
+
+fn parse_scope(s: &str) -> Result<Scope> {
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix(':') {
+        return Ok(Scope::Listener(port.parse().with_context(|| format!("'{s}' is not a listening port like :8080"))?));
+    }
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(Scope::Listener(port));
+    }
+    s.parse::<SocketAddr>()
+        .map(Scope::Peer)
+        .with_context(|| format!("'{s}' is neither a listening port (:8080) nor a peer (10.0.0.5:5432, [::1]:80)"))
+}
+
+/// `NAME` or `NAME[SCOPE]`, and what follows.
+fn split_scope(s: &str) -> Result<(&str, Scope, &str)> {
+    match s.find('[') {
+        None => Ok((s, Scope::All, "")),
+        Some(open) => {
+            // Matching bracket: an IPv6 peer brings its own ([[::1]:80]).
+            let mut depth = 0;
+            let close = s[open..]
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '[' => 1,
+                        ']' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .map(|(i, _)| open + i)
+                .context("'[' without a closing ']'")?;
+            Ok((&s[..open], parse_scope(&s[open + 1..close])?, &s[close + 1..]))
+        }
+    }
+}
+
+pub fn parse(text: &str) -> Result<Check> {
+    let context = || format!("in --check '{text}'");
+    let (at, op_len, op) = ["<=", ">=", "==", "!=", "<", ">"]
+        .iter()
+        .find_map(|op| text.find(op).map(|at| (at, op.len(), *op)))
+        .with_context(|| format!("no comparison (<, <=, >, >=, ==, !=) {}", context()))?;
+    let op = match op {
+        "<=" => Op::Le,
+        ">=" => Op::Ge,
+        "==" => Op::Eq,
+        "!=" => Op::Ne,
+        "<" => Op::Lt,
+        _ => Op::Gt,
+    };
+    let (lhs, rhs) = (text[..at].trim(), text[at + op_len..].trim());
+    if rhs.is_empty() {
+        bail!("nothing to compare with after the operator {}", context());
+    }
+    let (name, scope, rest) = split_scope(lhs).with_context(context)?;
+    let name = name.trim();
+    let subject = if let Some(stat) = rest.strip_prefix('.').or_else(|| name.split_once('.').map(|(_, s)| s)) {
+        let name = name.split_once('.').map_or(name, |(n, _)| n);
+        if !is_server_phase(name) && !CLIENT_PHASES.contains(&name) {
+            bail!(
+                "unknown phase '{name}' {}: use handshake, accept_wait, recv_wait, think, send, delivery, connect or upstream",
+                context()
+            );
+        }
+        let stat = Stat::parse(stat)
+            .with_context(|| format!("unknown statistic '{stat}' {}: use count, mean, p50, p90, p99, p99.9 or max", context()))?;
+        Subject::Phase { name: name.to_owned(), scope, stat }
+    } else if !rest.trim().is_empty() {
+        bail!("unexpected '{rest}' after the scope {}", context());
+    } else if LISTENER_COUNTERS.contains(&name) || PEER_COUNTERS.contains(&name) || GLOBAL_COUNTERS.contains(&name) {
+        if GLOBAL_COUNTERS.contains(&name) && scope != Scope::All {
+            bail!("{name} is not per listener or peer {}", context());
+        }
+        Subject::Counter { name: name.to_owned(), scope }
+    } else if is_server_phase(name) || CLIENT_PHASES.contains(&name) {
+        bail!("a phase needs a statistic, e.g. {name}.p99 {}", context());
+    } else {
+        bail!(
+            "unknown counter '{name}' {}: use {}, {}, {}, or PHASE.STAT",
+            context(),
+            LISTENER_COUNTERS.join(", "),
+            PEER_COUNTERS.join(", "),
+            GLOBAL_COUNTERS.join(", ")
+        );
+    };
+    let is_duration = matches!(subject, Subject::Phase { stat, .. } if stat != Stat::Count);
+    let limit = if is_duration {
+        parse_duration(rhs).with_context(context)?.as_nanos() as f64
+    } else {
+        rhs.parse::<f64>().with_context(|| format!("'{rhs}' is not a number {}", context()))?
+    };
+    Ok(Check { text: text.trim().to_owned(), subject, op, limit })
+}
+
+/// A check's result on a report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub check: String,
+    pub passed: bool,
+    /// The measured value (nanoseconds for phase statistics), when there is one.
+    pub value: Option<f64>,
+    pub is_duration: bool,
+    /// Why it failed without a value, or the measured value in words.
+    pub message: String,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", if self.passed { "PASS" } else { "FAIL" }, self.check, self.message)
+    }
+}
+
+fn listeners<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a ListenerStats>, String> {
+    match scope {
+        Scope::All => Ok(stats.listeners.values().collect()),
+        Scope::Listener(port) => stats.listeners.get(port).map(|l| vec![l]).ok_or_else(|| format!("no listener :{port} was traced")),
+        Scope::Peer(p) => Err(format!("{p} is a peer; this check is per listener (use :PORT)")),
+    }
+}
+
+fn peers<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a PeerStats>, String> {
+    match scope {
+        Scope::All => Ok(stats.peers.values().collect()),
+        Scope::Peer(addr) => stats.peers.get(addr).map(|p| vec![p]).ok_or_else(|| format!("no upstream peer {addr} was seen")),
+        Scope::Listener(port) => Err(format!(":{port} is a listener; this check is per upstream peer (use ADDR:PORT)")),
+    }
+}
+
+fn merged<'a>(hists: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
+    let mut out = new_histogram();
+    for h in hists {
+        out.add(h).expect("histograms share their bounds");
+    }
+    out
+}
+
+fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String> {
+    match &check.subject {
+        Subject::Phase { name, scope, stat } => {
+            let hist = if is_server_phase(name) {
+                let phase = Phase::ALL.into_iter().find(|p| p.name() == name).expect("checked at parse");
+                merged(listeners(stats, scope)?.into_iter().map(|l| &l.phases[&phase]))
+            } else {
+                merged(peers(stats, scope)?.into_iter().map(|p| if name == "connect" { &p.connect } else { &p.upstream }))
+            };
+            if *stat == Stat::Count {
+                return Ok(hist.len() as f64);
+            }
+            if hist.len() < min_samples {
+                return Err(format!(
+                    "only {} samples of {name} (--min-samples {min_samples}): too few to judge",
+                    hist.len()
+                ));
+            }
+            Ok(match stat {
+                Stat::Count => unreachable!(),
+                Stat::Mean => hist.mean(),
+                Stat::Quantile(q) => hist.value_at_quantile(*q) as f64,
+                Stat::Max => hist.max() as f64,
+            })
+        }
+        Subject::Counter { name, scope } => {
+            let name = name.as_str();
+            if let Some(i) = GLOBAL_COUNTERS.iter().position(|c| *c == name) {
+                return Ok([stats.lost_events, stats.state_full][i] as f64);
+            }
+            if LISTENER_COUNTERS.contains(&name) {
+                let sum: u64 = listeners(stats, scope)?
+                    .into_iter()
+                    .map(|l| match name {
+                        "connections" => l.connections,
+                        "requests" => l.requests,
+                        "aborted" => l.aborted,
+                        "bytes_in" => l.bytes_in,
+                        "bytes_out" => l.bytes_out,
+                        "synack_retransmits" => l.synack_retransmits,
+                        "listen_drops" => l.listen_drops,
+                        "resets_sent" => l.resets_sent,
+                        _ => l.resets_received,
+                    })
+                    .sum();
+                return Ok(sum as f64);
+            }
+            let sum: u64 = peers(stats, scope)?
+                .into_iter()
+                .map(|p| match name {
+                    "upstream_requests" => p.requests,
+                    "syn_retransmits" => p.syn_retransmits,
+                    "connect_failures" => p.failures.values().sum(),
+                    _ => p.unanswered,
+                })
+                .sum();
+            Ok(sum as f64)
+        }
+    }
+}
+
+pub fn evaluate(check: &Check, stats: &Stats, min_samples: u64) -> Verdict {
+    let is_duration = matches!(check.subject, Subject::Phase { stat, .. } if stat != Stat::Count);
+    let show = |v: f64| if is_duration { duration(v.round() as u64) } else { format!("{v}") };
+    match measure(check, stats, min_samples) {
+        Ok(value) => {
+            let passed = check.op.holds(value, check.limit);
+            Verdict { check: check.text.clone(), passed, value: Some(value), is_duration, message: format!("measured {}", show(value)) }
+        }
+        Err(message) => Verdict { check: check.text.clone(), passed: false, value: None, is_duration, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats_with_think(samples_ms: &[u64]) -> Stats {
+        let mut stats = Stats::default();
+        let l = stats.listener(8080);
+        for ms in samples_ms {
+            l.phases.get_mut(&Phase::Think).unwrap().record(ms * 1_000_000).unwrap();
+        }
+        l.requests = samples_ms.len() as u64;
+        stats
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let c = parse("think.p99<50ms").unwrap();
+        assert_eq!(c.subject, Subject::Phase { name: "think".into(), scope: Scope::All, stat: Stat::Quantile(0.99) });
+        assert_eq!((c.op, c.limit), (Op::Lt, 50e6));
+        let c = parse("accept_wait.max <= 10ms").unwrap();
+        assert_eq!((c.op, c.limit), (Op::Le, 10e6));
+        let c = parse("upstream[127.0.0.1:5432].p50<5ms").unwrap();
+        assert_eq!(
+            c.subject,
+            Subject::Phase { name: "upstream".into(), scope: Scope::Peer("127.0.0.1:5432".parse().unwrap()), stat: Stat::Quantile(0.5) }
+        );
+        let c = parse("think[:8080].p99.9<1s").unwrap();
+        assert_eq!(c.subject, Subject::Phase { name: "think".into(), scope: Scope::Listener(8080), stat: Stat::Quantile(0.999) });
+        let c = parse("connect[[::1]:5432].max<1s").unwrap();
+        assert_eq!(c.subject, Subject::Phase { name: "connect".into(), scope: Scope::Peer("[::1]:5432".parse().unwrap()), stat: Stat::Max });
+        assert_eq!(parse("listen_drops==0").unwrap().subject, Subject::Counter { name: "listen_drops".into(), scope: Scope::All });
+        assert_eq!(parse("requests[8080]>=100").unwrap().limit, 100.0);
+        assert_eq!(parse("think.count>=20").unwrap().limit, 20.0);
+    }
+
+    #[test]
+    fn rejects_malformed_checks_with_a_pointer_to_the_error() {
+        for (text, says) in [
+            ("think.p99", "no comparison"),
+            ("think.p99<", "nothing to compare"),
+            ("thunk.p99<5ms", "unknown phase 'thunk'"),
+            ("think.p98<5ms", "unknown statistic 'p98'"),
+            ("think.p99<fast", "not a duration"),
+            ("think<5ms", "needs a statistic"),
+            ("drops==0", "unknown counter 'drops'"),
+            ("requests==many", "not a number"),
+            ("think[:http].p99<5ms", "listening port"),
+            ("lost_events[:80]==0", "not per listener"),
+        ] {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(err.contains(text), "{text}: the message should quote the check: {err}");
+        }
+    }
+
+    #[test]
+    fn verdicts_carry_the_measured_value() {
+        let stats = stats_with_think(&[100; 20]);
+        let fail = evaluate(&parse("think.p99<50ms").unwrap(), &stats, 10);
+        assert!(!fail.passed);
+        assert_eq!(fail.message, "measured 100ms");
+        assert_eq!(fail.to_string(), "FAIL think.p99<50ms: measured 100ms");
+        let pass = evaluate(&parse("think.p99<500ms").unwrap(), &stats, 10);
+        assert!(pass.passed);
+        assert!(evaluate(&parse("requests[:8080]==20").unwrap(), &stats, 10).passed);
+        assert!(evaluate(&parse("lost_events==0").unwrap(), &stats, 10).passed);
+    }
+
+    #[test]
+    fn too_few_samples_fail_instead_of_passing() {
+        let stats = stats_with_think(&[1, 2]);
+        let v = evaluate(&parse("think.p99<50ms").unwrap(), &stats, 10);
+        assert!(!v.passed);
+        assert!(v.message.contains("only 2 samples"), "{}", v.message);
+        // An idle listener, and one never traced.
+        let v = evaluate(&parse("recv_wait.max<1s").unwrap(), &stats, 1);
+        assert!(!v.passed, "{v}");
+        let v = evaluate(&parse("think[:9090].p50<1s").unwrap(), &stats, 1);
+        assert!(!v.passed && v.message.contains("no listener :9090"), "{v}");
+    }
+}
