@@ -9,6 +9,7 @@
 pub mod backends;
 pub mod client;
 pub mod harness;
+pub mod hold;
 pub mod netns;
 pub mod pg;
 pub mod server;

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{emit_open, now, state_mut},
+    conn::{emit_open, now, remove_state, state_mut},
     kernel::{conn_addr, sock_of_fd},
-    maps::{filter_by_port, is_traced_tgid, PIDS, SOCKS},
+    maps::{filter_by_port, is_traced_tgid, PIDS},
 };
 
 /// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
@@ -43,7 +43,7 @@ fn on_accept_return(ctx: &TracePointContext) {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !filter_by_port() && !is_traced_tgid(tgid) {
-        let _ = SOCKS.remove(&sk);
+        remove_state(sk);
         return;
     }
     if filter_by_port() && !is_traced_tgid(tgid) {

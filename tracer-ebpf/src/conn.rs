@@ -5,7 +5,7 @@ use tracer_common::{
     counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request,
 };
 
-use crate::maps::{bump, EVENTS, SOCKS};
+use crate::maps::{bump, submit_flags, EVENTS, SOCKS};
 
 pub use tracer_common::{dir, SockState};
 
@@ -47,6 +47,12 @@ pub fn insert_state(sk: u64, state: &SockState) -> bool {
     true
 }
 
+/// Stops tracking `sk`.
+#[inline(always)]
+pub fn remove_state(sk: u64) {
+    let _ = SOCKS.remove(&sk);
+}
+
 pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_ns: u64) {
     // Events are filled in place in the ring buffer: building them on the 512-byte BPF
     // stack first would not fit beside the connection state.
@@ -65,7 +71,7 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
         (*e).accepted_ns = ts;
         (*e).first_data_ns = first_data_ns;
     }
-    slot.submit(0);
+    slot.submit(submit_flags());
 }
 
 /// Emit the exchange in progress (if there is one) and reset the per-request fields.
@@ -91,7 +97,7 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
             (*e).tid = st.tid;
             (*e)._pad = 0;
         }
-        slot.submit(0);
+        slot.submit(submit_flags());
     } else {
         bump(counter::LOST_EVENTS);
     }
@@ -130,5 +136,5 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).requests = st.requests;
         (*e).flags = pending | st.conn_flags;
     }
-    slot.submit(0);
+    slot.submit(submit_flags());
 }

@@ -68,19 +68,8 @@ pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_read(sk: u64, len: u64) {
+    let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
     let ts = now();
-    let st = match state_mut(sk) {
-        Some(st) => st,
-        None => {
-            if !adopt_existing(sk, ts) {
-                return;
-            }
-            match state_mut(sk) {
-                Some(st) => st,
-                None => return,
-            }
-        }
-    };
     if origin::is_client(st.origin) {
         upstream::on_read(sk, st, len, ts);
         return;
@@ -110,20 +99,8 @@ fn on_read(sk: u64, len: u64) {
 
 #[inline(always)]
 fn on_write(sk: u64, len: u64) {
+    let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
     let ts = now();
-    let st = match state_mut(sk) {
-        Some(st) => st,
-        None => {
-            // An upstream connection open before tracing started starts with a write.
-            if !upstream::adopt_existing(sk) {
-                return;
-            }
-            match state_mut(sk) {
-                Some(st) => st,
-                None => return,
-            }
-        }
-    };
     if origin::is_client(st.origin) {
         upstream::on_write(st, len, ts);
         return;
@@ -146,25 +123,36 @@ fn on_write(sk: u64, len: u64) {
     st.acked_ns = if snd_una.wrapping_sub(write_seq) as i32 >= 0 { ts } else { 0 };
 }
 
-/// A traced process reads from a TCP connection the tracer has not seen accepted: it was
-/// open before tracing started. Track it from its next request on.
+/// A socket with no state was read or written: most often another process's, which
+/// the first check rejects. A connection of a traced process (or port) that was open
+/// before tracing started is adopted: an upstream one (userspace listed it) on its next
+/// read or write, a server one on its next read, the start of its next request.
 #[inline(always)]
-fn adopt_existing(sk: u64, ts: u64) -> bool {
-    if upstream::adopt_existing(sk) {
-        return true;
-    }
+fn adopt(sk: u64, writing: bool) -> Option<&'static mut SockState> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid_traced = is_traced_tgid(tgid);
+    if !tgid_traced && !filter_by_port() {
+        return None;
+    }
+    if !is_inet_tcp(sk) {
+        return None;
+    }
+    if tgid_traced && upstream::adopt_existing(sk, tgid) {
+        return state_mut(sk);
+    }
+    if writing {
+        return None;
+    }
     let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-    let traced = if filter_by_port() { is_traced_port(local_port) } else { is_traced_tgid(tgid) };
-    if !traced || !is_inet_tcp(sk) {
-        return false;
+    if filter_by_port() && !is_traced_port(local_port) {
+        return None;
     }
     let mut st = SockState::new(origin::EXISTING);
     st.owner = tgid;
     st.local_port = local_port as u32;
     if !insert_state(sk, &st) {
-        return false;
+        return None;
     }
-    emit_open(sk, &st, &conn_addr(sk), ts, 0);
-    true
+    emit_open(sk, &st, &conn_addr(sk), now(), 0);
+    state_mut(sk)
 }

@@ -7,7 +7,7 @@ use tracer_common::{counter, kind, EventHeader, ProcessEvent};
 use crate::{
     conn::now,
     kernel::read,
-    maps::{bump, is_traced_tgid, EVENTS, PIDS},
+    maps::{submit_flags, bump, is_traced_tgid, EVENTS, PIDS},
     off,
 };
 
@@ -56,7 +56,7 @@ fn emit(event_kind: u16, tgid: u32, child: u32) {
                 child,
                 _pad: 0,
             });
-            slot.submit(0);
+            slot.submit(submit_flags());
         }
         None => bump(counter::LOST_EVENTS),
     }

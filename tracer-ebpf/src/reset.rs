@@ -9,7 +9,7 @@ use tracer_common::{counter, flags, kind, EventHeader, ResetSent};
 use crate::{
     conn::{now, state_mut},
     kernel::conn_addr,
-    maps::{bump, EVENTS, RECENTLY_CLOSED},
+    maps::{submit_flags, bump, EVENTS, RECENTLY_CLOSED},
 };
 
 /// `tcp_send_reset(sk, skb, reason)`; `sk` is null for segments that match no socket.
@@ -42,7 +42,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
         (*e).addr = conn_addr(sk);
         (*e).addr.local_port = closed.local_port as u16;
     }
-    slot.submit(0);
+    slot.submit(submit_flags());
     0
 }
 

@@ -7,7 +7,7 @@ use tracer_common::{counter, kind, EventHeader, SynAckRetransmit};
 use crate::{
     conn::now,
     kernel::{conn_addr, read, tuple_key},
-    maps::{bump, filter_by_port, is_traced_port, SynAckInfo, EVENTS, SYNACKS},
+    maps::{submit_flags, bump, filter_by_port, is_traced_port, SynAckInfo, EVENTS, SYNACKS},
     off,
 };
 
@@ -43,7 +43,7 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
                 },
                 addr,
             });
-            slot.submit(0);
+            slot.submit(submit_flags());
         }
         None => bump(counter::LOST_EVENTS),
     }

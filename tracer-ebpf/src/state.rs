@@ -5,9 +5,9 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::origin;
 
 use crate::{
-    conn::{dir, emit_close, insert_state, now, state_mut, SockState},
+    conn::{dir, emit_close, insert_state, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
-    maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SOCKS, SYNACKS},
+    maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
     off, upstream,
 };
 
@@ -49,7 +49,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 
 /// The final ACK of a handshake was processed: the connection is queued on its
 /// listener. The owner is unknown until accept() returns it.
-#[inline(always)]
+// A BPF subprogram of its own: its stack frame does not add to the hook's.
+#[inline(never)]
 fn on_passive_established(sk: u64) {
     let ts = now();
     let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
@@ -88,7 +89,8 @@ fn on_all_acked(sk: u64) {
     }
 }
 
-#[inline(always)]
+// A BPF subprogram of its own: its stack frame does not add to the hook's.
+#[inline(never)]
 fn on_close(sk: u64) {
     let Some(st) = state_mut(sk) else { return };
     if origin::is_client(st.origin) {
@@ -108,5 +110,5 @@ fn on_close(sk: u64) {
         // An abortive close sends its reset after this state change.
         let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
     }
-    let _ = SOCKS.remove(&sk);
+    remove_state(sk);
 }

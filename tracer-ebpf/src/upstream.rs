@@ -16,13 +16,14 @@ use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, Ups
 
 use crate::{
     conn::{current_tid, dir, header, insert_state, now, state_mut, SockState},
-    kernel::{conn_addr, is_inet_tcp, read, tuple_key},
-    maps::{bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
+    kernel::{conn_addr, read, tuple_key},
+    maps::{submit_flags, bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
     off,
 };
 
 /// connect() moved the socket to SYN_SENT.
-#[inline(always)]
+// A BPF subprogram of its own: its stack frame does not add to the hook's.
+#[inline(never)]
 pub fn on_connect_start(sk: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !is_traced_tgid(tgid) {
@@ -56,7 +57,7 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
         (*e).syn_retransmits = st.synack_retransmits;
         (*e).error = error;
     }
-    slot.submit(0);
+    slot.submit(submit_flags());
 }
 
 /// A connecting socket closed: the connect failed with the socket's error, or the
@@ -111,7 +112,7 @@ pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
             (*e).flags = extra_flags;
             (*e).origin = st.origin;
         }
-        slot.submit(0);
+        slot.submit(submit_flags());
     } else {
         bump(counter::LOST_EVENTS);
     }
@@ -121,15 +122,11 @@ pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
     st.first_read_ns = 0;
 }
 
-/// A traced process writes to (or reads from) a TCP connection the tracer has not seen
-/// it open. When userspace found it among the process's upstream connections at start,
-/// it is tracked from here on.
+/// A traced process `tgid` writes to (or reads from) a TCP connection the tracer has not
+/// seen it open. When userspace found it among the process's upstream connections at
+/// start, it is tracked from here on.
 #[inline(always)]
-pub fn adopt_existing(sk: u64) -> bool {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !is_traced_tgid(tgid) || !is_inet_tcp(sk) {
-        return false;
-    }
+pub fn adopt_existing(sk: u64, tgid: u32) -> bool {
     let addr: ConnAddr = conn_addr(sk);
     let key = tuple_key(&addr);
     if EXISTING_CLIENTS.get_ptr(&key).is_none() {
@@ -139,6 +136,7 @@ pub fn adopt_existing(sk: u64) -> bool {
     let mut st = SockState::new(origin::EXISTING_CONNECTED);
     st.owner = tgid;
     st.tid = current_tid();
+    st.local_port = addr.local_port as u32;
     insert_state(sk, &st)
 }
 

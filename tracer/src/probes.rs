@@ -200,6 +200,13 @@ impl Probes {
             .collect()
     }
 
+    /// Entries in the per-socket state map.
+    pub fn tracked_sockets(&self) -> u64 {
+        let Some(map) = self.ebpf.map("SOCKS") else { return 0 };
+        let Ok(socks) = BpfHashMap::<&MapData, u64, SockState>::try_from(map) else { return 0 };
+        socks.keys().filter(Result::is_ok).count() as u64
+    }
+
     pub fn lost_events(&self) -> u64 {
         self.counter(counter::LOST_EVENTS).unwrap_or(0)
     }

@@ -189,6 +189,9 @@ pub fn run(args: Args) -> Result<i32> {
         probes.add_port(port)?;
     }
     let ring = probes.take_events()?;
+    // Parsing the kernel's BTF (twice: ours for offsets, aya's for loading) takes tens of
+    // megabytes that are free again now; give them back rather than keep them resident.
+    unsafe { libc::malloc_trim(0) };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -245,6 +248,10 @@ async fn trace(
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // The programs do not wake the tracer per event (see `submit_flags`): drain on a
+    // timer, and at once when a filling ring buffer wakes it.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(20));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Interval reports on a fixed schedule from the start, whatever the load.
     let mut reports = args.interval.map(|every| {
         let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -259,6 +266,7 @@ async fn trace(
                 drain(guard.get_inner_mut(), &mut session)?;
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut session)?,
             _ = sigint.recv() => {
                 if let Some(l) = launched.as_mut() {
                     l.stop(libc::SIGINT, Duration::from_secs(5));
@@ -284,6 +292,7 @@ async fn trace(
             _ = async { reports.as_mut().unwrap().tick().await }, if reports.is_some() => {
                 drain(ring.get_mut(), &mut session)?;
                 session.poll_counters(&probes);
+                session.stats.tracked_sockets = probes.tracked_sockets();
                 session.report(ReportKind::Interval, &[])?;
             }
             _ = tick.tick() => {
@@ -316,6 +325,7 @@ async fn trace(
     session.poll_counters(&probes);
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
+    session.stats.tracked_sockets = probes.tracked_sockets();
     eprintln!("tracer: {reason}; detaching");
     let verdicts: Vec<Verdict> =
         args.checks.iter().map(|c| checks::evaluate(c, &session.stats, args.min_samples)).collect();

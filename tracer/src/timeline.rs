@@ -5,10 +5,9 @@
 //! starts no earlier than the moment accept() returned the connection, so a request
 //! queued during `accept_wait` is not counted twice.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use rustc_hash::FxHashMap;
 
 use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request, UpstreamConnect, UpstreamRequest};
 
@@ -141,8 +140,9 @@ struct Client {
 
 #[derive(Default)]
 pub struct Timeline {
-    conns: HashMap<u64, Conn>,
-    clients: HashMap<u64, Client>,
+    // Keyed by kernel socket addresses: a fast non-cryptographic hash is enough.
+    conns: FxHashMap<u64, Conn>,
+    clients: FxHashMap<u64, Client>,
     waits: Waits,
 }
 

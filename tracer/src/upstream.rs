@@ -14,10 +14,9 @@
 //! local. Calls made in parallel by several threads for one request are attributed only
 //! when made by the reading thread.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-};
+use std::{collections::VecDeque, net::SocketAddr};
+
+use rustc_hash::FxHashMap;
 
 /// How a connect() ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,7 +71,7 @@ pub struct Wait {
 /// Per thread, the recent upstream waits, oldest first.
 #[derive(Default)]
 pub struct Waits {
-    by_thread: HashMap<u32, VecDeque<Wait>>,
+    by_thread: FxHashMap<u32, VecDeque<Wait>>,
 }
 
 /// Waits kept per thread; a thread making more upstream calls than this without serving

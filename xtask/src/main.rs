@@ -1,5 +1,6 @@
-//! Project automation: `cargo xtask setup | test | demo`.
+//! Project automation: `cargo xtask setup | test | demo | bench`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -25,6 +26,9 @@ enum Cmd {
     /// Trace the lab servers under a mix of scenarios and print the report; with --pid,
     /// trace that process instead.
     Demo(demo::Options),
+    /// Measure the tracer's overhead side by side with a packet capture, bpftrace and a
+    /// proxy, then at scale; writes BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -32,6 +36,7 @@ fn main() {
         Cmd::Setup => setup::run(),
         Cmd::Test(opts) => test::run(&opts),
         Cmd::Demo(opts) => demo::run(&opts),
+        Cmd::Bench(opts) => bench::run(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -29,7 +29,7 @@ pub fn run() -> Result<()> {
     let start = Instant::now();
     rust_src()?;
     bpf_linker()?;
-    debian_packages()?;
+    debian_packages(PACKAGES)?;
     eprintln!("setup: everything in place ({:.0?})", start.elapsed());
     Ok(())
 }
@@ -112,8 +112,9 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, file)| !Path::new(file).exists()).map(|(p, _)| *p).collect();
+/// Installs the packages of `packages` (name, a file it installs) that are missing.
+pub fn debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(_, file)| !Path::new(file).exists()).map(|(p, _)| *p).collect();
     if missing.is_empty() {
         return Ok(());
     }

@@ -15,6 +15,9 @@ enum Command {
     Server(server::ServerOptions),
     /// Drive a server; prints one line per connection with its byte counts.
     Client(client::ClientOptions),
+    /// Opens many connections (one request each), holds them until a line arrives on
+    /// stdin, then closes them.
+    Hold(tracer_tests::hold::HoldOptions),
     /// Waits for a line on stdin, then connects to each address in turn (giving up after
     /// --timeout-ms) and prints how each attempt ended.
     Connect {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Hold(opts) => tracer_tests::hold::run(&opts),
         Command::Connect { timeout_ms, addrs } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;

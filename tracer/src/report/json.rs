@@ -90,6 +90,7 @@ struct ReportJson {
     events: u64,
     lost_events: u64,
     untracked_connections: u64,
+    tracked_sockets: u64,
     listeners: Vec<ListenerJson>,
     upstreams: Vec<UpstreamJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -225,6 +226,7 @@ impl Format for Json {
             events: s.stats.events,
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
+            tracked_sockets: s.stats.tracked_sockets,
             listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l)).collect(),
             upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p)).collect(),
             checks: s

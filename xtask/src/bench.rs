@@ -1,0 +1,870 @@
+//! `cargo xtask bench`: what tracing costs, side by side with the other ways of doing
+//! the job, in one run: untraced, the tracer, a packet capture (tcpdump), a bpftrace
+//! script on the same tracepoints, and an intercepting proxy (mitmproxy). Runs are
+//! interleaved (every configuration once per round, several rounds) and medians are
+//! reported; CPU per request comes from the kernel's BPF run-time statistics and the
+//! observer's own CPU time, which are stable on a shared machine where throughput is not.
+//! Then a scale run: 100,000 open connections and 1,000,000 short ones.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{cargo, exec, is_root, setup, workspace_root};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Rounds: each configuration runs once per round, interleaved; medians over rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds of load per run.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u64,
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Connections held open at once in the scale run (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub scale_open: usize,
+    /// Short connections in the scale run (0 skips them).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub scale_short: u64,
+    /// Only the tracer against untraced (skips the capture, bpftrace and the proxy).
+    #[arg(long)]
+    pub only_tracer: bool,
+    /// Where to write the results (default: BENCHMARKS.md at the workspace root).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const BENCH_PACKAGES: &[(&str, &str)] =
+    &[("wrk", "/usr/bin/wrk"), ("tcpdump", "/usr/bin/tcpdump"), ("bpftrace", "/usr/bin/bpftrace"), ("nginx", "/usr/sbin/nginx"), ("python3-venv", "/usr/share/doc/python3-venv")];
+
+/// The bpftrace way of measuring think time: last read to first write per socket.
+const BPFTRACE_THINK: &str = "\
+tracepoint:sock:sock_recv_length /args->ret > 0/ { @last_read[args->sk] = nsecs; }
+tracepoint:sock:sock_send_length /args->ret > 0 && @last_read[args->sk]/ {
+  @think = hist(nsecs - @last_read[args->sk]); delete(@last_read[args->sk]);
+}";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    NginxKeepAlive,
+    NginxClose,
+    LabKeepAlive,
+}
+
+impl Workload {
+    const ALL: [Workload; 3] = [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive];
+
+    fn title(self) -> &'static str {
+        match self {
+            Workload::NginxKeepAlive => "nginx (1 worker), small static file, keep-alive",
+            Workload::NginxClose => "nginx (1 worker), small static file, a new connection per request",
+            Workload::LabKeepAlive => "lab server (thread per connection), keep-alive",
+        }
+    }
+
+    fn closes(self) -> bool {
+        self == Workload::NginxClose
+    }
+
+    fn is_nginx(self) -> bool {
+        self != Workload::LabKeepAlive
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    Untraced,
+    Tracer,
+    Capture,
+    Bpftrace,
+    Proxy,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Tracer => "tracer (all phases)",
+            Config::Capture => "tcpdump -w (capture)",
+            Config::Bpftrace => "bpftrace (think only)",
+            Config::Proxy => "mitmproxy (reverse proxy)",
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    rps: f64,
+    requests: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    /// Observer CPU (its processes plus its BPF programs) during the load, ns.
+    cpu_ns: f64,
+    bpf_ns: f64,
+    events: Option<f64>,
+    lost: Option<f64>,
+    rss_kb: Option<f64>,
+    map_bytes: Option<f64>,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bench_dir() -> PathBuf {
+    workspace_root().join("target/bench")
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    workspace_root().join("target/release").join(name)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not listen on port {port} within 30 s")
+}
+
+/// Starts `cmd` with stderr piped and waits for a stderr line containing `ready`;
+/// the rest of stderr is drained in the background.
+fn start_until(cmd: &mut Command, ready: &str, what: &str) -> Result<Killed> {
+    let mut child = Killed(cmd.stderr(Stdio::piped()).spawn().with_context(|| format!("starting {what}"))?);
+    let stderr = child.0.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(ready) => break,
+            Some(Ok(_)) => {}
+            _ => bail!("{what} exited before it was ready"),
+        }
+    }
+    thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+// ---------------------------------------------------------------------------------
+// What a process costs: CPU of all its threads, run time of its BPF programs, memory.
+
+fn process_cpu_ns(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sums a field over the process's BPF programs (`run_time_ns`) or maps (`memlock`).
+fn fdinfo_sum(pid: u32, kind_marker: &str, field: &str) -> f64 {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0.0 };
+    let mut total = 0.0;
+    for fd in fds.flatten() {
+        let Ok(info) = fs::read_to_string(fd.path()) else { continue };
+        if !info.contains(kind_marker) {
+            continue;
+        }
+        for line in info.lines() {
+            if let Some(v) = line.strip_prefix(field).and_then(|v| v.trim_start_matches(':').trim().parse::<f64>().ok()) {
+                total += v;
+            }
+        }
+    }
+    total
+}
+
+fn bpf_run_ns(pid: u32) -> f64 {
+    fdinfo_sum(pid, "prog_type:", "run_time_ns")
+}
+
+fn map_bytes(pid: u32) -> f64 {
+    fdinfo_sum(pid, "map_type:", "memlock")
+}
+
+fn status_kb(pid: u32, field: &str) -> Option<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+}
+
+/// Sets a sysctl for the duration of the benchmark.
+struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &str, value: &str) -> Result<Self> {
+        let path = PathBuf::from(path);
+        let old = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { path, old })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.path, self.old.trim());
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Servers and the load generator.
+
+fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
+    fs::create_dir_all(dir.join("html"))?;
+    fs::write(dir.join("html/index.html"), "x".repeat(612))?;
+    let (connections, extra) = if scale {
+        (150_000, "worker_rlimit_nofile 300000;\n")
+    } else {
+        (4096, "")
+    };
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n{extra}\
+         events {{ worker_connections {connections}; }}\n\
+         http {{\n  access_log off;\n  keepalive_timeout 600s;\n  keepalive_requests 100000000;\n\
+         client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
+         uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
+         server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    root {dir}/html;\n  }}\n}}\n",
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf)?;
+    Ok(path)
+}
+
+fn start_nginx(name: &str, scale: bool) -> Result<(Killed, u16)> {
+    let dir = bench_dir().join(name);
+    let port = free_port()?;
+    let conf = nginx_conf(&dir, port, scale)?;
+    let child = Killed(Command::new("/usr/sbin/nginx").arg("-c").arg(&conf).arg("-p").arg(&dir).spawn()?);
+    wait_for_port(port, "nginx")?;
+    Ok((child, port))
+}
+
+fn start_lab() -> Result<(Killed, u16)> {
+    let mut child = Killed(Command::new(release_bin("lab")).args(["server", "--scenario", "plain"]).stdout(Stdio::piped()).spawn()?);
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().expect("piped")).read_line(&mut line)?;
+    let addr: SocketAddr = line.trim().strip_prefix("listening on ").context("lab server did not start")?.parse()?;
+    Ok((child, addr.port()))
+}
+
+fn parse_latency_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (value, unit) = text.split_at(split);
+    let value: f64 = value.parse().ok()?;
+    Some(match unit {
+        "us" => value,
+        "ms" => value * 1e3,
+        "s" => value * 1e6,
+        _ => return None,
+    })
+}
+
+/// Parses wrk's summary.
+fn parse_wrk(out: &str) -> Result<Sample> {
+    let mut s = Sample::default();
+    for line in out.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            s.rps = v.trim().parse()?;
+        } else if line.contains(" requests in ") {
+            s.requests = line.split_whitespace().next().context("request count")?.parse()?;
+        } else if let Some(v) = line.strip_prefix("50%") {
+            s.p50_us = parse_latency_us(v.trim()).context("p50")?;
+        } else if let Some(v) = line.strip_prefix("99%") {
+            s.p99_us = parse_latency_us(v.trim()).context("p99")?;
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            s.errors += v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            s.errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    if s.requests == 0.0 {
+        bail!("no requests in wrk's output:\n{out}");
+    }
+    Ok(s)
+}
+
+fn wrk(port: u16, opts: &Options, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}/index.html"));
+    let _ = opts;
+    let out = cmd.stderr(Stdio::inherit()).output().context("running wrk")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", out.status);
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+// ---------------------------------------------------------------------------------
+// Observers.
+
+struct Observer {
+    child: Killed,
+    /// Tracer only: its stdout (JSON lines), read when it stops.
+    stdout: Option<std::process::ChildStdout>,
+    /// Where the load goes: the server, or the proxy in front of it.
+    target: u16,
+}
+
+fn mitmdump() -> PathBuf {
+    bench_dir().join("venv/bin/mitmdump")
+}
+
+fn start_observer(config: Config, server_pid: u32, server_port: u16) -> Result<Option<Observer>> {
+    Ok(Some(match config {
+        Config::Untraced => return Ok(None),
+        Config::Tracer => {
+            let mut cmd = Command::new(release_bin("tracer"));
+            cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
+            let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
+            let stdout = child.0.stdout.take();
+            Observer { child, stdout, target: server_port }
+        }
+        Config::Capture => {
+            let file = bench_dir().join("capture.pcap");
+            let mut cmd = Command::new("tcpdump");
+            cmd.args(["-i", "lo", "-s", "0", "-B", "65536", "-w"]).arg(&file).args(["tcp", "port", &server_port.to_string()]);
+            let child = start_until(&mut cmd, "listening on", "tcpdump")?;
+            Observer { child, stdout: None, target: server_port }
+        }
+        Config::Bpftrace => {
+            let mut cmd = Command::new("bpftrace");
+            cmd.args(["-e", BPFTRACE_THINK]).stdout(Stdio::null());
+            // bpftrace says "Attaching N probes..." on stdout in some versions: wait on
+            // its programs instead.
+            let child = Killed(cmd.stderr(Stdio::null()).spawn().context("starting bpftrace")?);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while fdinfo_sum(child.0.id(), "prog_type:", "prog_id") < 2.0 {
+                if Instant::now() > deadline {
+                    bail!("bpftrace did not attach within 30 s");
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            thread::sleep(Duration::from_millis(300));
+            Observer { child, stdout: None, target: server_port }
+        }
+        Config::Proxy => {
+            let port = free_port()?;
+            let child = Killed(
+                Command::new(mitmdump())
+                    .args(["--mode", &format!("reverse:http://127.0.0.1:{server_port}")])
+                    .args(["--listen-host", "127.0.0.1", "--listen-port", &port.to_string(), "-q"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting mitmdump")?,
+            );
+            wait_for_port(port, "mitmdump")?;
+            Observer { child, stdout: None, target: port }
+        }
+    }))
+}
+
+impl Observer {
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn cpu(&self) -> (f64, f64) {
+        (process_cpu_ns(self.pid()), bpf_run_ns(self.pid()))
+    }
+
+    /// Stops it; for the tracer, its final report's events and lost events.
+    fn stop(mut self) -> Result<(Option<f64>, Option<f64>)> {
+        unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
+        let Some(stdout) = self.stdout.take() else { return Ok((None, None)) };
+        let mut report = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if line.contains("\"type\":\"report\"") {
+                report = Some(line);
+            }
+        }
+        let report: serde_json::Value = serde_json::from_str(&report.context("the tracer printed no report")?)?;
+        Ok((report["events"].as_f64(), report["lost_events"].as_f64()))
+    }
+}
+
+fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts: &Options) -> Result<Sample> {
+    let observer = start_observer(config, server.0.id(), port)?;
+    let target = observer.as_ref().map_or(port, |o| o.target);
+    let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
+    let mut sample = wrk(target, opts, workload.closes(), opts.seconds, opts.connections)?;
+    if let Some(obs) = observer {
+        let after = obs.cpu();
+        sample.cpu_ns = (after.0 - before.0) + (after.1 - before.1);
+        sample.bpf_ns = after.1 - before.1;
+        if config == Config::Tracer {
+            sample.rss_kb = status_kb(obs.pid(), "VmHWM:");
+            sample.map_bytes = Some(map_bytes(obs.pid()));
+        }
+        let (events, lost) = obs.stop()?;
+        sample.events = events;
+        sample.lost = lost;
+    }
+    Ok(sample)
+}
+
+// ---------------------------------------------------------------------------------
+// Statistics and the report.
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    config: Config,
+    throughput_ratio: f64,
+    rps: f64,
+    added_p50_us: f64,
+    added_p99_us: f64,
+    cpu_per_request_us: f64,
+    bpf_per_request_us: f64,
+    events_per_request: Option<f64>,
+    lost: Option<f64>,
+    rss_mb: Option<f64>,
+    map_mb: Option<f64>,
+    errors: u64,
+}
+
+fn rows(samples: &BTreeMap<Config, Vec<Sample>>) -> Vec<Row> {
+    let base = &samples[&Config::Untraced];
+    samples
+        .iter()
+        .map(|(config, runs)| {
+            let pairs = runs.iter().zip(base);
+            let opt_median = |f: &dyn Fn(&Sample) -> Option<f64>| {
+                let v: Vec<f64> = runs.iter().filter_map(f).collect();
+                (!v.is_empty()).then(|| median(v))
+            };
+            Row {
+                config: *config,
+                throughput_ratio: median(pairs.clone().map(|(s, b)| s.rps / b.rps).collect()),
+                rps: median(runs.iter().map(|s| s.rps).collect()),
+                added_p50_us: median(pairs.clone().map(|(s, b)| s.p50_us - b.p50_us).collect()),
+                added_p99_us: median(pairs.clone().map(|(s, b)| s.p99_us - b.p99_us).collect()),
+                cpu_per_request_us: median(runs.iter().map(|s| s.cpu_ns / s.requests / 1e3).collect()),
+                bpf_per_request_us: median(runs.iter().map(|s| s.bpf_ns / s.requests / 1e3).collect()),
+                events_per_request: opt_median(&|s| Some(s.events? / s.requests)),
+                lost: runs.iter().filter_map(|s| s.lost).reduce(f64::max),
+                rss_mb: opt_median(&|s| Some(s.rss_kb? / 1024.0)),
+                map_mb: opt_median(&|s| Some(s.map_bytes? / (1 << 20) as f64)),
+                errors: runs.iter().map(|s| s.errors).sum(),
+            }
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+fn table(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "| configuration | throughput vs untraced | req/s | added p50 | added p99 | CPU/request (BPF part) | events/request | lost events | tracer RSS | BPF maps | errors |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1}% | {:.0} | {:+.0} µs | {:+.0} µs | {} | {} | {} | {} | {} | {} |",
+            r.config.name(),
+            100.0 * r.throughput_ratio,
+            r.rps,
+            r.added_p50_us,
+            r.added_p99_us,
+            if r.config == Config::Untraced {
+                "–".to_owned()
+            } else {
+                format!("{:.2} µs ({:.2})", r.cpu_per_request_us, r.bpf_per_request_us)
+            },
+            opt(r.events_per_request, 2),
+            opt(r.lost, 0),
+            r.rss_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
+            r.map_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
+            r.errors,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Scale.
+
+#[derive(Default)]
+struct Scale {
+    open: usize,
+    open_tracked: Option<u64>,
+    open_rss_mb: Option<f64>,
+    open_map_mb: Option<f64>,
+    after_close_tracked: Option<u64>,
+    after_close_live: usize,
+    short: u64,
+    short_seconds: f64,
+    rss_samples_mb: Vec<(u64, f64)>,
+    short_tracked: Option<u64>,
+    short_live: usize,
+    short_lost: Option<f64>,
+    short_untracked: Option<f64>,
+}
+
+/// The tracer with interval reports collected in the background.
+struct ScaleTracer {
+    child: Killed,
+    reports: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl ScaleTracer {
+    fn start(pid: u32, max_sockets: usize) -> Result<Self> {
+        let mut cmd = Command::new(release_bin("tracer"));
+        cmd.args(["--pid", &pid.to_string(), "--output", "json", "--interval", "1s"])
+            .args(["--max-sockets", &max_sockets.to_string(), "--ring-buffer-size", &(16 << 20).to_string()])
+            .stdout(Stdio::piped());
+        let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
+        let stdout = child.0.stdout.take().expect("piped");
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&reports);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["type"] == "report" {
+                        sink.lock().expect("reports").push(v);
+                    }
+                }
+            }
+        });
+        Ok(Self { child, reports })
+    }
+
+    /// The first report that arrives after now.
+    fn next_report(&self) -> Result<serde_json::Value> {
+        let seen = self.reports.lock().expect("reports").len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(r) = self.reports.lock().expect("reports").get(seen) {
+                return Ok(r.clone());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("no report from the tracer within 60 s")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+}
+
+/// Established TCP connections on `port` (either side), from /proc/net/tcp.
+fn live_connections(port: u16) -> usize {
+    let hex = format!(":{port:04X}");
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&hex) && f[3] == "01"
+        })
+        .count()
+}
+
+fn scale(opts: &Options) -> Result<Scale> {
+    let mut out = Scale::default();
+    let (nginx, port) = start_nginx("nginx-scale", true)?;
+    let tracer = ScaleTracer::start(nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
+    if opts.scale_open > 0 {
+        eprintln!("bench: opening {} connections", opts.scale_open);
+        let mut hold = Killed(
+            Command::new(release_bin("lab"))
+                .args(["hold", "--server", &format!("127.0.0.1:{port}"), "--connections", &opts.scale_open.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?,
+        );
+        let mut lines = BufReader::new(hold.0.stdout.take().expect("piped")).lines();
+        let line = lines.next().context("lab hold exited")??;
+        out.open = line.strip_prefix("open ").context("lab hold output")?.parse()?;
+        let report = tracer.next_report()?;
+        out.open_tracked = report["tracked_sockets"].as_u64();
+        out.open_rss_mb = status_kb(tracer.pid(), "VmRSS:").map(|kb| kb / 1024.0);
+        out.open_map_mb = Some(map_bytes(tracer.pid()) / (1 << 20) as f64);
+        writeln!(hold.0.stdin.take().expect("piped"))?;
+        lines.next();
+        thread::sleep(Duration::from_millis(1500));
+        let report = tracer.next_report()?;
+        out.after_close_tracked = report["tracked_sockets"].as_u64();
+        out.after_close_live = live_connections(port);
+    }
+    if opts.scale_short > 0 {
+        eprintln!("bench: {} short connections", opts.scale_short);
+        let start = Instant::now();
+        while out.short < opts.scale_short {
+            let s = wrk(port, opts, true, 5, 32)?;
+            out.short += s.requests as u64;
+            if let Some(kb) = status_kb(tracer.pid(), "VmRSS:") {
+                out.rss_samples_mb.push((out.short, kb / 1024.0));
+            }
+        }
+        out.short_seconds = start.elapsed().as_secs_f64();
+        thread::sleep(Duration::from_millis(1500));
+        let report = tracer.next_report()?;
+        out.short_tracked = report["tracked_sockets"].as_u64();
+        out.short_live = live_connections(port);
+        out.short_lost = report["lost_events"].as_f64();
+        out.short_untracked = report["untracked_connections"].as_f64();
+    }
+    drop(tracer);
+    drop(nginx);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+
+fn ensure_mitmproxy() -> Result<()> {
+    if mitmdump().exists() {
+        return Ok(());
+    }
+    let venv = bench_dir().join("venv");
+    eprintln!("bench: installing mitmproxy into {}", venv.display());
+    exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    exec(Command::new(venv.join("bin/pip")).args(["install", "-q", "mitmproxy"]))
+}
+
+fn machine() -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|s| s.trim().to_owned()))
+        .unwrap_or_default();
+    format!("Linux {}, {cpus} CPUs ({model})", kernel.trim())
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    setup::run()?;
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs and captures packets: run `cargo xtask bench` as root");
+    }
+    setup::debian_packages(BENCH_PACKAGES)?;
+    let configs: Vec<Config> = if opts.only_tracer {
+        vec![Config::Untraced, Config::Tracer]
+    } else {
+        ensure_mitmproxy()?;
+        vec![Config::Untraced, Config::Tracer, Config::Capture, Config::Bpftrace, Config::Proxy]
+    };
+    exec(cargo().args(["build", "--release", "--package", "tracer", "--package", "tracer-tests", "--bins"]))?;
+    fs::create_dir_all(bench_dir())?;
+    let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+
+    let (nginx, nginx_port) = start_nginx("nginx", false)?;
+    let (lab, lab_port) = start_lab()?;
+    let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
+    for round in 1..=opts.rounds {
+        for workload in Workload::ALL {
+            let (server, port) = if workload.is_nginx() { (&nginx, nginx_port) } else { (&lab, lab_port) };
+            for &config in &configs {
+                if config == Config::Proxy && !workload.is_nginx() {
+                    continue;
+                }
+                eprintln!("bench: round {round}/{}: {:?} / {}", opts.rounds, workload, config.name());
+                let sample = measure(config, workload, server, port, opts)
+                    .with_context(|| format!("{:?} with {}", workload, config.name()))?;
+                results.entry(workload).or_default().entry(config).or_default().push(sample);
+            }
+        }
+    }
+    drop(lab);
+    drop(nginx);
+    let scale = if opts.scale_open > 0 || opts.scale_short > 0 { Some(scale(opts)?) } else { None };
+    let text = render(opts, &results, scale.as_ref());
+    let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    fs::write(&path, &text)?;
+    println!("{text}");
+    eprintln!("bench: written to {}", path.display());
+    Ok(())
+}
+
+fn render(opts: &Options, results: &BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>>, scale: Option<&Scale>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Generated by `cargo xtask bench` on {}. Each configuration ran {} times per workload, \
+         interleaved (every configuration once per round), {} s of `wrk -t1 -c{}` each; the \
+         figures are medians over the rounds (throughput and added latency as medians of \
+         the per-round comparison with the untraced run of the same round).\n",
+        machine(),
+        opts.rounds,
+        opts.seconds,
+        opts.connections
+    );
+    let _ = writeln!(
+        out,
+        "CPU/request is the observer's cost per request served: the run time of its BPF \
+         programs (`kernel.bpf_stats_enabled`) plus the CPU time of its own processes, over \
+         the load. For the packet capture this misses the kernel's copying of every packet \
+         to the capture socket, which runs in the context of the traffic and is not \
+         attributable: its figure is a lower bound. Events/request, lost events, RSS (peak) \
+         and BPF map memory are the tracer's own.\n"
+    );
+    let mut keep_alive_tracer = None;
+    for (workload, samples) in results {
+        let _ = writeln!(out, "## {}\n", workload.title());
+        let rows = rows(samples);
+        table(&mut out, &rows);
+        let _ = writeln!(out);
+        if let Some(t) = rows.iter().find(|r| r.config == Config::Tracer) {
+            let bpftrace = rows.iter().find(|r| r.config == Config::Bpftrace).map(|r| r.cpu_per_request_us);
+            keep_alive_tracer.get_or_insert_with(Vec::new).push((*workload, t.cpu_per_request_us, t.throughput_ratio, t.lost, bpftrace));
+        }
+    }
+    let _ = writeln!(out, "## Targets\n");
+    for (workload, cpu, ratio, lost, bpftrace) in keep_alive_tracer.unwrap_or_default() {
+        let verdict = |ok: bool| if ok { "**met**" } else { "**not met**" };
+        match workload {
+            Workload::NginxKeepAlive => {
+                let _ = writeln!(
+                    out,
+                    "- CPU per request ≤ 1 µs on nginx keep-alive: {:.2} µs — {}{}",
+                    cpu,
+                    verdict(cpu <= 1.0),
+                    bpftrace.map_or(String::new(), |b| format!(" (bpftrace computing think time alone: {b:.2} µs)"))
+                );
+                let _ = writeln!(out, "- Throughput ≥ 98% of untraced with keep-alive: {:.1}% — {}", 100.0 * ratio, verdict(ratio >= 0.98));
+            }
+            Workload::NginxClose => {
+                let _ = writeln!(
+                    out,
+                    "- Throughput ≥ 97% of untraced with a new connection per request: {:.1}% — {}",
+                    100.0 * ratio,
+                    verdict(ratio >= 0.97)
+                );
+            }
+            Workload::LabKeepAlive => {}
+        }
+        if let Some(lost) = lost {
+            let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
+        }
+    }
+    if let Some(s) = scale {
+        let _ = writeln!(out, "\n## Scale\n");
+        if s.open > 0 {
+            let _ = writeln!(
+                out,
+                "- {} connections open at once (from 5 loopback source addresses, file limit raised): \
+                 the tracer tracked {} sockets, its RSS was {}, its BPF maps {}. After they closed: {} \
+                 sockets tracked, {} connections still established.",
+                s.open,
+                opt(s.open_tracked.map(|v| v as f64), 0),
+                s.open_rss_mb.map_or("–".into(), |v| format!("{v:.1} MB")),
+                s.open_map_mb.map_or("–".into(), |v| format!("{v:.1} MB")),
+                opt(s.after_close_tracked.map(|v| v as f64), 0),
+                s.after_close_live
+            );
+            if let Some(rss) = s.open_rss_mb {
+                let _ = writeln!(out, "- Tracer RSS ≤ 50 MB with {} open connections: {rss:.1} MB — {}", s.open, if rss <= 50.0 { "**met**" } else { "**not met**" });
+            }
+        }
+        if s.short > 0 {
+            let rss: Vec<String> = s.rss_samples_mb.iter().map(|(n, mb)| format!("{mb:.1} MB after {n}")).collect();
+            let _ = writeln!(
+                out,
+                "- {} short connections (a new connection per request) in {:.0} s: afterwards {} sockets \
+                 tracked with {} established; {} events lost, {} connections untracked. Tracer RSS along \
+                 the way: {}.",
+                s.short,
+                s.short_seconds,
+                opt(s.short_tracked.map(|v| v as f64), 0),
+                s.short_live,
+                opt(s.short_lost, 0),
+                opt(s.short_untracked, 0),
+                rss.join(", ")
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 4s test @ http://127.0.0.1:8080/index.html
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   310.00us  100.00us   2.00ms   90.00%
+  Latency Distribution
+     50%  290.00us
+     75%  350.00us
+     90%  400.00us
+     99%    1.20ms
+  123456 requests in 4.00s, 100.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:  30864.00
+Transfer/sec:     25.00MB
+";
+
+    #[test]
+    fn parses_wrk() {
+        let s = parse_wrk(WRK).unwrap();
+        assert_eq!((s.rps, s.requests, s.p50_us, s.p99_us, s.errors), (30864.0, 123456.0, 290.0, 1200.0, 3));
+        assert!(parse_wrk("nothing").is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
