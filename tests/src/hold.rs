@@ -22,10 +22,23 @@ pub struct HoldOptions {
     /// Source addresses 127.0.0.2, 127.0.0.3, … (this many).
     #[arg(long, default_value_t = 5)]
     pub sources: u8,
+    /// The first source address is 127.0.0.(2 + this), so that several holders spread
+    /// over different addresses.
+    #[arg(long, default_value_t = 0)]
+    pub source_offset: u8,
 }
 
+/// Raises the soft file limit to `n`, within the hard limit (raising that needs
+/// CAP_SYS_RESOURCE, which containers often lack: run several `lab hold` instead).
 fn raise_fd_limit(n: u64) -> Result<()> {
-    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    ensure!(
+        n <= limit.rlim_max,
+        "{n} files are over the hard limit of {}: split the connections over several `lab hold`",
+        limit.rlim_max
+    );
+    limit.rlim_cur = n;
     ensure!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0, "raising the file limit to {n}: {}", std::io::Error::last_os_error());
     Ok(())
 }
@@ -62,10 +75,10 @@ fn connect_from(source: Ipv4Addr, server: SocketAddr) -> Result<TcpStream> {
 /// Opens the connections, prints `open N`, waits for a line on stdin, closes them all
 /// and prints `closed`.
 pub fn run(opts: &HoldOptions) -> Result<()> {
-    raise_fd_limit(opts.connections as u64 + 1024)?;
+    raise_fd_limit(opts.connections as u64 + 256)?;
     let mut held = Vec::with_capacity(opts.connections);
     for i in 0..opts.connections {
-        let source = Ipv4Addr::new(127, 0, 0, 2 + (i % opts.sources.max(1) as usize) as u8);
+        let source = Ipv4Addr::new(127, 0, 0, 2 + opts.source_offset + (i % opts.sources.max(1) as usize) as u8);
         let mut stream = connect_from(source, opts.server).with_context(|| format!("connection {i}"))?;
         stream.write_all(request_text(10, false).as_bytes())?;
         let mut reader = BufReader::new(stream.try_clone()?);

@@ -78,6 +78,29 @@ pub struct ServerOptions {
     /// One request in this many reads from the replica.
     #[arg(long, default_value_t = 4)]
     pub replica_every: usize,
+    /// Also exchange UDP datagrams and Unix socket messages all along (traffic the
+    /// tracer must ignore).
+    #[arg(long)]
+    pub side_traffic: bool,
+}
+
+/// UDP and Unix-socket ping-pong in the background, forever.
+fn side_traffic() -> Result<()> {
+    use std::{io::Read as _, net::UdpSocket, os::unix::net::UnixStream};
+    let a = UdpSocket::bind("127.0.0.1:0")?;
+    let b = UdpSocket::bind("127.0.0.1:0")?;
+    let (mut x, mut y) = UnixStream::pair()?;
+    thread::spawn(move || -> Result<()> {
+        let mut buf = [0u8; 64];
+        loop {
+            a.send_to(b"ping", b.local_addr()?)?;
+            b.recv_from(&mut buf)?;
+            x.write_all(b"ping")?;
+            y.read_exact(&mut buf[..4])?;
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+    Ok(())
 }
 
 /// A listener with an explicit backlog (std's is fixed at 128).
@@ -166,6 +189,9 @@ fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared
 /// `listening on ADDR` on stdout once ready.
 pub fn run(opts: ServerOptions) -> Result<()> {
     let listener = listen(opts.listen, opts.backlog)?;
+    if opts.side_traffic {
+        side_traffic()?;
+    }
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     if opts.scenario == Scenario::Balancer && opts.backends.is_empty() {

@@ -249,6 +249,9 @@ fn merged<'a>(hists: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u64>
 fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String> {
     match &check.subject {
         Subject::Phase { name, scope, stat } => {
+            if let Some(why) = stats.unavailable.get(name.as_str()) {
+                return Err(format!("{name} is unavailable on this kernel: {why}"));
+            }
             let hist = if is_server_phase(name) {
                 let phase = Phase::ALL.into_iter().find(|p| p.name() == name).expect("checked at parse");
                 merged(listeners(stats, scope)?.into_iter().map(|l| &l.phases[&phase]))

@@ -85,6 +85,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
 
+    /// Do not attach this hook (a kernel program name, e.g. tcp_probe): runs as on a
+    /// kernel without it, for testing.
+    #[arg(long, value_name = "PROGRAM", hide = true)]
+    pub disable_hook: Vec<String>,
+
     /// Log what the tracer does (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -4,7 +4,7 @@
 //! on this kernel family; the loader attaches each, says which it chose, and names the
 //! phases lost when a hook cannot attach instead of failing silently.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -33,28 +33,32 @@ struct Hook {
     attach: Attach,
     /// What is lost without it.
     needed_for: &'static str,
+    /// Phases that cannot be measured without it.
+    phases: &'static [&'static str],
 }
 
 const HOOKS: &[Hook] = &[
-    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase" },
-    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase" },
-    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()" },
-    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in" },
-    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out" },
-    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait" },
-    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery" },
-    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits" },
-    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects" },
-    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)" },
-    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent" },
-    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received" },
-    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start" },
-    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited" },
+    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase", phases: &[] },
+    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase", phases: &[] },
+    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()", phases: &[] },
+    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in", phases: &["recv_wait", "think", "upstream"] },
+    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out", phases: &["think", "send", "delivery", "upstream"] },
+    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait", phases: &["recv_wait", "upstream"] },
+    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery", phases: &["delivery"] },
+    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits", phases: &[] },
+    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects", phases: &[] },
+    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)", phases: &[] },
+    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent", phases: &[] },
+    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received", phases: &[] },
+    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start", phases: &[] },
+    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited", phases: &[] },
 ];
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
 pub struct LoadOptions {
+    /// Hooks not to attach (by program name), to run as on a kernel without them.
+    pub disabled: Vec<String>,
     pub offsets: KernelOffsets,
     pub config: ProgramConfig,
     pub ring_buffer_bytes: u32,
@@ -63,6 +67,8 @@ pub struct LoadOptions {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Phases this kernel cannot measure, with the reason.
+    pub unavailable: BTreeMap<&'static str, String>,
 }
 
 /// Classic tracepoints need tracefs; a fresh machine may not have it mounted.
@@ -114,21 +120,33 @@ impl Probes {
                 }
             })?;
         ensure_tracefs()?;
+        let mut unavailable = BTreeMap::new();
         for hook in HOOKS {
             if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
                 warn!("this kernel has no listen-overflow drop reason: handshake ACKs dropped on a full accept queue count twice in listen_drops");
                 continue;
             }
-            let result = attach(&mut ebpf, hook, &btf);
+            let result = if opts.disabled.iter().any(|d| d == hook.program) {
+                Err(anyhow::anyhow!("disabled with --disable-hook"))
+            } else {
+                attach(&mut ebpf, hook, &btf)
+            };
             match result {
                 Ok(()) => debug!("{}: {} ({:?})", hook.hook, hook.program, hook.attach),
                 Err(e) if hook.needed_for == "every phase" => {
                     return Err(e.context(format!("attaching the {} hook ({:?})", hook.hook, hook.attach)));
                 }
-                Err(e) => warn!("{} hook unavailable ({:?}: {e:#}): no {}", hook.hook, hook.attach, hook.needed_for),
+                Err(e) => {
+                    warn!("{} hook unavailable ({:?}: {e:#}): no {}", hook.hook, hook.attach, hook.needed_for);
+                    for phase in hook.phases {
+                        unavailable
+                            .entry(*phase)
+                            .or_insert_with(|| format!("the {} hook ({}) is unavailable: {e:#}", hook.hook, hook.program));
+                    }
+                }
             }
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, unavailable })
     }
 
     pub fn add_pid(&mut self, tgid: u32) -> Result<()> {

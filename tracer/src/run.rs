@@ -30,6 +30,21 @@ use crate::{
     timeline::{Record, Timeline},
 };
 
+/// A line on stderr. Unlike `eprintln!`, never panics: a closed stderr (its reader
+/// gone) must not stop the tracer or cost the report.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), $($arg)*);
+    }};
+}
+
+/// Like `say!`, without the newline (the status line).
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        let _ = write!(io::stderr(), $($arg)*);
+    }};
+}
+
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain()
         .filter_map(|e| e.downcast_ref::<io::Error>())
@@ -160,6 +175,7 @@ pub fn run(args: Args) -> Result<i32> {
         None => args.pids.clone(),
     };
     let mut probes = Probes::load(&LoadOptions {
+        disabled: args.disable_hook.clone(),
         offsets: kernel.offsets,
         config: ProgramConfig {
             filter_by_port: (!args.ports.is_empty()) as u32,
@@ -187,8 +203,14 @@ pub fn run(args: Args) -> Result<i32> {
     }
     for &port in &args.ports {
         probes.add_port(port)?;
+        if !sockets::is_listening(port) {
+            say!("tracer: warning: nothing listens on port {port} yet; its connections are traced once something does");
+        }
     }
     let ring = probes.take_events()?;
+    for (phase, why) in &probes.unavailable {
+        say!("tracer: phase {phase} unavailable: {why}");
+    }
     // Parsing the kernel's BTF (twice: ours for offsets, aya's for loading) takes tens of
     // megabytes that are free again now; give them back rather than keep them resident.
     unsafe { libc::malloc_trim(0) };
@@ -205,7 +227,7 @@ pub fn run(args: Args) -> Result<i32> {
         format,
         print_connections: args.connections,
         timeline: Timeline::new(),
-        stats: Stats::default(),
+        stats: Stats { unavailable: probes.unavailable.clone(), ..Stats::default() },
         records: Vec::new(),
         live,
         started: Instant::now(),
@@ -232,7 +254,7 @@ async fn trace(
     };
     // The listeners' counters as they are now: listen drops count from here.
     session.poll_counters(&probes);
-    eprintln!("tracer: tracing {what}; Ctrl-C to stop");
+    say!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
     if let Some(l) = launched.as_mut() {
         l.release()?;
@@ -308,13 +330,15 @@ async fn trace(
                     }
                 }
                 if status {
-                    eprint!("{}", session.status_line());
+                    say_raw!("{}", session.status_line());
                 }
             }
         }
     };
+    // From here a second Ctrl-C ends the tracer at once, without the final report.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
     if status {
-        eprint!("\r\x1b[K");
+        say_raw!("\r\x1b[K");
     }
     // Events still in the ring buffer belong in the final report, and so do the last
     // exchanges of connections still open.
@@ -326,14 +350,14 @@ async fn trace(
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
     session.stats.tracked_sockets = probes.tracked_sockets();
-    eprintln!("tracer: {reason}; detaching");
+    say!("tracer: {reason}; detaching");
     let verdicts: Vec<Verdict> =
         args.checks.iter().map(|c| checks::evaluate(c, &session.stats, args.min_samples)).collect();
     session.report(ReportKind::Final, &verdicts)?;
     drop(probes);
     let failed_checks = verdicts.iter().filter(|v| !v.passed).count();
     if failed_checks > 0 {
-        eprintln!("tracer: {failed_checks} of {} checks failed", verdicts.len());
+        say!("tracer: {failed_checks} of {} checks failed", verdicts.len());
     }
     // The command's own failure comes first; a command the tracer stopped did not fail.
     let command_status = match launched {

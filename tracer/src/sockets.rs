@@ -79,6 +79,15 @@ fn upstream_tuples(entries: &[Entry], owned: &HashSet<u64>) -> Vec<TupleKey> {
         .collect()
 }
 
+/// Whether a TCP socket listens on `port` in the tracer's network namespace.
+pub fn is_listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .flat_map(|text| parse_table(&text))
+        .any(|e| e.state == LISTEN && e.local.1 == port)
+}
+
 /// The upstream connections process `pid` has open now.
 pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
     let owned = crate::procs::socket_inodes(pid);

@@ -115,6 +115,9 @@ pub struct Stats {
     pub lost_events: u64,
     pub read_errors: u64,
     pub state_full: u64,
+    /// Phases this kernel cannot measure, with the reason: reported as unavailable,
+    /// never as zero.
+    pub unavailable: BTreeMap<&'static str, String>,
     /// Per-socket state entries in the kernel at the last report (connections being
     /// traced right now); it returns to the number of open connections after a burst.
     pub tracked_sockets: u64,

@@ -150,19 +150,22 @@ fn span(from: u64, to: u64) -> Option<u64> {
     (from != 0 && to != 0 && to >= from).then(|| to - from)
 }
 
-pub fn socket_addr(addr: &[u8; 16], port: u16) -> SocketAddr {
+/// An address as the kernel stores it for `family`: IPv4 sockets' addresses come
+/// IPv4-mapped from the programs and are shown as IPv4; an IPv6 socket's address stays
+/// IPv6, IPv4-mapped ones included (`[::ffff:127.0.0.1]:80`), as the socket sees it.
+pub fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> SocketAddr {
     let v6 = Ipv6Addr::from(*addr);
     let ip = match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
+        Some(v4) if family != tracer_common::AF_INET6 => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, port)
 }
 
 pub fn endpoints(addr: &ConnAddr) -> (SocketAddr, SocketAddr) {
     (
-        socket_addr(&addr.local_addr, addr.local_port),
-        socket_addr(&addr.remote_addr, addr.remote_port),
+        socket_addr(addr.family, &addr.local_addr, addr.local_port),
+        socket_addr(addr.family, &addr.remote_addr, addr.remote_port),
     )
 }
 
@@ -324,7 +327,7 @@ impl Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracer_common::{kind, EventHeader, AF_INET};
+    use tracer_common::{kind, EventHeader, AF_INET, AF_INET6};
 
     const SOCK: u64 = 0xffff_8880_0000_1000;
     const MS: u64 = 1_000_000;
@@ -575,6 +578,9 @@ mod tests {
     fn ipv6_addresses_stay_ipv6() {
         let mut a = [0u8; 16];
         a[15] = 1;
-        assert_eq!(socket_addr(&a, 80).to_string(), "[::1]:80");
+        assert_eq!(socket_addr(AF_INET6, &a, 80).to_string(), "[::1]:80");
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        assert_eq!(socket_addr(AF_INET6, &mapped, 80).to_string(), "[::ffff:127.0.0.1]:80");
+        assert_eq!(socket_addr(AF_INET, &mapped, 80).to_string(), "127.0.0.1:80");
     }
 }

@@ -249,18 +249,16 @@ impl Drop for Sysctl {
 fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
     fs::create_dir_all(dir.join("html"))?;
     fs::write(dir.join("html/index.html"), "x".repeat(612))?;
-    let (connections, extra) = if scale {
-        (150_000, "worker_rlimit_nofile 300000;\n")
-    } else {
-        (4096, "")
-    };
+    // At scale: several workers sharing the port (reuseport), each within the usual hard
+    // file limit, which raising would need CAP_SYS_RESOURCE.
+    let (workers, connections, reuseport) = if scale { (8, 16_000, " reuseport") } else { (1, 4096, "") };
     let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n{extra}\
+        "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections {connections}; }}\n\
          http {{\n  access_log off;\n  keepalive_timeout 600s;\n  keepalive_requests 100000000;\n\
          client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
          uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
-         server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    root {dir}/html;\n  }}\n}}\n",
+         server {{\n    listen 127.0.0.1:{port} backlog=4096{reuseport};\n    root {dir}/html;\n  }}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");
@@ -624,22 +622,35 @@ fn scale(opts: &Options) -> Result<Scale> {
     let tracer = ScaleTracer::start(nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
     if opts.scale_open > 0 {
         eprintln!("bench: opening {} connections", opts.scale_open);
-        let mut hold = Killed(
-            Command::new(release_bin("lab"))
-                .args(["hold", "--server", &format!("127.0.0.1:{port}"), "--connections", &opts.scale_open.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?,
-        );
-        let mut lines = BufReader::new(hold.0.stdout.take().expect("piped")).lines();
-        let line = lines.next().context("lab hold exited")??;
-        out.open = line.strip_prefix("open ").context("lab hold output")?.parse()?;
+        // Holders of at most 16,000 connections each, to stay within the file limit.
+        let holders = opts.scale_open.div_ceil(16_000);
+        let mut held = Vec::new();
+        for h in 0..holders {
+            let n = opts.scale_open / holders + usize::from(h < opts.scale_open % holders);
+            let mut hold = Killed(
+                Command::new(release_bin("lab"))
+                    .args(["hold", "--server", &format!("127.0.0.1:{port}"), "--connections", &n.to_string()])
+                    .args(["--sources", "2", "--source-offset", &(2 * h).to_string()])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()?,
+            );
+            let lines = BufReader::new(hold.0.stdout.take().expect("piped")).lines();
+            held.push((hold, lines));
+        }
+        for (_, lines) in &mut held {
+            let line = lines.next().context("lab hold exited")??;
+            out.open += line.strip_prefix("open ").context("lab hold output")?.parse::<usize>()?;
+        }
         let report = tracer.next_report()?;
         out.open_tracked = report["tracked_sockets"].as_u64();
         out.open_rss_mb = status_kb(tracer.pid(), "VmRSS:").map(|kb| kb / 1024.0);
         out.open_map_mb = Some(map_bytes(tracer.pid()) / (1 << 20) as f64);
-        writeln!(hold.0.stdin.take().expect("piped"))?;
-        lines.next();
+        for (hold, lines) in &mut held {
+            writeln!(hold.0.stdin.take().expect("piped"))?;
+            lines.next();
+        }
+        drop(held);
         thread::sleep(Duration::from_millis(1500));
         let report = tracer.next_report()?;
         out.after_close_tracked = report["tracked_sockets"].as_u64();
@@ -726,16 +737,29 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     drop(lab);
     drop(nginx);
-    let scale = if opts.scale_open > 0 || opts.scale_short > 0 { Some(scale(opts)?) } else { None };
-    let text = render(opts, &results, scale.as_ref());
     let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    // Written now, and again with the scale run: a failing scale run loses nothing.
+    fs::write(&path, render(opts, &results, None))?;
+    let scale = if opts.scale_open > 0 || opts.scale_short > 0 {
+        Some(scale(opts).map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
+    let text = render(opts, &results, scale.as_ref());
     fs::write(&path, &text)?;
     println!("{text}");
     eprintln!("bench: written to {}", path.display());
-    Ok(())
+    match scale {
+        Some(Err(e)) => bail!("the scale run failed: {e}"),
+        _ => Ok(()),
+    }
 }
 
-fn render(opts: &Options, results: &BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>>, scale: Option<&Scale>) -> String {
+fn render(
+    opts: &Options,
+    results: &BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>>,
+    scale: Option<&Result<Scale, String>>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
@@ -797,12 +821,17 @@ fn render(opts: &Options, results: &BTreeMap<Workload, BTreeMap<Config, Vec<Samp
             let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
         }
     }
-    if let Some(s) = scale {
+    let _ = writeln!(out, "{READING}");
+    if let Some(Err(e)) = scale {
+        let _ = writeln!(out, "\n## Scale\n\nThe scale run failed: {e}");
+    }
+    if let Some(Ok(s)) = scale {
         let _ = writeln!(out, "\n## Scale\n");
         if s.open > 0 {
             let _ = writeln!(
                 out,
-                "- {} connections open at once (from 5 loopback source addresses, file limit raised): \
+                "- {} connections open at once (from several loopback source addresses, spread over \
+                 holders and nginx workers within the file limit): \
                  the tracer tracked {} sockets, its RSS was {}, its BPF maps {}. After they closed: {} \
                  sockets tracked, {} connections still established.",
                 s.open,
@@ -835,6 +864,40 @@ fn render(opts: &Options, results: &BTreeMap<Workload, BTreeMap<Config, Vec<Samp
     }
     out
 }
+
+/// How to read the tables: what the figures include, what limits the tracer's cost, and
+/// what was changed because of them.
+const READING: &str = "
+## Reading
+
+- **Where the tracer's CPU goes.** Per request on nginx keep-alive the programs run
+  about eight times: receive and send (process context), data arrival and
+  acknowledgement (softirq), once for nginx's socket and once for the load generator's
+  — on loopback both ends of every connection are on this machine, so roughly a third of
+  the BPF time is spent recognising the load generator's sockets as not traced (one hash
+  lookup each). A server whose clients are elsewhere pays only the traced half. The
+  receive hook is the dearest: it closes the previous exchange and emits its event. The
+  tracer process itself spends about 0.2 µs per request (decoding, the timeline, four
+  HDR histogram records).
+- **What changed because of this benchmark.** The first version woke the tracer for
+  every event: a ring-buffer wake-up is an inter-processor interrupt, a VM exit on this
+  machine, and the receive hook cost 3.4 µs per call. Events are now submitted without a
+  wake-up and drained every 20 ms (a ring a quarter full still wakes the tracer at once):
+  the hook costs about 0.23 µs. The tracer's resident memory after start-up was halved by
+  returning the memory used to parse the kernel's BTF.
+- **What limits it now.** Each hook pays one lookup in the per-socket hash map, for
+  traced and untraced sockets alike. Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`)
+  would make both cheaper, at the price of a second implementation for kernels before
+  5.11 where tracing programs cannot use it; a port-based pre-filter was tried and was
+  slower than the lookup it avoided.
+- **Throughput** on two shared cores moves by several percent from run to run, which
+  is why CPU per request, from the kernel's own accounting, is the figure to compare.
+- **The alternatives.** The capture's cost per request misses the kernel's copy of every
+  packet into the capture buffer, which is paid in the traffic's own context; its effect
+  shows in the throughput column. bpftrace measures think time only (two hooks, no
+  per-request state beyond one map entry). mitmproxy terminates and re-issues every
+  request in Python: an order of magnitude less throughput.
+";
 
 #[cfg(test)]
 mod tests {

@@ -79,7 +79,7 @@ struct UpstreamJson {
     unanswered: u64,
     bytes_in: u64,
     bytes_out: u64,
-    phases: BTreeMap<&'static str, PhaseJson>,
+    phases: BTreeMap<&'static str, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -90,7 +90,11 @@ struct ReportJson {
     events: u64,
     lost_events: u64,
     untracked_connections: u64,
+    /// Events were lost or connections went untracked: counts and histograms miss some.
+    incomplete: bool,
     tracked_sockets: u64,
+    /// Phases this kernel cannot measure, with the reason.
+    unavailable_phases: BTreeMap<&'static str, String>,
     listeners: Vec<ListenerJson>,
     upstreams: Vec<UpstreamJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -133,13 +137,18 @@ pub fn phase_json(hist: &hdrhistogram::Histogram<u64>) -> PhaseJson {
     }
 }
 
-fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
+/// A phase's statistics, or `{"unavailable": reason}` when this kernel cannot measure it.
+fn phase_value(name: &str, hist: &hdrhistogram::Histogram<u64>, unavailable: &BTreeMap<&'static str, String>) -> serde_json::Value {
+    match unavailable.get(name) {
+        Some(why) => serde_json::json!({ "unavailable": why }),
+        None => serde_json::to_value(phase_json(hist)).expect("serializable"),
+    }
+}
+
+fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static str, String>) -> ListenerJson {
     let phases = Phase::ALL
         .into_iter()
-        .map(|p| {
-            let value = serde_json::to_value(phase_json(&l.phases[&p])).expect("serializable");
-            (p.name().to_owned(), value)
-        })
+        .map(|p| (p.name().to_owned(), phase_value(p.name(), &l.phases[&p], unavailable)))
         .collect();
     ListenerJson {
         port,
@@ -169,7 +178,7 @@ fn listener_json(port: u16, l: &ListenerStats) -> ListenerJson {
     }
 }
 
-fn upstream_json(peer: &SocketAddr, p: &PeerStats) -> UpstreamJson {
+fn upstream_json(peer: &SocketAddr, p: &PeerStats, unavailable: &BTreeMap<&'static str, String>) -> UpstreamJson {
     UpstreamJson {
         peer: peer.to_string(),
         connections: p.connections,
@@ -179,7 +188,10 @@ fn upstream_json(peer: &SocketAddr, p: &PeerStats) -> UpstreamJson {
         unanswered: p.unanswered,
         bytes_in: p.bytes_in,
         bytes_out: p.bytes_out,
-        phases: BTreeMap::from([("connect", phase_json(&p.connect)), ("upstream", phase_json(&p.upstream))]),
+        phases: BTreeMap::from([
+            ("connect", phase_value("connect", &p.connect, unavailable)),
+            ("upstream", phase_value("upstream", &p.upstream, unavailable)),
+        ]),
     }
 }
 
@@ -226,9 +238,11 @@ impl Format for Json {
             events: s.stats.events,
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
+            incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0,
             tracked_sockets: s.stats.tracked_sockets,
-            listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l)).collect(),
-            upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p)).collect(),
+            unavailable_phases: s.stats.unavailable.clone(),
+            listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l, &s.stats.unavailable)).collect(),
+            upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p, &s.stats.unavailable)).collect(),
             checks: s
                 .checks
                 .iter()

@@ -53,7 +53,15 @@ pub fn bar(hist: &Histogram<u64>) -> String {
         .collect()
 }
 
-fn phase_row(out: &mut String, name: &str, hist: &Histogram<u64>) {
+type Unavailable = std::collections::BTreeMap<&'static str, String>;
+
+fn phase_row(out: &mut String, name: &str, hist: &Histogram<u64>, unavailable: &Unavailable) {
+    if let Some(why) = unavailable.get(name) {
+        // Not measurable on this kernel: say so rather than print zeros.
+        let line: String = format!("  {name:<11} unavailable: {why}").chars().take(80).collect();
+        let _ = writeln!(out, "{line}");
+        return;
+    }
     if hist.is_empty() {
         let _ = writeln!(out, "  {:<11} {:>7}  {:>7} {:>7} {:>7} {:>7} {:>7}", name, 0, "-", "-", "-", "-", "-");
         return;
@@ -73,7 +81,7 @@ fn phase_row(out: &mut String, name: &str, hist: &Histogram<u64>) {
     );
 }
 
-pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
+pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavailable: &Unavailable) {
     let _ = writeln!(
         out,
         "listener :{port}  connections {}  requests {}  aborted {}  in {}B  out {}B",
@@ -86,7 +94,7 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats) {
     );
     header_row(out);
     for phase in Phase::ALL {
-        phase_row(out, phase.name(), &l.phases[&phase]);
+        phase_row(out, phase.name(), &l.phases[&phase], unavailable);
     }
     if let Some(line) = diagnosis(l) {
         let _ = writeln!(out, "  {line}");
@@ -146,7 +154,7 @@ fn wrap(head: &str, parts: &[String]) -> String {
     out
 }
 
-pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats) {
+pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats, unavailable: &Unavailable) {
     let _ = writeln!(
         out,
         "upstream {peer}  connections {}  requests {}  in {}B  out {}B",
@@ -158,8 +166,8 @@ pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats
         let _ = writeln!(out, "  {}", wrap("failed connects: ", &failures));
     }
     header_row(out);
-    phase_row(out, "connect", &p.connect);
-    phase_row(out, "upstream", &p.upstream);
+    phase_row(out, "connect", &p.connect, unavailable);
+    phase_row(out, "upstream", &p.upstream, unavailable);
 }
 
 /// Where a typical connection's time goes: each phase's mean as a share of the sum of
@@ -268,10 +276,10 @@ impl Format for Text {
             let _ = writeln!(out, "no connections seen");
         }
         for (port, l) in &s.stats.listeners {
-            listener_section(&mut out, *port, l);
+            listener_section(&mut out, *port, l, &s.stats.unavailable);
         }
         for (peer, p) in &s.stats.peers {
-            peer_section(&mut out, peer, p);
+            peer_section(&mut out, peer, p, &s.stats.unavailable);
         }
         if !s.checks.is_empty() {
             let failed = s.checks.iter().filter(|v| !v.passed).count();
@@ -343,8 +351,10 @@ mod tests {
         p.failures.insert(crate::upstream::ConnectOutcome::Abandoned, 3);
         p.connect.record(3_000_000_000_000).unwrap();
         let mut out = String::new();
-        listener_section(&mut out, 65535, &l);
-        peer_section(&mut out, &"[fe80::1]:65535".parse().unwrap(), &p);
+        let unavailable = Unavailable::from([("delivery", "the acknowledgements hook (tcp_probe) is unavailable: a long reason that goes on and on".to_owned())]);
+        listener_section(&mut out, 65535, &l, &unavailable);
+        peer_section(&mut out, &"[fe80::1]:65535".parse().unwrap(), &p, &unavailable);
+        assert!(out.contains("  delivery    unavailable: the acknowledgements hook"), "{out}");
         for line in out.lines() {
             assert!(line.chars().count() <= 80, "{} columns: {line}", line.chars().count());
         }
