@@ -566,7 +566,7 @@ impl ScaleTracer {
     fn start(pid: u32, max_sockets: usize) -> Result<Self> {
         let mut cmd = Command::new(release_bin("tracer"));
         cmd.args(["--pid", &pid.to_string(), "--output", "json", "--interval", "1s"])
-            .args(["--max-sockets", &max_sockets.to_string(), "--ring-buffer-size", &(16 << 20).to_string()])
+            .args(["--max-sockets", &max_sockets.to_string()])
             .stdout(Stdio::piped());
         let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
         let stdout = child.0.stdout.take().expect("piped");
