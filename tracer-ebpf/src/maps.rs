@@ -36,6 +36,10 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     file_private_data: 0,
     socket_sk: 0,
     sk_err: 0,
+    tcp_total_retrans: 0,
+    tcp_bytes_sent: 0,
+    tcp_bytes_retrans: 0,
+    _pad: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -14,9 +14,11 @@ use crate::{
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_FIN_WAIT2: i32 = 5;
 const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 const TCP_CLOSING: i32 = 11;
 
@@ -38,7 +40,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
                 // The peer closed first and has now acknowledged our FIN.
                 on_all_acked(sk);
             }
-            on_close(sk)
+            on_close(sk, old)
         }
         // Our FIN is acknowledged, so is every byte before it.
         (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
@@ -60,14 +62,18 @@ fn on_passive_established(sk: u64) {
     let mut st = SockState::new(origin::ACCEPTED);
     st.established_ns = ts;
     st.local_port = local_port as u32;
-    let addr = conn_addr(sk);
-    let key = tuple_key(&addr);
-    if let Some(info) = SYNACKS.get_ptr(&key) {
+    // The child inherits the request's SYN-ACK retransmits: only then is the first
+    // SYN-ACK's time to be found in SYNACKS (the common case needs no lookup).
+    let retransmitted = read::<u32>(sk, off!(tcp_total_retrans)).unwrap_or(1) != 0;
+    let key = if retransmitted { Some(tuple_key(&conn_addr(sk))) } else { None };
+    if let Some(info) = key.as_ref().and_then(|key| SYNACKS.get_ptr(key)) {
         // A SYN-ACK was retransmitted: the request socket told us when the first went out.
         let info = unsafe { *info };
         st.synack_ns = info.first_synack_ns;
         st.synack_retransmits = info.retransmits;
-        let _ = SYNACKS.remove(&key);
+        if let Some(key) = key.as_ref() {
+            let _ = SYNACKS.remove(key);
+        }
     } else {
         // No retransmit: the kernel measured the SYN-ACK round trip into srtt just before
         // this state change (srtt_us holds 8 × the first sample, in microseconds).
@@ -91,7 +97,7 @@ fn on_all_acked(sk: u64) {
 
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
 #[inline(never)]
-fn on_close(sk: u64) {
+fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
     if origin::is_client(st.origin) {
         if st.origin == origin::CONNECTED && st.established_ns == 0 {
@@ -107,8 +113,11 @@ fn on_close(sk: u64) {
     } else if st.owner != 0 {
         let addr = conn_addr(sk);
         emit_close(sk, st, &addr, now());
-        // An abortive close sends its reset after this state change.
-        let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
+        // An abortive close (straight from an open state, in the application's close)
+        // sends its reset after this state change; an orderly one never does.
+        if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
+            let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
+        }
     }
     remove_state(sk);
 }

@@ -15,6 +15,7 @@ Examples:
   tracer --pid 1234 --connections             also one line per connection as it closes
   tracer --pid 1234 --output json > out.json  JSON lines (see README for the fields)
   tracer --pid 1234 --slow 200ms              one line per request slower than 200 ms
+  tracer doctor                               what this kernel offers: hooks and phases
   tracer --duration 60s --check 'think.p99<50ms' --check 'listen_drops==0' -- ./server
                                               run ./server traced for 60 s; exit 1 if a
                                               check fails (CI)

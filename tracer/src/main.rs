@@ -8,6 +8,7 @@ mod btf;
 mod checks;
 mod cli;
 mod command;
+mod doctor;
 mod events;
 mod listeners;
 mod offsets;
@@ -28,6 +29,32 @@ use clap::Parser as _;
 const EXIT_SETUP: i32 = 2;
 
 fn main() {
+    // `tracer doctor` stands apart from the tracing options.
+    if std::env::args().nth(1).as_deref() == Some("doctor") {
+        env_logger::Builder::new().filter_level(log::LevelFilter::Error).init();
+        // Only option: `--disable-hook PROGRAM` (repeatable), as for tracing.
+        let rest: Vec<String> = std::env::args().skip(2).collect();
+        let mut disabled = Vec::new();
+        let mut i = 0;
+        while i < rest.len() {
+            match (rest[i].as_str(), rest.get(i + 1)) {
+                ("--disable-hook", Some(program)) => disabled.push(program.clone()),
+                (other, _) => {
+                    let _ = writeln!(io::stderr(), "tracer doctor: unexpected argument '{other}'");
+                    std::process::exit(EXIT_SETUP);
+                }
+            }
+            i += 2;
+        }
+        let code = match doctor::run(disabled) {
+            Ok(code) => code,
+            Err(err) => {
+                let _ = writeln!(io::stderr(), "tracer: error: {err:#}");
+                EXIT_SETUP
+            }
+        };
+        std::process::exit(code);
+    }
     let args = cli::Args::parse();
     let level = match args.verbose {
         0 => log::LevelFilter::Warn,

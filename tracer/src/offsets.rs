@@ -42,6 +42,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         file_private_data: byte("file", "private_data", 8)?,
         socket_sk: byte("socket", "sk", 8)?,
         sk_err: byte("sock", "sk_err", 4)?,
+        tcp_total_retrans: byte("tcp_sock", "total_retrans", 4)?,
+        tcp_bytes_sent: byte("tcp_sock", "bytes_sent", 8)?,
+        tcp_bytes_retrans: byte("tcp_sock", "bytes_retrans", 8)?,
+        _pad: 0,
     };
     Ok(offsets)
 }

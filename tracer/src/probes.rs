@@ -69,6 +69,16 @@ pub struct Probes {
     ebpf: Ebpf,
     /// Phases this kernel cannot measure, with the reason.
     pub unavailable: BTreeMap<&'static str, String>,
+    /// Every hook: its implementation and whether it attached (the error if not).
+    pub hooks: Vec<HookStatus>,
+}
+
+/// How one hook fared on this kernel (for `tracer doctor`).
+pub struct HookStatus {
+    pub hook: &'static str,
+    pub implementation: String,
+    pub needed_for: &'static str,
+    pub error: Option<String>,
 }
 
 /// Classic tracepoints need tracefs; a fresh machine may not have it mounted.
@@ -121,16 +131,25 @@ impl Probes {
             })?;
         ensure_tracefs()?;
         let mut unavailable = BTreeMap::new();
+        let mut hooks = Vec::new();
         for hook in HOOKS {
-            if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
+            let result = if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
                 warn!("this kernel has no listen-overflow drop reason: handshake ACKs dropped on a full accept queue count twice in listen_drops");
-                continue;
-            }
-            let result = if opts.disabled.iter().any(|d| d == hook.program) {
+                Err(anyhow::anyhow!("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))
+            } else if opts.disabled.iter().any(|d| d == hook.program) {
                 Err(anyhow::anyhow!("disabled with --disable-hook"))
             } else {
                 attach(&mut ebpf, hook, &btf)
             };
+            hooks.push(HookStatus {
+                hook: hook.hook,
+                implementation: match hook.attach {
+                    Attach::TpBtf(name) => format!("tp_btf/{name}"),
+                    Attach::TracePoint(category, name) => format!("tracepoint/{category}/{name}"),
+                },
+                needed_for: hook.needed_for,
+                error: result.as_ref().err().map(|e| format!("{e:#}")),
+            });
             match result {
                 Ok(()) => debug!("{}: {} ({:?})", hook.hook, hook.program, hook.attach),
                 Err(e) if hook.needed_for == "every phase" => {
@@ -146,7 +165,7 @@ impl Probes {
                 }
             }
         }
-        Ok(Self { ebpf, unavailable })
+        Ok(Self { ebpf, unavailable, hooks })
     }
 
     pub fn add_pid(&mut self, tgid: u32) -> Result<()> {

@@ -1,0 +1,64 @@
+//! `tracer doctor`: what this kernel offers the tracer. Loads and attaches every hook as
+//! a trace would, then says which implementation each hook uses (or why none works) and
+//! which phases are therefore available.
+//!
+//! Exit status: 0 when every phase is available, 1 when some are not, 2 on error.
+
+use std::{fs, io::Write as _};
+
+use anyhow::Result;
+use tracer_common::ProgramConfig;
+
+use crate::{
+    offsets,
+    probes::{LoadOptions, Probes},
+    timeline::Phase,
+};
+
+/// Phases beyond the server's six.
+const CLIENT_PHASES: [&str; 2] = ["connect", "upstream"];
+
+/// `disabled`: hooks not to attach, to see what a kernel without them would give.
+pub fn run(disabled: Vec<String>) -> Result<i32> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let btf = fs::metadata("/sys/kernel/btf/vmlinux");
+    let mut out = String::new();
+    out += &format!("kernel: Linux {}\n", release.trim());
+    out += &match &btf {
+        Ok(m) => format!("BTF: /sys/kernel/btf/vmlinux ({:.1} MB)\n", m.len() as f64 / 1e6),
+        Err(e) => format!("BTF: missing ({e}); the tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF\n"),
+    };
+    print(&out);
+    let kernel = offsets::from_running_kernel()?;
+    let probes = Probes::load(&LoadOptions {
+        disabled,
+        offsets: kernel.offsets,
+        config: ProgramConfig {
+            filter_by_port: 0,
+            drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
+        },
+        ring_buffer_bytes: 4096,
+        max_sockets: 16,
+    })?;
+    let mut out = String::from("\nhooks:\n");
+    for h in &probes.hooks {
+        match &h.error {
+            None => out += &format!("  {:<22} {}\n", h.hook, h.implementation),
+            Some(e) => out += &format!("  {:<22} none: {} failed ({e}); lost: {}\n", h.hook, h.implementation, h.needed_for),
+        }
+    }
+    out += "\nphases:\n";
+    let phases = Phase::ALL.iter().map(|p| p.name()).chain(CLIENT_PHASES);
+    for phase in phases {
+        match probes.unavailable.get(phase) {
+            None => out += &format!("  {phase:<12} available\n"),
+            Some(why) => out += &format!("  {phase:<12} unavailable: {why}\n"),
+        }
+    }
+    print(&out);
+    Ok(if probes.unavailable.is_empty() { 0 } else { 1 })
+}
+
+fn print(text: &str) {
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
