@@ -41,8 +41,11 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     if let Some(st) = state_mut(sk) {
-        // Data that arrives while a request is being read belongs to that request.
-        if st.pending_data_ns == 0 && st.dir != dir::READING {
+        // The first data since the application last read. Every read clears it, so data
+        // of the request being read never counts for the next one, while the next
+        // request's first bytes count even when they come before the hook of the
+        // response's write has run (a fast client on loopback).
+        if st.pending_data_ns == 0 {
             st.pending_data_ns = now();
         }
     }
