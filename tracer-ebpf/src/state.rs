@@ -30,11 +30,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     match (old, new) {
         (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
         (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
-        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-            if let Some(st) = state_mut(sk) {
-                upstream::on_connect_end(sk, st, 0);
-            }
-        }
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
         (_, TCP_CLOSE) => {
             if old == TCP_LAST_ACK {
                 // The peer closed first and has now acknowledged our FIN.
@@ -84,6 +80,16 @@ fn on_passive_established(sk: u64) {
         }
     }
     insert_state(sk, &st);
+}
+
+/// Each arm of the state hook is a BPF subprogram of its own, with its own stack frame:
+/// kernels before 6.13 limit the frames of a call chain to 512 bytes together, so the
+/// hook's own frame must stay small.
+#[inline(never)]
+fn on_active_established(sk: u64) {
+    if let Some(st) = state_mut(sk) {
+        upstream::on_connect_end(sk, st, 0);
+    }
 }
 
 #[inline(always)]

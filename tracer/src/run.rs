@@ -213,7 +213,10 @@ pub fn run(args: Args) -> Result<i32> {
     }
     // Parsing the kernel's BTF (twice: ours for offsets, aya's for loading) takes tens of
     // megabytes that are free again now; give them back rather than keep them resident.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

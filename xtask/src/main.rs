@@ -1,9 +1,10 @@
-//! Project automation: `cargo xtask setup | test | demo | bench`.
+//! Project automation: `cargo xtask setup | test | demo | bench | vm-test`.
 
 mod bench;
 mod demo;
 mod setup;
 mod test;
+mod vmtest;
 
 use std::process::Command;
 
@@ -29,6 +30,9 @@ enum Cmd {
     /// Measure the tracer's overhead side by side with a packet capture, bpftrace and a
     /// proxy, then at scale; writes BENCHMARKS.md.
     Bench(bench::Options),
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run `tracer doctor` and
+    /// an accuracy subset inside each.
+    VmTest(vmtest::Options),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
         Cmd::Test(opts) => test::run(&opts),
         Cmd::Demo(opts) => demo::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::VmTest(opts) => vmtest::run(&opts),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
