@@ -18,9 +18,10 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let child: u64 = ctx.arg(1);
-    let (Some(pid), Some(tgid)) = (read::<u32>(child, off!(task_pid)), read::<u32>(child, off!(task_tgid))) else {
-        return 0;
-    };
+    // One read after the other: reading both in a tuple pattern made older verifiers
+    // (6.1) reject the program over a register the compiler left unset on one path.
+    let Some(pid) = read::<u32>(child, off!(task_pid)) else { return 0 };
+    let Some(tgid) = read::<u32>(child, off!(task_tgid)) else { return 0 };
     if pid != tgid {
         return 0; // a new thread of a traced process: already covered by its tgid
     }

@@ -31,6 +31,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
         (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
+        // A connect that failed or was given up.
+        (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
         (_, TCP_CLOSE) => {
             if old == TCP_LAST_ACK {
                 // The peer closed first and has now acknowledged our FIN.
@@ -106,24 +108,34 @@ fn on_all_acked(sk: u64) {
 fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
     if origin::is_client(st.origin) {
-        if st.origin == origin::CONNECTED && st.established_ns == 0 {
-            upstream::on_connect_failed(sk, st);
-        } else {
-            if st.dir == dir::WRITING {
-                // A request that got no response.
-                upstream::emit_request(sk, st, upstream::NO_RESPONSE);
-            }
-            let addr = conn_addr(sk);
-            emit_close(sk, st, &addr, now());
+        if st.dir == dir::WRITING {
+            // A request that got no response.
+            upstream::emit_unanswered(sk, st);
         }
+        on_client_close(sk, st);
     } else if st.owner != 0 {
-        let addr = conn_addr(sk);
-        emit_close(sk, st, &addr, now());
-        // An abortive close (straight from an open state, in the application's close)
-        // sends its reset after this state change; an orderly one never does.
-        if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
-            let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
-        }
+        on_server_close(sk, st, old);
     }
     remove_state(sk);
+}
+
+/// The close path's parts are subprograms of their own, so that the frames of a call
+/// chain stay within the 512 bytes kernels before 6.13 allow.
+#[inline(never)]
+fn on_client_close(sk: u64, st: &mut SockState) {
+    // (A connect that never completed closes from SYN_SENT: `on_connect_closed`; a
+    // request left without a response was emitted by `on_close`.)
+    let addr = conn_addr(sk);
+    emit_close(sk, st, &addr, now());
+}
+
+#[inline(never)]
+fn on_server_close(sk: u64, st: &mut SockState, old: i32) {
+    let addr = conn_addr(sk);
+    emit_close(sk, st, &addr, now());
+    // An abortive close (straight from an open state, in the application's close)
+    // sends its reset after this state change; an orderly one never does.
+    if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
+        let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
+    }
 }

@@ -62,10 +62,17 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
 
 /// A connecting socket closed: the connect failed with the socket's error, or the
 /// application gave up on it.
-#[inline(always)]
-pub fn on_connect_failed(sk: u64, st: &mut SockState) {
-    let err = read::<i32>(sk, off!(sk_err)).unwrap_or(0);
-    on_connect_end(sk, st, if err != 0 { err } else { CONNECT_ABANDONED });
+/// A connecting socket closed (SYN_SENT → CLOSE): the connect failed with the socket's
+/// error, or the application gave up on it. Called straight from the state hook, as a
+/// subprogram of its own: kernels before 6.13 allow a call chain 512 bytes of frames.
+#[inline(never)]
+pub fn on_connect_closed(sk: u64) {
+    let Some(st) = state_mut(sk) else { return };
+    if st.origin == origin::CONNECTED && st.established_ns == 0 {
+        let err = read::<i32>(sk, off!(sk_err)).unwrap_or(0);
+        on_connect_end(sk, st, if err != 0 { err } else { CONNECT_ABANDONED });
+    }
+    crate::conn::remove_state(sk);
 }
 
 #[inline(always)]
@@ -154,3 +161,10 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 
 /// Flags for a request cut short by the connection's close.
 pub const NO_RESPONSE: u32 = flags::ABORTED;
+
+/// The request in progress when the connection closed, which got no response. A
+/// subprogram of its own for the close path (see `state::on_close`).
+#[inline(never)]
+pub fn emit_unanswered(sk: u64, st: &mut SockState) {
+    emit_request(sk, st, NO_RESPONSE);
+}

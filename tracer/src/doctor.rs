@@ -44,7 +44,11 @@ pub fn run(disabled: Vec<String>) -> Result<i32> {
     for h in &probes.hooks {
         match &h.error {
             None => out += &format!("  {:<22} {}\n", h.hook, h.implementation),
-            Some(e) => out += &format!("  {:<22} none: {} failed ({e}); lost: {}\n", h.hook, h.implementation, h.needed_for),
+            Some(e) => {
+                // The verifier's log can run to pages: its first line says enough here.
+                let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
+                out += &format!("  {:<22} none: {} failed ({first}); lost: {}\n", h.hook, h.implementation, h.needed_for)
+            }
         }
     }
     out += "\nphases:\n";
