@@ -14,7 +14,7 @@ use crate::{
     off, upstream,
 };
 
-const MSG_PEEK: i32 = 2;
+pub const MSG_PEEK: i32 = 2;
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
@@ -70,7 +70,7 @@ pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn on_read(sk: u64, len: u64) {
+pub fn on_read(sk: u64, len: u64) {
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {
@@ -101,7 +101,7 @@ fn on_read(sk: u64, len: u64) {
 }
 
 #[inline(always)]
-fn on_write(sk: u64, len: u64) {
+pub fn on_write(sk: u64, len: u64) {
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {

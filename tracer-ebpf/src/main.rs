@@ -14,6 +14,7 @@
 
 mod accept;
 mod conn;
+mod fallback;
 mod io;
 mod kernel;
 mod listen;

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
@@ -24,6 +24,21 @@ enum Attach {
     TpBtf(&'static str),
     /// Classic tracepoint under tracefs: category and name.
     TracePoint(&'static str, &'static str),
+    /// BPF trampoline on a kernel function's return (its arguments and return value).
+    FExit(&'static str),
+    /// BPF trampoline on a kernel function's entry.
+    FEntry(&'static str),
+}
+
+impl Attach {
+    fn describe(self) -> String {
+        match self {
+            Attach::TpBtf(name) => format!("tp_btf/{name}"),
+            Attach::TracePoint(category, name) => format!("tracepoint/{category}/{name}"),
+            Attach::FExit(name) => format!("fexit/{name}"),
+            Attach::FEntry(name) => format!("fentry/{name}"),
+        }
+    }
 }
 
 struct Hook {
@@ -35,23 +50,26 @@ struct Hook {
     needed_for: &'static str,
     /// Phases that cannot be measured without it.
     phases: &'static [&'static str],
+    /// Other implementations, tried in order when the first does not load or attach
+    /// (program name, attachment).
+    fallbacks: &'static [(&'static str, Attach)],
 }
 
 const HOOKS: &[Hook] = &[
-    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase", phases: &[] },
-    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase", phases: &[] },
-    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()", phases: &[] },
-    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in", phases: &["recv_wait", "think", "upstream"] },
-    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out", phases: &["think", "send", "delivery", "upstream"] },
-    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait", phases: &["recv_wait", "upstream"] },
-    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery", phases: &["delivery"] },
-    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits", phases: &[] },
-    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects", phases: &[] },
-    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)", phases: &[] },
-    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent", phases: &[] },
-    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received", phases: &[] },
-    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start", phases: &[] },
-    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited", phases: &[] },
+    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase", phases: &[], fallbacks: &[] },
+    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase", phases: &[], fallbacks: &[] },
+    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()", phases: &[], fallbacks: &[] },
+    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in, and the request boundaries send and delivery need", phases: &["recv_wait", "think", "send", "delivery", "upstream"], fallbacks: &[("tcp_recvmsg_exit_nonblock", Attach::FExit("tcp_recvmsg")), ("tcp_recvmsg_exit", Attach::FExit("tcp_recvmsg"))] },
+    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out", phases: &["think", "send", "delivery", "upstream"], fallbacks: &[("tcp_sendmsg_exit", Attach::FExit("tcp_sendmsg"))] },
+    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait", phases: &["recv_wait", "upstream"], fallbacks: &[("sock_def_readable", Attach::FEntry("sock_def_readable"))] },
+    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery", phases: &["delivery"], fallbacks: &[] },
+    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits", phases: &[], fallbacks: &[] },
+    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects", phases: &[], fallbacks: &[] },
+    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)", phases: &[], fallbacks: &[] },
+    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent", phases: &[], fallbacks: &[] },
+    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received", phases: &[], fallbacks: &[] },
+    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start", phases: &[], fallbacks: &[] },
+    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited", phases: &[], fallbacks: &[] },
 ];
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -133,25 +151,46 @@ impl Probes {
         let mut unavailable = BTreeMap::new();
         let mut hooks = Vec::new();
         for hook in HOOKS {
-            let result = if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
+            let mut chosen = hook.attach;
+            let mut result = if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
                 warn!("this kernel has no listen-overflow drop reason: handshake ACKs dropped on a full accept queue count twice in listen_drops");
                 Err(anyhow::anyhow!("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))
             } else if opts.disabled.iter().any(|d| d == hook.program) {
                 Err(anyhow::anyhow!("disabled with --disable-hook"))
             } else {
-                attach(&mut ebpf, hook, &btf)
+                attach(&mut ebpf, hook.program, hook.attach, &btf)
             };
+            // The first implementation that this kernel accepts. (For tcp_recvmsg, the
+            // variant with the older, longer argument list comes first: the verifier
+            // rejects it where the function has fewer arguments.)
+            for &(program, how) in hook.fallbacks {
+                if result.is_ok() {
+                    break;
+                }
+                if opts.disabled.iter().any(|d| d == program) {
+                    continue;
+                }
+                match attach(&mut ebpf, program, how, &btf) {
+                    Ok(()) => {
+                        chosen = how;
+                        result = Ok(());
+                    }
+                    Err(e) => {
+                        debug!("{}: {} unavailable: {e:#}", hook.hook, how.describe());
+                        // Say why each implementation failed (first line: verifier logs are long).
+                        let first = format!("{e:#}").lines().next().unwrap_or("").chars().take(200).collect::<String>();
+                        result = result.map_err(|prev| prev.context(format!("{} failed too: {first}", how.describe())));
+                    }
+                }
+            }
             hooks.push(HookStatus {
                 hook: hook.hook,
-                implementation: match hook.attach {
-                    Attach::TpBtf(name) => format!("tp_btf/{name}"),
-                    Attach::TracePoint(category, name) => format!("tracepoint/{category}/{name}"),
-                },
+                implementation: chosen.describe(),
                 needed_for: hook.needed_for,
                 error: result.as_ref().err().map(|e| format!("{e:#}")),
             });
             match result {
-                Ok(()) => debug!("{}: {} ({:?})", hook.hook, hook.program, hook.attach),
+                Ok(()) => debug!("{}: {}", hook.hook, chosen.describe()),
                 Err(e) if hook.needed_for == "every phase" => {
                     return Err(e.context(format!("attaching the {} hook ({:?})", hook.hook, hook.attach)));
                 }
@@ -249,11 +288,9 @@ impl Probes {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf) -> Result<()> {
-    let program = ebpf
-        .program_mut(hook.program)
-        .with_context(|| format!("program {} missing from the object", hook.program))?;
-    match hook.attach {
+fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
+    let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
+    match how {
         Attach::TpBtf(name) => {
             let p: &mut BtfTracePoint = program.try_into()?;
             p.load(name, btf)?;
@@ -263,6 +300,16 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &Btf) -> Result<()> {
             let p: &mut TracePoint = program.try_into()?;
             p.load()?;
             p.attach(category, name)?;
+        }
+        Attach::FExit(function) => {
+            let p: &mut FExit = program.try_into()?;
+            p.load(function, btf)?;
+            p.attach()?;
+        }
+        Attach::FEntry(function) => {
+            let p: &mut FEntry = program.try_into()?;
+            p.load(function, btf)?;
+            p.attach()?;
         }
     }
     Ok(())
