@@ -38,6 +38,14 @@ pub fn state_mut(sk: u64) -> Option<&'static mut SockState> {
     SOCKS.get_ptr_mut(sk).map(|p| unsafe { &mut *p })
 }
 
+/// A fresh state of `origin`, built in the per-CPU scratch map (not on the stack).
+#[inline(always)]
+pub fn scratch_state(origin: u32) -> Option<&'static mut SockState> {
+    let st = unsafe { &mut *crate::maps::NEW_STATE.get_ptr_mut(0)? };
+    *st = SockState::new(origin);
+    Some(st)
+}
+
 #[inline(always)]
 pub fn insert_state(sk: u64, state: &SockState) -> bool {
     if SOCKS.insert(sk, state, 0).is_err() {

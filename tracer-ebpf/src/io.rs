@@ -8,7 +8,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, progra
 use tracer_common::{flags, origin};
 
 use crate::{
-    conn::{current_tid, dir, emit_open, finish_request, insert_state, now, state_mut, SockState},
+    conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
     maps::{filter_by_port, is_traced_port, is_traced_tgid},
     off, upstream,
@@ -150,12 +150,12 @@ fn adopt(sk: u64, writing: bool) -> Option<&'static mut SockState> {
     if filter_by_port() && !is_traced_port(local_port) {
         return None;
     }
-    let mut st = SockState::new(origin::EXISTING);
+    let st = scratch_state(origin::EXISTING)?;
     st.owner = tgid;
     st.local_port = local_port as u32;
-    if !insert_state(sk, &st) {
+    if !insert_state(sk, st) {
         return None;
     }
-    emit_open(sk, &st, &conn_addr(sk), now(), 0);
+    emit_open(sk, st, &conn_addr(sk), now(), 0);
     state_mut(sk)
 }

@@ -123,6 +123,11 @@ pub static ACK_OVERFLOWS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(40
 #[map]
 pub static EXISTING_CLIENTS: HashMap<TupleKey, u32> = HashMap::with_max_entries(16384, 0);
 
+/// A per-CPU place to build a new connection's state before inserting it: on the stack
+/// it would take 144 of the 512 bytes a hook and its callees may use.
+#[map]
+pub static NEW_STATE: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU counters (see `tracer_common::counter`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

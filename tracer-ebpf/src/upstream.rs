@@ -15,7 +15,7 @@ use aya_ebpf::{
 use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
-    conn::{current_tid, dir, header, insert_state, now, state_mut, SockState},
+    conn::{current_tid, dir, header, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
     maps::{submit_flags, bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
     off,
@@ -140,11 +140,11 @@ pub fn adopt_existing(sk: u64, tgid: u32) -> bool {
         return false;
     }
     let _ = EXISTING_CLIENTS.remove(&key);
-    let mut st = SockState::new(origin::EXISTING_CONNECTED);
+    let Some(st) = scratch_state(origin::EXISTING_CONNECTED) else { return false };
     st.owner = tgid;
     st.tid = current_tid();
     st.local_port = addr.local_port as u32;
-    insert_state(sk, &st)
+    insert_state(sk, st)
 }
 
 /// `tcp_retransmit_skb(sk, skb, ...)`: counts the SYNs of a traced connect sent again.
