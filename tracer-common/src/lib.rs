@@ -390,8 +390,12 @@ pub struct ProgramConfig {
     /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` in this kernel's
     /// `enum skb_drop_reason` (u32::MAX when the kernel has none).
     pub drop_reason_listen_overflow: u32,
+    /// Bytes waiting in the ring buffer that make the programs wake userspace at once
+    /// (below this, events wait for its next timed drain).
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ProgramConfig>() == 8);
+const _: () = assert!(size_of::<ProgramConfig>() == 16);
 
 /// Indexes of the per-CPU `COUNTERS` array.
 pub mod counter {

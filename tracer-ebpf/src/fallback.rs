@@ -8,54 +8,32 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 
-use crate::{
-    conn::{now, state_mut},
-    io::{on_read, on_write, MSG_PEEK},
-};
+use crate::io::{on_data_ready, on_recv_return, on_send_return};
 
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
 #[fexit(function = "tcp_sendmsg")]
 pub fn tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let ret: i32 = ctx.arg(3);
-    if ret > 0 {
-        on_write(sk, ret as u64);
-    }
+    on_send_return(ctx.arg(0), ctx.arg(3));
     0
 }
 
 /// `int tcp_recvmsg(sk, msg, len, flags, addr_len)` (5.19 and later).
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit(ctx: FExitContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let flags: i32 = ctx.arg(3);
-    let ret: i32 = ctx.arg(5);
-    if ret > 0 && flags & MSG_PEEK == 0 {
-        on_read(sk, ret as u64);
-    }
+    on_recv_return(ctx.arg(0), ctx.arg(5), ctx.arg(3));
     0
 }
 
 /// `int tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)` (before 5.19).
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit_nonblock(ctx: FExitContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let flags: i32 = ctx.arg(4);
-    let ret: i32 = ctx.arg(6);
-    if ret > 0 && flags & MSG_PEEK == 0 {
-        on_read(sk, ret as u64);
-    }
+    on_recv_return(ctx.arg(0), ctx.arg(6), ctx.arg(4));
     0
 }
 
 /// `void sock_def_readable(struct sock *sk)`: data queued on a socket.
 #[fentry(function = "sock_def_readable")]
 pub fn sock_def_readable(ctx: FEntryContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(st) = state_mut(sk) {
-        if st.pending_data_ns == 0 {
-            st.pending_data_ns = now();
-        }
-    }
+    on_data_ready(ctx.arg(0));
     0
 }

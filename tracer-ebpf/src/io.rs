@@ -14,32 +14,45 @@ use crate::{
     off, upstream,
 };
 
-pub const MSG_PEEK: i32 = 2;
+const MSG_PEEK: i32 = 2;
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let ret: i32 = ctx.arg(1);
-    let msg_flags: i32 = ctx.arg(2);
-    if ret > 0 && msg_flags & MSG_PEEK == 0 {
-        on_read(sk, ret as u64);
-    }
+    on_recv_return(ctx.arg(0), ctx.arg(1), ctx.arg(2));
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let ret: i32 = ctx.arg(1);
+    on_send_return(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// A receive call on `sk` returned `ret` (bytes, or an error); peeks consume nothing.
+#[inline(always)]
+pub fn on_recv_return(sk: u64, ret: i32, msg_flags: i32) {
+    if ret > 0 && msg_flags & MSG_PEEK == 0 {
+        on_read(sk, ret as u64);
+    }
+}
+
+/// A send call on `sk` returned `ret` (bytes, or an error).
+#[inline(always)]
+pub fn on_send_return(sk: u64, ret: i32) {
     if ret > 0 {
         on_write(sk, ret as u64);
     }
-    0
 }
 
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
+    on_data_ready(ctx.arg(0));
+    0
+}
+
+/// Data was queued on `sk`.
+#[inline(always)]
+pub fn on_data_ready(sk: u64) {
     if let Some(st) = state_mut(sk) {
         // The first data since the application last read. Every read clears it, so data
         // of the request being read never counts for the next one, while the next
@@ -49,7 +62,6 @@ pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
             st.pending_data_ns = now();
         }
     }
-    0
 }
 
 #[btf_tracepoint(function = "tcp_probe")]
@@ -70,7 +82,7 @@ pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-pub fn on_read(sk: u64, len: u64) {
+fn on_read(sk: u64, len: u64) {
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {
@@ -101,7 +113,7 @@ pub fn on_read(sk: u64, len: u64) {
 }
 
 #[inline(always)]
-pub fn on_write(sk: u64, len: u64) {
+fn on_write(sk: u64, len: u64) {
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {

@@ -46,6 +46,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
 pub static CONFIG: ProgramConfig = ProgramConfig {
     filter_by_port: 0,
     drop_reason_listen_overflow: u32::MAX,
+    wakeup_bytes: 0,
+    _pad: 0,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
@@ -74,16 +76,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
 
 /// Flags for submitting an event. Waking the reader per event costs an interrupt (a VM
 /// exit on virtual machines) per request, so events are submitted silently and userspace
-/// drains the ring on a short timer; only a ring a quarter full wakes it at once.
+/// drains the ring on a short timer; only a ring filling up (`wakeup_bytes`, a quarter
+/// of it) wakes it at once.
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let size = EVENTS.query(BPF_RB_RING_SIZE);
-    if avail >= size / 4 {
+    let wakeup = unsafe { core::ptr::read_volatile(&CONFIG.wakeup_bytes) } as u64;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -103,7 +103,8 @@ fn on_all_acked(sk: u64) {
     }
 }
 
-// A BPF subprogram of its own: its stack frame does not add to the hook's.
+// The close path's parts are BPF subprograms of their own, so that the frames of a
+// call chain stay within the 512 bytes kernels before 6.13 allow.
 #[inline(never)]
 fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
@@ -112,30 +113,21 @@ fn on_close(sk: u64, old: i32) {
             // A request that got no response.
             upstream::emit_unanswered(sk, st);
         }
-        on_client_close(sk, st);
+        close_event(sk, st);
     } else if st.owner != 0 {
-        on_server_close(sk, st, old);
+        close_event(sk, st);
+        // An abortive close (straight from an open state, in the application's close)
+        // sends its reset after this state change; an orderly one never does.
+        if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
+            let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
+        }
     }
+    // (A connect that never completed closes from SYN_SENT: `on_connect_closed`.)
     remove_state(sk);
 }
 
-/// The close path's parts are subprograms of their own, so that the frames of a call
-/// chain stay within the 512 bytes kernels before 6.13 allow.
 #[inline(never)]
-fn on_client_close(sk: u64, st: &mut SockState) {
-    // (A connect that never completed closes from SYN_SENT: `on_connect_closed`; a
-    // request left without a response was emitted by `on_close`.)
+fn close_event(sk: u64, st: &mut SockState) {
     let addr = conn_addr(sk);
     emit_close(sk, st, &addr, now());
-}
-
-#[inline(never)]
-fn on_server_close(sk: u64, st: &mut SockState, old: i32) {
-    let addr = conn_addr(sk);
-    emit_close(sk, st, &addr, now());
-    // An abortive close (straight from an open state, in the application's close)
-    // sends its reset after this state change; an orderly one never does.
-    if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
-        let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
-    }
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
-    conn::{current_tid, dir, header, insert_state, now, scratch_state, state_mut, SockState},
+    conn::{current_tid, dir, header, insert_state, now, remove_state, scratch_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
     maps::{submit_flags, bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
     off,
@@ -60,8 +60,6 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
     slot.submit(submit_flags());
 }
 
-/// A connecting socket closed: the connect failed with the socket's error, or the
-/// application gave up on it.
 /// A connecting socket closed (SYN_SENT → CLOSE): the connect failed with the socket's
 /// error, or the application gave up on it. Called straight from the state hook, as a
 /// subprogram of its own: kernels before 6.13 allow a call chain 512 bytes of frames.
@@ -72,7 +70,7 @@ pub fn on_connect_closed(sk: u64) {
         let err = read::<i32>(sk, off!(sk_err)).unwrap_or(0);
         on_connect_end(sk, st, if err != 0 { err } else { CONNECT_ABANDONED });
     }
-    crate::conn::remove_state(sk);
+    remove_state(sk);
 }
 
 #[inline(always)]

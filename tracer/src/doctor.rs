@@ -36,6 +36,7 @@ pub fn run(disabled: Vec<String>) -> Result<i32> {
         config: ProgramConfig {
             filter_by_port: 0,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
+            ..ProgramConfig::default()
         },
         ring_buffer_bytes: 4096,
         max_sockets: 16,

@@ -130,11 +130,13 @@ fn permission_hint(err: &(dyn std::error::Error + 'static)) -> bool {
 
 impl Probes {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        // Wake the reader at once when a quarter of the ring buffer is waiting.
+        let config = ProgramConfig { wakeup_bytes: opts.ring_buffer_bytes / 4, ..opts.config };
         let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux); the tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
-            .override_global("CONFIG", &opts.config, true)
+            .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("SOCKS", opts.max_sockets)
             .load(PROGRAMS)

@@ -180,6 +180,7 @@ pub fn run(args: Args) -> Result<i32> {
         config: ProgramConfig {
             filter_by_port: (!args.ports.is_empty()) as u32,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
+            ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
         max_sockets: args.max_sockets,

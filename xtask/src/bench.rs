@@ -13,7 +13,7 @@ use std::{
     io::{BufRead, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, exec, is_root, setup, workspace_root};
+use crate::{cargo, exec, is_root, setup, workspace_root, Killed};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -121,22 +121,6 @@ struct Sample {
     lost: Option<f64>,
     rss_kb: Option<f64>,
     map_bytes: Option<f64>,
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn bench_dir() -> PathBuf {
@@ -319,14 +303,13 @@ fn parse_wrk(out: &str) -> Result<Sample> {
     Ok(s)
 }
 
-fn wrk(port: u16, opts: &Options, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
+fn wrk(port: u16, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
     cmd.arg(format!("http://127.0.0.1:{port}/index.html"));
-    let _ = opts;
     let out = cmd.stderr(Stdio::inherit()).output().context("running wrk")?;
     if !out.status.success() {
         bail!("wrk failed: {}", out.status);
@@ -428,7 +411,7 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
     let observer = start_observer(config, server.0.id(), port)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
-    let mut sample = wrk(target, opts, workload.closes(), opts.seconds, opts.connections)?;
+    let mut sample = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
     if let Some(obs) = observer {
         let after = obs.cpu();
         sample.cpu_ns = (after.0 - before.0) + (after.1 - before.1);
@@ -660,7 +643,7 @@ fn scale(opts: &Options) -> Result<Scale> {
         eprintln!("bench: {} short connections", opts.scale_short);
         let start = Instant::now();
         while out.short < opts.scale_short {
-            let s = wrk(port, opts, true, 5, 32)?;
+            let s = wrk(port, true, 5, 32)?;
             out.short += s.requests as u64;
             if let Some(kb) = status_kb(tracer.pid(), "VmRSS:") {
                 out.rss_samples_mb.push((out.short, kb / 1024.0));

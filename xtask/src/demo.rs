@@ -6,14 +6,14 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, exec, is_root, setup, workspace_root};
+use crate::{cargo, exec, is_root, setup, workspace_root, Killed};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -23,15 +23,6 @@ pub struct Options {
     /// More tracer options, after `--`.
     #[arg(last = true)]
     pub tracer_args: Vec<String>,
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn bin(name: &str) -> std::path::PathBuf {

@@ -49,15 +49,21 @@ fn vm_dir() -> PathBuf {
     workspace_root().join("target/vm")
 }
 
-fn apt(args: &[&str]) -> Command {
+/// `program` (apt-get or apt-cache) on the suites' own lists under target/vm/apt.
+fn apt_with(program: &str) -> Command {
     let dir = vm_dir().join("apt");
-    let mut cmd = Command::new("apt-get");
+    let mut cmd = Command::new(program);
     cmd.arg("-q")
         .arg(format!("-oDir::Etc::sourcelist={}", dir.join("sources.list").display()))
         .arg("-oDir::Etc::sourceparts=/dev/null")
         .arg(format!("-oDir::State::Lists={}", dir.join("lists").display()))
-        .arg(format!("-oDir::Cache={}", dir.join("cache").display()))
-        .args(args);
+        .arg(format!("-oDir::Cache={}", dir.join("cache").display()));
+    cmd
+}
+
+fn apt(args: &[&str]) -> Command {
+    let mut cmd = apt_with("apt-get");
+    cmd.args(args);
     cmd
 }
 
@@ -77,10 +83,7 @@ fn apt_lists() -> Result<()> {
 
 /// The newest cloud kernel package of `series`, unpacked; its vmlinuz.
 fn kernel(series: &str) -> Result<PathBuf> {
-    let out = Command::new("apt-cache")
-        .arg(format!("-oDir::Etc::sourcelist={}", vm_dir().join("apt/sources.list").display()))
-        .arg("-oDir::Etc::sourceparts=/dev/null")
-        .arg(format!("-oDir::State::Lists={}", vm_dir().join("apt/lists").display()))
+    let out = apt_with("apt-cache")
         .args(["search", "--names-only", &format!("^linux-image-{}\\.[0-9.+a-z-]+-cloud-amd64-unsigned$", series.replace('.', "\\."))])
         .output()?;
     let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
