@@ -1,5 +1,6 @@
 //! accept()/accept4() return: the connection gets its owner, or is forgotten when the
-//! accepting process is not traced.
+//! accepting process is not traced. Here from the syscall tracepoints (the socket is
+//! found through the new descriptor); `fallback` has the same from `inet_csk_accept`.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
@@ -37,6 +38,12 @@ fn on_accept_return(ctx: &TracePointContext) {
     }
     let task = unsafe { bpf_get_current_task() };
     let Some(sk) = sock_of_fd(task, fd as u32) else { return };
+    on_accepted(sk);
+}
+
+/// accept() is returning connection `sk` to the current process.
+#[inline(always)]
+pub fn on_accepted(sk: u64) {
     let Some(st) = state_mut(sk) else { return };
     if st.owner != 0 {
         return;

@@ -4,7 +4,7 @@
 //! connection's state. An exchange is emitted when the next request starts or the
 //! connection closes.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{flags, origin};
 
 use crate::{
@@ -16,16 +16,18 @@ use crate::{
 
 const MSG_PEEK: i32 = 2;
 
-#[btf_tracepoint(function = "sock_recv_length")]
-pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    on_recv_return(ctx.arg(0), ctx.arg(1), ctx.arg(2));
-    0
+tracepoint_hook! {
+    fn sock_recv_length / raw_sock_recv_length (ctx) {
+        on_recv_return(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+        0
+    }
 }
 
-#[btf_tracepoint(function = "sock_send_length")]
-pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    on_send_return(ctx.arg(0), ctx.arg(1));
-    0
+tracepoint_hook! {
+    fn sock_send_length / raw_sock_send_length (ctx) {
+        on_send_return(ctx.arg(0), ctx.arg(1));
+        0
+    }
 }
 
 /// A receive call on `sk` returned `ret` (bytes, or an error); peeks consume nothing.
@@ -44,10 +46,11 @@ pub fn on_send_return(sk: u64, ret: i32) {
     }
 }
 
-#[btf_tracepoint(function = "sk_data_ready")]
-pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    on_data_ready(ctx.arg(0));
-    0
+tracepoint_hook! {
+    fn sk_data_ready / raw_sk_data_ready (ctx) {
+        on_data_ready(ctx.arg(0));
+        0
+    }
 }
 
 /// Data was queued on `sk`.
@@ -64,21 +67,22 @@ pub fn on_data_ready(sk: u64) {
     }
 }
 
-#[btf_tracepoint(function = "tcp_probe")]
-pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let Some(st) = state_mut(sk) else { return 0 };
-    if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
-        return 0;
+tracepoint_hook! {
+    fn tcp_probe / raw_tcp_probe (ctx) {
+        let sk: u64 = ctx.arg(0);
+        let Some(st) = state_mut(sk) else { return 0 };
+        if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
+            return 0;
+        }
+        let skb: u64 = ctx.arg(1);
+        let Some(ack_seq) = read::<u32>(skb, off!(skb_cb) + off!(tcp_skb_cb_ack_seq)) else {
+            return 0;
+        };
+        if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
+            st.acked_ns = now();
+        }
+        0
     }
-    let skb: u64 = ctx.arg(1);
-    let Some(ack_seq) = read::<u32>(skb, off!(skb_cb) + off!(tcp_skb_cb_ack_seq)) else {
-        return 0;
-    };
-    if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
-        st.acked_ns = now();
-    }
-    0
 }
 
 #[inline(always)]

@@ -12,6 +12,9 @@
 #![no_std]
 #![no_main]
 
+#[macro_use]
+mod hook;
+
 mod accept;
 mod conn;
 mod fallback;

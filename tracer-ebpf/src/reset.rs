@@ -3,7 +3,6 @@
 //! sent just after the connection closed (an abortive close: unread data, SO_LINGER 0)
 //! becomes an event of its own.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{counter, flags, kind, EventHeader, ResetSent};
 
 use crate::{
@@ -12,46 +11,48 @@ use crate::{
     maps::{submit_flags, bump, EVENTS, RECENTLY_CLOSED},
 };
 
-/// `tcp_send_reset(sk, skb, reason)`; `sk` is null for segments that match no socket.
-#[btf_tracepoint(function = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if sk == 0 {
-        return 0;
-    }
-    if let Some(st) = state_mut(sk) {
-        st.conn_flags |= flags::RESET_SENT;
-        return 0;
-    }
-    let Some(closed) = RECENTLY_CLOSED.get_ptr(&sk) else { return 0 };
-    let closed = unsafe { *closed };
-    let _ = RECENTLY_CLOSED.remove(&sk);
-    let Some(mut slot) = EVENTS.reserve::<ResetSent>(0) else {
-        bump(counter::LOST_EVENTS);
-        return 0;
-    };
-    let e = slot.as_mut_ptr();
-    unsafe {
-        (*e).header = EventHeader {
-            kind: kind::RESET_SENT,
-            tgid: closed.owner,
-            ts_ns: now(),
-            sock: sk,
-            ..EventHeader::default()
+tracepoint_hook! {
+    /// `tcp_send_reset(sk, skb, reason)`; `sk` is null for segments that match no socket.
+    fn tcp_send_reset / raw_tcp_send_reset (ctx) {
+        let sk: u64 = ctx.arg(0);
+        if sk == 0 {
+            return 0;
+        }
+        if let Some(st) = state_mut(sk) {
+            st.conn_flags |= flags::RESET_SENT;
+            return 0;
+        }
+        let Some(closed) = RECENTLY_CLOSED.get_ptr(&sk) else { return 0 };
+        let closed = unsafe { *closed };
+        let _ = RECENTLY_CLOSED.remove(&sk);
+        let Some(mut slot) = EVENTS.reserve::<ResetSent>(0) else {
+            bump(counter::LOST_EVENTS);
+            return 0;
         };
-        (*e).addr = conn_addr(sk);
-        (*e).addr.local_port = closed.local_port as u16;
+        let e = slot.as_mut_ptr();
+        unsafe {
+            (*e).header = EventHeader {
+                kind: kind::RESET_SENT,
+                tgid: closed.owner,
+                ts_ns: now(),
+                sock: sk,
+                ..EventHeader::default()
+            };
+            (*e).addr = conn_addr(sk);
+            (*e).addr.local_port = closed.local_port as u16;
+        }
+        slot.submit(submit_flags());
+        0
     }
-    slot.submit(submit_flags());
-    0
 }
 
-/// `tcp_receive_reset(sk)`: runs before the connection is torn down.
-#[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(st) = state_mut(sk) {
-        st.conn_flags |= flags::RESET_RECEIVED;
+tracepoint_hook! {
+    /// `tcp_receive_reset(sk)`: runs before the connection is torn down.
+    fn tcp_receive_reset / raw_tcp_receive_reset (ctx) {
+        let sk: u64 = ctx.arg(0);
+        if let Some(st) = state_mut(sk) {
+            st.conn_flags |= flags::RESET_RECEIVED;
+        }
+        0
     }
-    0
 }

@@ -1,7 +1,6 @@
 //! SYN-ACK retransmits: remember when the first SYN-ACK of the handshake went out, so
 //! `handshake` covers the retransmits and the final ACKs dropped on a full accept queue.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{counter, kind, EventHeader, SynAckRetransmit};
 
 use crate::{
@@ -11,41 +10,42 @@ use crate::{
     off,
 };
 
-#[btf_tracepoint(function = "tcp_retransmit_synack")]
-pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
-    let req: u64 = ctx.arg(1);
-    let addr = conn_addr(req);
-    if filter_by_port() && !is_traced_port(addr.local_port) {
-        return 0;
-    }
-    let key = tuple_key(&addr);
-    match SYNACKS.get_ptr_mut(&key) {
-        Some(info) => unsafe { (*info).retransmits += 1 },
-        None => {
-            // tcp_request_sock.snt_synack: first SYN-ACK, tcp_clock_us (CLOCK_MONOTONIC µs).
-            let first_us = read::<u64>(req, off!(treq_snt_synack)).unwrap_or(0);
-            let info = SynAckInfo {
-                first_synack_ns: first_us * 1000,
-                retransmits: 1,
-                _pad: 0,
-            };
-            let _ = SYNACKS.insert(&key, &info, 0);
+tracepoint_hook! {
+    fn tcp_retransmit_synack / raw_tcp_retransmit_synack (ctx) {
+        let req: u64 = ctx.arg(1);
+        let addr = conn_addr(req);
+        if filter_by_port() && !is_traced_port(addr.local_port) {
+            return 0;
         }
-    }
-    match EVENTS.reserve::<SynAckRetransmit>(0) {
-        Some(mut slot) => {
-            slot.write(SynAckRetransmit {
-                header: EventHeader {
-                    kind: kind::SYNACK_RETRANSMIT,
-                    ts_ns: now(),
-                    sock: req,
-                    ..EventHeader::default()
-                },
-                addr,
-            });
-            slot.submit(submit_flags());
+        let key = tuple_key(&addr);
+        match SYNACKS.get_ptr_mut(&key) {
+            Some(info) => unsafe { (*info).retransmits += 1 },
+            None => {
+                // tcp_request_sock.snt_synack: first SYN-ACK, tcp_clock_us (CLOCK_MONOTONIC µs).
+                let first_us = read::<u64>(req, off!(treq_snt_synack)).unwrap_or(0);
+                let info = SynAckInfo {
+                    first_synack_ns: first_us * 1000,
+                    retransmits: 1,
+                    _pad: 0,
+                };
+                let _ = SYNACKS.insert(&key, &info, 0);
+            }
         }
-        None => bump(counter::LOST_EVENTS),
+        match EVENTS.reserve::<SynAckRetransmit>(0) {
+            Some(mut slot) => {
+                slot.write(SynAckRetransmit {
+                    header: EventHeader {
+                        kind: kind::SYNACK_RETRANSMIT,
+                        ts_ns: now(),
+                        sock: req,
+                        ..EventHeader::default()
+                    },
+                    addr,
+                });
+                slot.submit(submit_flags());
+            }
+            None => bump(counter::LOST_EVENTS),
+        }
+        0
     }
-    0
 }

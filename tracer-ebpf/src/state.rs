@@ -1,7 +1,6 @@
 //! TCP state changes: a passive connection is established (queued for accept), an
 //! active one starts connecting, a connection closes.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::origin;
 
 use crate::{
@@ -22,29 +21,30 @@ const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 const TCP_CLOSING: i32 = 11;
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let old: i32 = ctx.arg(1);
-    let new: i32 = ctx.arg(2);
-    match (old, new) {
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
-        (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
-        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
-        // A connect that failed or was given up.
-        (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
-        (_, TCP_CLOSE) => {
-            if old == TCP_LAST_ACK {
-                // The peer closed first and has now acknowledged our FIN.
-                on_all_acked(sk);
+tracepoint_hook! {
+    fn inet_sock_set_state / raw_inet_sock_set_state (ctx) {
+        let sk: u64 = ctx.arg(0);
+        let old: i32 = ctx.arg(1);
+        let new: i32 = ctx.arg(2);
+        match (old, new) {
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
+            (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
+            (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
+            // A connect that failed or was given up.
+            (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
+            (_, TCP_CLOSE) => {
+                if old == TCP_LAST_ACK {
+                    // The peer closed first and has now acknowledged our FIN.
+                    on_all_acked(sk);
+                }
+                on_close(sk, old)
             }
-            on_close(sk, old)
+            // Our FIN is acknowledged, so is every byte before it.
+            (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
+            _ => {}
         }
-        // Our FIN is acknowledged, so is every byte before it.
-        (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
-        _ => {}
+        0
     }
-    0
 }
 
 /// The final ACK of a handshake was processed: the connection is queued on its

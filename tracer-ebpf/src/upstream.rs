@@ -7,11 +7,7 @@
 //! response, so it reaches userspace before the server request whose think time it
 //! belongs to.
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
@@ -145,16 +141,17 @@ pub fn adopt_existing(sk: u64, tgid: u32) -> bool {
     insert_state(sk, st)
 }
 
-/// `tcp_retransmit_skb(sk, skb, ...)`: counts the SYNs of a traced connect sent again.
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    if let Some(st) = state_mut(sk) {
-        if st.origin == origin::CONNECTED && st.established_ns == 0 {
-            st.synack_retransmits += 1;
+tracepoint_hook! {
+    /// `tcp_retransmit_skb(sk, skb, ...)`: counts the SYNs of a traced connect sent again.
+    fn tcp_retransmit_skb / raw_tcp_retransmit_skb (ctx) {
+        let sk: u64 = ctx.arg(0);
+        if let Some(st) = state_mut(sk) {
+            if st.origin == origin::CONNECTED && st.established_ns == 0 {
+                st.synack_retransmits += 1;
+            }
         }
+        0
     }
-    0
 }
 
 /// Flags for a request cut short by the connection's close.

@@ -46,7 +46,7 @@ struct Type {
     /// Size for sized kinds, referenced type for modifiers and pointers.
     size_or_type: u32,
     members: Vec<Member>,
-    /// Element type of an array.
+    /// Element type of an array; number of parameters of a function prototype.
     array_elem: u32,
 }
 
@@ -171,7 +171,10 @@ impl Btf {
                     }
                     pos += vlen * 12;
                 }
-                KIND_FUNC_PROTO => pos += vlen * 8,
+                KIND_FUNC_PROTO => {
+                    ty.array_elem = vlen as u32;
+                    pos += vlen * 8;
+                }
                 KIND_DATASEC => pos += vlen * 12,
                 other => bail!("unknown BTF kind {other}"),
             }
@@ -202,6 +205,13 @@ impl Btf {
     /// this kernel has it.
     pub fn enumerator(&self, name: &str) -> Option<i64> {
         self.enumerators.get(name).copied()
+    }
+
+    /// How many parameters kernel function `name` takes, if BTF describes it.
+    pub fn function_params(&self, name: &str) -> Option<u32> {
+        let func = self.types.iter().find(|t| t.kind == KIND_FUNC && self.name(t.name) == name)?;
+        let proto = self.types.get(func.size_or_type as usize)?;
+        (proto.kind == KIND_FUNC_PROTO).then_some(proto.array_elem)
     }
 
     fn name(&self, offset: u32) -> &str {
@@ -286,9 +296,9 @@ mod tests {
     use super::*;
 
     /// Builds a BTF blob by hand: struct outer { int a; union { int b; struct { short c;
-    /// short d; }; }; }; enum reason { R_LOW = 2, R_HIGH = 7 };
+    /// short d; }; }; }; enum reason { R_LOW = 2, R_HIGH = 7 }; int recv(int a, short b);
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0short\0outer\0a\0b\0c\0d\0reason\0R_LOW\0R_HIGH\0".to_vec();
+        let strings = b"\0int\0short\0outer\0a\0b\0c\0d\0reason\0R_LOW\0R_HIGH\0recv\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
             strings
@@ -315,6 +325,9 @@ mod tests {
         push(&[s("outer"), KIND_STRUCT << 24 | 2, 8, s("a"), 1, 0, 0, 4, 32]);
         // 6: enum reason
         push(&[s("reason"), KIND_ENUM << 24 | 2, 4, s("R_LOW"), 2, s("R_HIGH"), 7]);
+        // 7: prototype int (int a, short b); 8: function recv
+        push(&[0, KIND_FUNC_PROTO << 24 | 2, 1, s("a"), 1, s("b"), 2]);
+        push(&[s("recv"), KIND_FUNC << 24, 7]);
         let mut blob = Vec::new();
         for w in [0x0001_eb9fu32, 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&w.to_le_bytes());
@@ -341,6 +354,13 @@ mod tests {
         assert_eq!(btf.enumerator("R_LOW"), Some(2));
         assert_eq!(btf.enumerator("R_HIGH"), Some(7));
         assert_eq!(btf.enumerator("R_NONE"), None);
+    }
+
+    #[test]
+    fn counts_function_parameters() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.function_params("recv"), Some(2));
+        assert_eq!(btf.function_params("send"), None);
     }
 
     #[test]

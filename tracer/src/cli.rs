@@ -86,6 +86,12 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
 
+    /// Do not use this kind of kernel hook (tp_btf, raw_tp, tracepoint, fentry,
+    /// kprobe; repeatable or comma-separated): each hook then uses its next
+    /// implementation, as on a kernel without that kind (`tracer doctor` takes it too).
+    #[arg(long, value_name = "KIND", value_delimiter = ',')]
+    pub skip_hook_kind: Vec<crate::compat::Kind>,
+
     /// Do not attach this hook (a kernel program name, e.g. tcp_probe): runs as on a
     /// kernel without it, for testing.
     #[arg(long, value_name = "PROGRAM", hide = true)]

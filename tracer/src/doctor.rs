@@ -2,7 +2,8 @@
 //! a trace would, then says which implementation each hook uses (or why none works) and
 //! which phases are therefore available.
 //!
-//! Exit status: 0 when every phase is available, 1 when some are not, 2 on error.
+//! Exit status: 0 when every phase is available, 1 when some are not, 2 on error or
+//! when tracing is impossible (a hook every phase needs does not attach).
 
 use std::{fs, io::Write as _};
 
@@ -10,6 +11,7 @@ use anyhow::Result;
 use tracer_common::ProgramConfig;
 
 use crate::{
+    compat::Kind,
     offsets,
     probes::{LoadOptions, Probes},
     timeline::Phase,
@@ -18,8 +20,9 @@ use crate::{
 /// Phases beyond the server's six.
 const CLIENT_PHASES: [&str; 2] = ["connect", "upstream"];
 
-/// `disabled`: hooks not to attach, to see what a kernel without them would give.
-pub fn run(disabled: Vec<String>) -> Result<i32> {
+/// `disabled`: hooks not to attach; `skip_kinds`: kinds of implementation not to use —
+/// to see what a kernel without them would give.
+pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let btf = fs::metadata("/sys/kernel/btf/vmlinux");
     let mut out = String::new();
@@ -32,6 +35,8 @@ pub fn run(disabled: Vec<String>) -> Result<i32> {
     let kernel = offsets::from_running_kernel()?;
     let probes = Probes::load(&LoadOptions {
         disabled,
+        skip_kinds,
+        recvmsg_flags_arg: kernel.recvmsg_flags_arg,
         offsets: kernel.offsets,
         config: ProgramConfig {
             filter_by_port: 0,
@@ -43,12 +48,15 @@ pub fn run(disabled: Vec<String>) -> Result<i32> {
     })?;
     let mut out = String::from("\nhooks:\n");
     for h in &probes.hooks {
-        match &h.error {
-            None => out += &format!("  {:<22} {}\n", h.hook, h.implementation),
-            Some(e) => {
-                // The verifier's log can run to pages: its first line says enough here.
-                let first: String = e.lines().next().unwrap_or("").chars().take(160).collect();
-                out += &format!("  {:<22} none: {} failed ({first}); lost: {}\n", h.hook, h.implementation, h.needed_for)
+        match &h.implementation {
+            Some(chosen) => out += &format!("  {:<20} {chosen}\n", h.hook),
+            None => out += &format!("  {:<20} none; lost: {}\n", h.hook, h.needed_for),
+        }
+        // Why the better implementations were passed over.
+        for p in &h.passed_over {
+            out += &format!("  {:<20}   not {}: {}\n", "", p.implementation, p.why);
+            if let Some(needs) = p.needs {
+                out += &format!("  {:<20}     (needs {needs})\n", "");
             }
         }
     }
@@ -60,8 +68,17 @@ pub fn run(disabled: Vec<String>) -> Result<i32> {
             Some(why) => out += &format!("  {phase:<12} unavailable: {why}\n"),
         }
     }
+    if let Err(e) = probes.tracing_possible() {
+        out += &format!("\ntracing is impossible here: {e:#}\n");
+    }
     print(&out);
-    Ok(if probes.unavailable.is_empty() { 0 } else { 1 })
+    Ok(if probes.tracing_possible().is_err() {
+        2
+    } else if probes.unavailable.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 fn print(text: &str) {

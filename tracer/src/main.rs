@@ -8,6 +8,7 @@ mod btf;
 mod checks;
 mod cli;
 mod command;
+mod compat;
 mod doctor;
 mod events;
 mod listeners;
@@ -32,13 +33,32 @@ fn main() {
     // `tracer doctor` stands apart from the tracing options.
     if std::env::args().nth(1).as_deref() == Some("doctor") {
         env_logger::Builder::new().filter_level(log::LevelFilter::Error).init();
-        // Only option: `--disable-hook PROGRAM` (repeatable), as for tracing.
-        let rest: Vec<String> = std::env::args().skip(2).collect();
+        // Options as for tracing: `--skip-hook-kind KIND[,KIND]` and the hidden
+        // `--disable-hook PROGRAM` (both repeatable).
+        let rest: Vec<String> = std::env::args()
+            .skip(2)
+            .flat_map(|a| match a.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
+                _ => vec![a],
+            })
+            .collect();
         let mut disabled = Vec::new();
+        let mut skip_kinds = Vec::new();
         let mut i = 0;
         while i < rest.len() {
             match (rest[i].as_str(), rest.get(i + 1)) {
                 ("--disable-hook", Some(program)) => disabled.push(program.clone()),
+                ("--skip-hook-kind", Some(kinds)) => {
+                    for kind in kinds.split(',') {
+                        match kind.parse::<compat::Kind>() {
+                            Ok(kind) => skip_kinds.push(kind),
+                            Err(e) => {
+                                let _ = writeln!(io::stderr(), "tracer doctor: {e}");
+                                std::process::exit(EXIT_SETUP);
+                            }
+                        }
+                    }
+                }
                 (other, _) => {
                     let _ = writeln!(io::stderr(), "tracer doctor: unexpected argument '{other}'");
                     std::process::exit(EXIT_SETUP);
@@ -46,7 +66,7 @@ fn main() {
             }
             i += 2;
         }
-        let code = match doctor::run(disabled) {
+        let code = match doctor::run(disabled, skip_kinds) {
             Ok(code) => code,
             Err(err) => {
                 let _ = writeln!(io::stderr(), "tracer: error: {err:#}");

@@ -55,6 +55,9 @@ pub struct KernelFacts {
     pub offsets: KernelOffsets,
     /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, when the kernel has it.
     pub drop_reason_listen_overflow: Option<u32>,
+    /// Which argument of `tcp_recvmsg` holds the flags (for its kprobe): kernels before
+    /// 5.19 pass `nonblock` before them.
+    pub recvmsg_flags_arg: u32,
 }
 
 pub fn from_running_kernel() -> Result<KernelFacts> {
@@ -63,5 +66,9 @@ pub fn from_running_kernel() -> Result<KernelFacts> {
     let drop_reason_listen_overflow = btf
         .enumerator("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
         .and_then(|v| u32::try_from(v).ok());
-    Ok(KernelFacts { offsets, drop_reason_listen_overflow })
+    let recvmsg_flags_arg = match btf.function_params("tcp_recvmsg") {
+        Some(6) => 4,
+        _ => 3,
+    };
+    Ok(KernelFacts { offsets, drop_reason_listen_overflow, recvmsg_flags_arg })
 }

@@ -1,15 +1,15 @@
 //! Loading and attaching the kernel programs.
 //!
-//! The table below lists every hook the tracer uses, with the program that implements it
-//! on this kernel family; the loader attaches each, says which it chose, and names the
-//! phases lost when a hook cannot attach instead of failing silently.
+//! Each hook of the compatibility table (`compat`) gets the first implementation this
+//! kernel loads and attaches; the loader says which it chose, and names the phases lost
+//! when none works instead of failing silently.
 
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, FExit, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
@@ -17,66 +17,18 @@ use tracer_common::{
     counter, dir, flags, kind, origin, EventHeader, KernelOffsets, ProgramConfig, Request, SockState, TupleKey,
 };
 
-/// How a hook is implemented.
-#[derive(Debug, Clone, Copy)]
-enum Attach {
-    /// BTF-typed tracepoint (`tp_btf`): the kernel function's own arguments.
-    TpBtf(&'static str),
-    /// Classic tracepoint under tracefs: category and name.
-    TracePoint(&'static str, &'static str),
-    /// BPF trampoline on a kernel function's return (its arguments and return value).
-    FExit(&'static str),
-    /// BPF trampoline on a kernel function's entry.
-    FEntry(&'static str),
-}
-
-impl Attach {
-    fn describe(self) -> String {
-        match self {
-            Attach::TpBtf(name) => format!("tp_btf/{name}"),
-            Attach::TracePoint(category, name) => format!("tracepoint/{category}/{name}"),
-            Attach::FExit(name) => format!("fexit/{name}"),
-            Attach::FEntry(name) => format!("fentry/{name}"),
-        }
-    }
-}
-
-struct Hook {
-    /// Logical hook name, for messages.
-    hook: &'static str,
-    program: &'static str,
-    attach: Attach,
-    /// What is lost without it.
-    needed_for: &'static str,
-    /// Phases that cannot be measured without it.
-    phases: &'static [&'static str],
-    /// Other implementations, tried in order when the first does not load or attach
-    /// (program name, attachment).
-    fallbacks: &'static [(&'static str, Attach)],
-}
-
-const HOOKS: &[Hook] = &[
-    Hook { hook: "state changes", program: "inet_sock_set_state", attach: Attach::TpBtf("inet_sock_set_state"), needed_for: "every phase", phases: &[], fallbacks: &[] },
-    Hook { hook: "accept", program: "sys_exit_accept4", attach: Attach::TracePoint("syscalls", "sys_exit_accept4"), needed_for: "every phase", phases: &[], fallbacks: &[] },
-    Hook { hook: "accept (old syscall)", program: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), needed_for: "servers calling accept() instead of accept4()", phases: &[], fallbacks: &[] },
-    Hook { hook: "receive", program: "sock_recv_length", attach: Attach::TpBtf("sock_recv_length"), needed_for: "recv_wait, think, bytes in, and the request boundaries send and delivery need", phases: &["recv_wait", "think", "send", "delivery", "upstream"], fallbacks: &[("tcp_recvmsg_exit_nonblock", Attach::FExit("tcp_recvmsg")), ("tcp_recvmsg_exit", Attach::FExit("tcp_recvmsg"))] },
-    Hook { hook: "send", program: "sock_send_length", attach: Attach::TpBtf("sock_send_length"), needed_for: "think, send, delivery, bytes out", phases: &["think", "send", "delivery", "upstream"], fallbacks: &[("tcp_sendmsg_exit", Attach::FExit("tcp_sendmsg"))] },
-    Hook { hook: "data arrival", program: "sk_data_ready", attach: Attach::TpBtf("sk_data_ready"), needed_for: "recv_wait", phases: &["recv_wait", "upstream"], fallbacks: &[("sock_def_readable", Attach::FEntry("sock_def_readable"))] },
-    Hook { hook: "acknowledgements", program: "tcp_probe", attach: Attach::TpBtf("tcp_probe"), needed_for: "delivery", phases: &["delivery"], fallbacks: &[] },
-    Hook { hook: "SYN-ACK retransmits", program: "tcp_retransmit_synack", attach: Attach::TpBtf("tcp_retransmit_synack"), needed_for: "handshake with retransmits", phases: &[], fallbacks: &[] },
-    Hook { hook: "retransmits", program: "tcp_retransmit_skb", attach: Attach::TpBtf("tcp_retransmit_skb"), needed_for: "SYN retransmits of connects", phases: &[], fallbacks: &[] },
-    Hook { hook: "listen overflows", program: "kfree_skb", attach: Attach::TpBtf("kfree_skb"), needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)", phases: &[], fallbacks: &[] },
-    Hook { hook: "resets sent", program: "tcp_send_reset", attach: Attach::TpBtf("tcp_send_reset"), needed_for: "resets sent", phases: &[], fallbacks: &[] },
-    Hook { hook: "resets received", program: "tcp_receive_reset", attach: Attach::TpBtf("tcp_receive_reset"), needed_for: "resets received", phases: &[], fallbacks: &[] },
-    Hook { hook: "process fork", program: "sched_process_fork", attach: Attach::TpBtf("sched_process_fork"), needed_for: "children forked after start", phases: &[], fallbacks: &[] },
-    Hook { hook: "process exit", program: "sched_process_exit", attach: Attach::TpBtf("sched_process_exit"), needed_for: "noticing that traced processes exited", phases: &[], fallbacks: &[] },
-];
+use crate::compat::{Attach, Hook, Implementation, Kind, HOOKS};
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
 pub struct LoadOptions {
-    /// Hooks not to attach (by program name), to run as on a kernel without them.
+    /// Hooks not to attach (by the name of one of their programs), to run as on a
+    /// kernel without them.
     pub disabled: Vec<String>,
+    /// Kinds of implementation not to use, to run as on a kernel without them.
+    pub skip_kinds: Vec<Kind>,
+    /// Which argument of `tcp_recvmsg` holds the flags (see `offsets::KernelFacts`).
+    pub recvmsg_flags_arg: u32,
     pub offsets: KernelOffsets,
     pub config: ProgramConfig,
     pub ring_buffer_bytes: u32,
@@ -89,14 +41,27 @@ pub struct Probes {
     pub unavailable: BTreeMap<&'static str, String>,
     /// Every hook: its implementation and whether it attached (the error if not).
     pub hooks: Vec<HookStatus>,
+    /// Why tracing is impossible here: a hook every phase needs has no implementation.
+    missing_required: Option<String>,
 }
 
 /// How one hook fared on this kernel (for `tracer doctor`).
 pub struct HookStatus {
     pub hook: &'static str,
-    pub implementation: String,
+    /// The implementation in use; `None` when none works.
+    pub implementation: Option<String>,
     pub needed_for: &'static str,
-    pub error: Option<String>,
+    /// Implementations tried or skipped before the one chosen (all of them when none
+    /// works), each with the reason.
+    pub passed_over: Vec<PassedOver>,
+}
+
+/// An implementation not used, and why.
+pub struct PassedOver {
+    pub implementation: String,
+    pub why: String,
+    /// What it needs of the kernel, when it was tried and failed.
+    pub needs: Option<&'static str>,
 }
 
 /// Classic tracepoints need tracefs; a fresh machine may not have it mounted.
@@ -137,6 +102,7 @@ impl Probes {
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("CONFIG", &config, true)
+            .override_global("RECVMSG_FLAGS_ARG", &opts.recvmsg_flags_arg, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
             .map_max_entries("SOCKS", opts.max_sockets)
             .load(PROGRAMS)
@@ -149,64 +115,42 @@ impl Probes {
                     err
                 }
             })?;
-        ensure_tracefs()?;
         let mut unavailable = BTreeMap::new();
         let mut hooks = Vec::new();
+        let mut missing_required = None;
         for hook in HOOKS {
-            let mut chosen = hook.attach;
-            let mut result = if hook.program == "kfree_skb" && opts.config.drop_reason_listen_overflow == u32::MAX {
-                warn!("this kernel has no listen-overflow drop reason: handshake ACKs dropped on a full accept queue count twice in listen_drops");
-                Err(anyhow::anyhow!("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))
-            } else if opts.disabled.iter().any(|d| d == hook.program) {
-                Err(anyhow::anyhow!("disabled with --disable-hook"))
-            } else {
-                attach(&mut ebpf, hook.program, hook.attach, &btf)
-            };
-            // The first implementation that this kernel accepts. (For tcp_recvmsg, the
-            // variant with the older, longer argument list comes first: the verifier
-            // rejects it where the function has fewer arguments.)
-            for &(program, how) in hook.fallbacks {
-                if result.is_ok() {
-                    break;
-                }
-                if opts.disabled.iter().any(|d| d == program) {
-                    continue;
-                }
-                match attach(&mut ebpf, program, how, &btf) {
-                    Ok(()) => {
-                        chosen = how;
-                        result = Ok(());
+            let status = choose(&mut ebpf, hook, opts, &btf);
+            match &status.implementation {
+                Some(chosen) => info!("{}: {chosen}", hook.name),
+                None => {
+                    let why = status.passed_over.iter().map(|p| format!("{}: {}", p.implementation, p.why)).collect::<Vec<_>>().join("; ");
+                    if hook.required {
+                        // Said by `tracing_possible`, after every hook has been tried.
+                        missing_required.get_or_insert_with(|| {
+                            format!("no way to attach the {} hook on this kernel ({why})", hook.name)
+                        });
+                        hooks.push(status);
+                        continue;
                     }
-                    Err(e) => {
-                        debug!("{}: {} unavailable: {e:#}", hook.hook, how.describe());
-                        // Say why each implementation failed (first line: verifier logs are long).
-                        let first = format!("{e:#}").lines().next().unwrap_or("").chars().take(200).collect::<String>();
-                        result = result.map_err(|prev| prev.context(format!("{} failed too: {first}", how.describe())));
-                    }
-                }
-            }
-            hooks.push(HookStatus {
-                hook: hook.hook,
-                implementation: chosen.describe(),
-                needed_for: hook.needed_for,
-                error: result.as_ref().err().map(|e| format!("{e:#}")),
-            });
-            match result {
-                Ok(()) => debug!("{}: {}", hook.hook, chosen.describe()),
-                Err(e) if hook.needed_for == "every phase" => {
-                    return Err(e.context(format!("attaching the {} hook ({:?})", hook.hook, hook.attach)));
-                }
-                Err(e) => {
-                    warn!("{} hook unavailable ({:?}: {e:#}): no {}", hook.hook, hook.attach, hook.needed_for);
+                    warn!("{} hook unavailable ({why}): no {}", hook.name, hook.needed_for);
                     for phase in hook.phases {
                         unavailable
                             .entry(*phase)
-                            .or_insert_with(|| format!("the {} hook ({}) is unavailable: {e:#}", hook.hook, hook.program));
+                            .or_insert_with(|| format!("the {} hook is unavailable ({why})", hook.name));
                     }
                 }
             }
+            hooks.push(status);
         }
-        Ok(Self { ebpf, unavailable, hooks })
+        Ok(Self { ebpf, unavailable, hooks, missing_required })
+    }
+
+    /// Whether every hook tracing cannot do without is attached; if not, why.
+    pub fn tracing_possible(&self) -> Result<()> {
+        match &self.missing_required {
+            None => Ok(()),
+            Some(why) => bail!("{why}; `tracer doctor` shows what the kernel offers"),
+        }
     }
 
     pub fn add_pid(&mut self, tgid: u32) -> Result<()> {
@@ -290,18 +234,99 @@ impl Probes {
     }
 }
 
+/// The first implementation of `hook` that loads and attaches here.
+fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -> HookStatus {
+    let mut status = HookStatus { hook: hook.name, implementation: None, needed_for: hook.needed_for, passed_over: Vec::new() };
+    if let Some(program) = opts.disabled.iter().find(|p| hook.has_program(p)) {
+        status.passed_over.push(PassedOver { implementation: "all".into(), why: format!("disabled with --disable-hook {program}"), needs: None });
+        return status;
+    }
+    for implementation in hook.implementations {
+        let (why, needs) = if opts.skip_kinds.contains(&implementation.kind()) {
+            (format!("skipped (--skip-hook-kind {})", implementation.kind()), None)
+        } else if hook.name == "listen overflows" && opts.config.drop_reason_listen_overflow == u32::MAX {
+            ("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW drop reason".to_owned(), None)
+        } else {
+            match attach_all(ebpf, implementation, btf) {
+                Ok(()) => {
+                    status.implementation = Some(implementation.to_string());
+                    return status;
+                }
+                Err(e) => {
+                    debug!("{}: {implementation} unavailable: {e:#}", hook.name);
+                    (short_error(&e), Some(implementation.needs))
+                }
+            }
+        };
+        status.passed_over.push(PassedOver { implementation: implementation.to_string(), why, needs });
+    }
+    status
+}
+
+/// The gist of a load or attach error, on one line: verifier logs run to pages.
+fn short_error(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let mut line = text.lines().next().unwrap_or("").replace("the BPF_PROG_LOAD syscall returned ", "load failed: ");
+    if let Some(at) = line.find(". Verifier output: :") {
+        line.truncate(at); // the log is empty: the errno says it all
+    }
+    line.chars().take(160).collect()
+}
+
+/// Attaches every program of `implementation`; on failure, detaches those already
+/// attached so that nothing of it stays behind.
+fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: &Btf) -> Result<()> {
+    let mut attached = Vec::new();
+    for program in implementation.programs {
+        match attach(ebpf, program.name, program.attach, btf) {
+            Ok(()) => attached.push(program),
+            Err(e) if program.optional => debug!("{} not attached (optional): {e:#}", program.attach),
+            Err(e) => {
+                for done in attached {
+                    unload(ebpf, done.name, done.attach);
+                }
+                // Name the program when the implementation has several.
+                return Err(if implementation.programs.len() > 1 { e.context(program.attach.to_string()) } else { e });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Detaches and unloads program `name` (attached as `how`).
+fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
+    let Some(program) = ebpf.program_mut(name) else { return };
+    let result = match how {
+        Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(program).map(|p| p.unload()),
+        Attach::RawTp(_) => <&mut RawTracePoint>::try_from(program).map(|p| p.unload()),
+        Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).map(|p| p.unload()),
+        Attach::FExit(_) => <&mut FExit>::try_from(program).map(|p| p.unload()),
+        Attach::FEntry(_) => <&mut FEntry>::try_from(program).map(|p| p.unload()),
+        Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).map(|p| p.unload()),
+    };
+    if let Ok(Err(e)) | Err(e) = result.map_err(aya::programs::ProgramError::from) {
+        debug!("unloading {name}: {e}");
+    }
+}
+
 fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
     let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
     match how {
-        Attach::TpBtf(name) => {
+        Attach::TpBtf(tracepoint) => {
             let p: &mut BtfTracePoint = program.try_into()?;
-            p.load(name, btf)?;
+            p.load(tracepoint, btf)?;
             p.attach()?;
         }
-        Attach::TracePoint(category, name) => {
+        Attach::RawTp(tracepoint) => {
+            let p: &mut RawTracePoint = program.try_into()?;
+            p.load()?;
+            p.attach(tracepoint)?;
+        }
+        Attach::TracePoint(category, tracepoint) => {
+            ensure_tracefs()?;
             let p: &mut TracePoint = program.try_into()?;
             p.load()?;
-            p.attach(category, name)?;
+            p.attach(category, tracepoint)?;
         }
         Attach::FExit(function) => {
             let p: &mut FExit = program.try_into()?;
@@ -312,6 +337,14 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
             let p: &mut FEntry = program.try_into()?;
             p.load(function, btf)?;
             p.attach()?;
+        }
+        Attach::KProbe(function) | Attach::KRetProbe(function) => {
+            if !Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+                return Err(anyhow!("this kernel has no kprobes (CONFIG_KPROBES)"));
+            }
+            let p: &mut KProbe = program.try_into()?;
+            p.load()?;
+            p.attach(function, 0)?;
         }
     }
     Ok(())

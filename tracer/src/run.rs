@@ -176,6 +176,8 @@ pub fn run(args: Args) -> Result<i32> {
     };
     let mut probes = Probes::load(&LoadOptions {
         disabled: args.disable_hook.clone(),
+        skip_kinds: args.skip_hook_kind.clone(),
+        recvmsg_flags_arg: kernel.recvmsg_flags_arg,
         offsets: kernel.offsets,
         config: ProgramConfig {
             filter_by_port: (!args.ports.is_empty()) as u32,
@@ -185,6 +187,7 @@ pub fn run(args: Args) -> Result<i32> {
         ring_buffer_bytes: args.ring_buffer_size,
         max_sockets: args.max_sockets,
     })?;
+    probes.tracing_possible()?;
     let mut live = HashSet::new();
     // Register first, then look for descendants: a child forked in between is caught by
     // the fork hook, one forked before by the /proc scan.

@@ -1,0 +1,362 @@
+//! The compatibility table: for every logical hook, the programs that can implement it,
+//! best first, and what each needs of the kernel.
+//!
+//! Kernels differ in what they offer: tracepoints come and go between versions (the
+//! socket send/receive/data-ready tracepoints arrived in 6.3/6.4), BPF trampolines
+//! (fentry/fexit) may be missing or forbidden, kprobes may be compiled out. The loader
+//! does not guess from version numbers: it tries each implementation in order — the
+//! program must load (the verifier checks it against this kernel's types) and attach —
+//! and keeps the first that works. Options can skip kinds of implementation, to test the
+//! later ones on a kernel that has the earlier.
+//!
+//! Connect has no row of its own: a connect is seen from the state changes (SYN_SENT,
+//! then ESTABLISHED or CLOSE), which every supported kernel has.
+
+use std::{fmt, str::FromStr};
+
+/// Kinds of kernel attachment, in the order they are preferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// BTF-typed tracepoint: the cheapest, arguments typed by the kernel's BTF.
+    TpBtf,
+    /// Raw tracepoint: the same arguments, untyped.
+    RawTp,
+    /// Classic tracepoint under tracefs (a fixed record layout).
+    TracePoint,
+    /// BPF trampoline on a function's entry or return.
+    FEntry,
+    /// Kernel probe on a function's entry or return.
+    KProbe,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::KProbe];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::TpBtf => "tp_btf",
+            Kind::RawTp => "raw_tp",
+            Kind::TracePoint => "tracepoint",
+            Kind::FEntry => "fentry",
+            Kind::KProbe => "kprobe",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fexit" => return Ok(Kind::FEntry),
+            "kretprobe" => return Ok(Kind::KProbe),
+            _ => {}
+        }
+        Kind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown kind of hook '{s}' (one of: {})", names.join(", "))
+        })
+    }
+}
+
+/// Where one program attaches.
+#[derive(Debug, Clone, Copy)]
+pub enum Attach {
+    /// BTF-typed tracepoint, by tracepoint name.
+    TpBtf(&'static str),
+    /// Raw tracepoint, by tracepoint name.
+    RawTp(&'static str),
+    /// Classic tracepoint: category and name.
+    TracePoint(&'static str, &'static str),
+    /// Trampoline on a kernel function's entry.
+    FEntry(&'static str),
+    /// Trampoline on a kernel function's return (arguments and return value).
+    FExit(&'static str),
+    /// Probe on a kernel function's entry.
+    KProbe(&'static str),
+    /// Probe on a kernel function's return (return value only).
+    KRetProbe(&'static str),
+}
+
+impl Attach {
+    pub fn kind(self) -> Kind {
+        match self {
+            Attach::TpBtf(_) => Kind::TpBtf,
+            Attach::RawTp(_) => Kind::RawTp,
+            Attach::TracePoint(..) => Kind::TracePoint,
+            Attach::FEntry(_) | Attach::FExit(_) => Kind::FEntry,
+            Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
+        }
+    }
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attach::TpBtf(name) => write!(f, "tp_btf/{name}"),
+            Attach::RawTp(name) => write!(f, "raw_tp/{name}"),
+            Attach::TracePoint(category, name) => write!(f, "tracepoint/{category}/{name}"),
+            Attach::FEntry(name) => write!(f, "fentry/{name}"),
+            Attach::FExit(name) => write!(f, "fexit/{name}"),
+            Attach::KProbe(name) => write!(f, "kprobe/{name}"),
+            Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
+        }
+    }
+}
+
+/// One program of an implementation.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    /// The program's name in the kernel object.
+    pub name: &'static str,
+    pub attach: Attach,
+    /// The implementation works without it (e.g. the old `accept` syscall, which some
+    /// architectures do not have).
+    pub optional: bool,
+}
+
+/// One way of implementing a hook: every (non-optional) program must load and attach.
+#[derive(Debug)]
+pub struct Implementation {
+    pub programs: &'static [Program],
+    /// What it needs of the kernel, for `tracer doctor` and the README.
+    pub needs: &'static str,
+}
+
+impl Implementation {
+    pub fn kind(&self) -> Kind {
+        self.programs[0].attach.kind()
+    }
+}
+
+impl fmt::Display for Implementation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.programs.iter().map(|p| p.attach.to_string()).collect();
+        f.write_str(&names.join(" + "))
+    }
+}
+
+#[derive(Debug)]
+pub struct Hook {
+    /// Logical hook name, for messages.
+    pub name: &'static str,
+    /// What is lost without it.
+    pub needed_for: &'static str,
+    /// Tracing cannot start without it.
+    pub required: bool,
+    /// Phases that cannot be measured without it.
+    pub phases: &'static [&'static str],
+    /// Best first.
+    pub implementations: &'static [Implementation],
+}
+
+impl Hook {
+    /// Whether `program` names one of this hook's programs (for `--disable-hook`).
+    pub fn has_program(&self, program: &str) -> bool {
+        self.implementations.iter().flat_map(|i| i.programs).any(|p| p.name == program)
+    }
+}
+
+const fn one(name: &'static str, attach: Attach) -> Program {
+    Program { name, attach, optional: false }
+}
+
+/// A tracepoint hook: its BTF-typed program, then the same body as a raw tracepoint
+/// (see the programs' `tracepoint_hook!`).
+macro_rules! tracepoint_impls {
+    ($tp:literal, $raw:literal, $since:literal) => {
+        &[
+            Implementation {
+                programs: &[one($tp, Attach::TpBtf($tp))],
+                needs: concat!("BTF and the tracepoint ", $tp, " (", $since, ")"),
+            },
+            Implementation {
+                programs: &[one($raw, Attach::RawTp($tp))],
+                needs: concat!("the tracepoint ", $tp, " (", $since, ")"),
+            },
+        ]
+    };
+}
+
+const TRAMPOLINES: &str = "BPF trampolines (5.5+; not permitted on some kernels)";
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        name: "state changes",
+        needed_for: "every phase",
+        required: true,
+        phases: &[],
+        implementations: tracepoint_impls!("inet_sock_set_state", "raw_inet_sock_set_state", "4.16+"),
+    },
+    Hook {
+        name: "accept",
+        needed_for: "every phase",
+        required: true,
+        phases: &[],
+        implementations: &[
+            Implementation {
+                programs: &[
+                    one("sys_exit_accept4", Attach::TracePoint("syscalls", "sys_exit_accept4")),
+                    Program { name: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), optional: true },
+                ],
+                needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs",
+            },
+            // The return value is the accepted socket: no descriptor table walk. The
+            // longer, older argument list first (see receive).
+            Implementation {
+                programs: &[one("inet_csk_accept_exit_flags", Attach::FExit("inet_csk_accept"))],
+                needs: "BPF trampolines; inet_csk_accept(sk, flags, err, kern) (before 6.10)",
+            },
+            Implementation {
+                programs: &[one("inet_csk_accept_exit", Attach::FExit("inet_csk_accept"))],
+                needs: "BPF trampolines; inet_csk_accept(sk, arg) (6.10+)",
+            },
+            Implementation {
+                programs: &[one("inet_csk_accept_return", Attach::KRetProbe("inet_csk_accept"))],
+                needs: "kprobes (CONFIG_KPROBES)",
+            },
+        ],
+    },
+    Hook {
+        name: "receive",
+        needed_for: "recv_wait, think, bytes in, and the request boundaries send and delivery need",
+        required: false,
+        phases: &["recv_wait", "think", "send", "delivery", "upstream"],
+        implementations: &[
+            Implementation { programs: &[one("sock_recv_length", Attach::TpBtf("sock_recv_length"))], needs: "BTF and the tracepoint sock_recv_length (6.4+)" },
+            Implementation { programs: &[one("raw_sock_recv_length", Attach::RawTp("sock_recv_length"))], needs: "the tracepoint sock_recv_length (6.4+)" },
+            // The older, longer argument list first: the verifier rejects it where the
+            // function has fewer arguments (the reverse would misread the result).
+            Implementation { programs: &[one("tcp_recvmsg_exit_nonblock", Attach::FExit("tcp_recvmsg"))], needs: "BPF trampolines; tcp_recvmsg with nonblock (before 5.19)" },
+            Implementation { programs: &[one("tcp_recvmsg_exit", Attach::FExit("tcp_recvmsg"))], needs: "BPF trampolines; tcp_recvmsg (5.19+)" },
+            Implementation {
+                programs: &[one("tcp_recvmsg_entry", Attach::KProbe("tcp_recvmsg")), one("tcp_recvmsg_return", Attach::KRetProbe("tcp_recvmsg"))],
+                needs: "kprobes (CONFIG_KPROBES)",
+            },
+        ],
+    },
+    Hook {
+        name: "send",
+        needed_for: "think, send, delivery, bytes out",
+        required: false,
+        phases: &["think", "send", "delivery", "upstream"],
+        implementations: &[
+            Implementation { programs: &[one("sock_send_length", Attach::TpBtf("sock_send_length"))], needs: "BTF and the tracepoint sock_send_length (6.3+)" },
+            Implementation { programs: &[one("raw_sock_send_length", Attach::RawTp("sock_send_length"))], needs: "the tracepoint sock_send_length (6.3+)" },
+            Implementation { programs: &[one("tcp_sendmsg_exit", Attach::FExit("tcp_sendmsg"))], needs: TRAMPOLINES },
+            Implementation {
+                programs: &[one("tcp_sendmsg_entry", Attach::KProbe("tcp_sendmsg")), one("tcp_sendmsg_return", Attach::KRetProbe("tcp_sendmsg"))],
+                needs: "kprobes (CONFIG_KPROBES)",
+            },
+        ],
+    },
+    Hook {
+        name: "data arrival",
+        needed_for: "recv_wait",
+        required: false,
+        phases: &["recv_wait", "upstream"],
+        implementations: &[
+            Implementation { programs: &[one("sk_data_ready", Attach::TpBtf("sk_data_ready"))], needs: "BTF and the tracepoint sk_data_ready (6.4+)" },
+            Implementation { programs: &[one("raw_sk_data_ready", Attach::RawTp("sk_data_ready"))], needs: "the tracepoint sk_data_ready (6.4+)" },
+            Implementation { programs: &[one("sock_def_readable", Attach::FEntry("sock_def_readable"))], needs: TRAMPOLINES },
+            Implementation { programs: &[one("sock_def_readable_entry", Attach::KProbe("sock_def_readable"))], needs: "kprobes (CONFIG_KPROBES)" },
+        ],
+    },
+    Hook {
+        name: "acknowledgements",
+        needed_for: "delivery",
+        required: false,
+        phases: &["delivery"],
+        implementations: tracepoint_impls!("tcp_probe", "raw_tcp_probe", "4.16+"),
+    },
+    Hook {
+        name: "SYN-ACK retransmits",
+        needed_for: "handshake with retransmits",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("tcp_retransmit_synack", "raw_tcp_retransmit_synack", "4.15+"),
+    },
+    Hook {
+        name: "retransmits",
+        needed_for: "SYN retransmits of connects",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("tcp_retransmit_skb", "raw_tcp_retransmit_skb", "4.15+"),
+    },
+    Hook {
+        name: "listen overflows",
+        needed_for: "exact listen drops (handshake ACKs dropped on a full accept queue would count twice)",
+        required: false,
+        phases: &[],
+        // Needs the socket argument of 5.19+ and the socket-cookie helper of BTF programs.
+        implementations: &[Implementation { programs: &[one("kfree_skb", Attach::TpBtf("kfree_skb"))], needs: "BTF, the tracepoint kfree_skb with its socket (6.x) and the listen-overflow drop reason" }],
+    },
+    Hook {
+        name: "resets sent",
+        needed_for: "resets sent",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("tcp_send_reset", "raw_tcp_send_reset", "4.16+"),
+    },
+    Hook {
+        name: "resets received",
+        needed_for: "resets received",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("tcp_receive_reset", "raw_tcp_receive_reset", "4.16+"),
+    },
+    Hook {
+        name: "process fork",
+        needed_for: "children forked after start",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("sched_process_fork", "raw_sched_process_fork", "all"),
+    },
+    Hook {
+        name: "process exit",
+        needed_for: "noticing that traced processes exited",
+        required: false,
+        phases: &[],
+        implementations: tracepoint_impls!("sched_process_exit", "raw_sched_process_exit", "all"),
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implementations_are_in_preference_order() {
+        for hook in HOOKS {
+            let kinds: Vec<Kind> = hook.implementations.iter().map(Implementation::kind).collect();
+            assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{}: {kinds:?}", hook.name);
+            for i in hook.implementations {
+                assert!(i.programs.iter().all(|p| p.attach.kind() == i.kind()), "{}: {i}", hook.name);
+                assert!(!i.programs[0].optional, "{}: {i}", hook.name);
+            }
+        }
+    }
+
+    #[test]
+    fn program_names_are_unique() {
+        let mut names: Vec<&str> = HOOKS.iter().flat_map(|h| h.implementations).flat_map(|i| i.programs).map(|p| p.name).collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all);
+    }
+
+    #[test]
+    fn kinds_parse_with_their_aliases() {
+        assert_eq!("fexit".parse::<Kind>(), Ok(Kind::FEntry));
+        assert_eq!("kretprobe".parse::<Kind>(), Ok(Kind::KProbe));
+        assert_eq!("tp_btf".parse::<Kind>(), Ok(Kind::TpBtf));
+        assert!("uprobe".parse::<Kind>().unwrap_err().contains("one of: tp_btf, raw_tp"));
+    }
+}
