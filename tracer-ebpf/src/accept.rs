@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{emit_open, now, remove_state, state_mut},
+    conn::{emit_open, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, sock_of_fd},
     maps::{filter_by_port, is_traced_tgid, PIDS},
 };
@@ -45,13 +45,26 @@ fn on_accept_return(ctx: &TracePointContext) {
 #[inline(always)]
 pub fn on_accepted(sk: u64) {
     let Some(st) = state_mut(sk) else { return };
-    if st.owner != 0 {
-        return;
+    if st.owner == 0 {
+        take_ownership(sk, st);
     }
+}
+
+/// The current process accepted `sk` (now, or unseen before its first read or write):
+/// it becomes the owner, or the connection is forgotten when the process is not traced.
+/// Whether it is traced.
+///
+/// An accept is unseen when the call was already under way as tracing started (a
+/// server blocked in accept()) and its hook is on the function's return (fexit,
+/// kretprobe): such a return is not caught. Its first read or write stands in for it.
+// Inlined: as a subprogram its frame would add to the receive path's, past the
+// 512 bytes a call chain may use on kernels before 6.13.
+#[inline(always)]
+pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !filter_by_port() && !is_traced_tgid(tgid) {
         remove_state(sk);
-        return;
+        return false;
     }
     if filter_by_port() && !is_traced_tgid(tgid) {
         // Port mode: the process serving the port is traced from now on, so that its
@@ -62,4 +75,5 @@ pub fn on_accepted(sk: u64) {
     st.owner = tgid;
     let first_data_ns = st.pending_data_ns;
     emit_open(sk, st, &conn_addr(sk), ts, first_data_ns);
+    true
 }

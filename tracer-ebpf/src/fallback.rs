@@ -107,8 +107,10 @@ pub fn tcp_recvmsg_entry(ctx: ProbeContext) -> u32 {
     if !worth_following(sk) {
         return 0;
     }
-    let index = unsafe { core::ptr::read_volatile(&RECVMSG_FLAGS_ARG) };
-    let flags = if index == 4 { ctx.arg::<i32>(4) } else { ctx.arg::<i32>(3) }.unwrap_or(0);
+    // Both registers read, then one chosen: a context read at an offset chosen at run
+    // time is refused by the verifier.
+    let (third, fourth) = (ctx.arg::<i32>(3).unwrap_or(0), ctx.arg::<i32>(4).unwrap_or(0));
+    let flags = if unsafe { core::ptr::read_volatile(&RECVMSG_FLAGS_ARG) } == 4 { fourth } else { third };
     let _ = RECV_CALLS.insert(&bpf_get_current_pid_tgid(), &Call { sk, flags, _pad: 0 }, 0);
     0
 }

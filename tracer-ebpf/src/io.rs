@@ -93,9 +93,8 @@ fn on_read(sk: u64, len: u64) {
         upstream::on_read(sk, st, len, ts);
         return;
     }
-    if st.owner == 0 {
-        // Read before accept() returned it: someone else's socket, or a race with the
-        // accept hook. Leave it to the accept hook.
+    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+        // Accepted by a process not traced (or an accept not seen: see take_ownership).
         return;
     }
     if st.dir != dir::READING {
@@ -124,7 +123,7 @@ fn on_write(sk: u64, len: u64) {
         upstream::on_write(st, len, ts);
         return;
     }
-    if st.owner == 0 {
+    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return;
     }
     if st.dir != dir::WRITING {

@@ -263,14 +263,24 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
     status
 }
 
-/// The gist of a load or attach error, on one line: verifier logs run to pages.
+/// The gist of a load or attach error, on one line: the errno, and of a verifier log
+/// (which runs to pages) the line that says why it refused, near its end.
 fn short_error(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    let mut line = text.lines().next().unwrap_or("").replace("the BPF_PROG_LOAD syscall returned ", "load failed: ");
-    if let Some(at) = line.find(". Verifier output: :") {
-        line.truncate(at); // the log is empty: the errno says it all
-    }
-    line.chars().take(160).collect()
+    let text = format!("{e:#}").replace("the BPF_PROG_LOAD syscall returned ", "load failed: ");
+    let (head, log) = match text.split_once(". Verifier output:") {
+        Some((head, log)) => (head.to_owned(), log),
+        None => (text.lines().next().unwrap_or("").to_owned(), ""),
+    };
+    let noise = |l: &&str| {
+        let l = l.trim();
+        l.is_empty() || l == ":" || l.starts_with("processed ") || l.starts_with("verification time") || l.starts_with("stack depth")
+    };
+    let cause = log.lines().rev().find(|l| !noise(l)).map(str::trim);
+    let line = match cause {
+        Some(cause) => format!("{head}: {cause}"),
+        None => head,
+    };
+    line.chars().take(200).collect()
 }
 
 /// Attaches every program of `implementation`; on failure, detaches those already
@@ -348,4 +358,22 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_error;
+
+    #[test]
+    fn short_error_keeps_the_verifiers_reason() {
+        let e = anyhow::anyhow!(
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: arg#0 type is not a struct\n\
+             0: (79) r6 = *(u64 *)(r1 +104)\nR1 invalid ctx access off=0 size=8\nprocessed 12 insns (limit 1000000)\n"
+        );
+        assert_eq!(short_error(&e), "load failed: Permission denied (os error 13): R1 invalid ctx access off=0 size=8");
+        let e = anyhow::anyhow!("the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: : ");
+        assert_eq!(short_error(&e), "load failed: Operation not permitted (os error 1)");
+        let e = anyhow::anyhow!("unknown BTF type `btf_trace_sock_recv_length`");
+        assert_eq!(short_error(&e), "unknown BTF type `btf_trace_sock_recv_length`");
+    }
 }

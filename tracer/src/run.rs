@@ -212,6 +212,17 @@ pub fn run(args: Args) -> Result<i32> {
         }
     }
     let ring = probes.take_events()?;
+    // Hooks on other than their first implementation: said once, so that a report from
+    // an older kernel says how it was measured.
+    let fallbacks: Vec<String> = probes
+        .hooks
+        .iter()
+        .filter(|h| !h.passed_over.is_empty())
+        .filter_map(|h| Some(format!("{} {}", h.hook, h.implementation.as_ref()?)))
+        .collect();
+    if !fallbacks.is_empty() {
+        say!("tracer: this kernel's hooks: {} (`tracer doctor` says why)", fallbacks.join(", "));
+    }
     for (phase, why) in &probes.unavailable {
         say!("tracer: phase {phase} unavailable: {why}");
     }

@@ -1,14 +1,18 @@
-//! `cargo xtask test`: the whole suite, as CI runs it.
+//! `cargo xtask test`: the whole suite, as CI runs it: unit tests, the privileged
+//! integration tests on this kernel, then the kernel matrix under qemu (`vm-test`).
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, exec, is_root, setup};
+use crate::{cargo, exec, is_root, setup, vmtest};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Only run integration tests whose name contains this.
+    /// Only run integration tests whose name contains this (skips the kernel matrix).
     #[arg(long)]
     pub filter: Option<String>,
+    /// Skip the kernel matrix (`cargo xtask vm-test`), which boots Debian's kernels.
+    #[arg(long)]
+    pub skip_vm: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -23,5 +27,11 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Some(filter) = &opts.filter {
         cmd.arg(filter);
     }
-    exec(&mut cmd)
+    exec(&mut cmd)?;
+    if opts.filter.is_some() || opts.skip_vm {
+        eprintln!("xtask: kernel matrix skipped");
+        return Ok(());
+    }
+    // The same binary on the other kernels the tracer supports.
+    vmtest::run(&vmtest::Options::default())
 }
