@@ -271,11 +271,12 @@ fn short_error(e: &anyhow::Error) -> String {
         Some((head, log)) => (head.to_owned(), log),
         None => (text.lines().next().unwrap_or("").to_owned(), ""),
     };
+    // Not the cause: statistics, and the error's own source repeated after the log.
     let noise = |l: &&str| {
-        let l = l.trim();
-        l.is_empty() || l == ":" || l.starts_with("processed ") || l.starts_with("verification time") || l.starts_with("stack depth")
+        let l = l.trim().trim_start_matches(':').trim();
+        l.is_empty() || head.contains(l) || l.starts_with("processed ") || l.starts_with("verification time") || l.starts_with("stack depth")
     };
-    let cause = log.lines().rev().find(|l| !noise(l)).map(str::trim);
+    let cause = log.lines().rev().find(|l| !noise(l)).map(|l| l.trim().trim_start_matches(':').trim());
     let line = match cause {
         Some(cause) => format!("{head}: {cause}"),
         None => head,
@@ -371,6 +372,11 @@ mod tests {
              0: (79) r6 = *(u64 *)(r1 +104)\nR1 invalid ctx access off=0 size=8\nprocessed 12 insns (limit 1000000)\n"
         );
         assert_eq!(short_error(&e), "load failed: Permission denied (os error 13): R1 invalid ctx access off=0 size=8");
+        let e = anyhow::anyhow!(
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: func 'tcp_recvmsg' doesn't have 7-th argument\n\
+             processed 0 insns (limit 1000000)\n: Permission denied (os error 13)"
+        );
+        assert_eq!(short_error(&e), "load failed: Permission denied (os error 13): func 'tcp_recvmsg' doesn't have 7-th argument");
         let e = anyhow::anyhow!("the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: : ");
         assert_eq!(short_error(&e), "load failed: Operation not permitted (os error 1)");
         let e = anyhow::anyhow!("unknown BTF type `btf_trace_sock_recv_length`");
