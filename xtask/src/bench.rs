@@ -121,6 +121,8 @@ struct Sample {
     lost: Option<f64>,
     rss_kb: Option<f64>,
     map_bytes: Option<f64>,
+    /// The tracer's programs by name: run time (ns) and runs during the load.
+    programs: BTreeMap<String, (f64, f64)>,
 }
 
 fn bench_dir() -> PathBuf {
@@ -191,6 +193,48 @@ fn fdinfo_sum(pid: u32, kind_marker: &str, field: &str) -> f64 {
         }
     }
     total
+}
+
+/// Run time (ns) and run count of each of a process's BPF programs, by program name.
+fn program_stats(pid: u32) -> BTreeMap<String, (f64, f64)> {
+    let mut stats = BTreeMap::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return stats };
+    for fd in fds.flatten() {
+        let Ok(info) = fs::read_to_string(fd.path()) else { continue };
+        let field = |name: &str| {
+            info.lines().find_map(|l| l.strip_prefix(name)?.trim_start_matches(':').trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(ns), Some(runs)) = (field("prog_id"), field("run_time_ns"), field("run_cnt")) else {
+            continue;
+        };
+        let name = program_name(id as u32).unwrap_or_else(|| format!("id {id}"));
+        let entry = stats.entry(name).or_insert((0.0, 0.0));
+        entry.0 += ns as f64;
+        entry.1 += runs as f64;
+    }
+    stats
+}
+
+/// A program's name (as the kernel keeps it: at most 15 characters), from its id.
+fn program_name(id: u32) -> Option<String> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // `struct bpf_prog_info` up to and including `name` (offset 64, 16 bytes).
+    let mut info = [0u8; 80];
+    let mut attr = [0u64; 4];
+    attr[0] = id as u64;
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_mut_ptr(), 32) };
+    if fd < 0 {
+        return None;
+    }
+    attr = [0; 4];
+    attr[0] = fd as u64 | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    let ok = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), 32) } == 0;
+    unsafe { libc::close(fd as i32) };
+    let name = &info[64..80];
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    (ok && len > 0).then(|| String::from_utf8_lossy(&name[..len]).into_owned())
 }
 
 fn bpf_run_ns(pid: u32) -> f64 {
@@ -411,6 +455,10 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
     let observer = start_observer(config, server.0.id(), port)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
+    let programs_before = match &observer {
+        Some(obs) if config == Config::Tracer => program_stats(obs.pid()),
+        _ => BTreeMap::new(),
+    };
     let mut sample = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
     if let Some(obs) = observer {
         let after = obs.cpu();
@@ -419,6 +467,10 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
         if config == Config::Tracer {
             sample.rss_kb = status_kb(obs.pid(), "VmHWM:");
             sample.map_bytes = Some(map_bytes(obs.pid()));
+            for (name, (ns, runs)) in program_stats(obs.pid()) {
+                let (ns0, runs0) = programs_before.get(&name).copied().unwrap_or_default();
+                sample.programs.insert(name, (ns - ns0, runs - runs0));
+            }
         }
         let (events, lost) = obs.stop()?;
         sample.events = events;
@@ -517,6 +569,35 @@ fn table(out: &mut String, rows: &[Row]) {
             r.errors,
         );
     }
+}
+
+/// The tracer's cost per program: which hook the CPU per request goes to.
+fn program_table(out: &mut String, runs: &[Sample]) {
+    let names: std::collections::BTreeSet<&String> = runs.iter().flat_map(|s| s.programs.keys()).collect();
+    let mut lines = Vec::new();
+    for name in names {
+        let per = |f: &dyn Fn(f64, f64, f64) -> f64| {
+            median(runs.iter().filter_map(|s| s.programs.get(name).map(|&(ns, n)| f(ns, n, s.requests))).collect())
+        };
+        let runs_per_request = per(&|_, n, requests| n / requests);
+        if runs_per_request < 0.005 {
+            continue;
+        }
+        let ns_per_run = per(&|ns, n, _| if n > 0.0 { ns / n } else { 0.0 });
+        let ns_per_request = per(&|ns, _, requests| ns / requests);
+        lines.push((ns_per_request, format!("| {name} | {runs_per_request:.2} | {ns_per_run:.0} | {ns_per_request:.0} |")));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    lines.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let _ = writeln!(out, "The tracer's programs (medians; names as the kernel keeps them, at most 15 characters):\n");
+    let _ = writeln!(out, "| program | runs/request | ns/run | ns/request |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+    for (_, line) in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
 }
 
 // ---------------------------------------------------------------------------------
@@ -771,6 +852,9 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
+        if let Some(runs) = samples.get(&Config::Tracer) {
+            program_table(&mut out, runs);
+        }
         if let Some(t) = rows.iter().find(|r| r.config == Config::Tracer) {
             let bpftrace = rows.iter().find(|r| r.config == Config::Bpftrace).map(|r| r.cpu_per_request_us);
             keep_alive_tracer.get_or_insert_with(Vec::new).push((*workload, t.cpu_per_request_us, t.throughput_ratio, t.lost, bpftrace));
