@@ -46,6 +46,16 @@ pub struct Options {
     /// Where to write the results (default: BENCHMARKS.md at the workspace root).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The tracer binary to measure (default: this workspace's release build), e.g. a
+    /// copy of an earlier build, to compare two versions under the same conditions.
+    #[arg(long)]
+    pub tracer: Option<PathBuf>,
+}
+
+impl Options {
+    fn tracer_bin(&self) -> PathBuf {
+        self.tracer.clone().unwrap_or_else(|| release_bin("tracer"))
+    }
 }
 
 const BENCH_PACKAGES: &[(&str, &str)] =
@@ -376,11 +386,11 @@ fn mitmdump() -> PathBuf {
     bench_dir().join("venv/bin/mitmdump")
 }
 
-fn start_observer(config: Config, server_pid: u32, server_port: u16) -> Result<Option<Observer>> {
+fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Options) -> Result<Option<Observer>> {
     Ok(Some(match config {
         Config::Untraced => return Ok(None),
         Config::Tracer => {
-            let mut cmd = Command::new(release_bin("tracer"));
+            let mut cmd = Command::new(opts.tracer_bin());
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
@@ -452,7 +462,7 @@ impl Observer {
 }
 
 fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts: &Options) -> Result<Sample> {
-    let observer = start_observer(config, server.0.id(), port)?;
+    let observer = start_observer(config, server.0.id(), port, opts)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
     let programs_before = match &observer {
@@ -627,8 +637,8 @@ struct ScaleTracer {
 }
 
 impl ScaleTracer {
-    fn start(pid: u32, max_sockets: usize) -> Result<Self> {
-        let mut cmd = Command::new(release_bin("tracer"));
+    fn start(tracer: &Path, pid: u32, max_sockets: usize) -> Result<Self> {
+        let mut cmd = Command::new(tracer);
         cmd.args(["--pid", &pid.to_string(), "--output", "json", "--interval", "1s"])
             .args(["--max-sockets", &max_sockets.to_string()])
             .stdout(Stdio::piped());
@@ -683,7 +693,7 @@ fn live_connections(port: u16) -> usize {
 fn scale(opts: &Options) -> Result<Scale> {
     let mut out = Scale::default();
     let (nginx, port) = start_nginx("nginx-scale", true)?;
-    let tracer = ScaleTracer::start(nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
+    let tracer = ScaleTracer::start(&opts.tracer_bin(), nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
     if opts.scale_open > 0 {
         eprintln!("bench: opening {} connections", opts.scale_open);
         // Holders of at most 16,000 connections each, to stay within the file limit.
