@@ -110,15 +110,21 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
         bump(counter::LOST_EVENTS);
     }
     st.requests += 1;
-    st.arrival_ns = 0;
-    st.first_read_ns = 0;
-    st.last_read_ns = 0;
-    st.first_write_ns = 0;
-    st.last_write_ns = 0;
-    st.acked_ns = 0;
-    st.req_in = 0;
-    st.req_out = 0;
     st.req_flags = 0;
+    // Volatile stores: the compiler merges plain ones into a call to the BPF library's
+    // memset, which clears one byte at a time (40 stores on every request).
+    for field in [
+        &mut st.arrival_ns,
+        &mut st.first_read_ns,
+        &mut st.last_read_ns,
+        &mut st.first_write_ns,
+        &mut st.last_write_ns,
+        &mut st.acked_ns,
+        &mut st.req_in,
+        &mut st.req_out,
+    ] {
+        unsafe { core::ptr::write_volatile(field, 0) };
+    }
 }
 
 /// Whether the kernel sent bytes the tracer never saw written: a write still in
