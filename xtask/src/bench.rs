@@ -960,15 +960,15 @@ const READING: &str = "
 - **What changed because of this benchmark.** The first version woke the tracer for
   every event: a ring-buffer wake-up is an inter-processor interrupt, a VM exit on this
   machine, and the receive hook cost 3.4 µs per call. Events are now submitted without a
-  wake-up and drained every 20 ms (a ring a quarter full still wakes the tracer at once):
-  the hook costs about 0.23 µs. The tracer's resident memory after start-up was halved by
+  wake-up and drained on a timer (a ring a quarter full still wakes the tracer at once):
+  the hook costs about 0.2 µs. The tracer's resident memory after start-up was halved by
   returning the memory used to parse the kernel's BTF.
 - **A new connection per request** costs about 6 µs: the connection's state changes
   run the state hook about ten times (both ends, ~0.27 µs each), the accept hook walks
   the file table from a syscall tracepoint (~1 µs), and three events (open, exchange,
-  close) are emitted and processed. Hooks on the accept and connect paths that hand
-  over the socket directly (fexit/kretprobe on kernels that allow them) would cut the
-  walk.
+  close) are emitted and processed. On kernels that permit trampolines, fexit on
+  `inet_csk_accept` hands over the socket directly (`--skip-hook-kind tracepoint`
+  selects it; this machine forbids trampolines).
 - **What limits it now.** The per-program table above gives each hook's share. About
   55 ns of every program run is paid before the program does anything: a program that
   returns at once measured 50–60 ns per run here, most of it the clock read that
