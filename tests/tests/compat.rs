@@ -49,7 +49,7 @@ fn doctor_falls_back_to_raw_tracepoints() -> anyhow::Result<()> {
     let out = Command::new(tracer_bin()).args(["doctor", RAW]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    for hook in ["inet_sock_set_state", "sock_recv_length", "sock_send_length", "sk_data_ready", "tcp_probe", "sched_process_fork"] {
+    for hook in ["inet_sock_set_state", "sock_recv_length", "sock_send_length", "tcp_probe", "sched_process_fork"] {
         assert!(text.contains(&format!("raw_tp/{hook}")), "{hook}: {text}");
     }
     assert!(text.contains("skipped (--skip-hook-kind tp_btf)"), "{text}");

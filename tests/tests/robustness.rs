@@ -54,7 +54,7 @@ fn missing_privileges_are_named() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A kernel without the acknowledgement hook (simulated): delivery is reported as
+/// A kernel without the segment hook (simulated): delivery (and recv_wait) is reported as
 /// unavailable, with the reason, not as zero; the other phases are measured; a check on
 /// delivery fails saying why.
 #[test]

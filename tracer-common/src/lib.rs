@@ -279,9 +279,14 @@ pub struct KernelOffsets {
     /// struct tcp_sock.bytes_sent and .bytes_retrans (u64 each)
     pub tcp_bytes_sent: u32,
     pub tcp_bytes_retrans: u32,
-    pub _pad: u32,
+    /// struct tcp_skb_cb.seq and .end_seq (inside sk_buff.cb): a segment carries data
+    /// when they differ
+    pub tcp_skb_cb_seq: u32,
+    pub tcp_skb_cb_end_seq: u32,
+    /// struct tcp_sock.rcv_nxt: what is received in order so far
+    pub tcp_rcv_nxt: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 112);
+const _: () = assert!(size_of::<KernelOffsets>() == 120);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {

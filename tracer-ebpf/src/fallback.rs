@@ -1,9 +1,8 @@
-//! The same hooks for kernels without the `sock_send_length`, `sock_recv_length` and
-//! `sk_data_ready` tracepoints (before 6.3/6.4), and for accept without the syscall
-//! tracepoints' descriptor walk:
+//! The same hooks for kernels without the `sock_send_length` and `sock_recv_length`
+//! tracepoints (before 6.3/6.4), and for accept without the syscall tracepoints'
+//! descriptor walk:
 //!
-//! - BPF trampolines: fexit on `tcp_sendmsg`/`tcp_recvmsg`/`inet_csk_accept`, fentry on
-//!   `sock_def_readable` (TCP's data-ready callback);
+//! - BPF trampolines: fexit on `tcp_sendmsg`/`tcp_recvmsg`/`inet_csk_accept`;
 //! - kprobes, where trampolines are missing or not permitted: the same functions, with a
 //!   kprobe at entry keeping the arguments the return probe needs, per thread.
 //!
@@ -12,15 +11,15 @@
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
-    macros::{fentry, fexit, kprobe, kretprobe, map},
+    macros::{fexit, kprobe, kretprobe, map},
     maps::HashMap,
-    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 
 use crate::{
     accept::on_accepted,
     conn::state_mut,
-    io::{on_data_ready, on_recv_return, on_send_return},
+    io::{on_recv_return, on_send_return},
     maps::{filter_by_port, is_traced_tgid},
 };
 
@@ -42,13 +41,6 @@ pub fn tcp_recvmsg_exit(ctx: FExitContext) -> i32 {
 #[fexit]
 pub fn tcp_recvmsg_exit_nonblock(ctx: FExitContext) -> i32 {
     on_recv_return(ctx.arg(0), ctx.arg(6), ctx.arg(4));
-    0
-}
-
-/// `void sock_def_readable(struct sock *sk)`: data queued on a socket.
-#[fentry]
-pub fn sock_def_readable(ctx: FEntryContext) -> i32 {
-    on_data_ready(ctx.arg(0));
     0
 }
 
@@ -140,14 +132,6 @@ pub fn tcp_sendmsg_return(ctx: RetProbeContext) -> u32 {
     let Some(call) = (unsafe { SEND_CALLS.get(&thread) }).copied() else { return 0 };
     let _ = SEND_CALLS.remove(&thread);
     on_send_return(call.sk, ctx.ret::<i32>());
-    0
-}
-
-#[kprobe]
-pub fn sock_def_readable_entry(ctx: ProbeContext) -> u32 {
-    if let Some(sk) = ctx.arg::<u64>(0) {
-        on_data_ready(sk);
-    }
     0
 }
 

@@ -47,41 +47,40 @@ pub fn on_send_return(sk: u64, ret: i32) {
 }
 
 tracepoint_hook! {
-    fn sk_data_ready / raw_sk_data_ready (ctx) {
-        on_data_ready(ctx.arg(0));
-        0
-    }
-}
-
-/// Data was queued on `sk`.
-#[inline(always)]
-pub fn on_data_ready(sk: u64) {
-    if let Some(st) = state_mut(sk) {
-        // The first data since the application last read. Every read clears it, so data
-        // of the request being read never counts for the next one, while the next
-        // request's first bytes count even when they come before the hook of the
-        // response's write has run (a fast client on loopback).
-        if st.pending_data_ns == 0 {
-            st.pending_data_ns = now();
-        }
-    }
-}
-
-tracepoint_hook! {
+    /// Every segment an established connection receives: its data arrival and its
+    /// acknowledgements, from one hook (a data-ready hook would be a second program run
+    /// per request, for the same moment to within microseconds).
     fn tcp_probe / raw_tcp_probe (ctx) {
-        let sk: u64 = ctx.arg(0);
-        let Some(st) = state_mut(sk) else { return 0 };
-        if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
-            return 0;
-        }
-        let skb: u64 = ctx.arg(1);
-        let Some(ack_seq) = read::<u32>(skb, off!(skb_cb) + off!(tcp_skb_cb_ack_seq)) else {
-            return 0;
-        };
-        if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
-            st.acked_ns = now();
-        }
+        on_segment(ctx.arg(0), ctx.arg(1));
         0
+    }
+}
+
+#[inline(always)]
+fn on_segment(sk: u64, skb: u64) {
+    let Some(st) = state_mut(sk) else { return };
+    let cb = skb + off!(skb_cb) as u64;
+    // The first new data since the application last read. Every read clears it, so data
+    // of the request being read never counts for the next one, while the next request's
+    // first bytes count even when they come before the hook of the response's write has
+    // run (a fast client on loopback). New: the segment ends beyond what was already
+    // received in order (a retransmit of received data does not count).
+    if st.pending_data_ns == 0 {
+        let seq = read::<u32>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
+        let end_seq = read::<u32>(cb, off!(tcp_skb_cb_end_seq)).unwrap_or(0);
+        if end_seq != seq {
+            let rcv_nxt = read::<u32>(sk, off!(tcp_rcv_nxt)).unwrap_or(seq);
+            if end_seq.wrapping_sub(rcv_nxt) as i32 > 0 {
+                st.pending_data_ns = now();
+            }
+        }
+    }
+    if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
+        return;
+    }
+    let Some(ack_seq) = read::<u32>(cb, off!(tcp_skb_cb_ack_seq)) else { return };
+    if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
+        st.acked_ns = now();
     }
 }
 
@@ -104,6 +103,11 @@ fn on_read(sk: u64, len: u64) {
         st.dir = dir::READING;
         st.first_read_ns = ts;
         st.arrival_ns = st.pending_data_ns;
+        if st.arrival_ns == 0 && st.requests == 0 && st.origin == origin::ACCEPTED {
+            // No segment of the first request reached the established connection: it
+            // came with the handshake's final ACK (the state change's moment).
+            st.arrival_ns = st.established_ns;
+        }
         if st.arrival_ns == 0 {
             st.req_flags |= flags::ARRIVAL_UNKNOWN;
         }

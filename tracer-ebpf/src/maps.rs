@@ -39,7 +39,9 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_total_retrans: 0,
     tcp_bytes_sent: 0,
     tcp_bytes_retrans: 0,
-    _pad: 0,
+    tcp_skb_cb_seq: 0,
+    tcp_skb_cb_end_seq: 0,
+    tcp_rcv_nxt: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -257,22 +257,10 @@ pub const HOOKS: &[Hook] = &[
         ],
     },
     Hook {
-        name: "data arrival",
-        needed_for: "recv_wait",
+        name: "segments received",
+        needed_for: "recv_wait and upstream waits (data arrival), delivery (acknowledgements)",
         required: false,
-        phases: &["recv_wait", "upstream"],
-        implementations: &[
-            Implementation { programs: &[one("sk_data_ready", Attach::TpBtf("sk_data_ready"))], needs: "BTF and the tracepoint sk_data_ready (6.4+)" },
-            Implementation { programs: &[one("raw_sk_data_ready", Attach::RawTp("sk_data_ready"))], needs: "the tracepoint sk_data_ready (6.4+)" },
-            Implementation { programs: &[one("sock_def_readable", Attach::FEntry("sock_def_readable"))], needs: TRAMPOLINES },
-            Implementation { programs: &[one("sock_def_readable_entry", Attach::KProbe("sock_def_readable"))], needs: "kprobes (CONFIG_KPROBES)" },
-        ],
-    },
-    Hook {
-        name: "acknowledgements",
-        needed_for: "delivery",
-        required: false,
-        phases: &["delivery"],
+        phases: &["recv_wait", "delivery", "upstream"],
         implementations: tracepoint_impls!("tcp_probe", "raw_tcp_probe", "4.16+"),
     },
     Hook {

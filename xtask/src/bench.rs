@@ -948,15 +948,15 @@ const READING: &str = "
 ## Reading
 
 - **Where the tracer's CPU goes.** Per request on nginx keep-alive the programs run
-  about eight times: receive and send (process context), data arrival and
-  acknowledgement (softirq), once for nginx's socket and once for the load generator's
-  — on loopback both ends of every connection are on this machine, so roughly a third of
-  the BPF time is spent recognising the load generator's sockets as not traced (one hash
-  lookup each). A server whose clients are elsewhere pays only the traced half. The
-  receive hook is the dearest: it closes the previous exchange and emits its event. The
-  tracer process itself spends about 0.15 µs per request (decoding, the timeline, four
-  HDR histogram records, a third of it waiting for histogram counters to come into the
-  cache); it drains the ring every 50 ms.
+  about six times: receive and send (process context) and the segment hook (softirq:
+  data arrival and acknowledgements, one program), once for nginx's socket and once for
+  the load generator's — on loopback both ends of every connection are on this machine,
+  so a good part of the BPF time is spent recognising the load generator's sockets as
+  not traced (one hash lookup each). A server whose clients are elsewhere pays only the
+  traced half. The receive hook is the dearest: it closes the previous exchange and emits
+  its event. The tracer process itself spends about 0.15 µs per request (decoding, the
+  timeline, four HDR histogram records, a third of it waiting for histogram counters to
+  come into the cache); it drains the ring every 50 ms.
 - **What changed because of this benchmark.** The first version woke the tracer for
   every event: a ring-buffer wake-up is an inter-processor interrupt, a VM exit on this
   machine, and the receive hook cost 3.4 µs per call. Events are now submitted without a
@@ -972,8 +972,8 @@ const READING: &str = "
 - **What limits it now.** The per-program table above gives each hook's share. About
   55 ns of every program run is paid before the program does anything: a program that
   returns at once measured 50–60 ns per run here, most of it the clock read that
-  `bpf_stats_enabled` itself adds on this virtual machine (kvm-clock). Eight runs per
-  request make that about 0.45 µs, half of the BPF part. What the programs do beyond
+  `bpf_stats_enabled` itself adds on this virtual machine (kvm-clock). Six runs per
+  request make that about 0.33 µs, a third to a half of the BPF part. What the programs do beyond
   that goes mostly to cache lines moving between the two CPUs: the connection's state
   is written by the application's reads and writes on one CPU and by data arrival and
   ACKs in the sender's softirq on the other, and each request's event is written into
@@ -981,9 +981,10 @@ const READING: &str = "
   sockets (an array of counts by address hash, checked before the hash lookup) was
   tried and did not pay: a miss in the hash map on an untraced socket costs little,
   and the check added to every traced hit. A port-based pre-filter was slower too.
-  Fewer program runs per request (data arrival taken from the ACK hook, which sees
-  every incoming segment) and a connection state laid out so that the softirq hooks
-  touch one cache line are what remain.
+  Data arrival used to have a hook of its own (`sk_data_ready`): it is now taken from
+  the segment hook, which sees every incoming segment anyway, two program runs fewer
+  per request. A connection state laid out so that the softirq hook touches one cache
+  line is what remains.
 - **Throughput** on two shared cores moves by several percent from run to run, which
   is why CPU per request, from the kernel's own accounting, is the figure to compare.
 - **The alternatives.** The capture's cost per request misses the kernel's copy of every

@@ -72,7 +72,7 @@ const SCENARIOS: &[Scenario] = &[
 
 /// Ways to run the tracer on each kernel: a name and the options. The kinds skipped
 /// make each hook take its next implementation: raw tracepoints and trampolines (accept
-/// from inet_csk_accept), then kprobes (send, receive and data arrival on kernels
+/// from inet_csk_accept), then kprobes (send and receive on kernels
 /// without their tracepoints; accept from a return probe).
 const PASSES: &[(&str, &str)] = &[
     ("default", ""),
