@@ -279,14 +279,11 @@ pub struct KernelOffsets {
     /// struct tcp_sock.bytes_sent and .bytes_retrans (u64 each)
     pub tcp_bytes_sent: u32,
     pub tcp_bytes_retrans: u32,
-    /// struct tcp_skb_cb.seq and .end_seq (inside sk_buff.cb): a segment carries data
-    /// when they differ
+    /// struct tcp_skb_cb.seq, followed by .end_seq (checked at start; both are read at
+    /// once): a segment carries data when they differ
     pub tcp_skb_cb_seq: u32,
-    pub tcp_skb_cb_end_seq: u32,
-    /// struct tcp_sock.rcv_nxt: what is received in order so far
-    pub tcp_rcv_nxt: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 120);
+const _: () = assert!(size_of::<KernelOffsets>() == 112);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {
@@ -304,32 +301,37 @@ pub mod dir {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
-    /// Tgid of the process that accepted the connection; 0 while it waits in the
-    /// accept queue.
-    pub owner: u32,
+    // The fields the per-segment hook (softirq, often on another CPU than the
+    // application) reads and writes come first, together in one cache line.
     /// One of [`dir`].
     pub dir: u32,
     pub origin: u32,
+    /// Sequence number just past the last byte written; the response is delivered when
+    /// the peer acknowledges it.
+    pub ack_target: u32,
+    /// Sequence number just past the furthest data received (0: none yet): a segment
+    /// ending beyond it brings new data, one that does not is a retransmit.
+    pub rcv_end: u32,
+    /// First data queued since the last read, i.e. the start of the next request.
+    pub pending_data_ns: u64,
+    pub acked_ns: u64,
+    /// Tgid of the process that accepted the connection; 0 while it waits in the
+    /// accept queue.
+    pub owner: u32,
     pub synack_retransmits: u32,
     pub synack_ns: u64,
     pub established_ns: u64,
-    /// First data queued since the last read, i.e. the start of the next request.
-    pub pending_data_ns: u64,
     /// Per request.
     pub arrival_ns: u64,
     pub first_read_ns: u64,
     pub last_read_ns: u64,
     pub first_write_ns: u64,
     pub last_write_ns: u64,
-    pub acked_ns: u64,
     pub req_in: u64,
     pub req_out: u64,
     /// Per connection.
     pub total_in: u64,
     pub total_out: u64,
-    /// Sequence number just past the last byte written; the response is delivered when
-    /// the peer acknowledges it.
-    pub ack_target: u32,
     pub requests: u32,
     pub req_flags: u32,
     /// Connection-wide bits of `flags` (resets).
@@ -339,8 +341,9 @@ pub struct SockState {
     /// Server connections: the thread that last read the request (whose think it is).
     /// Upstream connections: the thread that wrote the request (the one that waits).
     pub tid: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockState>() == 144);
+const _: () = assert!(size_of::<SockState>() == 152);
 
 impl SockState {
     #[inline(always)]
@@ -369,6 +372,8 @@ impl SockState {
             conn_flags: 0,
             local_port: 0,
             tid: 0,
+            rcv_end: 0,
+            _pad: 0,
         }
     }
 }

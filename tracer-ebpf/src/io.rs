@@ -60,19 +60,22 @@ tracepoint_hook! {
 fn on_segment(sk: u64, skb: u64) {
     let Some(st) = state_mut(sk) else { return };
     let cb = skb + off!(skb_cb) as u64;
-    // The first new data since the application last read. Every read clears it, so data
-    // of the request being read never counts for the next one, while the next request's
-    // first bytes count even when they come before the hook of the response's write has
-    // run (a fast client on loopback). New: the segment ends beyond what was already
-    // received in order (a retransmit of received data does not count).
-    if st.pending_data_ns == 0 {
-        let seq = read::<u32>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
-        let end_seq = read::<u32>(cb, off!(tcp_skb_cb_end_seq)).unwrap_or(0);
-        if end_seq != seq {
-            let rcv_nxt = read::<u32>(sk, off!(tcp_rcv_nxt)).unwrap_or(seq);
-            if end_seq.wrapping_sub(rcv_nxt) as i32 > 0 {
-                st.pending_data_ns = now();
-            }
+    // seq and end_seq in one read (end_seq follows seq: checked at start).
+    let seqs = read::<u64>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
+    let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
+    // The clock is read at most once: a request often brings the previous response's ACK.
+    let mut ts = 0;
+    // New data: the segment ends beyond the furthest seen (a retransmit of data already
+    // received does not count).
+    if end_seq != seq && (st.rcv_end == 0 || end_seq.wrapping_sub(st.rcv_end) as i32 > 0) {
+        st.rcv_end = end_seq;
+        // The first new data since the application last read. Every read clears it, so
+        // data of the request being read never counts for the next one, while the next
+        // request's first bytes count even when they come before the hook of the
+        // response's write has run (a fast client on loopback).
+        if st.pending_data_ns == 0 {
+            ts = now();
+            st.pending_data_ns = ts;
         }
     }
     if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
@@ -80,7 +83,7 @@ fn on_segment(sk: u64, skb: u64) {
     }
     let Some(ack_seq) = read::<u32>(cb, off!(tcp_skb_cb_ack_seq)) else { return };
     if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
-        st.acked_ns = now();
+        st.acked_ns = if ts != 0 { ts } else { now() };
     }
 }
 

@@ -40,8 +40,6 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_sent: 0,
     tcp_bytes_retrans: 0,
     tcp_skb_cb_seq: 0,
-    tcp_skb_cb_end_seq: 0,
-    tcp_rcv_nxt: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -45,9 +45,13 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         tcp_total_retrans: byte("tcp_sock", "total_retrans", 4)?,
         tcp_bytes_sent: byte("tcp_sock", "bytes_sent", 8)?,
         tcp_bytes_retrans: byte("tcp_sock", "bytes_retrans", 8)?,
-        tcp_skb_cb_seq: byte("tcp_skb_cb", "seq", 4)?,
-        tcp_skb_cb_end_seq: byte("tcp_skb_cb", "end_seq", 4)?,
-        tcp_rcv_nxt: byte("tcp_sock", "rcv_nxt", 4)?,
+        tcp_skb_cb_seq: {
+            let seq = byte("tcp_skb_cb", "seq", 4)?;
+            let end_seq = byte("tcp_skb_cb", "end_seq", 4)?;
+            // The programs read both in one 8-byte read.
+            ensure!(end_seq == seq + 4, "tcp_skb_cb.end_seq does not follow .seq on this kernel (offsets {seq}, {end_seq})");
+            seq
+        },
     };
     Ok(offsets)
 }
