@@ -11,7 +11,7 @@ use aya_ebpf::{
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, sock_of_fd},
-    maps::{filter_by_port, is_traced_tgid, PIDS},
+    maps::{filter_by_port, is_traced_tgid, trace_tgid},
 };
 
 /// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
@@ -69,7 +69,7 @@ pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
     if filter_by_port() && !is_traced_tgid(tgid) {
         // Port mode: the process serving the port is traced from now on, so that its
         // upstream calls are seen too.
-        let _ = PIDS.insert(&tgid, &1, 0);
+        trace_tgid(tgid);
     }
     let ts = now();
     st.owner = tgid;

@@ -11,6 +11,9 @@
 //! and exit of traced processes).
 #![no_std]
 #![no_main]
+// Atomic adds: the BPF target has no atomic types with read-modify-write operations.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 #[macro_use]
 mod hook;

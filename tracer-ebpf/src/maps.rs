@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 pub use tracer_common::TupleKey;
 use tracer_common::{counter, KernelOffsets, ProgramConfig};
@@ -155,9 +155,67 @@ pub fn bump(index: u32) {
     }
 }
 
+/// Inserts into `PIDS` so far, by the programs (0) and by userspace (1): any change
+/// invalidates what `UNTRACED` remembers.
+#[map]
+pub static PIDS_GEN: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Per CPU, the last thread group found not traced and the `PIDS_GEN` sum then. The
+/// load generator of a benchmark (or any busy untraced process on the machine) asks
+/// about the same thread group on every send and receive: an array read answers
+/// instead of a hash lookup. Only "not traced" is remembered, so a thread group that
+/// exits (and leaves `PIDS`) is never wrongly taken for traced.
+#[map]
+pub static UNTRACED: PerCpuArray<UntracedMemo> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UntracedMemo {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub generation: u64,
+}
+
+#[inline(always)]
+fn pids_generation() -> u64 {
+    let by_programs = PIDS_GEN.get(0).copied().unwrap_or(0);
+    let by_userspace = PIDS_GEN.get(1).copied().unwrap_or(0);
+    by_programs.wrapping_add(by_userspace)
+}
+
 #[inline(always)]
 pub fn is_traced_tgid(tgid: u32) -> bool {
-    PIDS.get_ptr(tgid).is_some()
+    // Read before the lookup: an insert racing with it bumps the generation after, so
+    // a miss remembered here is forgotten at once.
+    let generation = pids_generation();
+    let memo = UNTRACED.get_ptr_mut(0);
+    if let Some(m) = memo {
+        let m = unsafe { &*m };
+        if m.tgid == tgid && m.generation == generation {
+            return false;
+        }
+    }
+    if PIDS.get_ptr(tgid).is_some() {
+        return true;
+    }
+    if let Some(m) = memo {
+        unsafe {
+            (*m).tgid = tgid;
+            (*m).generation = generation;
+        }
+    }
+    false
+}
+
+/// Adds `tgid` to the traced thread groups (after which the per-CPU memories of
+/// untraced ones are stale).
+#[inline(always)]
+pub fn trace_tgid(tgid: u32) {
+    let _ = PIDS.insert(&tgid, &1, 0);
+    if let Some(count) = PIDS_GEN.get_ptr_mut(0) {
+        // Atomic: forks on two CPUs at once must both change it.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(count, 1) };
+    }
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@ use tracer_common::{counter, kind, EventHeader, ProcessEvent};
 use crate::{
     conn::now,
     kernel::read,
-    maps::{submit_flags, bump, is_traced_tgid, EVENTS, PIDS},
+    maps::{submit_flags, bump, is_traced_tgid, trace_tgid, EVENTS, PIDS},
     off,
 };
 
@@ -25,7 +25,7 @@ tracepoint_hook! {
         if pid != tgid {
             return 0; // a new thread of a traced process: already covered by its tgid
         }
-        let _ = PIDS.insert(&tgid, &1, 0);
+        trace_tgid(tgid);
         emit(kind::PROCESS_FORK, parent_tgid, tgid);
         0
     }

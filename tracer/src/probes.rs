@@ -156,7 +156,13 @@ impl Probes {
     pub fn add_pid(&mut self, tgid: u32) -> Result<()> {
         let mut pids: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("PIDS").context("PIDS map missing")?)?;
-        pids.insert(tgid, 1, 0).with_context(|| format!("adding PID {tgid} to the traced set"))
+        pids.insert(tgid, 1, 0).with_context(|| format!("adding PID {tgid} to the traced set"))?;
+        // The programs remember per CPU which thread groups are not traced, until this
+        // count (userspace's slot) or theirs changes.
+        let mut generation: aya::maps::Array<&mut MapData, u64> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("PIDS_GEN").context("PIDS_GEN map missing")?)?;
+        let next = generation.get(&1, 0).unwrap_or(0).wrapping_add(1);
+        generation.set(1, next, 0).context("invalidating the programs' memory of untraced processes")
     }
 
     /// An upstream connection the traced process had open before tracing started.
