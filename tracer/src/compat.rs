@@ -14,6 +14,8 @@
 
 use std::{fmt, str::FromStr};
 
+use tracer_common::ProgramConfig;
+
 /// Kinds of kernel attachment, in the order they are preferred.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -74,8 +76,6 @@ pub enum Attach {
     RawTp(&'static str),
     /// Classic tracepoint: category and name.
     TracePoint(&'static str, &'static str),
-    /// Trampoline on a kernel function's entry.
-    FEntry(&'static str),
     /// Trampoline on a kernel function's return (arguments and return value).
     FExit(&'static str),
     /// Probe on a kernel function's entry.
@@ -90,7 +90,7 @@ impl Attach {
             Attach::TpBtf(_) => Kind::TpBtf,
             Attach::RawTp(_) => Kind::RawTp,
             Attach::TracePoint(..) => Kind::TracePoint,
-            Attach::FEntry(_) | Attach::FExit(_) => Kind::FEntry,
+            Attach::FExit(_) => Kind::FEntry,
             Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
         }
     }
@@ -102,7 +102,6 @@ impl fmt::Display for Attach {
             Attach::TpBtf(name) => write!(f, "tp_btf/{name}"),
             Attach::RawTp(name) => write!(f, "raw_tp/{name}"),
             Attach::TracePoint(category, name) => write!(f, "tracepoint/{category}/{name}"),
-            Attach::FEntry(name) => write!(f, "fentry/{name}"),
             Attach::FExit(name) => write!(f, "fexit/{name}"),
             Attach::KProbe(name) => write!(f, "kprobe/{name}"),
             Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
@@ -154,6 +153,14 @@ pub struct Hook {
     pub phases: &'static [&'static str],
     /// Best first.
     pub implementations: &'static [Implementation],
+    /// A fact about the kernel (from BTF) without which no implementation is of use:
+    /// `Err(why)` skips them all.
+    pub precondition: fn(&ProgramConfig) -> Result<(), &'static str>,
+}
+
+/// The precondition of hooks that have none.
+fn always(_: &ProgramConfig) -> Result<(), &'static str> {
+    Ok(())
 }
 
 impl Hook {
@@ -193,6 +200,7 @@ pub const HOOKS: &[Hook] = &[
         required: true,
         phases: &[],
         implementations: tracepoint_impls!("inet_sock_set_state", "raw_inet_sock_set_state", "4.16+"),
+        precondition: always,
     },
     Hook {
         name: "accept",
@@ -222,6 +230,7 @@ pub const HOOKS: &[Hook] = &[
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],
+        precondition: always,
     },
     Hook {
         name: "receive",
@@ -240,6 +249,7 @@ pub const HOOKS: &[Hook] = &[
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],
+        precondition: always,
     },
     Hook {
         name: "send",
@@ -255,6 +265,7 @@ pub const HOOKS: &[Hook] = &[
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],
+        precondition: always,
     },
     Hook {
         name: "segments received",
@@ -262,6 +273,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &["recv_wait", "delivery", "upstream"],
         implementations: tracepoint_impls!("tcp_probe", "raw_tcp_probe", "4.16+"),
+        precondition: always,
     },
     Hook {
         name: "SYN-ACK retransmits",
@@ -269,6 +281,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("tcp_retransmit_synack", "raw_tcp_retransmit_synack", "4.15+"),
+        precondition: always,
     },
     Hook {
         name: "retransmits",
@@ -276,6 +289,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("tcp_retransmit_skb", "raw_tcp_retransmit_skb", "4.15+"),
+        precondition: always,
     },
     Hook {
         name: "listen overflows",
@@ -284,6 +298,10 @@ pub const HOOKS: &[Hook] = &[
         phases: &[],
         // Needs the socket argument of 5.19+ and the socket-cookie helper of BTF programs.
         implementations: &[Implementation { programs: &[one("kfree_skb", Attach::TpBtf("kfree_skb"))], needs: "BTF, the tracepoint kfree_skb with its socket (6.x) and the listen-overflow drop reason" }],
+        precondition: |config| match config.drop_reason_listen_overflow {
+            u32::MAX => Err("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW drop reason"),
+            _ => Ok(()),
+        },
     },
     Hook {
         name: "resets sent",
@@ -291,6 +309,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("tcp_send_reset", "raw_tcp_send_reset", "4.16+"),
+        precondition: always,
     },
     Hook {
         name: "resets received",
@@ -298,6 +317,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("tcp_receive_reset", "raw_tcp_receive_reset", "4.16+"),
+        precondition: always,
     },
     Hook {
         name: "process fork",
@@ -305,6 +325,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("sched_process_fork", "raw_sched_process_fork", "all"),
+        precondition: always,
     },
     Hook {
         name: "process exit",
@@ -312,6 +333,7 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         implementations: tracepoint_impls!("sched_process_exit", "raw_sched_process_exit", "all"),
+        precondition: always,
     },
 ];
 

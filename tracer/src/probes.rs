@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
@@ -129,14 +129,13 @@ impl Probes {
                         missing_required.get_or_insert_with(|| {
                             format!("no way to attach the {} hook on this kernel ({why})", hook.name)
                         });
-                        hooks.push(status);
-                        continue;
-                    }
-                    warn!("{} hook unavailable ({why}): no {}", hook.name, hook.needed_for);
-                    for phase in hook.phases {
-                        unavailable
-                            .entry(*phase)
-                            .or_insert_with(|| format!("the {} hook is unavailable ({why})", hook.name));
+                    } else {
+                        warn!("{} hook unavailable ({why}): no {}", hook.name, hook.needed_for);
+                        for phase in hook.phases {
+                            unavailable
+                                .entry(*phase)
+                                .or_insert_with(|| format!("the {} hook is unavailable ({why})", hook.name));
+                        }
                     }
                 }
             }
@@ -247,11 +246,12 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
         status.passed_over.push(PassedOver { implementation: "all".into(), why: format!("disabled with --disable-hook {program}"), needs: None });
         return status;
     }
+    let unmet = (hook.precondition)(&opts.config).err();
     for implementation in hook.implementations {
         let (why, needs) = if opts.skip_kinds.contains(&implementation.kind()) {
             (format!("skipped (--skip-hook-kind {})", implementation.kind()), None)
-        } else if hook.name == "listen overflows" && opts.config.drop_reason_listen_overflow == u32::MAX {
-            ("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW drop reason".to_owned(), None)
+        } else if let Some(why) = unmet {
+            (why.to_owned(), None)
         } else {
             match attach_all(ebpf, implementation, btf) {
                 Ok(()) => {
@@ -314,14 +314,13 @@ fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: &Btf) -> Re
 fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
     let Some(program) = ebpf.program_mut(name) else { return };
     let result = match how {
-        Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(program).map(|p| p.unload()),
-        Attach::RawTp(_) => <&mut RawTracePoint>::try_from(program).map(|p| p.unload()),
-        Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).map(|p| p.unload()),
-        Attach::FExit(_) => <&mut FExit>::try_from(program).map(|p| p.unload()),
-        Attach::FEntry(_) => <&mut FEntry>::try_from(program).map(|p| p.unload()),
-        Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).map(|p| p.unload()),
+        Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::RawTp(_) => <&mut RawTracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::FExit(_) => <&mut FExit>::try_from(program).and_then(|p| p.unload()),
+        Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).and_then(|p| p.unload()),
     };
-    if let Ok(Err(e)) | Err(e) = result.map_err(aya::programs::ProgramError::from) {
+    if let Err(e) = result {
         debug!("unloading {name}: {e}");
     }
 }
@@ -347,11 +346,6 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
         }
         Attach::FExit(function) => {
             let p: &mut FExit = program.try_into()?;
-            p.load(function, btf)?;
-            p.attach()?;
-        }
-        Attach::FEntry(function) => {
-            let p: &mut FEntry = program.try_into()?;
             p.load(function, btf)?;
             p.attach()?;
         }

@@ -305,12 +305,18 @@ fn client_exchange_ms(lines: &[&str]) -> f64 {
         .iter()
         .filter(|l| l.starts_with("port="))
         .filter_map(|l| {
-            let field = |name: &str| -> Option<f64> { l.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()) };
+            let field = |name| client_field(l, name);
             Some((field("elapsed_ms")? - field("connect_ms")?) / field("requests")?.max(1.0))
         })
         .collect();
     per_exchange.sort_by(f64::total_cmp);
     per_exchange.get(per_exchange.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Field `name` of a lab client line (`port=… sent=… received=… requests=…
+/// connect_ms=… elapsed_ms=…`).
+fn client_field(line: &str, name: &str) -> Option<f64> {
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
 /// A phase's p50 is right when it is within max(5%, 2 ms) of the injected delay (as on
@@ -337,9 +343,7 @@ fn socket_reads(lines: &[&str]) -> (String, bool, String) {
     let mut clients = 0;
     for line in lines.iter().filter(|l| l.starts_with("port=")) {
         clients += 1;
-        let field = |name: &str| -> u64 {
-            line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(u64::MAX)
-        };
+        let field = |name| client_field(line, name).map_or(u64::MAX, |v| v as u64);
         let remote = format!("127.0.0.1:{}", field("port"));
         let Some(c) = seen.iter().find(|c| c["remote"] == remote.as_str()) else {
             return (what, false, format!("no connection from {remote} among {} seen", seen.len()));
