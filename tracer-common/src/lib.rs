@@ -298,29 +298,39 @@ pub mod dir {
 /// The programs' state of one traced connection (the `SOCKS` map's value). Userspace
 /// reads it only at the end, to report exchanges still waiting for their connection's
 /// next request.
+///
+/// Laid out by cache line. The kernel's hash map keeps each entry as a 48-byte header,
+/// the 8-byte key and this value; 200 bytes make an entry exactly four 64-byte lines, so
+/// every entry starts on a line boundary and the groups below never share a line:
+/// - the header's line (header, key, `origin` and `owner`): written only when the entry
+///   is created, so the lookup that compares the key never waits for another CPU;
+/// - the second line: what the per-segment hook (softirq, often on the other CPU) reads
+///   and writes, beside the handshake's times, which are written once;
+/// - the last two: the application's side of the current request and the totals.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
-    // The fields the per-segment hook (softirq, often on another CPU than the
-    // application) reads and writes come first, together in one cache line.
+    pub origin: u32,
+    /// Tgid of the process that accepted the connection; 0 while it waits in the
+    /// accept queue.
+    pub owner: u32,
+    // Second line.
     /// One of [`dir`].
     pub dir: u32,
-    pub origin: u32,
     /// Sequence number just past the last byte written; the response is delivered when
     /// the peer acknowledges it.
     pub ack_target: u32,
     /// Sequence number just past the furthest data received (0: none yet): a segment
     /// ending beyond it brings new data, one that does not is a retransmit.
     pub rcv_end: u32,
+    pub synack_retransmits: u32,
     /// First data queued since the last read, i.e. the start of the next request.
     pub pending_data_ns: u64,
     pub acked_ns: u64,
-    /// Tgid of the process that accepted the connection; 0 while it waits in the
-    /// accept queue.
-    pub owner: u32,
-    pub synack_retransmits: u32,
     pub synack_ns: u64,
     pub established_ns: u64,
+    pub _pad_line: [u64; 2],
+    // Third and fourth lines.
     /// Per request.
     pub arrival_ns: u64,
     pub first_read_ns: u64,
@@ -341,9 +351,10 @@ pub struct SockState {
     /// Server connections: the thread that last read the request (whose think it is).
     /// Upstream connections: the thread that wrote the request (the one that waits).
     pub tid: u32,
-    pub _pad: u32,
+    pub _pad: [u32; 9],
 }
-const _: () = assert!(size_of::<SockState>() == 152);
+const _: () = assert!(size_of::<SockState>() == 200);
+const _: () = assert!(core::mem::offset_of!(SockState, dir) == 8 && core::mem::offset_of!(SockState, arrival_ns) == 72);
 
 impl SockState {
     #[inline(always)]
@@ -373,7 +384,8 @@ impl SockState {
             local_port: 0,
             tid: 0,
             rcv_end: 0,
-            _pad: 0,
+            _pad_line: [0; 2],
+            _pad: [0; 9],
         }
     }
 }

@@ -10,7 +10,7 @@ use tracer_common::{flags, origin};
 use crate::{
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced},
     off, upstream,
 };
 
@@ -87,8 +87,21 @@ fn on_segment(sk: u64, skb: u64) {
     }
 }
 
+/// A send or receive by a process this CPU last found not traced (the other end of a
+/// connection on the same machine, or any busy process): ignored before the socket's
+/// state is looked up. Traced sockets are the traced processes' own, so in process
+/// mode another process's sends and receives are not the tracer's business; in port
+/// mode any process may serve a traced port, so every call is looked up.
+#[inline(always)]
+fn untraced_caller() -> bool {
+    !filter_by_port() && known_untraced((bpf_get_current_pid_tgid() >> 32) as u32)
+}
+
 #[inline(always)]
 fn on_read(sk: u64, len: u64) {
+    if untraced_caller() {
+        return;
+    }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {
@@ -124,6 +137,9 @@ fn on_read(sk: u64, len: u64) {
 
 #[inline(always)]
 fn on_write(sk: u64, len: u64) {
+    if untraced_caller() {
+        return;
+    }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
     let ts = now();
     if origin::is_client(st.origin) {

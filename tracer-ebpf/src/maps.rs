@@ -183,6 +183,14 @@ fn pids_generation() -> u64 {
     by_programs.wrapping_add(by_userspace)
 }
 
+/// Whether this CPU remembers `tgid` as not traced (no map lookup: a cheap first test;
+/// `false` says nothing).
+#[inline(always)]
+pub fn known_untraced(tgid: u32) -> bool {
+    let generation = pids_generation();
+    UNTRACED.get(0).is_some_and(|m| m.tgid == tgid && m.generation == generation)
+}
+
 #[inline(always)]
 pub fn is_traced_tgid(tgid: u32) -> bool {
     // Read before the lookup: an insert racing with it bumps the generation after, so

@@ -50,6 +50,13 @@ pub struct Options {
     /// copy of an earlier build, to compare two versions under the same conditions.
     #[arg(long)]
     pub tracer: Option<PathBuf>,
+    /// A second tracer binary measured in the same rounds, interleaved with the first
+    /// (e.g. the build before a change): its rows and program table are reported too.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive.
+    #[arg(long, value_delimiter = ',')]
+    pub workload: Vec<Workload>,
 }
 
 impl Options {
@@ -68,8 +75,8 @@ tracepoint:sock:sock_send_length /args->ret > 0 && @last_read[args->sk]/ {
   @think = hist(nsecs - @last_read[args->sk]); delete(@last_read[args->sk]);
 }";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Workload {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
     NginxKeepAlive,
     NginxClose,
     LabKeepAlive,
@@ -99,16 +106,23 @@ impl Workload {
 enum Config {
     Untraced,
     Tracer,
+    /// The build given with --compare.
+    Compared,
     Capture,
     Bpftrace,
     Proxy,
 }
 
 impl Config {
+    fn is_tracer(self) -> bool {
+        matches!(self, Config::Tracer | Config::Compared)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Config::Untraced => "untraced",
             Config::Tracer => "tracer (all phases)",
+            Config::Compared => "tracer, compared build",
             Config::Capture => "tcpdump -w (capture)",
             Config::Bpftrace => "bpftrace (think only)",
             Config::Proxy => "mitmproxy (reverse proxy)",
@@ -389,8 +403,9 @@ fn mitmdump() -> PathBuf {
 fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Options) -> Result<Option<Observer>> {
     Ok(Some(match config {
         Config::Untraced => return Ok(None),
-        Config::Tracer => {
-            let mut cmd = Command::new(opts.tracer_bin());
+        Config::Tracer | Config::Compared => {
+            let bin = if config == Config::Tracer { opts.tracer_bin() } else { opts.compare.clone().context("no --compare build")? };
+            let mut cmd = Command::new(bin);
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
@@ -466,7 +481,7 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
     let programs_before = match &observer {
-        Some(obs) if config == Config::Tracer => program_stats(obs.pid()),
+        Some(obs) if config.is_tracer() => program_stats(obs.pid()),
         _ => BTreeMap::new(),
     };
     let mut sample = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
@@ -474,7 +489,7 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
         let after = obs.cpu();
         sample.cpu_ns = (after.0 - before.0) + (after.1 - before.1);
         sample.bpf_ns = after.1 - before.1;
-        if config == Config::Tracer {
+        if config.is_tracer() {
             sample.rss_kb = status_kb(obs.pid(), "VmHWM:");
             sample.map_bytes = Some(map_bytes(obs.pid()));
             for (name, (ns, runs)) in program_stats(obs.pid()) {
@@ -782,12 +797,16 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("the benchmark loads eBPF programs and captures packets: run `cargo xtask bench` as root");
     }
     setup::debian_packages(BENCH_PACKAGES)?;
-    let configs: Vec<Config> = if opts.only_tracer {
+    let mut configs: Vec<Config> = if opts.only_tracer {
         vec![Config::Untraced, Config::Tracer]
     } else {
         ensure_mitmproxy()?;
         vec![Config::Untraced, Config::Tracer, Config::Capture, Config::Bpftrace, Config::Proxy]
     };
+    if opts.compare.is_some() {
+        configs.insert(2, Config::Compared);
+    }
+    let workloads = if opts.workload.is_empty() { Workload::ALL.to_vec() } else { opts.workload.clone() };
     exec(cargo().args(["build", "--release", "--package", "tracer", "--package", "tracer-tests", "--bins"]))?;
     fs::create_dir_all(bench_dir())?;
     let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
@@ -796,7 +815,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let (lab, lab_port) = start_lab()?;
     let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
     for round in 1..=opts.rounds {
-        for workload in Workload::ALL {
+        for &workload in &workloads {
             let (server, port) = if workload.is_nginx() { (&nginx, nginx_port) } else { (&lab, lab_port) };
             for &config in &configs {
                 if config == Config::Proxy && !workload.is_nginx() {
@@ -862,8 +881,13 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
-        if let Some(runs) = samples.get(&Config::Tracer) {
-            program_table(&mut out, runs);
+        for config in [Config::Tracer, Config::Compared] {
+            if let Some(runs) = samples.get(&config) {
+                if samples.contains_key(&Config::Compared) {
+                    let _ = writeln!(out, "{}:\n", config.name());
+                }
+                program_table(&mut out, runs);
+            }
         }
         if let Some(t) = rows.iter().find(|r| r.config == Config::Tracer) {
             let bpftrace = rows.iter().find(|r| r.config == Config::Bpftrace).map(|r| r.cpu_per_request_us);
