@@ -29,6 +29,8 @@ pub mod kind {
     pub const UPSTREAM_CONNECT: u16 = 8;
     /// The first byte of an upstream response was read: one upstream request is timed.
     pub const UPSTREAM_REQUEST: u16 = 9;
+    /// [`REQUEST`] in one cache line ([`ShortRequest`]): the usual form.
+    pub const REQUEST_SHORT: u16 = 10;
 }
 
 /// How a traced connection came to be known.
@@ -146,6 +148,68 @@ pub struct Request {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<Request>() == 112);
+
+/// A [`Request`] in 56 bytes, which with the ring buffer's 8-byte record header fill one
+/// cache line: emitted whenever every time of the exchange lies within 4.29 s of its
+/// earliest, both byte counts fit in 32 bits and the flags in 16, i.e. nearly always.
+/// Writing one line instead of two per request is measurably cheaper for the hook.
+/// What it leaves out: the emission time and request index (unused by userspace) and
+/// the tgid, which is the connection's (from its open event).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShortRequest {
+    pub kind: u16,
+    pub flags: u16,
+    pub tid: u32,
+    pub sock: u64,
+    /// The earliest of the times.
+    pub base_ns: u64,
+    /// Arrival, first read, last read, first write, last write, acknowledgement: each
+    /// `ns - base_ns + 1`, or 0 for "did not happen / unknown".
+    pub offsets: [u32; 6],
+    pub bytes_in: u32,
+    pub bytes_out: u32,
+}
+const _: () = assert!(size_of::<ShortRequest>() == 56);
+
+impl ShortRequest {
+    /// The longest span of times it can carry.
+    pub const MAX_SPAN_NS: u64 = u32::MAX as u64 - 1;
+
+    /// `ns` as an offset from `base_ns` (which must not be later; the span must fit).
+    #[inline(always)]
+    pub fn offset(base_ns: u64, ns: u64) -> u32 {
+        if ns == 0 {
+            0
+        } else {
+            (ns - base_ns + 1) as u32
+        }
+    }
+
+    /// The full event (tgid 0: the connection's to be filled in; index and emission
+    /// time 0).
+    pub fn expand(&self) -> Request {
+        let at = |i: usize| match self.offsets[i] {
+            0 => 0,
+            o => self.base_ns + o as u64 - 1,
+        };
+        Request {
+            header: EventHeader { kind: kind::REQUEST, tid: self.tid, sock: self.sock, ..EventHeader::default() },
+            arrival_ns: at(0),
+            first_read_ns: at(1),
+            last_read_ns: at(2),
+            first_write_ns: at(3),
+            last_write_ns: at(4),
+            acked_ns: at(5),
+            bytes_in: self.bytes_in as u64,
+            bytes_out: self.bytes_out as u64,
+            index: 0,
+            flags: self.flags as u32,
+            tid: self.tid,
+            _pad: 0,
+        }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -2,10 +2,10 @@
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use tracer_common::{
-    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request,
+    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest,
 };
 
-use crate::maps::{bump, submit_flags, EVENTS, SOCKS};
+use crate::maps::{bump, reserve, SOCKS};
 
 pub use tracer_common::{dir, SockState};
 
@@ -64,10 +64,7 @@ pub fn remove_state(sk: u64) {
 pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_ns: u64) {
     // Events are filled in place in the ring buffer: building them on the 512-byte BPF
     // stack first would not fit beside the connection state.
-    let Some(mut slot) = EVENTS.reserve::<ConnOpen>(0) else {
-        bump(counter::LOST_EVENTS);
-        return;
-    };
+    let Some(mut slot) = reserve::<ConnOpen>() else { return };
     let e = slot.as_mut_ptr();
     unsafe {
         (*e).header = header(kind::CONN_OPEN, st.owner, sk, ts);
@@ -79,7 +76,7 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
         (*e).accepted_ns = ts;
         (*e).first_data_ns = first_data_ns;
     }
-    slot.submit(submit_flags());
+    slot.submit();
 }
 
 /// Emit the exchange in progress (if there is one) and reset the per-request fields.
@@ -88,7 +85,39 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     if st.first_read_ns == 0 && st.first_write_ns == 0 {
         return;
     }
-    if let Some(mut slot) = EVENTS.reserve::<Request>(0) {
+    let flags = st.req_flags | extra_flags;
+    let times = [st.arrival_ns, st.first_read_ns, st.last_read_ns, st.first_write_ns, st.last_write_ns, st.acked_ns];
+    let (mut base, mut last) = (u64::MAX, 0);
+    for t in times {
+        if t != 0 && t < base {
+            base = t;
+        }
+        if t > last {
+            last = t;
+        }
+    }
+    if last - base <= ShortRequest::MAX_SPAN_NS
+        && st.req_in <= u32::MAX as u64
+        && st.req_out <= u32::MAX as u64
+        && flags <= u16::MAX as u32
+    {
+        if let Some(mut slot) = reserve::<ShortRequest>() {
+            let e = slot.as_mut_ptr();
+            unsafe {
+                (*e).kind = kind::REQUEST_SHORT;
+                (*e).flags = flags as u16;
+                (*e).tid = st.tid;
+                (*e).sock = sk;
+                (*e).base_ns = base;
+                for (i, t) in times.into_iter().enumerate() {
+                    (*e).offsets[i] = ShortRequest::offset(base, t);
+                }
+                (*e).bytes_in = st.req_in as u32;
+                (*e).bytes_out = st.req_out as u32;
+            }
+            slot.submit();
+        }
+    } else if let Some(mut slot) = reserve::<Request>() {
         let e = slot.as_mut_ptr();
         unsafe {
             (*e).header = header(kind::REQUEST, st.owner, sk, ts);
@@ -101,13 +130,11 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
             (*e).bytes_in = st.req_in;
             (*e).bytes_out = st.req_out;
             (*e).index = st.requests;
-            (*e).flags = st.req_flags | extra_flags;
+            (*e).flags = flags;
             (*e).tid = st.tid;
             (*e)._pad = 0;
         }
-        slot.submit(submit_flags());
-    } else {
-        bump(counter::LOST_EVENTS);
+        slot.submit();
     }
     st.requests += 1;
     st.req_flags = 0;
@@ -154,10 +181,7 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         }
         finish_request(sk, st, ts, pending);
     }
-    let Some(mut slot) = EVENTS.reserve::<ConnClose>(0) else {
-        bump(counter::LOST_EVENTS);
-        return;
-    };
+    let Some(mut slot) = reserve::<ConnClose>() else { return };
     let e = slot.as_mut_ptr();
     unsafe {
         (*e).header = header(kind::CONN_CLOSE, st.owner, sk, ts);
@@ -167,5 +191,5 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).requests = st.requests;
         (*e).flags = pending | st.conn_flags;
     }
-    slot.submit(submit_flags());
+    slot.submit();
 }

@@ -1,6 +1,7 @@
 //! Maps and globals shared by every program.
 
 use aya_ebpf::{
+    helpers::generated::{bpf_ringbuf_reserve, bpf_ringbuf_submit},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -82,13 +83,54 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// drains the ring on a short timer; only a ring filling up (`wakeup_bytes`, a quarter
 /// of it) wakes it at once.
 #[inline(always)]
-pub fn submit_flags() -> u64 {
+fn submit_flags() -> u64 {
     let wakeup = unsafe { core::ptr::read_volatile(&CONFIG.wakeup_bytes) } as u64;
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     }
+}
+
+/// An event being written in place in the ring buffer; submitted with [`Slot::submit`].
+/// (Dropping one unsubmitted fails verification: every path submits.)
+pub struct Slot<T>(*mut T);
+
+impl<T> Slot<T> {
+    #[inline(always)]
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.0
+    }
+
+    #[inline(always)]
+    pub fn write(&mut self, value: T) {
+        unsafe { self.0.write(value) }
+    }
+
+    #[inline(always)]
+    pub fn submit(self) {
+        unsafe { bpf_ringbuf_submit(self.0.cast(), submit_flags()) }
+    }
+}
+
+/// Bytes reserved for an event of `size` bytes: rounded up so that with the kernel's
+/// 8-byte record header every record fills whole 64-byte cache lines. Records then
+/// start on line boundaries, and the per-request event (56 bytes) is one line, which
+/// the program writes without touching a second one.
+pub const fn record_bytes(size: usize) -> usize {
+    (size + 8).div_ceil(64) * 64 - 8
+}
+
+/// Room for one event, or `None` (counted as lost) when the ring is full.
+#[inline(always)]
+pub fn reserve<T>() -> Option<Slot<T>> {
+    let map = core::ptr::addr_of!(EVENTS) as *mut core::ffi::c_void;
+    let ptr = unsafe { bpf_ringbuf_reserve(map, record_bytes(size_of::<T>()) as u64, 0) };
+    if ptr.is_null() {
+        bump(counter::LOST_EVENTS);
+        return None;
+    }
+    Some(Slot(ptr.cast()))
 }
 
 /// Traced thread groups (tgid → 1). Filled by userspace, extended on fork.

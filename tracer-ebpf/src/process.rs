@@ -2,12 +2,12 @@
 //! their first instruction; userspace learns when a traced process is gone.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{counter, kind, EventHeader, ProcessEvent};
+use tracer_common::{kind, EventHeader, ProcessEvent};
 
 use crate::{
     conn::now,
     kernel::read,
-    maps::{submit_flags, bump, is_traced_tgid, trace_tgid, EVENTS, PIDS},
+    maps::{is_traced_tgid, reserve, trace_tgid, PIDS},
     off,
 };
 
@@ -47,20 +47,17 @@ tracepoint_hook! {
 
 #[inline(always)]
 fn emit(event_kind: u16, tgid: u32, child: u32) {
-    match EVENTS.reserve::<ProcessEvent>(0) {
-        Some(mut slot) => {
-            slot.write(ProcessEvent {
-                header: EventHeader {
-                    kind: event_kind,
-                    tgid,
-                    ts_ns: now(),
-                    ..EventHeader::default()
-                },
-                child,
-                _pad: 0,
-            });
-            slot.submit(submit_flags());
-        }
-        None => bump(counter::LOST_EVENTS),
+    if let Some(mut slot) = reserve::<ProcessEvent>() {
+        slot.write(ProcessEvent {
+            header: EventHeader {
+                kind: event_kind,
+                tgid,
+                ts_ns: now(),
+                ..EventHeader::default()
+            },
+            child,
+            _pad: 0,
+        });
+        slot.submit();
     }
 }

@@ -3,12 +3,12 @@
 //! sent just after the connection closed (an abortive close: unread data, SO_LINGER 0)
 //! becomes an event of its own.
 
-use tracer_common::{counter, flags, kind, EventHeader, ResetSent};
+use tracer_common::{flags, kind, EventHeader, ResetSent};
 
 use crate::{
     conn::{now, state_mut},
     kernel::conn_addr,
-    maps::{submit_flags, bump, EVENTS, RECENTLY_CLOSED},
+    maps::{reserve, RECENTLY_CLOSED},
 };
 
 tracepoint_hook! {
@@ -25,10 +25,7 @@ tracepoint_hook! {
         let Some(closed) = RECENTLY_CLOSED.get_ptr(&sk) else { return 0 };
         let closed = unsafe { *closed };
         let _ = RECENTLY_CLOSED.remove(&sk);
-        let Some(mut slot) = EVENTS.reserve::<ResetSent>(0) else {
-            bump(counter::LOST_EVENTS);
-            return 0;
-        };
+        let Some(mut slot) = reserve::<ResetSent>() else { return 0 };
         let e = slot.as_mut_ptr();
         unsafe {
             (*e).header = EventHeader {
@@ -41,7 +38,7 @@ tracepoint_hook! {
             (*e).addr = conn_addr(sk);
             (*e).addr.local_port = closed.local_port as u16;
         }
-        slot.submit(submit_flags());
+        slot.submit();
         0
     }
 }

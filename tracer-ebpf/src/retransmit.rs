@@ -1,12 +1,12 @@
 //! SYN-ACK retransmits: remember when the first SYN-ACK of the handshake went out, so
 //! `handshake` covers the retransmits and the final ACKs dropped on a full accept queue.
 
-use tracer_common::{counter, kind, EventHeader, SynAckRetransmit};
+use tracer_common::{kind, EventHeader, SynAckRetransmit};
 
 use crate::{
     conn::now,
     kernel::{conn_addr, read, tuple_key},
-    maps::{submit_flags, bump, filter_by_port, is_traced_port, SynAckInfo, EVENTS, SYNACKS},
+    maps::{filter_by_port, is_traced_port, reserve, SynAckInfo, SYNACKS},
     off,
 };
 
@@ -31,20 +31,17 @@ tracepoint_hook! {
                 let _ = SYNACKS.insert(&key, &info, 0);
             }
         }
-        match EVENTS.reserve::<SynAckRetransmit>(0) {
-            Some(mut slot) => {
-                slot.write(SynAckRetransmit {
-                    header: EventHeader {
-                        kind: kind::SYNACK_RETRANSMIT,
-                        ts_ns: now(),
-                        sock: req,
-                        ..EventHeader::default()
-                    },
-                    addr,
-                });
-                slot.submit(submit_flags());
-            }
-            None => bump(counter::LOST_EVENTS),
+        if let Some(mut slot) = reserve::<SynAckRetransmit>() {
+            slot.write(SynAckRetransmit {
+                header: EventHeader {
+                    kind: kind::SYNACK_RETRANSMIT,
+                    ts_ns: now(),
+                    sock: req,
+                    ..EventHeader::default()
+                },
+                addr,
+            });
+            slot.submit();
         }
         0
     }

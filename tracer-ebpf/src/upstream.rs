@@ -8,12 +8,12 @@
 //! belongs to.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{counter, flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
+use tracer_common::{flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
     conn::{current_tid, dir, header, insert_state, now, remove_state, scratch_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
-    maps::{submit_flags, bump, is_traced_tgid, EVENTS, EXISTING_CLIENTS},
+    maps::{is_traced_tgid, reserve, EXISTING_CLIENTS},
     off,
 };
 
@@ -39,10 +39,7 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
     if error == 0 {
         st.established_ns = ts;
     }
-    let Some(mut slot) = EVENTS.reserve::<UpstreamConnect>(0) else {
-        bump(counter::LOST_EVENTS);
-        return;
-    };
+    let Some(mut slot) = reserve::<UpstreamConnect>() else { return };
     let e = slot.as_mut_ptr();
     unsafe {
         (*e).header = header(kind::UPSTREAM_CONNECT, st.owner, sk, ts);
@@ -53,7 +50,7 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
         (*e).syn_retransmits = st.synack_retransmits;
         (*e).error = error;
     }
-    slot.submit(submit_flags());
+    slot.submit();
 }
 
 /// A connecting socket closed (SYN_SENT → CLOSE): the connect failed with the socket's
@@ -98,7 +95,7 @@ pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64) {
 #[inline(always)]
 pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
     let response_ns = if st.pending_data_ns >= st.first_write_ns { st.pending_data_ns } else { 0 };
-    if let Some(mut slot) = EVENTS.reserve::<UpstreamRequest>(0) {
+    if let Some(mut slot) = reserve::<UpstreamRequest>() {
         let e = slot.as_mut_ptr();
         unsafe {
             (*e).header = header(kind::UPSTREAM_REQUEST, st.owner, sk, now());
@@ -113,9 +110,7 @@ pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
             (*e).flags = extra_flags;
             (*e).origin = st.origin;
         }
-        slot.submit(submit_flags());
-    } else {
-        bump(counter::LOST_EVENTS);
+        slot.submit();
     }
     st.requests += 1;
     st.req_out = 0;

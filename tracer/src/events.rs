@@ -4,8 +4,8 @@ use std::mem::size_of;
 
 use anyhow::{bail, Result};
 use tracer_common::{
-    kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, SynAckRetransmit, UpstreamConnect,
-    UpstreamRequest,
+    kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, ShortRequest, SynAckRetransmit,
+    UpstreamConnect, UpstreamRequest,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
     Ok(match header.kind {
         kind::CONN_OPEN => Event::Open(read(bytes)?),
         kind::REQUEST => Event::Request(read(bytes)?),
+        kind::REQUEST_SHORT => Event::Request(read::<ShortRequest>(bytes)?.expand()),
         kind::CONN_CLOSE => Event::Close(read(bytes)?),
         kind::SYNACK_RETRANSMIT => Event::SynAckRetransmit(read(bytes)?),
         kind::RESET_SENT => Event::ResetSent(read(bytes)?),
@@ -52,6 +53,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::flags;
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
@@ -63,6 +65,40 @@ mod tests {
         req.header.kind = kind::REQUEST;
         req.bytes_in = 42;
         assert_eq!(decode(&bytes_of(&req)).unwrap(), Event::Request(req));
+    }
+
+    #[test]
+    fn expands_the_one_line_request() {
+        let base = 5_000_000_000;
+        let short = ShortRequest {
+            kind: kind::REQUEST_SHORT,
+            flags: flags::ARRIVAL_UNKNOWN as u16,
+            tid: 12,
+            sock: 0xffff_8888_0000_1000,
+            base_ns: base,
+            // no arrival; first read at the base; the rest after it, the acknowledgement
+            // at the longest span the form carries
+            offsets: [0, 1, 101, 2_001, 3_001, ShortRequest::MAX_SPAN_NS as u32 + 1],
+            bytes_in: 80,
+            bytes_out: u32::MAX,
+        };
+        let Event::Request(req) = decode(&bytes_of(&short)).unwrap() else { panic!("not a request") };
+        assert_eq!(req.header.sock, short.sock);
+        assert_eq!(req.header.tgid, 0, "the connection's, filled in from its open event");
+        assert_eq!((req.tid, req.header.tid), (12, 12));
+        assert_eq!(req.arrival_ns, 0);
+        assert_eq!(
+            [req.first_read_ns, req.last_read_ns, req.first_write_ns, req.last_write_ns, req.acked_ns],
+            [base, base + 100, base + 2_000, base + 3_000, base + ShortRequest::MAX_SPAN_NS]
+        );
+        assert_eq!((req.bytes_in, req.bytes_out), (80, u32::MAX as u64));
+        assert_eq!(req.flags, flags::ARRIVAL_UNKNOWN);
+        for ns in [base, base + 1, base + ShortRequest::MAX_SPAN_NS] {
+            let offset = ShortRequest::offset(base, ns);
+            assert_ne!(offset, 0, "a time is never taken for none");
+            assert_eq!(base + offset as u64 - 1, ns);
+        }
+        assert_eq!(ShortRequest::offset(base, 0), 0);
     }
 
     #[test]

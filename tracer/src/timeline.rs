@@ -130,6 +130,8 @@ struct Conn {
     remote: SocketAddr,
     seen_ns: u64,
     accepted_ns: u64,
+    /// The process that accepted it (exchanges in the short form do not carry it).
+    pid: u32,
 }
 
 /// An upstream connection: its peer and the bytes already reported.
@@ -205,6 +207,7 @@ impl Timeline {
                 remote,
                 seen_ns: open.header.ts_ns,
                 accepted_ns: if accepted { open.accepted_ns } else { 0 },
+                pid: open.header.tgid,
             },
         );
         out.push(Record::Opened {
@@ -218,10 +221,10 @@ impl Timeline {
     }
 
     fn exchange(&mut self, req: &Request, out: &mut Vec<Record>) {
-        let (listener, accepted_ns, remote) = match self.conns.get(&req.header.sock) {
-            Some(c) => (c.listener, c.accepted_ns, Some(c.remote)),
+        let (listener, accepted_ns, remote, pid) = match self.conns.get(&req.header.sock) {
+            Some(c) => (c.listener, c.accepted_ns, Some(c.remote), c.pid),
             // The open event was lost: the exchange still counts, under an unknown listener.
-            None => (0, 0, None),
+            None => (0, 0, None, 0),
         };
         let aborted = req.flags & flags::ABORTED != 0;
         let think_waits = if aborted || req.first_write_ns == 0 || req.last_read_ns == 0 {
@@ -249,7 +252,7 @@ impl Timeline {
         out.push(Record::Exchange {
             listener,
             remote,
-            pid: req.header.tgid,
+            pid: if req.header.tgid != 0 { req.header.tgid } else { pid },
             recv_wait_ns,
             think_ns,
             send_ns,
