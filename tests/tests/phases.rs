@@ -63,6 +63,24 @@ fn slow_think_300ms_is_think() -> anyhow::Result<()> {
     slow_think(300)
 }
 
+/// An exchange longer than the one-line event can carry (4.29 s from its first time to
+/// its last) comes in the full form, timed the same.
+#[test]
+fn think_beyond_the_short_event_span() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const D: u64 = 4_500;
+    let l = traced(&["--scenario", "slow-think", "--delay-ms", &D.to_string()], |addr| {
+        client::run(&client(addr))?;
+        Ok(())
+    })?;
+    assert_eq!(l["requests"], 1, "{l}");
+    assert_eq!(phase_count(&l, "think"), 1, "{l}");
+    assert_near("think p50", phase_ms(&l, "think", "p50_ns"), D as f64, 5.0, 2.0);
+    Ok(())
+}
+
 fn body_stall(delay_ms: u64) -> anyhow::Result<()> {
     let d = delay_ms.to_string();
     let l = traced(&["--scenario", "body-stall", "--delay-ms", &d], |addr| {
