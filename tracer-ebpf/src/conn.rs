@@ -38,12 +38,24 @@ pub fn state_mut(sk: u64) -> Option<&'static mut SockState> {
     SOCKS.get_ptr_mut(sk).map(|p| unsafe { &mut *p })
 }
 
+/// Makes `*st` a fresh state of `origin`, eight bytes per store. (An assignment of
+/// `SockState::new` compiles to a call to the BPF library's memset, which clears one
+/// byte at a time: some 800 instructions for the 200 bytes.)
+#[inline(always)]
+pub fn init_state<'a>(st: *mut SockState, origin: u32) -> &'a mut SockState {
+    let words = st.cast::<u64>();
+    for i in 0..size_of::<SockState>() / 8 {
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    let st = unsafe { &mut *st };
+    st.origin = origin;
+    st
+}
+
 /// A fresh state of `origin`, built in the per-CPU scratch map (not on the stack).
 #[inline(always)]
 pub fn scratch_state(origin: u32) -> Option<&'static mut SockState> {
-    let st = unsafe { &mut *crate::maps::NEW_STATE.get_ptr_mut(0)? };
-    *st = SockState::new(origin);
-    Some(st)
+    Some(init_state(crate::maps::NEW_STATE.get_ptr_mut(0)?, origin))
 }
 
 #[inline(always)]

@@ -23,25 +23,35 @@ pub fn read<T>(base: u64, offset: u32) -> Option<T> {
 /// `struct sock_common`). IPv4 addresses come out IPv4-mapped.
 #[inline(always)]
 pub fn conn_addr(sk: u64) -> ConnAddr {
-    let mut addr = ConnAddr::default();
-    addr.family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
-    addr.local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-    addr.remote_port = u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
-    if addr.family == AF_INET {
-        let local = read::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]);
-        let remote = read::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]);
-        addr.local_addr = mapped(local);
-        addr.remote_addr = mapped(remote);
-    } else if addr.family == AF_INET6 {
-        addr.local_addr = read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
-        addr.remote_addr = read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
+    let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    // Every field assigned once (a `Default` start compiles to a byte-wise memset).
+    let (local_addr, remote_addr) = if family == AF_INET {
+        (mapped(read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)), mapped(read::<u32>(sk, off!(skc_daddr)).unwrap_or(0)))
+    } else if family == AF_INET6 {
+        (
+            read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
+            read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]),
+        )
+    } else {
+        (mapped(0), mapped(0))
+    };
+    ConnAddr {
+        family,
+        local_port: read::<u16>(sk, off!(skc_num)).unwrap_or(0),
+        remote_port: u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
+        _pad: 0,
+        local_addr,
+        remote_addr,
     }
-    addr
 }
 
+/// An IPv4 address (as stored, network order) as IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+/// built from two words.
 #[inline(always)]
-fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+fn mapped(v4: u32) -> [u8; 16] {
+    let low: u64 = 0;
+    let high: u64 = 0xffff_0000 | (v4 as u64) << 32;
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([low, high]) }
 }
 
 #[inline(always)]

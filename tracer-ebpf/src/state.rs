@@ -4,7 +4,7 @@
 use tracer_common::origin;
 
 use crate::{
-    conn::{dir, emit_close, insert_state, now, remove_state, state_mut, SockState},
+    conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
     maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
     off, upstream,
@@ -57,7 +57,8 @@ fn on_passive_established(sk: u64) {
     if filter_by_port() && !is_traced_port(local_port) {
         return;
     }
-    let mut st = SockState::new(origin::ACCEPTED);
+    let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
+    let st = init_state(fresh.as_mut_ptr(), origin::ACCEPTED);
     st.established_ns = ts;
     st.local_port = local_port as u32;
     // The child inherits the request's SYN-ACK retransmits: only then is the first
@@ -81,7 +82,7 @@ fn on_passive_established(sk: u64) {
             st.synack_ns = ts - rtt_ns;
         }
     }
-    insert_state(sk, &st);
+    insert_state(sk, st);
 }
 
 /// Each arm of the state hook is a BPF subprogram of its own, with its own stack frame:

@@ -11,7 +11,7 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
-    conn::{current_tid, dir, header, insert_state, now, remove_state, scratch_state, state_mut, SockState},
+    conn::{current_tid, dir, header, init_state, insert_state, now, remove_state, scratch_state, state_mut, SockState},
     kernel::{conn_addr, read, tuple_key},
     maps::{is_traced_tgid, reserve, EXISTING_CLIENTS},
     off,
@@ -25,11 +25,12 @@ pub fn on_connect_start(sk: u64) {
     if !is_traced_tgid(tgid) {
         return;
     }
-    let mut st = SockState::new(origin::CONNECTED);
+    let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
+    let st = init_state(fresh.as_mut_ptr(), origin::CONNECTED);
     st.owner = tgid;
     st.tid = current_tid();
     st.synack_ns = now(); // connect start
-    insert_state(sk, &st);
+    insert_state(sk, st);
 }
 
 /// SYN_SENT → ESTABLISHED (`error` 0) or → CLOSE (the socket error, or abandoned).
