@@ -994,50 +994,69 @@ const READING: &str = "
 ## Reading
 
 - **Where the tracer's CPU goes.** Per request on nginx keep-alive the programs run
-  about six times: receive and send (process context) and the segment hook (softirq:
-  data arrival and acknowledgements, one program), once for nginx's socket and once for
-  the load generator's — on loopback both ends of every connection are on this machine,
-  so a good part of the BPF time is spent recognising the load generator's sockets as
-  not traced (one hash lookup each). A server whose clients are elsewhere pays only the
-  traced half. The receive hook is the dearest: it closes the previous exchange and emits
-  its event. The tracer process itself spends about 0.15 µs per request (decoding, the
-  timeline, four HDR histogram records, a third of it waiting for histogram counters to
-  come into the cache); it drains the ring every 50 ms.
+  six times: receive and send (process context) and the segment hook (softirq: data
+  arrival and acknowledgements, one program), once for nginx's socket and once for the
+  load generator's — on loopback both ends of every connection are on this machine. The
+  load generator's own sends and receives are recognised as untraced from a per-CPU
+  memory of the last untraced process, without a lookup; its segments (softirq, no
+  process to go by) cost one hash-map miss each. A server whose clients are elsewhere
+  pays only the traced half. The receive hook is the dearest: it closes the previous
+  exchange and emits its event. The tracer process spends about 0.15 µs per request
+  (decoding, the timeline, four HDR histogram records; perf puts a quarter of it on
+  waiting for histogram counters to come into the cache); it drains the ring every 50 ms.
 - **What changed because of this benchmark.** The first version woke the tracer for
   every event: a ring-buffer wake-up is an inter-processor interrupt, a VM exit on this
   machine, and the receive hook cost 3.4 µs per call. Events are now submitted without a
-  wake-up and drained on a timer (a ring a quarter full still wakes the tracer at once):
-  the hook costs about 0.2 µs. The tracer's resident memory after start-up was halved by
-  returning the memory used to parse the kernel's BTF.
+  wake-up and drained on a timer (a ring a quarter full still wakes the tracer at once).
+  Data arrival used to have a hook of its own (`sk_data_ready`): it is taken from the
+  segment hook, which sees every incoming segment anyway (two runs fewer per request).
+  Then, each measured against the build before it in the same rounds (`--compare`):
+  the connection's state is laid out by cache line — a hash-map entry is exactly four
+  64-byte lines, the line with the key is never written after the insert, and the
+  fields the softirq writes share one line — so a lookup from the other CPU no longer
+  waits for the line the application just wrote (1.15 → 1.09 µs), and the load
+  generator's sends and receives skip the lookup (both together: 1.03 → 0.99 µs in
+  another run); the per-request event fits one
+  cache line with the ring's record header (56 bytes: times as offsets from the
+  earliest, the full form kept for exchanges over 4.29 s), and every record is rounded
+  to whole lines so that records start on line boundaries (receive hook 194 → 156 ns per
+  run, 1.15 → 0.98 µs per request). New connections' state used to be cleared by the BPF
+  library's byte-at-a-time memset (200 stores per connection); it is cleared a word at
+  a time, and every program's stack frame is now at most 256 bytes. The tracer's
+  resident memory after start-up was halved by returning the memory used to parse the
+  kernel's BTF.
+- **Absolute figures move with the machine.** These two cores are shared: within one
+  working session the untraced server ran between 88,000 and 124,000 requests per
+  second, and one and the same tracer build measured between 0.98 and 1.32 µs per
+  request. The comparison
+  inside one run is what holds: the tracer against bpftrace computing think time alone,
+  and a change against the build before it.
 - **A new connection per request** costs about 5 µs: the connection's state changes
   run the state hook about ten times (both ends, ~0.2 µs each), the accept hook walks
-  the file table from a syscall tracepoint (~0.9 µs), and three events (open, exchange,
-  close) are emitted and processed. On kernels that permit trampolines, fexit on
+  the file table from a syscall tracepoint (~0.9 µs; a classic tracepoint fills a
+  record before the program runs), and three events (open, exchange, close) are
+  emitted and processed. On kernels that permit trampolines, fexit on
   `inet_csk_accept` hands over the socket directly (`--skip-hook-kind tracepoint`
   selects it; this machine forbids trampolines).
-- **What limits it now.** The per-program table above gives each hook's share. About
-  55 ns of every program run is paid before the program does anything: a program that
-  returns at once measured 50–60 ns per run here, most of it the clock read that
-  `bpf_stats_enabled` itself adds on this virtual machine (kvm-clock). Six runs per
-  request make that about 0.33 µs, a third to a half of the BPF part. What the programs do beyond
-  that goes mostly to cache lines moving between the two CPUs: the connection's state
-  is written by the application's reads and writes on one CPU and by data arrival and
-  ACKs in the sender's softirq on the other, and each request's event is written into
-  ring-buffer lines the tracer last read. A direct-mapped pre-filter of tracked
-  sockets (an array of counts by address hash, checked before the hash lookup) was
-  tried and did not pay: a miss in the hash map on an untraced socket costs little,
-  and the check added to every traced hit. A port-based pre-filter was slower too.
-  Data arrival used to have a hook of its own (`sk_data_ready`): it is now taken from
-  the segment hook, which sees every incoming segment anyway, two program runs fewer
-  per request, and the fields that hook touches share one cache line of the
-  connection's state (1.2 µs per request before these two changes).
-- **Throughput** on two shared cores moves by several percent from run to run, which
-  is why CPU per request, from the kernel's own accounting, is the figure to compare.
-  Throughput also pays for what the programs' run time does not show: the tracepoints'
-  own dispatch and the cache the programs disturb, on every send, receive and segment
-  of both ends of every connection here (the bpftrace script, with almost no work in
-  its hooks, loses throughput too). A server whose clients are on other machines pays
-  for its own end only.
+- **What limits it now.** About 55 ns of every program run is paid before the program
+  does anything (a program that returns at once measured 50–60 ns per run here, most of
+  it the clock reads of `bpf_stats_enabled` itself on this virtual machine); six runs
+  make that about 0.33 µs per request. Beyond that the cost is cache lines moving
+  between the two CPUs: the application writes a connection's state on one CPU and its
+  segments' softirq on the other (the request's arrival, the response's
+  acknowledgement), and each event is written into ring lines the tracer last read.
+  Tried and dropped: a direct-mapped pre-filter of tracked sockets (slower for traced
+  hits than the misses it saved), a port-based pre-filter, and two significant digits
+  instead of three in the histograms (no measurable gain).
+- **Throughput** is measured with the statistics off (a second run per round), yet it
+  still moves by several percent from round to round. The load generator is one wrk
+  thread that keeps one of the two CPUs busy, so every program run on its side — its
+  own sends and receives, and the softirq that delivers its requests to nginx and runs
+  the segment hook for nginx's socket — comes out of its budget: with only the segment
+  hook attached (0.26 µs of BPF per request) throughput measured 93%, with all hooks
+  88–92% in the same rounds; the bpftrace script, with almost no work in its hooks,
+  loses as much. A server whose clients are on other machines pays for its own end
+  only.
 - **The alternatives.** The capture's cost per request misses the kernel's copy of every
   packet into the capture buffer, which is paid in the traffic's own context; its effect
   shows in the throughput column. bpftrace measures think time only (two hooks, no
