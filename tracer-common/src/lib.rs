@@ -299,6 +299,14 @@ pub struct ProcessEvent {
 const _: () = assert!(size_of::<ProcessEvent>() == 40);
 
 /// The largest event.
+/// Bytes the programs reserve in the ring buffer for an event of `size` bytes: rounded
+/// up so that with the kernel's 8-byte record header every record fills whole 64-byte
+/// cache lines. Records then start on line boundaries, and the per-request event
+/// ([`ShortRequest`]) is one line, which the program writes without touching a second.
+pub const fn record_bytes(size: usize) -> usize {
+    (size + 8).div_ceil(64) * 64 - 8
+}
+
 pub const MAX_EVENT_SIZE: usize = size_of::<UpstreamRequest>();
 
 /// Offsets into kernel structures, resolved by userspace from the running kernel's BTF
@@ -501,4 +509,39 @@ mod pod {
     unsafe impl aya::Pod for ProgramConfig {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SockState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_fill_whole_cache_lines() {
+        // The per-request event and its 8-byte header: exactly one line.
+        assert_eq!(record_bytes(size_of::<ShortRequest>()), 56);
+        assert_eq!(record_bytes(1), 56);
+        assert_eq!(record_bytes(57), 120);
+        for size in [
+            size_of::<ConnOpen>(),
+            size_of::<Request>(),
+            size_of::<ConnClose>(),
+            size_of::<SynAckRetransmit>(),
+            size_of::<UpstreamConnect>(),
+            size_of::<UpstreamRequest>(),
+            size_of::<ResetSent>(),
+            size_of::<ProcessEvent>(),
+        ] {
+            let reserved = record_bytes(size);
+            assert!(reserved >= size && reserved < size + 64, "{size} → {reserved}");
+            assert_eq!((reserved + 8) % 64, 0, "{size} → {reserved}");
+        }
+    }
+
+    #[test]
+    fn the_state_entry_is_four_lines() {
+        // The kernel's hash-map entry: a 48-byte header, the 8-byte key, the value.
+        assert_eq!((48 + size_of::<u64>() + size_of::<SockState>()) % 64, 0);
+        assert_eq!(48 + 8 + core::mem::offset_of!(SockState, dir), 64);
+        assert_eq!(48 + 8 + core::mem::offset_of!(SockState, arrival_ns), 128);
+    }
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 pub use tracer_common::TupleKey;
-use tracer_common::{counter, KernelOffsets, ProgramConfig};
+use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig};
 
 use crate::conn::SockState;
 
@@ -111,14 +111,6 @@ impl<T> Slot<T> {
     pub fn submit(self) {
         unsafe { bpf_ringbuf_submit(self.0.cast(), submit_flags()) }
     }
-}
-
-/// Bytes reserved for an event of `size` bytes: rounded up so that with the kernel's
-/// 8-byte record header every record fills whole 64-byte cache lines. Records then
-/// start on line boundaries, and the per-request event (56 bytes) is one line, which
-/// the program writes without touching a second one.
-pub const fn record_bytes(size: usize) -> usize {
-    (size + 8).div_ceil(64) * 64 - 8
 }
 
 /// Room for one event, or `None` (counted as lost) when the ring is full.
