@@ -373,7 +373,22 @@ pub fn run(opts: &Options) -> Result<()> {
         let vmlinuz = kernel(s)?;
         eprintln!("vm-test: booting {}", vmlinuz.display());
         let start = Instant::now();
-        let console = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout))?;
+        let mut console = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout))?;
+        // Under emulation a guest kernel now and then dies while booting (an oops in
+        // its own start-up, before the test script runs): booted again, at most twice.
+        // A guest that reached the script is never booted again, whatever happened.
+        for attempt in 2..=3 {
+            if console.contains("=== kernel") {
+                break;
+            }
+            let log = vm_dir().join(format!("console-{s}-boot-{}.log", attempt - 1));
+            fs::write(&log, &console)?;
+            eprintln!(
+                "vm-test: Linux {s} died before the tests started (console in {}); booting it again ({attempt} of 3)",
+                log.display()
+            );
+            console = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout))?;
+        }
         fs::write(vm_dir().join(format!("console-{s}.log")), &console)?;
         eprintln!("vm-test: Linux {s} done in {:.0?}", start.elapsed());
         outcomes.insert(s.clone(), judge(s, &console));
