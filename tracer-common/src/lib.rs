@@ -428,40 +428,6 @@ pub struct SockState {
 const _: () = assert!(size_of::<SockState>() == 200);
 const _: () = assert!(core::mem::offset_of!(SockState, dir) == 8 && core::mem::offset_of!(SockState, arrival_ns) == 72);
 
-impl SockState {
-    #[inline(always)]
-    pub const fn new(origin: u32) -> Self {
-        Self {
-            owner: 0,
-            dir: dir::IDLE,
-            origin,
-            synack_retransmits: 0,
-            synack_ns: 0,
-            established_ns: 0,
-            pending_data_ns: 0,
-            arrival_ns: 0,
-            first_read_ns: 0,
-            last_read_ns: 0,
-            first_write_ns: 0,
-            last_write_ns: 0,
-            acked_ns: 0,
-            req_in: 0,
-            req_out: 0,
-            total_in: 0,
-            total_out: 0,
-            ack_target: 0,
-            requests: 0,
-            req_flags: 0,
-            conn_flags: 0,
-            local_port: 0,
-            tid: 0,
-            rcv_end: 0,
-            _pad_line: [0; 2],
-            _pad: [0; 9],
-        }
-    }
-}
-
 /// A connection as the programs look it up before they know its socket: local port,
 /// remote port and remote address (IPv4-mapped for IPv4).
 #[repr(C)]

@@ -38,9 +38,10 @@ pub fn state_mut(sk: u64) -> Option<&'static mut SockState> {
     SOCKS.get_ptr_mut(sk).map(|p| unsafe { &mut *p })
 }
 
-/// Makes `*st` a fresh state of `origin`, eight bytes per store. (An assignment of
-/// `SockState::new` compiles to a call to the BPF library's memset, which clears one
-/// byte at a time: some 800 instructions for the 200 bytes.)
+/// Makes `*st` a fresh state of `origin`: all zeros (direction idle, nothing seen) but
+/// the origin, written eight bytes per store. (Assigning a whole struct compiles to a
+/// call to the BPF library's memset, which clears one byte at a time: some 800
+/// instructions for the 200 bytes.)
 #[inline(always)]
 pub fn init_state<'a>(st: *mut SockState, origin: u32) -> &'a mut SockState {
     let words = st.cast::<u64>();

@@ -33,7 +33,7 @@ pub fn conn_addr(sk: u64) -> ConnAddr {
             read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]),
         )
     } else {
-        (mapped(0), mapped(0))
+        (words(0, 0), words(0, 0))
     };
     ConnAddr {
         family,
@@ -49,8 +49,12 @@ pub fn conn_addr(sk: u64) -> ConnAddr {
 /// built from two words.
 #[inline(always)]
 fn mapped(v4: u32) -> [u8; 16] {
-    let low: u64 = 0;
-    let high: u64 = 0xffff_0000 | (v4 as u64) << 32;
+    words(0, 0xffff_0000 | (v4 as u64) << 32)
+}
+
+/// Sixteen address bytes from two words (two stores, not a byte-wise memset).
+#[inline(always)]
+fn words(low: u64, high: u64) -> [u8; 16] {
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([low, high]) }
 }
 

@@ -217,12 +217,16 @@ fn pids_generation() -> u64 {
     by_programs.wrapping_add(by_userspace)
 }
 
-/// Whether this CPU remembers `tgid` as not traced (no map lookup: a cheap first test;
+#[inline(always)]
+fn remembered_untraced(tgid: u32, generation: u64) -> bool {
+    UNTRACED.get(0).is_some_and(|m| m.tgid == tgid && m.generation == generation)
+}
+
+/// Whether this CPU remembers `tgid` as not traced (no hash lookup: a cheap first test;
 /// `false` says nothing).
 #[inline(always)]
 pub fn known_untraced(tgid: u32) -> bool {
-    let generation = pids_generation();
-    UNTRACED.get(0).is_some_and(|m| m.tgid == tgid && m.generation == generation)
+    remembered_untraced(tgid, pids_generation())
 }
 
 #[inline(always)]
@@ -230,17 +234,13 @@ pub fn is_traced_tgid(tgid: u32) -> bool {
     // Read before the lookup: an insert racing with it bumps the generation after, so
     // a miss remembered here is forgotten at once.
     let generation = pids_generation();
-    let memo = UNTRACED.get_ptr_mut(0);
-    if let Some(m) = memo {
-        let m = unsafe { &*m };
-        if m.tgid == tgid && m.generation == generation {
-            return false;
-        }
+    if remembered_untraced(tgid, generation) {
+        return false;
     }
     if PIDS.get_ptr(tgid).is_some() {
         return true;
     }
-    if let Some(m) = memo {
+    if let Some(m) = UNTRACED.get_ptr_mut(0) {
         unsafe {
             (*m).tgid = tgid;
             (*m).generation = generation;
