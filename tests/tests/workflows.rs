@@ -108,9 +108,19 @@ fn min_samples_makes_idle_checks_fail() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Scheduling policy of a process's main thread (`SCHED_OTHER` 0, `SCHED_BATCH` 3).
+fn sched_policy(pid: u32) -> anyhow::Result<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which ends at the last ')': state is field 3,
+    // policy field 41.
+    let after_name = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+    Ok(after_name.split_whitespace().nth(41 - 3).unwrap_or("").parse()?)
+}
+
 /// `tracer -- lab server`: traced from its first instruction (the very first
 /// connection's handshake and accept_wait are there), and the tracer exits with the
-/// command's status.
+/// command's status. The tracer runs as a batch task, so that its wake-ups never
+/// preempt the server; the command keeps the normal policy.
 #[test]
 fn a_command_is_traced_from_its_start() -> anyhow::Result<()> {
     if !require_root() {
@@ -127,6 +137,11 @@ fn a_command_is_traced_from_its_start() -> anyhow::Result<()> {
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let addr: SocketAddr = line.trim().strip_prefix("listening on ").expect("lab server output").parse()?;
+    let tracer_pid = tracer.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{tracer_pid}/task/{tracer_pid}/children"))?;
+    let server_pid: u32 = children.split_whitespace().next().expect("the command is the tracer's child").parse()?;
+    assert_eq!(sched_policy(tracer_pid)?, libc::SCHED_BATCH as u32, "the tracer's policy");
+    assert_eq!(sched_policy(server_pid)?, libc::SCHED_OTHER as u32, "the traced command's policy");
     // At once: the server is seconds old at most.
     client::run(&client_opts(addr, 1, 3))?;
     let status = tracer.child.wait()?;
