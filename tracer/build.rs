@@ -8,16 +8,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("tracer crate has no parent directory"))?
         .join("tracer-ebpf");
-    let root_dir = metadata_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", metadata_dir.display()))?;
-    aya_build::build_ebpf(
-        [Package {
-            name: "tracer-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
-        Toolchain::default(),
-    )
-    .context("building the kernel programs (tracer-ebpf); `cargo xtask setup` installs bpf-linker and rust-src")
+    let root_dir = metadata_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", metadata_dir.display()))?;
+    aya_build::build_ebpf([Package { name: "tracer-ebpf", root_dir, ..Default::default() }], Toolchain::default())
+        .context("building the kernel programs (tracer-ebpf); `cargo xtask setup` installs bpf-linker and rust-src")
 }

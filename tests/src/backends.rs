@@ -66,7 +66,8 @@ impl Upstreams {
         };
         let url = url.context("no database given (--primary/--replica)")?;
         if slot.is_none() {
-            *slot = Some(postgres::Client::connect(url, postgres::NoTls).with_context(|| format!("connecting to {url}"))?);
+            *slot =
+                Some(postgres::Client::connect(url, postgres::NoTls).with_context(|| format!("connecting to {url}"))?);
         }
         let client = slot.as_mut().expect("just connected");
         // The simple protocol: one round trip per query.

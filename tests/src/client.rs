@@ -51,10 +51,7 @@ pub struct ConnResult {
 }
 
 pub fn request_text(size: usize, close: bool) -> String {
-    format!(
-        "GET /?size={size} HTTP/1.1\r\nHost: lab\r\n{}\r\n",
-        if close { "Connection: close\r\n" } else { "" }
-    )
+    format!("GET /?size={size} HTTP/1.1\r\nHost: lab\r\n{}\r\n", if close { "Connection: close\r\n" } else { "" })
 }
 
 fn connect(opts: &ClientOptions) -> Result<TcpStream> {

@@ -39,7 +39,11 @@ fn raise_fd_limit(n: u64) -> Result<()> {
         limit.rlim_max
     );
     limit.rlim_cur = n;
-    ensure!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0, "raising the file limit to {n}: {}", std::io::Error::last_os_error());
+    ensure!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0,
+        "raising the file limit to {n}: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 

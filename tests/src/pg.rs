@@ -52,14 +52,22 @@ impl Cluster {
     pub fn start(rows: u32, indexed: bool) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let bin = server_bin()?;
-        let dir = std::env::temp_dir().join(format!("tracer-pg-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "tracer-pg-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let user = CString::new("postgres")?;
         let pw = unsafe { libc::getpwnam(user.as_ptr()) };
         anyhow::ensure!(!pw.is_null(), "no postgres user (install Debian's postgresql)");
         let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
-        anyhow::ensure!(unsafe { libc::chown(path.as_ptr(), (*pw).pw_uid, (*pw).pw_gid) } == 0, "chown {}", dir.display());
+        anyhow::ensure!(
+            unsafe { libc::chown(path.as_ptr(), (*pw).pw_uid, (*pw).pw_gid) } == 0,
+            "chown {}",
+            dir.display()
+        );
         let data = dir.join("data");
         run(as_postgres(&bin.join("initdb")).args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"]).arg(&data))?;
         let port = free_port()?;
@@ -96,7 +104,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = run(as_postgres(&self.bin.join("pg_ctl")).args(["-m", "immediate", "-D"]).arg(self.dir.join("data")).arg("stop"));
+        let _ = run(as_postgres(&self.bin.join("pg_ctl"))
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop"));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

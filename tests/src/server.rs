@@ -290,4 +290,3 @@ fn set_sockopt(stream: &TcpStream, option: i32, bytes: i32) -> Result<()> {
     anyhow::ensure!(rc == 0, "setsockopt({option}): {}", std::io::Error::last_os_error());
     Ok(())
 }
-

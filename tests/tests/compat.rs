@@ -29,7 +29,10 @@ fn client(server: SocketAddr) -> ClientOptions {
 
 /// The lab server with `server_args`, traced through raw tracepoints with
 /// `--connections`: its listener's report entry and the connection lines.
-fn traced_raw(server_args: &[&str], drive: impl FnOnce(SocketAddr) -> anyhow::Result<()>) -> anyhow::Result<(Value, Vec<Value>)> {
+fn traced_raw(
+    server_args: &[&str],
+    drive: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
+) -> anyhow::Result<(Value, Vec<Value>)> {
     let (server, addr) = start_lab_server(server_args)?;
     let tracer = start_tracer(&[RAW.into(), "--connections".into(), "--pid".into(), server.pid().to_string()])?;
     drive(addr)?;
@@ -67,7 +70,9 @@ fn without_state_changes_tracing_refuses_to_start() -> anyhow::Result<()> {
     assert!(text.contains("tracing is impossible here: no way to attach the state changes hook"), "{text}");
 
     let me = std::process::id().to_string();
-    let out = Command::new(tracer_bin()).args(["--skip-hook-kind", "tp_btf,raw_tp", "--pid", &me, "--duration", "1s"]).output()?;
+    let out = Command::new(tracer_bin())
+        .args(["--skip-hook-kind", "tp_btf,raw_tp", "--pid", &me, "--duration", "1s"])
+        .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no way to attach the state changes hook") && err.contains("tracer doctor"), "{err}");
@@ -94,7 +99,8 @@ fn raw_tracepoints_measure_think_and_read_sockets_right() -> anyhow::Result<()> 
     assert_eq!(phase_count(&l, "delivery"), 20, "{l}");
     assert_eq!(phase_count(&l, "handshake"), 4, "{l}");
     let server = server.expect("driven");
-    let by_remote: HashMap<String, &Value> = connections.iter().map(|c| (c["remote"].as_str().unwrap_or("").to_owned(), c)).collect();
+    let by_remote: HashMap<String, &Value> =
+        connections.iter().map(|c| (c["remote"].as_str().unwrap_or("").to_owned(), c)).collect();
     for c in &clients {
         let seen = by_remote
             .get(&format!("127.0.0.1:{}", c.local_port))

@@ -17,13 +17,20 @@ fn doctor_reports_hooks_and_phases() -> anyhow::Result<()> {
     assert!(text.contains("kernel: Linux"), "{text}");
     assert!(text.contains("tp_btf/sock_send_length"), "{text}");
     for phase in ["handshake", "accept_wait", "recv_wait", "think", "send", "delivery", "connect", "upstream"] {
-        assert!(text.lines().any(|l| l.trim_start().starts_with(phase) && l.ends_with("available") && !l.contains("unavailable")), "{phase}: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(phase) && l.ends_with("available") && !l.contains("unavailable")),
+            "{phase}: {text}"
+        );
     }
 
     let out = Command::new(tracer_bin()).args(["doctor", "--disable-hook", "tcp_probe"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.lines().any(|l| l.contains("delivery") && l.contains("unavailable") && l.contains("tcp_probe")), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("delivery") && l.contains("unavailable") && l.contains("tcp_probe")),
+        "{text}"
+    );
     assert!(text.lines().any(|l| l.contains("think") && l.ends_with("available")), "{text}");
 
     let out = Command::new(tracer_bin()).args(["doctor", "--bogus"]).output()?;

@@ -1,9 +1,18 @@
 //! A real server: nginx from Debian's packages, two workers, traced by its master's PID.
 //! Every request is counted under the right listener with the bytes the client saw.
 
-use std::{fs, net::TcpListener, process::{Command, Stdio}, thread, time::Duration};
+use std::{
+    fs,
+    net::TcpListener,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
 
-use tracer_tests::{client::{self, ClientOptions}, harness::*};
+use tracer_tests::{
+    client::{self, ClientOptions},
+    harness::*,
+};
 
 #[test]
 fn nginx_requests_and_bytes_match_the_client() -> anyhow::Result<()> {

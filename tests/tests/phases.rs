@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, thread};
 
 use serde_json::Value;
-use tracer_tests::{client::{self, ClientOptions}, harness::*};
+use tracer_tests::{
+    client::{self, ClientOptions},
+    harness::*,
+};
 
 fn client(server: SocketAddr) -> ClientOptions {
     ClientOptions {
@@ -188,14 +191,13 @@ fn slow_reader_is_delivery() -> anyhow::Result<()> {
     }
     const D: u64 = 300;
     let l = traced(&["--scenario", "slow-reader"], |addr| {
-        let opts = ClientOptions {
-            requests: 4,
-            size: 200_000,
-            read_delay_ms: D,
-            rcvbuf: 4096,
-            ..client(addr)
-        };
-        let handles: Vec<_> = (0..3).map(|_| { let o = opts.clone(); thread::spawn(move || client::run(&o)) }).collect();
+        let opts = ClientOptions { requests: 4, size: 200_000, read_delay_ms: D, rcvbuf: 4096, ..client(addr) };
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let o = opts.clone();
+                thread::spawn(move || client::run(&o))
+            })
+            .collect();
         for h in handles {
             h.join().expect("client")?;
         }

@@ -14,10 +14,8 @@ fn listen_drops_match_the_namespace_counter() -> anyhow::Result<()> {
         return Ok(());
     }
     let ns = Netns::new()?;
-    let (server, addr) = start_lab_server_in(
-        Some(&ns),
-        &["--scenario", "slow-accept", "--delay-ms", "100", "--backlog", "1"],
-    )?;
+    let (server, addr) =
+        start_lab_server_in(Some(&ns), &["--scenario", "slow-accept", "--delay-ms", "100", "--backlog", "1"])?;
     let before = tcp_ext_counter(server.pid(), "ListenDrops")?;
     let tracer = start_tracer(&["--pid".into(), server.pid().to_string()])?;
     let results = run_lab_client(Some(&ns), &["--server", &addr.to_string(), "--connections", "16", "--parallel"])?;
@@ -45,10 +43,8 @@ fn overflowed_handshake_ack_counts_once() -> anyhow::Result<()> {
     }
     let ns = Netns::new()?;
     // Accepts at 3 s, 6 s and 9 s after start; a queue of two (backlog 1).
-    let (server, addr) = start_lab_server_in(
-        Some(&ns),
-        &["--scenario", "slow-accept", "--delay-ms", "3000", "--backlog", "1"],
-    )?;
+    let (server, addr) =
+        start_lab_server_in(Some(&ns), &["--scenario", "slow-accept", "--delay-ms", "3000", "--backlog", "1"])?;
     let server_addr = addr.to_string();
     let before = tcp_ext_counter(server.pid(), "ListenDrops")?;
     let tracer = start_tracer(&["--pid".into(), server.pid().to_string()])?;

@@ -135,12 +135,7 @@ fn a_killed_server_ends_tracing_cleanly() -> anyhow::Result<()> {
     }
     let (mut slow, slow_addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", "5000"])?;
     let (mut other, other_addr) = start_lab_server(&[])?;
-    let mut tracer = start_tracer(&[
-        "--pid".into(),
-        slow.pid().to_string(),
-        "--pid".into(),
-        other.pid().to_string(),
-    ])?;
+    let mut tracer = start_tracer(&["--pid".into(), slow.pid().to_string(), "--pid".into(), other.pid().to_string()])?;
     let victim = thread::spawn(move || client::run(&client_opts(slow_addr, 1, 1)));
     thread::sleep(Duration::from_millis(500));
     slow.child.kill()?;
@@ -296,7 +291,9 @@ fn ipv6_and_mapped_addresses() -> anyhow::Result<()> {
     assert_eq!(listener(report, v6_addr.port())?["requests"], 2);
     assert_eq!(listener(report, dual_addr.port())?["requests"], 2);
     let conns = closed_connections(&lines);
-    let local = |port: u16| conns.iter().find(|c| c["local"].as_str().is_some_and(|l| l.ends_with(&format!(":{port}")))).copied();
+    let local = |port: u16| {
+        conns.iter().find(|c| c["local"].as_str().is_some_and(|l| l.ends_with(&format!(":{port}")))).copied()
+    };
     let c6 = local(v6_addr.port()).expect("IPv6 connection line");
     assert_eq!(c6["local"], format!("[::1]:{}", v6_addr.port()));
     assert!(c6["remote"].as_str().unwrap_or("").starts_with("[::1]:"), "{c6}");
@@ -326,7 +323,10 @@ fn two_namespaces_over_a_veth_pair() -> anyhow::Result<()> {
     ip(&["-n", &client_ns.name, "addr", "add", "10.231.0.2/24", "dev", &b])?;
     ip(&["-n", &server_ns.name, "link", "set", &a, "up"])?;
     ip(&["-n", &client_ns.name, "link", "set", &b, "up"])?;
-    let (server, addr) = start_lab_server_in(Some(&server_ns), &["--listen", "10.231.0.1:0", "--scenario", "slow-think", "--delay-ms", "30"])?;
+    let (server, addr) = start_lab_server_in(
+        Some(&server_ns),
+        &["--listen", "10.231.0.1:0", "--scenario", "slow-think", "--delay-ms", "30"],
+    )?;
     let tracer = start_tracer(&["--pid".into(), server.pid().to_string(), "--connections".into()])?;
     let results = run_lab_client(Some(&client_ns), &["--server", &addr.to_string(), "--requests", "5"])?;
     assert_eq!(results.len(), 1);

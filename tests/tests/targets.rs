@@ -7,10 +7,22 @@ use std::{
     process::{Command, Stdio},
 };
 
-use tracer_tests::{client::{self, request_text, ClientOptions}, harness::*};
+use tracer_tests::{
+    client::{self, request_text, ClientOptions},
+    harness::*,
+};
 
 fn opts(server: SocketAddr, connections: usize, requests: usize) -> ClientOptions {
-    ClientOptions { server, connections, requests, size: 50, parallel: false, read_delay_ms: 0, rcvbuf: 0, pause_after_connect_ms: 0 }
+    ClientOptions {
+        server,
+        connections,
+        requests,
+        size: 50,
+        parallel: false,
+        read_delay_ms: 0,
+        rcvbuf: 0,
+        pause_after_connect_ms: 0,
+    }
 }
 
 #[test]

@@ -2,7 +2,10 @@
 
 use std::{collections::HashMap, thread};
 
-use tracer_tests::{client::{self, ClientOptions}, harness::*};
+use tracer_tests::{
+    client::{self, ClientOptions},
+    harness::*,
+};
 
 /// N connections to a traced server, each with known byte counts, while an untraced
 /// process serves M others at the same time: exactly the N are reported, with their

@@ -78,12 +78,7 @@ fn min_samples_makes_idle_checks_fail() -> anyhow::Result<()> {
         return Ok(());
     }
     let (idle, _) = start_lab_server(&[])?;
-    let tracer = start_tracer(&[
-        "--pid".into(),
-        idle.pid().to_string(),
-        "--check".into(),
-        "think.p99<1s".into(),
-    ])?;
+    let tracer = start_tracer(&["--pid".into(), idle.pid().to_string(), "--check".into(), "think.p99<1s".into()])?;
     let (code, lines) = tracer.stop_with_code()?;
     let verdict = &final_report(&lines)?["checks"][0];
     assert_eq!(code, 1, "{verdict}");
@@ -158,7 +153,8 @@ fn a_command_is_traced_from_its_start() -> anyhow::Result<()> {
     let status = Command::new(tracer_bin()).args(["--", "sh", "-c", "exit 7"]).stdout(Stdio::null()).status()?;
     assert_eq!(status.code(), Some(7));
     // With --duration the tracer stops the command, which is not a failure.
-    let status = Command::new(tracer_bin()).args(["--duration", "1s", "--", "sleep", "30"]).stdout(Stdio::null()).status()?;
+    let status =
+        Command::new(tracer_bin()).args(["--duration", "1s", "--", "sleep", "30"]).stdout(Stdio::null()).status()?;
     assert_eq!(status.code(), Some(0));
     Ok(())
 }

@@ -1,9 +1,7 @@
 //! Per-connection state and the events emitted from it.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
-use tracer_common::{
-    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest,
-};
+use tracer_common::{counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest};
 
 use crate::maps::{bump, reserve, SOCKS};
 
@@ -22,15 +20,7 @@ pub fn current_tid() -> u32 {
 #[inline(always)]
 pub fn header(kind: u16, tgid: u32, sk: u64, ts_ns: u64) -> EventHeader {
     let tid = bpf_get_current_pid_tgid() as u32;
-    EventHeader {
-        kind,
-        _pad0: 0,
-        tgid,
-        tid,
-        _pad1: 0,
-        ts_ns,
-        sock: sk,
-    }
+    EventHeader { kind, _pad0: 0, tgid, tid, _pad1: 0, ts_ns, sock: sk }
 }
 
 #[inline(always)]

@@ -3,7 +3,10 @@
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use tracer_common::{ConnAddr, AF_INET, AF_INET6};
 
-use crate::{maps::{bump, TupleKey}, off};
+use crate::{
+    maps::{bump, TupleKey},
+    off,
+};
 
 pub const IPPROTO_TCP: u16 = 6;
 pub const SOCK_STREAM: u16 = 1;
@@ -26,7 +29,10 @@ pub fn conn_addr(sk: u64) -> ConnAddr {
     let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
     // Every field assigned once (a `Default` start compiles to a byte-wise memset).
     let (local_addr, remote_addr) = if family == AF_INET {
-        (mapped(read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)), mapped(read::<u32>(sk, off!(skc_daddr)).unwrap_or(0)))
+        (
+            mapped(read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)),
+            mapped(read::<u32>(sk, off!(skc_daddr)).unwrap_or(0)),
+        )
     } else if family == AF_INET6 {
         (
             read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
@@ -60,12 +66,7 @@ fn words(low: u64, high: u64) -> [u8; 16] {
 
 #[inline(always)]
 pub fn tuple_key(addr: &ConnAddr) -> TupleKey {
-    TupleKey {
-        local_port: addr.local_port,
-        remote_port: addr.remote_port,
-        _pad: 0,
-        remote_addr: addr.remote_addr,
-    }
+    TupleKey { local_port: addr.local_port, remote_port: addr.remote_port, _pad: 0, remote_addr: addr.remote_addr }
 }
 
 /// A TCP socket over IPv4 or IPv6 (not UDP, Unix, MPTCP, ...).
@@ -75,8 +76,7 @@ pub fn is_inet_tcp(sk: u64) -> bool {
     if family != AF_INET && family != AF_INET6 {
         return false;
     }
-    read::<u16>(sk, off!(sk_protocol)) == Some(IPPROTO_TCP)
-        && read::<u16>(sk, off!(sk_type)) == Some(SOCK_STREAM)
+    read::<u16>(sk, off!(sk_protocol)) == Some(IPPROTO_TCP) && read::<u16>(sk, off!(sk_type)) == Some(SOCK_STREAM)
 }
 
 /// The `struct sock` behind file descriptor `fd` of the current task.

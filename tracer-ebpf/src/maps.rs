@@ -44,12 +44,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 #[unsafe(no_mangle)]
-pub static CONFIG: ProgramConfig = ProgramConfig {
-    filter_by_port: 0,
-    drop_reason_listen_overflow: u32::MAX,
-    wakeup_bytes: 0,
-    _pad: 0,
-};
+pub static CONFIG: ProgramConfig =
+    ProgramConfig { filter_by_port: 0, drop_reason_listen_overflow: u32::MAX, wakeup_bytes: 0, _pad: 0 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
 /// into the code: the loader rewrites the value before the program is verified.

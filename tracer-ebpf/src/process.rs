@@ -49,12 +49,7 @@ tracepoint_hook! {
 fn emit(event_kind: u16, tgid: u32, child: u32) {
     if let Some(mut slot) = reserve::<ProcessEvent>() {
         slot.write(ProcessEvent {
-            header: EventHeader {
-                kind: event_kind,
-                tgid,
-                ts_ns: now(),
-                ..EventHeader::default()
-            },
+            header: EventHeader { kind: event_kind, tgid, ts_ns: now(), ..EventHeader::default() },
             child,
             _pad: 0,
         });

@@ -11,7 +11,9 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
-    conn::{current_tid, dir, header, init_state, insert_state, now, remove_state, scratch_state, state_mut, SockState},
+    conn::{
+        current_tid, dir, header, init_state, insert_state, now, remove_state, scratch_state, state_mut, SockState,
+    },
     kernel::{conn_addr, read, tuple_key},
     maps::{is_traced_tgid, reserve, EXISTING_CLIENTS},
     off,

@@ -75,10 +75,7 @@ impl Btf {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let data = std::fs::read(path).with_context(|| {
-            format!(
-                "reading kernel BTF from {} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)",
-                path.display()
-            )
+            format!("reading kernel BTF from {} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)", path.display())
         })?;
         Self::parse(&data).with_context(|| format!("parsing BTF from {}", path.display()))
     }
@@ -103,13 +100,7 @@ impl Btf {
             .context("BTF string section out of bounds")?
             .to_vec();
 
-        let mut types = vec![Type {
-            name: 0,
-            kind: 0,
-            size_or_type: 0,
-            members: Vec::new(),
-            array_elem: 0,
-        }];
+        let mut types = vec![Type { name: 0, kind: 0, size_or_type: 0, members: Vec::new(), array_elem: 0 }];
         let mut enumerators = Vec::new();
         let mut pos = hdr_len + type_off;
         let end = pos + type_len;
@@ -121,17 +112,11 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
-            let mut ty = Type {
-                name,
-                kind,
-                size_or_type,
-                members: Vec::new(),
-                array_elem: 0,
-            };
+            let mut ty = Type { name, kind, size_or_type, members: Vec::new(), array_elem: 0 };
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => pos += 4,
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST
-                | KIND_RESTRICT | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
+                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC
+                | KIND_FLOAT | KIND_TYPE_TAG => {}
                 KIND_ARRAY => {
                     ty.array_elem = u32_at(pos)?;
                     pos += 12;
@@ -140,11 +125,8 @@ impl Btf {
                     for i in 0..vlen {
                         let m = pos + i * 12;
                         let offset = u32_at(m + 8)?;
-                        let (bit_offset, bitfield_size) = if kind_flag {
-                            (offset & 0xff_ffff, offset >> 24)
-                        } else {
-                            (offset, 0)
-                        };
+                        let (bit_offset, bitfield_size) =
+                            if kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
                         ty.members.push(Member {
                             name: u32_at(m)?,
                             type_id: u32_at(m + 4)?,
@@ -181,12 +163,7 @@ impl Btf {
             types.push(ty);
         }
 
-        let mut btf = Btf {
-            types,
-            strings,
-            structs_by_name: HashMap::new(),
-            enumerators: HashMap::new(),
-        };
+        let mut btf = Btf { types, strings, structs_by_name: HashMap::new(), enumerators: HashMap::new() };
         for (name, value) in enumerators {
             let name = btf.name(name).to_owned();
             btf.enumerators.entry(name).or_insert(value);
@@ -301,11 +278,7 @@ mod tests {
         let strings = b"\0int\0short\0outer\0a\0b\0c\0d\0reason\0R_LOW\0R_HIGH\0recv\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
-            strings
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .unwrap() as u32
-                + 1
+            strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
         };
         let mut types = Vec::new();
         let mut push = |words: &[u32]| {

@@ -77,8 +77,15 @@ pub enum Scope {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Subject {
     /// A server phase (`handshake` … `delivery`) or a client one (`connect`, `upstream`).
-    Phase { name: String, scope: Scope, stat: Stat },
-    Counter { name: String, scope: Scope },
+    Phase {
+        name: String,
+        scope: Scope,
+        stat: Stat,
+    },
+    Counter {
+        name: String,
+        scope: Scope,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,8 +181,9 @@ pub fn parse(text: &str) -> Result<Check> {
                 context()
             );
         }
-        let stat = Stat::parse(stat)
-            .with_context(|| format!("unknown statistic '{stat}' {}: use count, mean, p50, p90, p99, p99.9 or max", context()))?;
+        let stat = Stat::parse(stat).with_context(|| {
+            format!("unknown statistic '{stat}' {}: use count, mean, p50, p90, p99, p99.9 or max", context())
+        })?;
         Subject::Phase { name: name.to_owned(), scope, stat }
     } else if !rest.trim().is_empty() {
         bail!("unexpected '{rest}' after the scope {}", context());
@@ -225,7 +233,9 @@ impl fmt::Display for Verdict {
 fn listeners<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a ListenerStats>, String> {
     match scope {
         Scope::All => Ok(stats.listeners.values().collect()),
-        Scope::Listener(port) => stats.listeners.get(port).map(|l| vec![l]).ok_or_else(|| format!("no listener :{port} was traced")),
+        Scope::Listener(port) => {
+            stats.listeners.get(port).map(|l| vec![l]).ok_or_else(|| format!("no listener :{port} was traced"))
+        }
         Scope::Peer(p) => Err(format!("{p} is a peer; this check is per listener (use :PORT)")),
     }
 }
@@ -233,7 +243,9 @@ fn listeners<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a ListenerStat
 fn peers<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a PeerStats>, String> {
     match scope {
         Scope::All => Ok(stats.peers.values().collect()),
-        Scope::Peer(addr) => stats.peers.get(addr).map(|p| vec![p]).ok_or_else(|| format!("no upstream peer {addr} was seen")),
+        Scope::Peer(addr) => {
+            stats.peers.get(addr).map(|p| vec![p]).ok_or_else(|| format!("no upstream peer {addr} was seen"))
+        }
         Scope::Listener(port) => Err(format!(":{port} is a listener; this check is per upstream peer (use ADDR:PORT)")),
     }
 }
@@ -256,7 +268,9 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
                 let phase = Phase::ALL.into_iter().find(|p| p.name() == name).expect("checked at parse");
                 merged(listeners(stats, scope)?.into_iter().map(|l| &l.phases[&phase]))
             } else {
-                merged(peers(stats, scope)?.into_iter().map(|p| if name == "connect" { &p.connect } else { &p.upstream }))
+                merged(
+                    peers(stats, scope)?.into_iter().map(|p| if name == "connect" { &p.connect } else { &p.upstream }),
+                )
             };
             if *stat == Stat::Count {
                 return Ok(hist.len() as f64);
@@ -316,7 +330,13 @@ pub fn evaluate(check: &Check, stats: &Stats, min_samples: u64) -> Verdict {
     match measure(check, stats, min_samples) {
         Ok(value) => {
             let passed = check.op.holds(value, check.limit);
-            Verdict { check: check.text.clone(), passed, value: Some(value), is_duration, message: format!("measured {}", show(value)) }
+            Verdict {
+                check: check.text.clone(),
+                passed,
+                value: Some(value),
+                is_duration,
+                message: format!("measured {}", show(value)),
+            }
         }
         Err(message) => Verdict { check: check.text.clone(), passed: false, value: None, is_duration, message },
     }
@@ -346,13 +366,30 @@ mod tests {
         let c = parse("upstream[127.0.0.1:5432].p50<5ms").unwrap();
         assert_eq!(
             c.subject,
-            Subject::Phase { name: "upstream".into(), scope: Scope::Peer("127.0.0.1:5432".parse().unwrap()), stat: Stat::Quantile(0.5) }
+            Subject::Phase {
+                name: "upstream".into(),
+                scope: Scope::Peer("127.0.0.1:5432".parse().unwrap()),
+                stat: Stat::Quantile(0.5)
+            }
         );
         let c = parse("think[:8080].p99.9<1s").unwrap();
-        assert_eq!(c.subject, Subject::Phase { name: "think".into(), scope: Scope::Listener(8080), stat: Stat::Quantile(0.999) });
+        assert_eq!(
+            c.subject,
+            Subject::Phase { name: "think".into(), scope: Scope::Listener(8080), stat: Stat::Quantile(0.999) }
+        );
         let c = parse("connect[[::1]:5432].max<1s").unwrap();
-        assert_eq!(c.subject, Subject::Phase { name: "connect".into(), scope: Scope::Peer("[::1]:5432".parse().unwrap()), stat: Stat::Max });
-        assert_eq!(parse("listen_drops==0").unwrap().subject, Subject::Counter { name: "listen_drops".into(), scope: Scope::All });
+        assert_eq!(
+            c.subject,
+            Subject::Phase {
+                name: "connect".into(),
+                scope: Scope::Peer("[::1]:5432".parse().unwrap()),
+                stat: Stat::Max
+            }
+        );
+        assert_eq!(
+            parse("listen_drops==0").unwrap().subject,
+            Subject::Counter { name: "listen_drops".into(), scope: Scope::All }
+        );
         assert_eq!(parse("requests[8080]>=100").unwrap().limit, 100.0);
         assert_eq!(parse("think.count>=20").unwrap().limit, 20.0);
     }

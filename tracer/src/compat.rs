@@ -211,7 +211,11 @@ pub const HOOKS: &[Hook] = &[
             Implementation {
                 programs: &[
                     one("sys_exit_accept4", Attach::TracePoint("syscalls", "sys_exit_accept4")),
-                    Program { name: "sys_exit_accept", attach: Attach::TracePoint("syscalls", "sys_exit_accept"), optional: true },
+                    Program {
+                        name: "sys_exit_accept",
+                        attach: Attach::TracePoint("syscalls", "sys_exit_accept"),
+                        optional: true,
+                    },
                 ],
                 needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs",
             },
@@ -238,14 +242,29 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &["recv_wait", "think", "send", "delivery", "upstream"],
         implementations: &[
-            Implementation { programs: &[one("sock_recv_length", Attach::TpBtf("sock_recv_length"))], needs: "BTF and the tracepoint sock_recv_length (6.4+)" },
-            Implementation { programs: &[one("raw_sock_recv_length", Attach::RawTp("sock_recv_length"))], needs: "the tracepoint sock_recv_length (6.4+)" },
+            Implementation {
+                programs: &[one("sock_recv_length", Attach::TpBtf("sock_recv_length"))],
+                needs: "BTF and the tracepoint sock_recv_length (6.4+)",
+            },
+            Implementation {
+                programs: &[one("raw_sock_recv_length", Attach::RawTp("sock_recv_length"))],
+                needs: "the tracepoint sock_recv_length (6.4+)",
+            },
             // The older, longer argument list first: the verifier rejects it where the
             // function has fewer arguments (the reverse would misread the result).
-            Implementation { programs: &[one("tcp_recvmsg_exit_nonblock", Attach::FExit("tcp_recvmsg"))], needs: "BPF trampolines; tcp_recvmsg with nonblock (before 5.19)" },
-            Implementation { programs: &[one("tcp_recvmsg_exit", Attach::FExit("tcp_recvmsg"))], needs: "BPF trampolines; tcp_recvmsg (5.19+)" },
             Implementation {
-                programs: &[one("tcp_recvmsg_entry", Attach::KProbe("tcp_recvmsg")), one("tcp_recvmsg_return", Attach::KRetProbe("tcp_recvmsg"))],
+                programs: &[one("tcp_recvmsg_exit_nonblock", Attach::FExit("tcp_recvmsg"))],
+                needs: "BPF trampolines; tcp_recvmsg with nonblock (before 5.19)",
+            },
+            Implementation {
+                programs: &[one("tcp_recvmsg_exit", Attach::FExit("tcp_recvmsg"))],
+                needs: "BPF trampolines; tcp_recvmsg (5.19+)",
+            },
+            Implementation {
+                programs: &[
+                    one("tcp_recvmsg_entry", Attach::KProbe("tcp_recvmsg")),
+                    one("tcp_recvmsg_return", Attach::KRetProbe("tcp_recvmsg")),
+                ],
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],
@@ -257,11 +276,20 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &["think", "send", "delivery", "upstream"],
         implementations: &[
-            Implementation { programs: &[one("sock_send_length", Attach::TpBtf("sock_send_length"))], needs: "BTF and the tracepoint sock_send_length (6.3+)" },
-            Implementation { programs: &[one("raw_sock_send_length", Attach::RawTp("sock_send_length"))], needs: "the tracepoint sock_send_length (6.3+)" },
+            Implementation {
+                programs: &[one("sock_send_length", Attach::TpBtf("sock_send_length"))],
+                needs: "BTF and the tracepoint sock_send_length (6.3+)",
+            },
+            Implementation {
+                programs: &[one("raw_sock_send_length", Attach::RawTp("sock_send_length"))],
+                needs: "the tracepoint sock_send_length (6.3+)",
+            },
             Implementation { programs: &[one("tcp_sendmsg_exit", Attach::FExit("tcp_sendmsg"))], needs: TRAMPOLINES },
             Implementation {
-                programs: &[one("tcp_sendmsg_entry", Attach::KProbe("tcp_sendmsg")), one("tcp_sendmsg_return", Attach::KRetProbe("tcp_sendmsg"))],
+                programs: &[
+                    one("tcp_sendmsg_entry", Attach::KProbe("tcp_sendmsg")),
+                    one("tcp_sendmsg_return", Attach::KRetProbe("tcp_sendmsg")),
+                ],
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],
@@ -297,7 +325,10 @@ pub const HOOKS: &[Hook] = &[
         required: false,
         phases: &[],
         // Needs the socket argument of 5.19+ and the socket-cookie helper of BTF programs.
-        implementations: &[Implementation { programs: &[one("kfree_skb", Attach::TpBtf("kfree_skb"))], needs: "BTF, the tracepoint kfree_skb with its socket (6.x) and the listen-overflow drop reason" }],
+        implementations: &[Implementation {
+            programs: &[one("kfree_skb", Attach::TpBtf("kfree_skb"))],
+            needs: "BTF, the tracepoint kfree_skb with its socket (6.x) and the listen-overflow drop reason",
+        }],
         precondition: |config| match config.drop_reason_listen_overflow {
             u32::MAX => Err("the kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW drop reason"),
             _ => Ok(()),
@@ -355,7 +386,8 @@ mod tests {
 
     #[test]
     fn program_names_are_unique() {
-        let mut names: Vec<&str> = HOOKS.iter().flat_map(|h| h.implementations).flat_map(|i| i.programs).map(|p| p.name).collect();
+        let mut names: Vec<&str> =
+            HOOKS.iter().flat_map(|h| h.implementations).flat_map(|i| i.programs).map(|p| p.name).collect();
         let all = names.len();
         names.sort();
         names.dedup();

@@ -23,11 +23,7 @@ pub enum Event {
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
     if bytes.len() < size_of::<T>() {
-        bail!(
-            "event record of {} bytes is shorter than its type ({} bytes)",
-            bytes.len(),
-            size_of::<T>()
-        );
+        bail!("event record of {} bytes is shorter than its type ({} bytes)", bytes.len(), size_of::<T>());
     }
     // SAFETY: length checked; every wire type is plain old data of integers.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })

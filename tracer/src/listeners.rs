@@ -301,7 +301,13 @@ impl ListenerWatch {
                 let (drops_base, overflows_base) = if self.refreshed { (0, 0) } else { (l.drops, overflows(l.cookie)) };
                 self.tracked.insert(
                     (ns, l.cookie),
-                    Tracked { port: l.port, drops_base, drops: l.drops, overflows_base, overflows: overflows(l.cookie) },
+                    Tracked {
+                        port: l.port,
+                        drops_base,
+                        drops: l.drops,
+                        overflows_base,
+                        overflows: overflows(l.cookie),
+                    },
                 );
             }
         }

@@ -81,11 +81,7 @@ fn main() {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp(None)
-        .format_target(false)
-        .init();
+    env_logger::Builder::new().filter_level(level).format_timestamp(None).format_target(false).init();
     let code = match run::run(args) {
         Ok(code) => code,
         Err(err) if run::is_broken_pipe(&err) => 0,

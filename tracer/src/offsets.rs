@@ -49,7 +49,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
             let seq = byte("tcp_skb_cb", "seq", 4)?;
             let end_seq = byte("tcp_skb_cb", "end_seq", 4)?;
             // The programs read both in one 8-byte read.
-            ensure!(end_seq == seq + 4, "tcp_skb_cb.end_seq does not follow .seq on this kernel (offsets {seq}, {end_seq})");
+            ensure!(
+                end_seq == seq + 4,
+                "tcp_skb_cb.end_seq does not follow .seq on this kernel (offsets {seq}, {end_seq})"
+            );
             seq
         },
     };
@@ -69,9 +72,8 @@ pub struct KernelFacts {
 pub fn from_running_kernel() -> Result<KernelFacts> {
     let btf = Btf::from_sys_fs()?;
     let offsets = resolve(&btf).context("locating kernel struct fields in BTF")?;
-    let drop_reason_listen_overflow = btf
-        .enumerator("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
-        .and_then(|v| u32::try_from(v).ok());
+    let drop_reason_listen_overflow =
+        btf.enumerator("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW").and_then(|v| u32::try_from(v).ok());
     let recvmsg_flags_arg = match btf.function_params("tcp_recvmsg") {
         Some(6) => 4,
         _ => 3,

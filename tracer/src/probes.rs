@@ -123,7 +123,12 @@ impl Probes {
             match &status.implementation {
                 Some(chosen) => info!("{}: {chosen}", hook.name),
                 None => {
-                    let why = status.passed_over.iter().map(|p| format!("{}: {}", p.implementation, p.why)).collect::<Vec<_>>().join("; ");
+                    let why = status
+                        .passed_over
+                        .iter()
+                        .map(|p| format!("{}: {}", p.implementation, p.why))
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     if hook.required {
                         // Said by `tracing_possible`, after every hook has been tried.
                         missing_required.get_or_insert_with(|| {
@@ -209,7 +214,13 @@ impl Probes {
                 !origin::is_client(st.origin) && st.owner != 0 && st.dir == dir::WRITING && st.first_write_ns != 0
             })
             .map(|(sk, st)| Request {
-                header: EventHeader { kind: kind::REQUEST, tgid: st.owner, tid: st.tid, sock: sk, ..Default::default() },
+                header: EventHeader {
+                    kind: kind::REQUEST,
+                    tgid: st.owner,
+                    tid: st.tid,
+                    sock: sk,
+                    ..Default::default()
+                },
                 arrival_ns: st.arrival_ns,
                 first_read_ns: st.first_read_ns,
                 last_read_ns: st.last_read_ns,
@@ -241,9 +252,14 @@ impl Probes {
 
 /// The first implementation of `hook` that loads and attaches here.
 fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -> HookStatus {
-    let mut status = HookStatus { hook: hook.name, implementation: None, needed_for: hook.needed_for, passed_over: Vec::new() };
+    let mut status =
+        HookStatus { hook: hook.name, implementation: None, needed_for: hook.needed_for, passed_over: Vec::new() };
     if let Some(program) = opts.disabled.iter().find(|p| hook.has_program(p)) {
-        status.passed_over.push(PassedOver { implementation: "all".into(), why: format!("disabled with --disable-hook {program}"), needs: None });
+        status.passed_over.push(PassedOver {
+            implementation: "all".into(),
+            why: format!("disabled with --disable-hook {program}"),
+            needs: None,
+        });
         return status;
     }
     let unmet = (hook.precondition)(&opts.config).err();
@@ -280,7 +296,11 @@ fn short_error(e: &anyhow::Error) -> String {
     // Not the cause: statistics, and the error's own source repeated after the log.
     let noise = |l: &&str| {
         let l = l.trim().trim_start_matches(':').trim();
-        l.is_empty() || head.contains(l) || l.starts_with("processed ") || l.starts_with("verification time") || l.starts_with("stack depth")
+        l.is_empty()
+            || head.contains(l)
+            || l.starts_with("processed ")
+            || l.starts_with("verification time")
+            || l.starts_with("stack depth")
     };
     let cause = log.lines().rev().find(|l| !noise(l)).map(|l| l.trim().trim_start_matches(':').trim());
     let line = match cause {
@@ -376,8 +396,13 @@ mod tests {
             "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: func 'tcp_recvmsg' doesn't have 7-th argument\n\
              processed 0 insns (limit 1000000)\n: Permission denied (os error 13)"
         );
-        assert_eq!(short_error(&e), "load failed: Permission denied (os error 13): func 'tcp_recvmsg' doesn't have 7-th argument");
-        let e = anyhow::anyhow!("the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: : ");
+        assert_eq!(
+            short_error(&e),
+            "load failed: Permission denied (os error 13): func 'tcp_recvmsg' doesn't have 7-th argument"
+        );
+        let e = anyhow::anyhow!(
+            "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: : "
+        );
         assert_eq!(short_error(&e), "load failed: Operation not permitted (os error 1)");
         let e = anyhow::anyhow!("unknown BTF type `btf_trace_sock_recv_length`");
         assert_eq!(short_error(&e), "unknown BTF type `btf_trace_sock_recv_length`");

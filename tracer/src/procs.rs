@@ -1,6 +1,9 @@
 //! The traced processes: validation of user-given PIDs and their descendants in /proc.
 
-use std::{collections::{HashMap, HashSet}, fs};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+};
 
 use anyhow::{bail, Result};
 

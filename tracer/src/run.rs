@@ -24,8 +24,8 @@ use crate::{
     offsets,
     probes::{LoadOptions, Probes},
     procs,
-    sockets,
     report::{json::Json, text::Text, Format, ReportKind, Slow, Snapshot},
+    sockets,
     stats::Stats,
     timeline::{Record, Timeline},
 };
@@ -46,9 +46,7 @@ macro_rules! say_raw {
 }
 
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain()
-        .filter_map(|e| e.downcast_ref::<io::Error>())
-        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    err.chain().filter_map(|e| e.downcast_ref::<io::Error>()).any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 fn print(text: &str) -> Result<()> {
@@ -128,12 +126,7 @@ impl Session {
     }
 
     fn report(&mut self, kind: ReportKind, checks: &[Verdict]) -> Result<()> {
-        let snapshot = Snapshot {
-            kind,
-            stats: &self.stats,
-            elapsed_s: self.started.elapsed().as_secs_f64(),
-            checks,
-        };
+        let snapshot = Snapshot { kind, stats: &self.stats, elapsed_s: self.started.elapsed().as_secs_f64(), checks };
         print(&self.format.report(&snapshot))?;
         Ok(())
     }
@@ -266,10 +259,8 @@ pub fn run(args: Args) -> Result<i32> {
     };
 
     never_preempt_on_wakeup();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the event loop")?;
     let format: Box<dyn Format> = match args.output {
         OutputFormat::Text => Box::new(Text),
         OutputFormat::Json => Box::new(Json),
@@ -315,8 +306,7 @@ async fn trace(
     let status = io::stderr().is_terminal();
     // SAFETY: the ring buffer owns its file descriptor and stays registered only while
     // `ring` lives; nothing else closes it.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);

@@ -132,7 +132,12 @@ mod tests {
         let tuples = upstream_tuples(&parse_table(TCP), &owned);
         assert_eq!(
             tuples,
-            vec![TupleKey { local_port: 0xC351, remote_port: 5432, _pad: 0, remote_addr: mapped("127.0.0.2".parse().unwrap()) }]
+            vec![TupleKey {
+                local_port: 0xC351,
+                remote_port: 5432,
+                _pad: 0,
+                remote_addr: mapped("127.0.0.2".parse().unwrap())
+            }]
         );
     }
 }

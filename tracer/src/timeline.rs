@@ -28,14 +28,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [
-        Phase::Handshake,
-        Phase::AcceptWait,
-        Phase::RecvWait,
-        Phase::Think,
-        Phase::Send,
-        Phase::Delivery,
-    ];
+    pub const ALL: [Phase; 6] =
+        [Phase::Handshake, Phase::AcceptWait, Phase::RecvWait, Phase::Think, Phase::Send, Phase::Delivery];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -186,9 +180,7 @@ impl Timeline {
             Event::Open(open) => self.opened(open, out),
             Event::Request(req) => self.exchange(req, out),
             Event::Close(close) => self.closed(close, out),
-            Event::SynAckRetransmit(r) => out.push(Record::SynAckRetransmit {
-                listener: r.addr.local_port,
-            }),
+            Event::SynAckRetransmit(r) => out.push(Record::SynAckRetransmit { listener: r.addr.local_port }),
             Event::ResetSent(r) => out.push(Record::ResetAfterClose { listener: r.addr.local_port }),
             Event::UpstreamConnect(c) => self.connected(c, out),
             Event::UpstreamRequest(r) => self.upstream_request(r, out),
@@ -243,11 +235,7 @@ impl Timeline {
                 // Acknowledged during the last write itself: nothing left to deliver.
                 Some(req.acked_ns.saturating_sub(req.last_write_ns))
             };
-            (
-                span(req.last_read_ns, req.first_write_ns),
-                span(req.first_write_ns, req.last_write_ns),
-                delivery,
-            )
+            (span(req.last_read_ns, req.first_write_ns), span(req.first_write_ns, req.last_write_ns), delivery)
         };
         out.push(Record::Exchange {
             listener,
@@ -427,20 +415,15 @@ mod tests {
     #[test]
     fn recv_wait_does_not_overlap_accept_wait() {
         // The request arrived at 3 ms while the connection sat in the accept queue until 50.
-        let out = run(&[
-            open(1 * MS, 2 * MS, 50 * MS),
-            request([3 * MS, 51 * MS, 51 * MS, 52 * MS, 52 * MS, 52 * MS], 0, 0),
-        ]);
+        let out =
+            run(&[open(1 * MS, 2 * MS, 50 * MS), request([3 * MS, 51 * MS, 51 * MS, 52 * MS, 52 * MS, 52 * MS], 0, 0)]);
         let Record::Exchange { recv_wait_ns, .. } = out[1] else { panic!() };
         assert_eq!(recv_wait_ns, Some(1 * MS));
     }
 
     #[test]
     fn aborted_request_counts_but_is_not_timed() {
-        let out = run(&[
-            open(1 * MS, 2 * MS, 3 * MS),
-            request([4 * MS, 5 * MS, 6 * MS, 0, 0, 0], flags::ABORTED, 0),
-        ]);
+        let out = run(&[open(1 * MS, 2 * MS, 3 * MS), request([4 * MS, 5 * MS, 6 * MS, 0, 0, 0], flags::ABORTED, 0)]);
         assert_eq!(
             out[1],
             Record::Exchange {
@@ -472,10 +455,7 @@ mod tests {
 
     #[test]
     fn ack_during_the_write_is_zero_delivery() {
-        let out = run(&[
-            open(1 * MS, 2 * MS, 3 * MS),
-            request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 8 * MS], 0, 0),
-        ]);
+        let out = run(&[open(1 * MS, 2 * MS, 3 * MS), request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 8 * MS], 0, 0)]);
         let Record::Exchange { delivery_ns, .. } = out[1] else { panic!() };
         assert_eq!(delivery_ns, Some(0));
     }
@@ -522,7 +502,14 @@ mod tests {
         addr.local_port = 50000 + port;
         addr.remote_port = port;
         Event::UpstreamRequest(UpstreamRequest {
-            header: EventHeader { kind: kind::UPSTREAM_REQUEST, tgid: 7, tid, ts_ns: first_read, sock: port as u64, ..Default::default() },
+            header: EventHeader {
+                kind: kind::UPSTREAM_REQUEST,
+                tgid: 7,
+                tid,
+                ts_ns: first_read,
+                sock: port as u64,
+                ..Default::default()
+            },
             addr,
             first_write_ns: last_write,
             last_write_ns: last_write,
@@ -572,9 +559,13 @@ mod tests {
         timeline.apply(&Event::UpstreamRequest(req), &mut out);
         req.bytes_in = 300; // the first response, read before the second request
         timeline.apply(&Event::UpstreamRequest(req), &mut out);
-        let close = ConnClose { header: EventHeader { sock: 5432, ..Default::default() }, bytes_in: 500, ..Default::default() };
+        let close =
+            ConnClose { header: EventHeader { sock: 5432, ..Default::default() }, bytes_in: 500, ..Default::default() };
         timeline.apply(&Event::Close(close), &mut out);
-        assert_eq!(out.last(), Some(&Record::UpstreamClosed { peer: "127.0.0.2:40000".parse().unwrap(), bytes_in: 200 }));
+        assert_eq!(
+            out.last(),
+            Some(&Record::UpstreamClosed { peer: "127.0.0.2:40000".parse().unwrap(), bytes_in: 200 })
+        );
     }
 
     #[test]

@@ -25,7 +25,11 @@ fn help_documents_the_workflows() {
 #[test]
 fn unknown_flags_are_usage_errors() {
     tracer().arg("--bogus").assert().code(2).stderr(predicate::str::contains("unexpected argument '--bogus'"));
-    tracer().args(["--duration", "fast", "--pid", "1"]).assert().code(2).stderr(predicate::str::contains("not a duration"));
+    tracer()
+        .args(["--duration", "fast", "--pid", "1"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("not a duration"));
     tracer().args(["--output", "xml", "--pid", "1"]).assert().code(2).stderr(predicate::str::contains("xml"));
 }
 

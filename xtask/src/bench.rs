@@ -65,8 +65,13 @@ impl Options {
     }
 }
 
-const BENCH_PACKAGES: &[(&str, &str)] =
-    &[("wrk", "/usr/bin/wrk"), ("tcpdump", "/usr/bin/tcpdump"), ("bpftrace", "/usr/bin/bpftrace"), ("nginx", "/usr/sbin/nginx"), ("python3-venv", "/usr/share/doc/python3-venv")];
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "/usr/bin/wrk"),
+    ("tcpdump", "/usr/bin/tcpdump"),
+    ("bpftrace", "/usr/bin/bpftrace"),
+    ("nginx", "/usr/sbin/nginx"),
+    ("python3-venv", "/usr/share/doc/python3-venv"),
+];
 
 /// The bpftrace way of measuring think time: last read to first write per socket.
 const BPFTRACE_THINK: &str = "\
@@ -221,7 +226,8 @@ fn fdinfo_sum(pid: u32, kind_marker: &str, field: &str) -> f64 {
             continue;
         }
         for line in info.lines() {
-            if let Some(v) = line.strip_prefix(field).and_then(|v| v.trim_start_matches(':').trim().parse::<f64>().ok()) {
+            if let Some(v) = line.strip_prefix(field).and_then(|v| v.trim_start_matches(':').trim().parse::<f64>().ok())
+            {
                 total += v;
             }
         }
@@ -340,7 +346,9 @@ fn start_nginx(name: &str, scale: bool) -> Result<(Killed, u16)> {
 }
 
 fn start_lab() -> Result<(Killed, u16)> {
-    let mut child = Killed(Command::new(release_bin("lab")).args(["server", "--scenario", "plain"]).stdout(Stdio::piped()).spawn()?);
+    let mut child = Killed(
+        Command::new(release_bin("lab")).args(["server", "--scenario", "plain"]).stdout(Stdio::piped()).spawn()?,
+    );
     let mut line = String::new();
     BufReader::new(child.0.stdout.take().expect("piped")).read_line(&mut line)?;
     let addr: SocketAddr = line.trim().strip_prefix("listening on ").context("lab server did not start")?.parse()?;
@@ -416,7 +424,11 @@ fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Opti
     Ok(Some(match config {
         Config::Untraced => return Ok(None),
         Config::Tracer | Config::Compared => {
-            let bin = if config == Config::Tracer { opts.tracer_bin() } else { opts.compare.clone().context("no --compare build")? };
+            let bin = if config == Config::Tracer {
+                opts.tracer_bin()
+            } else {
+                opts.compare.clone().context("no --compare build")?
+            };
             let mut cmd = Command::new(bin);
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
@@ -426,7 +438,11 @@ fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Opti
         Config::Capture => {
             let file = bench_dir().join("capture.pcap");
             let mut cmd = Command::new("tcpdump");
-            cmd.args(["-i", "lo", "-s", "0", "-B", "65536", "-w"]).arg(&file).args(["tcp", "port", &server_port.to_string()]);
+            cmd.args(["-i", "lo", "-s", "0", "-B", "65536", "-w"]).arg(&file).args([
+                "tcp",
+                "port",
+                &server_port.to_string(),
+            ]);
             let child = start_until(&mut cmd, "listening on", "tcpdump")?;
             Observer { child, stdout: None, target: server_port }
         }
@@ -653,7 +669,10 @@ fn program_table(out: &mut String, runs: &[Sample]) {
         }
         let ns_per_run = per(&|ns, n, _| if n > 0.0 { ns / n } else { 0.0 });
         let ns_per_request = per(&|ns, _, requests| ns / requests);
-        lines.push((ns_per_request, format!("| {name} | {runs_per_request:.2} | {ns_per_run:.0} | {ns_per_request:.0} |")));
+        lines.push((
+            ns_per_request,
+            format!("| {name} | {runs_per_request:.2} | {ns_per_run:.0} | {ns_per_request:.0} |"),
+        ));
     }
     if lines.is_empty() {
         return;
@@ -1012,7 +1031,12 @@ fn render(
                 s.after_close_live
             );
             if let Some(rss) = s.open_rss_mb {
-                let _ = writeln!(out, "- Tracer RSS ≤ 50 MB with {} open connections: {rss:.1} MB — {}", s.open, if rss <= 50.0 { "**met**" } else { "**not met**" });
+                let _ = writeln!(
+                    out,
+                    "- Tracer RSS ≤ 50 MB with {} open connections: {rss:.1} MB — {}",
+                    s.open,
+                    if rss <= 50.0 { "**met**" } else { "**not met**" }
+                );
             }
         }
         if s.short > 0 {

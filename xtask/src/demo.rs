@@ -88,10 +88,8 @@ pub fn run(opts: &Options) -> Result<()> {
         (accept_addr.clone(), vec!["--connections", "30", "--parallel"]),
         (balancer_addr.clone(), vec!["--connections", "2", "--requests", "10", "--parallel"]),
     ];
-    let handles: Vec<_> = clients
-        .into_iter()
-        .map(|(addr, args)| thread::spawn(move || lab_client(&addr, &args)))
-        .collect();
+    let handles: Vec<_> =
+        clients.into_iter().map(|(addr, args)| thread::spawn(move || lab_client(&addr, &args))).collect();
     for h in handles {
         h.join().expect("client thread")?;
     }

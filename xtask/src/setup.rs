@@ -1,6 +1,7 @@
 //! Installs what building and testing need, skipping whatever is already there:
-//! the nightly toolchain's rust-src, bpf-linker built against the nightly's own LLVM,
-//! and the Debian packages the tests use.
+//! the nightly toolchain's rust-src, rustfmt for the workspace's toolchain (the test
+//! command checks the layout), bpf-linker built against the nightly's own LLVM, and the
+//! Debian packages the tests use.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +29,7 @@ const NIGHTLY: &str = "nightly";
 pub fn run() -> Result<()> {
     let start = Instant::now();
     rust_src()?;
+    rustfmt()?;
     bpf_linker()?;
     debian_packages(PACKAGES)?;
     eprintln!("setup: everything in place ({:.0?})", start.elapsed());
@@ -54,6 +56,16 @@ fn rust_src() -> Result<()> {
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
     exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+/// rustfmt for the toolchain that builds the workspace (`cargo fmt` runs with it).
+fn rustfmt() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.starts_with("rustfmt")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rustfmt to the toolchain");
+    exec(Command::new("rustup").args(["component", "add", "rustfmt"]))
 }
 
 fn bpf_linker_works() -> bool {

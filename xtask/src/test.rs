@@ -1,5 +1,6 @@
-//! `cargo xtask test`: the whole suite, as CI runs it: unit tests, the privileged
-//! integration tests on this kernel, then the kernel matrix under qemu (`vm-test`).
+//! `cargo xtask test`: the whole suite, as CI runs it: the source layout (rustfmt), unit
+//! tests, the privileged integration tests on this kernel, then the kernel matrix under
+//! qemu (`vm-test`).
 
 use anyhow::{bail, Result};
 
@@ -17,6 +18,9 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
+    // The layout first: it takes a second, and `cargo fmt` must never rewrite the tree.
+    exec(cargo().args(["fmt", "--all", "--check"]))
+        .map_err(|e| e.context("the source is not laid out as rustfmt.toml says: run `cargo fmt --all`"))?;
     exec(cargo().args(["build", "--package", "tracer", "--package", "tracer-tests", "--all-targets"]))?;
     exec(cargo().args(["test", "--package", "tracer", "--package", "tracer-common", "--package", "xtask"]))?;
     if !is_root() {

@@ -42,8 +42,11 @@ impl Default for Options {
 /// Debian's cloud kernels: series and the suite that ships it.
 const KERNELS: &[(&str, &str)] = &[("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie")];
 
-const VM_PACKAGES: &[(&str, &str)] =
-    &[("qemu-system-x86", "/usr/bin/qemu-system-x86_64"), ("busybox-static", "/bin/busybox"), ("cpio", "/usr/bin/cpio")];
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+];
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
@@ -62,12 +65,40 @@ struct Scenario {
 // (tens when the host is busy), so a phase is judged against what the client itself
 // saw per exchange (see `judge`) as well as against the delay.
 const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "slow-think", server: "--scenario slow-think --delay-ms 100", client: "--connections 2 --requests 5", phase: "think", delay_ms: 100.0, samples: 10 },
-    Scenario { name: "body-stall", server: "--scenario body-stall --delay-ms 100", client: "--requests 10 --size 10", phase: "send", delay_ms: 100.0, samples: 10 },
-    Scenario { name: "slow-accept", server: "--scenario slow-accept --delay-ms 200", client: "--connections 10", phase: "accept_wait", delay_ms: 200.0, samples: 10 },
+    Scenario {
+        name: "slow-think",
+        server: "--scenario slow-think --delay-ms 100",
+        client: "--connections 2 --requests 5",
+        phase: "think",
+        delay_ms: 100.0,
+        samples: 10,
+    },
+    Scenario {
+        name: "body-stall",
+        server: "--scenario body-stall --delay-ms 100",
+        client: "--requests 10 --size 10",
+        phase: "send",
+        delay_ms: 100.0,
+        samples: 10,
+    },
+    Scenario {
+        name: "slow-accept",
+        server: "--scenario slow-accept --delay-ms 200",
+        client: "--connections 10",
+        phase: "accept_wait",
+        delay_ms: 200.0,
+        samples: 10,
+    },
     // A small receive window and a late reader: the response waits for the peer's
     // acknowledgements, read with sequence numbers from the socket and the ACK.
-    Scenario { name: "slow-reader", server: "--scenario slow-reader", client: "--connections 4 --size 20000 --read-delay-ms 200 --rcvbuf 4096", phase: "delivery", delay_ms: 200.0, samples: 4 },
+    Scenario {
+        name: "slow-reader",
+        server: "--scenario slow-reader",
+        client: "--connections 4 --size 20000 --read-delay-ms 200 --rcvbuf 4096",
+        phase: "delivery",
+        delay_ms: 200.0,
+        samples: 4,
+    },
 ];
 
 /// Ways to run the tracer on each kernel: a name and the options. The kinds skipped
@@ -119,17 +150,30 @@ fn apt_lists() -> Result<()> {
 /// The newest cloud kernel package of `series`, unpacked; its vmlinuz.
 fn kernel(series: &str) -> Result<PathBuf> {
     let out = apt_with("apt-cache")
-        .args(["search", "--names-only", &format!("^linux-image-{}\\.[0-9.+a-z-]+-cloud-amd64-unsigned$", series.replace('.', "\\."))])
+        .args([
+            "search",
+            "--names-only",
+            &format!("^linux-image-{}\\.[0-9.+a-z-]+-cloud-amd64-unsigned$", series.replace('.', "\\.")),
+        ])
         .output()?;
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
-    names.sort_by_key(|n| n.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u64>().ok()).collect::<Vec<_>>());
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    names.sort_by_key(|n| {
+        n.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u64>().ok()).collect::<Vec<_>>()
+    });
     let package = names.pop().with_context(|| format!("no cloud kernel package for Linux {series}"))?;
     let dir = vm_dir().join("kernels").join(&package);
     if !dir.join("boot").exists() {
         eprintln!("vm-test: fetching {package}");
         fs::create_dir_all(&dir)?;
         exec(apt(&["download", &package]).current_dir(&dir).stdout(Stdio::null()))?;
-        let deb = fs::read_dir(&dir)?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "deb")).context("no .deb")?;
+        let deb = fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("no .deb")?;
         exec(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
         fs::remove_file(deb)?;
     }
@@ -249,7 +293,8 @@ struct PassOutcome {
 
 fn judge(series: &str, console: &str) -> Outcome {
     // The first console line may start with the terminal's escape sequences.
-    let kernel = console.lines().find_map(|l| l.split_once("=== kernel ").map(|(_, k)| k)).unwrap_or("?").trim().to_owned();
+    let kernel =
+        console.lines().find_map(|l| l.split_once("=== kernel ").map(|(_, k)| k)).unwrap_or("?").trim().to_owned();
     let mut passes = Vec::new();
     for (pass, _) in PASSES {
         let doctor = section(console, &format!("=== doctor {pass}")).unwrap_or_default();
@@ -264,7 +309,11 @@ fn judge(series: &str, console: &str) -> Outcome {
             .collect();
         let mut checks = Vec::new();
         if !console.contains("=== done") {
-            checks.push((format!("Linux {series} booted and finished"), false, "no '=== done' on the console".to_owned()));
+            checks.push((
+                format!("Linux {series} booted and finished"),
+                false,
+                "no '=== done' on the console".to_owned(),
+            ));
         }
         for sc in SCENARIOS {
             let lines = section(console, &format!("=== result {pass} {}", sc.name)).unwrap_or_default();
@@ -274,7 +323,8 @@ fn judge(series: &str, console: &str) -> Outcome {
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .find(|v| v["type"] == "report");
             let Some(report) = report else {
-                let stderr = section(console, &format!("=== stderr {pass} {}", sc.name)).unwrap_or_default().join(" | ");
+                let stderr =
+                    section(console, &format!("=== stderr {pass} {}", sc.name)).unwrap_or_default().join(" | ");
                 checks.push((what, false, format!("no report; tracer said: {stderr}")));
                 continue;
             };
@@ -288,7 +338,14 @@ fn judge(series: &str, console: &str) -> Outcome {
             let count = value["count"].as_u64().unwrap_or(0);
             let seen = client_exchange_ms(&lines);
             let ok = count == sc.samples && within(p50, sc.delay_ms, seen);
-            checks.push((what, ok, format!("{p50:.2} ms over {count} samples (expected {}); the client saw {seen:.2} ms per exchange", sc.samples)));
+            checks.push((
+                what,
+                ok,
+                format!(
+                    "{p50:.2} ms over {count} samples (expected {}); the client saw {seen:.2} ms per exchange",
+                    sc.samples
+                ),
+            ));
             if sc.name == "slow-think" {
                 checks.push(socket_reads(&lines));
             }
@@ -363,11 +420,24 @@ pub fn run(opts: &Options) -> Result<()> {
     if !targets.lines().any(|t| t == MUSL) {
         exec(Command::new("rustup").args(["target", "add", MUSL]))?;
     }
-    exec(cargo().args(["build", "--release", "--target", MUSL, "--package", "tracer", "--package", "tracer-tests", "--bins"]))?;
+    exec(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        MUSL,
+        "--package",
+        "tracer",
+        "--package",
+        "tracer-tests",
+        "--bins",
+    ]))?;
     apt_lists()?;
     let initrd = initramfs()?;
-    let series: Vec<String> =
-        if opts.kernels.is_empty() { KERNELS.iter().map(|(s, _)| s.to_string()).collect() } else { opts.kernels.clone() };
+    let series: Vec<String> = if opts.kernels.is_empty() {
+        KERNELS.iter().map(|(s, _)| s.to_string()).collect()
+    } else {
+        opts.kernels.clone()
+    };
     let mut outcomes = BTreeMap::new();
     for s in &series {
         let vmlinuz = kernel(s)?;
@@ -444,7 +514,11 @@ mod tests {
 
     #[test]
     fn socket_reads_must_match_every_client_connection() {
-        let line = |port: u32| format!(r#"{{"type":"connection","local":"127.0.0.1:4000","remote":"127.0.0.1:{port}","bytes_in":100,"bytes_out":500}}"#);
+        let line = |port: u32| {
+            format!(
+                r#"{{"type":"connection","local":"127.0.0.1:4000","remote":"127.0.0.1:{port}","bytes_in":100,"bytes_out":500}}"#
+            )
+        };
         let (a, b, c) = (line(40001), line(40002), line(40003));
         let mut all: Vec<&str> = CLIENT.to_vec();
         all.extend([a.as_str(), b.as_str(), c.as_str()]);

@@ -50,12 +50,13 @@ fn main() -> anyhow::Result<()> {
             std::io::stdin().read_line(&mut line)?;
             for addr in addrs {
                 let start = std::time::Instant::now();
-                let outcome = match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(timeout_ms)) {
-                    Ok(_) => "established".to_owned(),
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".to_owned(),
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "gave_up".to_owned(),
-                    Err(e) => format!("error:{e}"),
-                };
+                let outcome =
+                    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(timeout_ms)) {
+                        Ok(_) => "established".to_owned(),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".to_owned(),
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "gave_up".to_owned(),
+                        Err(e) => format!("error:{e}"),
+                    };
                 println!("addr={addr} outcome={outcome} elapsed_ms={:.0}", start.elapsed().as_secs_f64() * 1e3);
             }
             Ok(())

@@ -138,7 +138,11 @@ pub fn phase_json(hist: &hdrhistogram::Histogram<u64>) -> PhaseJson {
 }
 
 /// A phase's statistics, or `{"unavailable": reason}` when this kernel cannot measure it.
-fn phase_value(name: &str, hist: &hdrhistogram::Histogram<u64>, unavailable: &BTreeMap<&'static str, String>) -> serde_json::Value {
+fn phase_value(
+    name: &str,
+    hist: &hdrhistogram::Histogram<u64>,
+    unavailable: &BTreeMap<&'static str, String>,
+) -> serde_json::Value {
     match unavailable.get(name) {
         Some(why) => serde_json::json!({ "unavailable": why }),
         None => serde_json::to_value(phase_json(hist)).expect("serializable"),
@@ -224,7 +228,11 @@ impl Format for Json {
             total_ns: s.total_ns,
             largest: s.largest,
             phases: s.phases.iter().copied().collect(),
-            think_waits: s.think_waits.iter().map(|(p, ns)| PeerWaitJson { peer: p.to_string(), wait_ns: *ns }).collect(),
+            think_waits: s
+                .think_waits
+                .iter()
+                .map(|(p, ns)| PeerWaitJson { peer: p.to_string(), wait_ns: *ns })
+                .collect(),
         })
         .expect("serializable")
             + "\n"

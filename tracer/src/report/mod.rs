@@ -66,12 +66,27 @@ impl Slow {
                 Vec::new(),
             ),
             Record::Exchange { aborted: true, .. } => return None,
-            Record::Exchange { listener, remote, pid, recv_wait_ns, think_ns, send_ns, delivery_ns, think_waits, .. } => (
+            Record::Exchange {
+                listener,
+                remote,
+                pid,
+                recv_wait_ns,
+                think_ns,
+                send_ns,
+                delivery_ns,
+                think_waits,
+                ..
+            } => (
                 "request",
                 *listener,
                 *pid,
                 *remote,
-                vec![("recv_wait", *recv_wait_ns), ("think", *think_ns), ("send", *send_ns), ("delivery", *delivery_ns)],
+                vec![
+                    ("recv_wait", *recv_wait_ns),
+                    ("think", *think_ns),
+                    ("send", *send_ns),
+                    ("delivery", *delivery_ns),
+                ],
                 think_waits.clone(),
             ),
             _ => return None,

@@ -15,16 +15,8 @@ pub struct Text;
 
 /// Bucket edges of the bar chart: 1µs, 10µs, ..., 10s (one character per decade, with
 /// everything below 1µs in the first and above 10s in the last).
-const BAR_DECADES: [u64; 8] = [
-    1_000,
-    10_000,
-    100_000,
-    1_000_000,
-    10_000_000,
-    100_000_000,
-    1_000_000_000,
-    10_000_000_000,
-];
+const BAR_DECADES: [u64; 8] =
+    [1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000, 10_000_000_000];
 const BLOCKS: [char; 9] = [' ', '▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
 /// One character per decade from <1µs to ≥10s; the height is the share of samples there.
@@ -173,11 +165,8 @@ pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats
 /// Where a typical connection's time goes: each phase's mean as a share of the sum of
 /// the means, largest first (phases under 1% left out).
 pub fn diagnosis(l: &ListenerStats) -> Option<String> {
-    let means: Vec<(Phase, f64)> = Phase::ALL
-        .into_iter()
-        .filter(|p| !l.phases[p].is_empty())
-        .map(|p| (p, l.phases[&p].mean()))
-        .collect();
+    let means: Vec<(Phase, f64)> =
+        Phase::ALL.into_iter().filter(|p| !l.phases[p].is_empty()).map(|p| (p, l.phases[&p].mean())).collect();
     let total: f64 = means.iter().map(|(_, m)| m).sum();
     if total <= 0.0 {
         return None;
@@ -235,7 +224,8 @@ impl Format for Text {
             phases.join(" + ")
         );
         if !s.think_waits.is_empty() {
-            let waits: Vec<String> = s.think_waits.iter().map(|(peer, ns)| format!("{peer} {}", duration(*ns))).collect();
+            let waits: Vec<String> =
+                s.think_waits.iter().map(|(peer, ns)| format!("{peer} {}", duration(*ns))).collect();
             line += &format!("; think waited on {}", waits.join(", "));
         }
         line
@@ -327,10 +317,7 @@ mod tests {
         l.think_total_ns = 1_000;
         l.think_waits.insert("10.0.0.5:5432".parse().unwrap(), 900);
         l.think_waits.insert("10.0.0.6:5432".parse().unwrap(), 50);
-        assert_eq!(
-            think_attribution(&l).unwrap(),
-            "think waits on: 90% 10.0.0.5:5432, 5% 10.0.0.6:5432, 5% local"
-        );
+        assert_eq!(think_attribution(&l).unwrap(), "think waits on: 90% 10.0.0.5:5432, 5% 10.0.0.6:5432, 5% local");
     }
 
     #[test]
@@ -351,7 +338,10 @@ mod tests {
         p.failures.insert(crate::upstream::ConnectOutcome::Abandoned, 3);
         p.connect.record(3_000_000_000_000).unwrap();
         let mut out = String::new();
-        let unavailable = Unavailable::from([("delivery", "the acknowledgements hook (tcp_probe) is unavailable: a long reason that goes on and on".to_owned())]);
+        let unavailable = Unavailable::from([(
+            "delivery",
+            "the acknowledgements hook (tcp_probe) is unavailable: a long reason that goes on and on".to_owned(),
+        )]);
         listener_section(&mut out, 65535, &l, &unavailable);
         peer_section(&mut out, &"[fe80::1]:65535".parse().unwrap(), &p, &unavailable);
         assert!(out.contains("  delivery    unavailable: the acknowledgements hook"), "{out}");
