@@ -32,13 +32,7 @@ tracepoint_hook! {
             (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
             // A connect that failed or was given up.
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
-            (_, TCP_CLOSE) => {
-                if old == TCP_LAST_ACK {
-                    // The peer closed first and has now acknowledged our FIN.
-                    on_all_acked(sk);
-                }
-                on_close(sk, old)
-            }
+            (_, TCP_CLOSE) => on_close(sk, old),
             // Our FIN is acknowledged, so is every byte before it.
             (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
             _ => {}
@@ -98,9 +92,14 @@ fn on_active_established(sk: u64) {
 #[inline(always)]
 fn on_all_acked(sk: u64) {
     if let Some(st) = state_mut(sk) {
-        if st.dir == dir::WRITING && st.acked_ns == 0 {
-            st.acked_ns = now();
-        }
+        all_acked(st);
+    }
+}
+
+#[inline(always)]
+fn all_acked(st: &mut SockState) {
+    if st.dir == dir::WRITING && st.acked_ns == 0 {
+        st.acked_ns = now();
     }
 }
 
@@ -109,6 +108,10 @@ fn on_all_acked(sk: u64) {
 #[inline(never)]
 fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
+    if old == TCP_LAST_ACK {
+        // The peer closed first and has now acknowledged our FIN (one lookup for both).
+        all_acked(st);
+    }
     if origin::is_client(st.origin) {
         if st.dir == dir::WRITING {
             // A request that got no response.
