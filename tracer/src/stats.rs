@@ -21,12 +21,6 @@ pub fn new_histogram() -> Histogram<u64> {
 #[derive(Clone)]
 pub struct PhaseHistograms([Histogram<u64>; Phase::ALL.len()]);
 
-impl PhaseHistograms {
-    pub fn get_mut(&mut self, phase: &Phase) -> Option<&mut Histogram<u64>> {
-        Some(&mut self.0[*phase as usize])
-    }
-}
-
 impl Default for PhaseHistograms {
     fn default() -> Self {
         Self(std::array::from_fn(|_| new_histogram()))
@@ -38,6 +32,12 @@ impl std::ops::Index<&Phase> for PhaseHistograms {
 
     fn index(&self, phase: &Phase) -> &Histogram<u64> {
         &self.0[*phase as usize]
+    }
+}
+
+impl std::ops::IndexMut<&Phase> for PhaseHistograms {
+    fn index_mut(&mut self, phase: &Phase) -> &mut Histogram<u64> {
+        &mut self.0[*phase as usize]
     }
 }
 
@@ -123,7 +123,7 @@ impl Default for ListenerStats {
 impl ListenerStats {
     fn record(&mut self, phase: Phase, ns: Option<u64>) {
         if let Some(ns) = ns {
-            self.phases.0[phase as usize].saturating_record(ns);
+            self.phases[&phase].saturating_record(ns);
         }
     }
 }

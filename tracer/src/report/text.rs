@@ -301,9 +301,9 @@ mod tests {
     #[test]
     fn diagnosis_names_the_dominant_phase_first() {
         let mut l = ListenerStats::default();
-        l.phases.get_mut(&Phase::Think).unwrap().record(90_000_000).unwrap();
-        l.phases.get_mut(&Phase::RecvWait).unwrap().record(10_000_000).unwrap();
-        l.phases.get_mut(&Phase::Send).unwrap().record(1_000).unwrap();
+        l.phases[&Phase::Think].record(90_000_000).unwrap();
+        l.phases[&Phase::RecvWait].record(10_000_000).unwrap();
+        l.phases[&Phase::Send].record(1_000).unwrap();
         let text = diagnosis(&l).unwrap();
         assert!(text.starts_with("time goes to: think 90%, recv_wait 10%"), "{text}");
         assert!(!text.contains("send"), "{text}");
@@ -325,7 +325,7 @@ mod tests {
         let mut l = ListenerStats::default();
         for p in Phase::ALL {
             for v in [1_000u64, 999_000_000, 3_000_000_000_000] {
-                l.phases.get_mut(&p).unwrap().record(v).unwrap();
+                l.phases[&p].record(v).unwrap();
             }
         }
         l.think_total_ns = 1_000_000;
