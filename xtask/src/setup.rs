@@ -50,22 +50,32 @@ fn rust_src() -> Result<()> {
         eprintln!("setup: installing the nightly toolchain");
         exec(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        return Ok(());
-    }
-    eprintln!("setup: adding rust-src to the nightly toolchain");
-    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+    component("rust-src", Some(NIGHTLY))
 }
 
 /// rustfmt for the toolchain that builds the workspace (`cargo fmt` runs with it).
 fn rustfmt() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
-    if installed.lines().any(|l| l.starts_with("rustfmt")) {
+    component("rustfmt", None)
+}
+
+/// Adds rustup component `name` to `toolchain` (default: the active one) when missing.
+fn component(name: &str, toolchain: Option<&str>) -> Result<()> {
+    let on = |cmd: &mut Command| {
+        if let Some(t) = toolchain {
+            cmd.args(["--toolchain", t]);
+        }
+    };
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--installed"]);
+    on(&mut list);
+    if output(&mut list)?.lines().any(|l| l.starts_with(name)) {
         return Ok(());
     }
-    eprintln!("setup: adding rustfmt to the toolchain");
-    exec(Command::new("rustup").args(["component", "add", "rustfmt"]))
+    eprintln!("setup: adding {name} to the {} toolchain", toolchain.unwrap_or("active"));
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", name]);
+    on(&mut add);
+    exec(&mut add)
 }
 
 fn bpf_linker_works() -> bool {
