@@ -31,6 +31,9 @@ pub mod kind {
     pub const UPSTREAM_REQUEST: u16 = 9;
     /// [`REQUEST`] in one cache line ([`ShortRequest`]): the usual form.
     pub const REQUEST_SHORT: u16 = 10;
+    /// A thread that had started upstream requests with no server request to tie them to
+    /// began writing a server response ([`Bind`]): those requests were made for it.
+    pub const BIND: u16 = 11;
 }
 
 /// How a traced connection came to be known.
@@ -64,6 +67,11 @@ pub mod flags {
     /// The request was read before a write was ever seen on the socket, and the first
     /// data arrival is unknown (connection older than the tracer).
     pub const ARRIVAL_UNKNOWN: u32 = 1 << 4;
+    /// The peer closed the connection in an orderly way (its FIN, then ours) after a last
+    /// message the server did not answer: a message that expects no answer (a
+    /// protocol's goodbye), not an aborted request. In [`Request::flags`] for that
+    /// message and in [`ConnClose::flags`].
+    pub const CLOSED_BY_PEER: u32 = 1 << 5;
 }
 
 /// Address families as the kernel numbers them.
@@ -276,8 +284,44 @@ pub struct UpstreamRequest {
     pub flags: u32,
     /// One of [`origin`] (CONNECTED or EXISTING_CONNECTED).
     pub origin: u32,
+    /// The server request this one was made for: the server connection's socket and
+    /// that request's first read (see [`ThreadWork`]); 0 when none was known (a [`Bind`]
+    /// may tie it later).
+    pub bound_sock: u64,
+    pub bound_first_read_ns: u64,
 }
-const _: () = assert!(size_of::<UpstreamRequest>() == 128);
+const _: () = assert!(size_of::<UpstreamRequest>() == 144);
+
+/// Thread `header.tid` began writing the response of the server request on
+/// `header.sock` that was first read at `first_read_ns`; upstream requests the thread
+/// started since `since_ns` with no server request known were made for that one (a
+/// worker handed the request by another thread).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bind {
+    pub header: EventHeader,
+    pub first_read_ns: u64,
+    pub since_ns: u64,
+}
+const _: () = assert!(size_of::<Bind>() == 48);
+
+/// Per thread of a traced process (the `THREADS` map's value): the server request it
+/// read most recently, which its next upstream request is made for, and the upstream
+/// requests it started with no server request known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadWork {
+    /// Socket of the server connection (0: none, or its response is under way).
+    pub sock: u64,
+    /// That request's first read.
+    pub first_read_ns: u64,
+    /// When this thread last began writing a server response (0: never).
+    pub since_ns: u64,
+    /// Upstream requests begun since `since_ns` with no server request known.
+    pub unbound: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ThreadWork>() == 32);
 
 /// A reset the server sent on a traced connection it had just closed.
 #[repr(C)]
@@ -423,7 +467,13 @@ pub struct SockState {
     /// Server connections: the thread that last read the request (whose think it is).
     /// Upstream connections: the thread that wrote the request (the one that waits).
     pub tid: u32,
-    pub _pad: [u32; 9],
+    pub _pad0: u32,
+    /// Upstream connections: the server request the current upstream request is made
+    /// for (see [`ThreadWork`]); for a connection's first request, the one the
+    /// connecting thread had read when it called connect().
+    pub bound_sock: u64,
+    pub bound_first_read_ns: u64,
+    pub _pad: [u32; 4],
 }
 const _: () = assert!(size_of::<SockState>() == 200);
 const _: () = assert!(core::mem::offset_of!(SockState, dir) == 8 && core::mem::offset_of!(SockState, arrival_ns) == 72);
@@ -475,6 +525,7 @@ mod pod {
     unsafe impl aya::Pod for ProgramConfig {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for ThreadWork {}
 }
 
 #[cfg(test)]
@@ -496,6 +547,7 @@ mod tests {
             size_of::<UpstreamRequest>(),
             size_of::<ResetSent>(),
             size_of::<ProcessEvent>(),
+            size_of::<Bind>(),
         ] {
             let reserved = record_bytes(size);
             assert!(reserved >= size && reserved < size + 64, "{size} → {reserved}");

@@ -139,7 +139,9 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
         }
         slot.submit();
     }
-    st.requests += 1;
+    if flags & flags::CLOSED_BY_PEER == 0 {
+        st.requests += 1;
+    }
     st.req_flags = 0;
     // Volatile stores: the compiler merges plain ones into a call to the BPF library's
     // memset, which clears one byte at a time (40 stores on every request).
@@ -157,25 +159,16 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     }
 }
 
-/// Whether the kernel sent bytes the tracer never saw written: a write still in
-/// progress. (Bytes sent once, not counting retransmits, against bytes seen written
-/// since the connection was accepted.)
-#[inline(always)]
-fn response_under_way(sk: u64, st: &SockState) -> bool {
-    let sent = crate::kernel::read::<u64>(sk, crate::off!(tcp_bytes_sent)).unwrap_or(0);
-    let retrans = crate::kernel::read::<u64>(sk, crate::off!(tcp_bytes_retrans)).unwrap_or(0);
-    sent.saturating_sub(retrans) > st.total_out
-}
-
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
     let mut pending = 0;
     if !origin::is_client(st.origin) {
         if st.dir == dir::READING {
-            pending |= if st.origin == origin::ACCEPTED && response_under_way(sk, st) {
-                // The peer reset the connection while the response was being written
-                // (the write's hook runs when the call returns, after this close):
-                // answered, but neither timed nor delivered.
-                flags::UNDELIVERED
+            // A message read and not answered: the peer's goodbye when it then closed
+            // its side in an orderly way (and the server closed after it), else a
+            // request cut short by a reset or by the server's own close.
+            let orderly = st.conn_flags & (flags::RESET_SENT | flags::RESET_RECEIVED) == 0;
+            pending |= if orderly && st.conn_flags & flags::CLOSED_BY_PEER != 0 {
+                flags::CLOSED_BY_PEER
             } else {
                 flags::ABORTED
             };
@@ -192,7 +185,7 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).bytes_in = st.total_in;
         (*e).bytes_out = st.total_out;
         (*e).requests = st.requests;
-        (*e).flags = pending | st.conn_flags;
+        (*e).flags = pending | (st.conn_flags & !flags::CLOSED_BY_PEER);
     }
     slot.submit();
 }

@@ -11,15 +11,15 @@
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
-    macros::{fexit, kprobe, kretprobe, map},
+    macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::HashMap,
-    programs::{FExitContext, ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 
 use crate::{
     accept::on_accepted,
     conn::state_mut,
-    io::{on_recv_return, on_send_return},
+    io::{on_recv_return, on_send_return, on_write_start},
     maps::{filter_by_port, is_traced_tgid},
 };
 
@@ -27,6 +27,23 @@ use crate::{
 #[fexit]
 pub fn tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
     on_send_return(ctx.arg(0), ctx.arg(3));
+    0
+}
+
+/// The start of a write, for kernels without the `tcp_sendmsg_locked` tracepoint.
+#[fentry]
+pub fn tcp_sendmsg_enter(ctx: FEntryContext) -> i32 {
+    on_write_start(ctx.arg(0));
+    0
+}
+
+/// The same from a kprobe (a second one on `tcp_sendmsg`: the send hook's entry probe
+/// is there only when its return probe is).
+#[kprobe]
+pub fn tcp_sendmsg_start(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        on_write_start(sk);
+    }
     0
 }
 

@@ -8,6 +8,7 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{flags, origin};
 
 use crate::{
+    bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
     maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced},
@@ -26,6 +27,15 @@ tracepoint_hook! {
 tracepoint_hook! {
     fn sock_send_length / raw_sock_send_length (ctx) {
         on_send_return(ctx.arg(0), ctx.arg(1));
+        0
+    }
+}
+
+tracepoint_hook! {
+    /// `tcp_sendmsg_locked(sk, msg, skb, size_goal)`: a write is under way (once per
+    /// segment it fills; only the first of a response does anything).
+    fn tcp_sendmsg_locked / raw_tcp_sendmsg_locked (ctx) {
+        on_write_start(ctx.arg(0));
         0
     }
 }
@@ -97,6 +107,34 @@ fn untraced_caller() -> bool {
     !filter_by_port() && known_untraced((bpf_get_current_pid_tgid() >> 32) as u32)
 }
 
+/// A write on `sk` begins: the server has finished thinking (a write that blocks on a
+/// full send buffer is `send`, not `think`), the client has begun its request. The
+/// write's return hook does the rest; it also stands in for this one when it did not run.
+#[inline(always)]
+pub fn on_write_start(sk: u64) {
+    if untraced_caller() {
+        return;
+    }
+    let Some(st) = state_mut(sk) else { return };
+    if st.dir == dir::WRITING || st.owner == 0 {
+        return;
+    }
+    let ts = now();
+    if origin::is_client(st.origin) {
+        upstream::begin_request(st, ts);
+    } else {
+        begin_response(sk, st, ts);
+    }
+}
+
+/// The first write of a response.
+#[inline(always)]
+fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
+    st.dir = dir::WRITING;
+    st.first_write_ns = ts;
+    bind::note_response(sk, st, ts);
+}
+
 #[inline(always)]
 fn on_read(sk: u64, len: u64) {
     if untraced_caller() {
@@ -133,6 +171,7 @@ fn on_read(sk: u64, len: u64) {
     st.tid = current_tid();
     st.req_in += len;
     st.total_in += len;
+    bind::note_read(sk, st.first_read_ns);
 }
 
 #[inline(always)]
@@ -150,8 +189,7 @@ fn on_write(sk: u64, len: u64) {
         return;
     }
     if st.dir != dir::WRITING {
-        st.dir = dir::WRITING;
-        st.first_write_ns = ts;
+        begin_response(sk, st, ts);
     }
     st.last_write_ns = ts;
     st.req_out += len;

@@ -8,7 +8,8 @@
 //! `io` (send, receive, data arrival, acknowledgements), `retransmit` (SYN-ACK
 //! retransmits), `listen` (ACKs dropped on a full accept queue), `reset` (resets sent
 //! and received), `upstream` (connections the traced process opens), `process` (fork
-//! and exit of traced processes).
+//! and exit of traced processes), `bind` (which server request an upstream request is
+//! made for).
 #![no_std]
 #![no_main]
 // Atomic adds: the BPF target has no atomic types with read-modify-write operations.
@@ -19,6 +20,7 @@
 mod hook;
 
 mod accept;
+mod bind;
 mod conn;
 mod fallback;
 mod io;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 pub use tracer_common::TupleKey;
-use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig};
+use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig, ThreadWork};
 
 use crate::conn::SockState;
 
@@ -148,6 +148,11 @@ pub static RECENTLY_CLOSED: LruHashMap<u64, ClosedConn> = LruHashMap::with_max_e
 /// listener's drop counter and once in ListenDrops; userspace uses this to tell them apart.
 #[map]
 pub static ACK_OVERFLOWS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per thread of the traced processes, the server request it works for (see `bind`).
+/// Least recently used threads make room for new ones.
+#[map]
+pub static THREADS: LruHashMap<u32, ThreadWork> = LruHashMap::with_max_entries(65536, 0);
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:
 /// filled by userspace from /proc, consumed when the connection is first used.

@@ -109,8 +109,10 @@ fn all_acked(st: &mut SockState) {
 fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
     if old == TCP_LAST_ACK {
-        // The peer closed first and has now acknowledged our FIN (one lookup for both).
+        // The peer closed first and has now acknowledged our FIN (one lookup for both):
+        // an orderly close by the peer.
         all_acked(st);
+        st.conn_flags |= tracer_common::flags::CLOSED_BY_PEER;
     }
     if origin::is_client(st.origin) {
         if st.dir == dir::WRITING {

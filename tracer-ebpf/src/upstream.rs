@@ -11,6 +11,7 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
+    bind,
     conn::{
         current_tid, dir, header, init_state, insert_state, now, remove_state, scratch_state, state_mut, SockState,
     },
@@ -32,6 +33,9 @@ pub fn on_connect_start(sk: u64) {
     st.owner = tgid;
     st.tid = current_tid();
     st.synack_ns = now(); // connect start
+                          // The first request on the connection is made for the request the connecting thread
+                          // works for now: an event loop writes it once connected, maybe after other reads.
+    (st.bound_sock, st.bound_first_read_ns) = bind::current_request(false);
     insert_state(sk, st);
 }
 
@@ -69,13 +73,23 @@ pub fn on_connect_closed(sk: u64) {
     remove_state(sk);
 }
 
+/// The first write of a request (from the write's start, or its return when the start
+/// was not seen).
+#[inline(always)]
+pub fn begin_request(st: &mut SockState, ts: u64) {
+    st.dir = dir::WRITING;
+    st.first_write_ns = ts;
+    // Data that came before this request is no response to it.
+    st.pending_data_ns = 0;
+    if st.requests != 0 || st.bound_sock == 0 {
+        (st.bound_sock, st.bound_first_read_ns) = bind::current_request(true);
+    }
+}
+
 #[inline(always)]
 pub fn on_write(st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
-        st.dir = dir::WRITING;
-        st.first_write_ns = ts;
-        // Data that came before this request is no response to it.
-        st.pending_data_ns = 0;
+        begin_request(st, ts);
     }
     st.last_write_ns = ts;
     st.tid = current_tid();
@@ -112,6 +126,8 @@ pub fn emit_request(sk: u64, st: &mut SockState, extra_flags: u32) {
             (*e).bytes_in = st.req_in;
             (*e).flags = extra_flags;
             (*e).origin = st.origin;
+            (*e).bound_sock = st.bound_sock;
+            (*e).bound_first_read_ns = st.bound_first_read_ns;
         }
         slot.submit();
     }

@@ -76,6 +76,8 @@ pub enum Attach {
     RawTp(&'static str),
     /// Classic tracepoint: category and name.
     TracePoint(&'static str, &'static str),
+    /// Trampoline on a kernel function's entry (arguments).
+    FEntry(&'static str),
     /// Trampoline on a kernel function's return (arguments and return value).
     FExit(&'static str),
     /// Probe on a kernel function's entry.
@@ -90,7 +92,7 @@ impl Attach {
             Attach::TpBtf(_) => Kind::TpBtf,
             Attach::RawTp(_) => Kind::RawTp,
             Attach::TracePoint(..) => Kind::TracePoint,
-            Attach::FExit(_) => Kind::FEntry,
+            Attach::FEntry(_) | Attach::FExit(_) => Kind::FEntry,
             Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
         }
     }
@@ -102,6 +104,7 @@ impl fmt::Display for Attach {
             Attach::TpBtf(name) => write!(f, "tp_btf/{name}"),
             Attach::RawTp(name) => write!(f, "raw_tp/{name}"),
             Attach::TracePoint(category, name) => write!(f, "tracepoint/{category}/{name}"),
+            Attach::FEntry(name) => write!(f, "fentry/{name}"),
             Attach::FExit(name) => write!(f, "fexit/{name}"),
             Attach::KProbe(name) => write!(f, "kprobe/{name}"),
             Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
@@ -290,6 +293,28 @@ pub const HOOKS: &[Hook] = &[
                     one("tcp_sendmsg_entry", Attach::KProbe("tcp_sendmsg")),
                     one("tcp_sendmsg_return", Attach::KRetProbe("tcp_sendmsg")),
                 ],
+                needs: "kprobes (CONFIG_KPROBES)",
+            },
+        ],
+        precondition: always,
+    },
+    Hook {
+        name: "write start",
+        needed_for: "think ending where the response's first write starts (else where it returns)",
+        required: false,
+        phases: &[],
+        implementations: &[
+            Implementation {
+                programs: &[one("tcp_sendmsg_locked", Attach::TpBtf("tcp_sendmsg_locked"))],
+                needs: "BTF and the tracepoint tcp_sendmsg_locked (6.12+)",
+            },
+            Implementation {
+                programs: &[one("raw_tcp_sendmsg_locked", Attach::RawTp("tcp_sendmsg_locked"))],
+                needs: "the tracepoint tcp_sendmsg_locked (6.12+)",
+            },
+            Implementation { programs: &[one("tcp_sendmsg_enter", Attach::FEntry("tcp_sendmsg"))], needs: TRAMPOLINES },
+            Implementation {
+                programs: &[one("tcp_sendmsg_start", Attach::KProbe("tcp_sendmsg"))],
                 needs: "kprobes (CONFIG_KPROBES)",
             },
         ],

@@ -4,7 +4,7 @@ use std::mem::size_of;
 
 use anyhow::{bail, Result};
 use tracer_common::{
-    kind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, ShortRequest, SynAckRetransmit,
+    kind, Bind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, ShortRequest, SynAckRetransmit,
     UpstreamConnect, UpstreamRequest,
 };
 
@@ -19,6 +19,7 @@ pub enum Event {
     UpstreamRequest(UpstreamRequest),
     ProcessExit(ProcessEvent),
     ProcessFork(ProcessEvent),
+    Bind(Bind),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
@@ -42,6 +43,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::UPSTREAM_REQUEST => Event::UpstreamRequest(read(bytes)?),
         kind::PROCESS_EXIT => Event::ProcessExit(read(bytes)?),
         kind::PROCESS_FORK => Event::ProcessFork(read(bytes)?),
+        kind::BIND => Event::Bind(read(bytes)?),
         other => bail!("unknown event kind {other}"),
     })
 }

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
@@ -337,6 +337,7 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(program).and_then(|p| p.unload()),
         Attach::RawTp(_) => <&mut RawTracePoint>::try_from(program).and_then(|p| p.unload()),
         Attach::TracePoint(..) => <&mut TracePoint>::try_from(program).and_then(|p| p.unload()),
+        Attach::FEntry(_) => <&mut FEntry>::try_from(program).and_then(|p| p.unload()),
         Attach::FExit(_) => <&mut FExit>::try_from(program).and_then(|p| p.unload()),
         Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).and_then(|p| p.unload()),
     };
@@ -363,6 +364,11 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
             let p: &mut TracePoint = program.try_into()?;
             p.load()?;
             p.attach(category, tracepoint)?;
+        }
+        Attach::FEntry(function) => {
+            let p: &mut FEntry = program.try_into()?;
+            p.load(function, btf)?;
+            p.attach()?;
         }
         Attach::FExit(function) => {
             let p: &mut FExit = program.try_into()?;

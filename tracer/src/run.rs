@@ -116,6 +116,15 @@ impl Session {
         Ok(())
     }
 
+    /// Upstream requests still waiting to be tied to a server request never will be.
+    fn finish_attribution(&mut self) {
+        self.records.clear();
+        self.timeline.finish(&mut self.records);
+        for record in &self.records {
+            self.stats.apply(record);
+        }
+    }
+
     /// Reads the kernel-side counters that are not events: lost events and listen drops.
     fn poll_counters(&mut self, probes: &Probes) {
         self.stats.lost_events = probes.lost_events();
@@ -390,6 +399,7 @@ async fn trace(
     for request in probes.in_flight_exchanges() {
         session.apply(Event::Request(request))?;
     }
+    session.finish_attribution();
     session.poll_counters(&probes);
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);

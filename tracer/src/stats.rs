@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use hdrhistogram::Histogram;
 
 use crate::{
-    timeline::{Phase, Record},
+    timeline::{Outcome, Phase, Record},
     upstream::ConnectOutcome,
 };
 
@@ -45,8 +45,11 @@ impl std::ops::IndexMut<&Phase> for PhaseHistograms {
 pub struct ListenerStats {
     pub phases: PhaseHistograms,
     pub connections: u64,
+    /// Requests read: each is either timed (a think sample) or `aborted`.
     pub requests: u64,
     pub aborted: u64,
+    /// Peers' last messages before an orderly close, left unanswered: no requests.
+    pub closed_by_peer: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub synack_retransmits: u64,
@@ -79,8 +82,10 @@ pub struct PeerStats {
     /// Failed connects by outcome.
     pub failures: BTreeMap<ConnectOutcome, u64>,
     pub requests: u64,
-    /// Requests the connection closed on before any response.
+    /// Requests the connection closed on before any response (the others are timed).
     pub unanswered: u64,
+    /// Requests no server request could be found for (see `upstream`).
+    pub unattributed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -95,6 +100,7 @@ impl Default for PeerStats {
             failures: BTreeMap::new(),
             requests: 0,
             unanswered: 0,
+            unattributed: 0,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -108,6 +114,7 @@ impl Default for ListenerStats {
             connections: 0,
             requests: 0,
             aborted: 0,
+            closed_by_peer: 0,
             bytes_in: 0,
             bytes_out: 0,
             synack_retransmits: 0,
@@ -171,7 +178,7 @@ impl Stats {
                 delivery_ns,
                 bytes_in,
                 bytes_out,
-                aborted,
+                outcome,
                 think_waits,
             } => {
                 let l = self.listener(*listener);
@@ -181,12 +188,11 @@ impl Stats {
                         *l.think_waits.entry(*peer).or_default() += ns;
                     }
                 }
-                l.requests += 1;
+                l.requests += outcome.is_request() as u64;
+                l.aborted += (*outcome == Outcome::Aborted) as u64;
+                l.closed_by_peer += (*outcome == Outcome::ClosedByPeer) as u64;
                 l.bytes_in += bytes_in;
                 l.bytes_out += bytes_out;
-                if *aborted {
-                    l.aborted += 1;
-                }
                 l.record(Phase::RecvWait, *recv_wait_ns);
                 l.record(Phase::Think, *think_ns);
                 l.record(Phase::Send, *send_ns);
@@ -222,6 +228,7 @@ impl Stats {
                     p.upstream.saturating_record(*ns);
                 }
             }
+            Record::Unattributed { peer } => self.peers.entry(*peer).or_default().unattributed += 1,
             Record::UpstreamClosed { peer, bytes_in } => self.peers.entry(*peer).or_default().bytes_in += bytes_in,
             Record::SynAckRetransmit { listener } => self.listener(*listener).synack_retransmits += 1,
         }
@@ -252,7 +259,7 @@ mod tests {
             delivery_ns: None,
             bytes_in: 10,
             bytes_out: 20,
-            aborted: false,
+            outcome: Outcome::Answered,
             think_waits: vec![(SocketAddr::from(([10, 0, 0, 5], 5432)), think_ms * 1_000_000 / 2)],
         }
     }

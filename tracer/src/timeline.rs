@@ -9,11 +9,11 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use rustc_hash::FxHashMap;
 
-use tracer_common::{flags, origin, ConnAddr, ConnClose, ConnOpen, Request, UpstreamConnect, UpstreamRequest};
+use tracer_common::{flags, origin, Bind, ConnAddr, ConnClose, ConnOpen, Request, UpstreamConnect, UpstreamRequest};
 
 use crate::{
     events::Event,
-    upstream::{ConnectOutcome, Wait, Waits},
+    upstream::{ConnectOutcome, RequestKey, Wait, Waits},
 };
 
 /// The server-side phases, in the order they happen.
@@ -43,6 +43,29 @@ impl Phase {
     }
 }
 
+/// How an exchange on a server connection ended: every request the server read is
+/// either answered (and timed: it has a think sample) or aborted; a peer's goodbye and
+/// a message the server sent unasked are no requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server began a response.
+    Answered,
+    /// The connection was reset, or the server closed it, before any response.
+    Aborted,
+    /// The peer's last message before it closed the connection in an orderly way, which
+    /// the server did not answer (a protocol's goodbye, e.g. PostgreSQL's Terminate).
+    ClosedByPeer,
+    /// The server wrote with no request read (a greeting, on server-first protocols).
+    Unsolicited,
+}
+
+impl Outcome {
+    /// Whether it counts in `requests`.
+    pub fn is_request(self) -> bool {
+        matches!(self, Outcome::Answered | Outcome::Aborted)
+    }
+}
+
 /// What a finished piece of a timeline contributes to the statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
@@ -68,7 +91,7 @@ pub enum Record {
         delivery_ns: Option<u64>,
         bytes_in: u64,
         bytes_out: u64,
-        aborted: bool,
+        outcome: Outcome,
         /// The part of think spent waiting on each upstream peer.
         think_waits: Vec<(SocketAddr, u64)>,
     },
@@ -87,6 +110,10 @@ pub enum Record {
         bytes_out: u64,
         bytes_in: u64,
         answered: bool,
+    },
+    /// An upstream request that no server request could be found for.
+    Unattributed {
+        peer: SocketAddr,
     },
     /// An upstream connection closed: the bytes read since its last request.
     UpstreamClosed {
@@ -184,8 +211,15 @@ impl Timeline {
             Event::ResetSent(r) => out.push(Record::ResetAfterClose { listener: r.addr.local_port }),
             Event::UpstreamConnect(c) => self.connected(c, out),
             Event::UpstreamRequest(r) => self.upstream_request(r, out),
+            Event::Bind(b) => self.bind(b, out),
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
+    }
+
+    /// The end of tracing: upstream requests still waiting to be tied to a server
+    /// request never will be.
+    pub fn finish(&mut self, out: &mut Vec<Record>) {
+        out.extend(self.waits.drain_unbound().into_iter().map(|peer| Record::Unattributed { peer }));
     }
 
     fn opened(&mut self, open: &ConnOpen, out: &mut Vec<Record>) {
@@ -218,24 +252,37 @@ impl Timeline {
             // The open event was lost: the exchange still counts, under an unknown listener.
             None => (0, 0, None, 0),
         };
-        let aborted = req.flags & flags::ABORTED != 0;
-        let think_waits = if aborted || req.first_write_ns == 0 || req.last_read_ns == 0 {
-            Vec::new()
+        let outcome = if req.flags & flags::CLOSED_BY_PEER != 0 {
+            Outcome::ClosedByPeer
+        } else if req.first_read_ns == 0 {
+            Outcome::Unsolicited
+        } else if req.flags & flags::ABORTED != 0 || req.first_write_ns == 0 {
+            Outcome::Aborted
         } else {
-            self.waits.attribute(req.tid, req.last_read_ns, req.first_write_ns)
+            Outcome::Answered
+        };
+        let key = RequestKey { sock: req.header.sock, first_read_ns: req.first_read_ns };
+        let think_waits = if outcome == Outcome::Answered {
+            self.waits.attribute(key, req.last_read_ns, req.first_write_ns)
+        } else {
+            self.waits.forget(key);
+            Vec::new()
         };
         let arrival = if req.arrival_ns != 0 { req.arrival_ns.max(accepted_ns) } else { 0 };
-        let recv_wait_ns = if aborted { None } else { span(arrival, req.first_read_ns) };
-        let (think_ns, send_ns, delivery_ns) = if aborted || req.first_write_ns == 0 {
-            (None, None, None)
-        } else {
+        let recv_wait_ns = if outcome == Outcome::Answered { span(arrival, req.first_read_ns) } else { None };
+        let (think_ns, send_ns, delivery_ns) = if outcome == Outcome::Answered {
             let delivery = if req.flags & flags::UNDELIVERED != 0 || req.acked_ns == 0 {
                 None
             } else {
                 // Acknowledged during the last write itself: nothing left to deliver.
                 Some(req.acked_ns.saturating_sub(req.last_write_ns))
             };
-            (span(req.last_read_ns, req.first_write_ns), span(req.first_write_ns, req.last_write_ns), delivery)
+            // Every answered request has its think: a response begun before the request
+            // was read to its end (a server streaming its answer) thought for no time.
+            let think = req.first_write_ns.saturating_sub(req.last_read_ns.max(req.first_read_ns));
+            (Some(think), span(req.first_write_ns, req.last_write_ns), delivery)
+        } else {
+            (None, None, None)
         };
         out.push(Record::Exchange {
             listener,
@@ -247,9 +294,15 @@ impl Timeline {
             delivery_ns,
             bytes_in: req.bytes_in,
             bytes_out: req.bytes_out,
-            aborted,
+            outcome,
             think_waits,
         });
+    }
+
+    fn bind(&mut self, b: &Bind, out: &mut Vec<Record>) {
+        let key = RequestKey { sock: b.header.sock, first_read_ns: b.first_read_ns };
+        let given_up = self.waits.bind(b.header.tid, key, b.since_ns);
+        out.extend(given_up.into_iter().map(|peer| Record::Unattributed { peer }));
     }
 
     fn connected(&mut self, c: &UpstreamConnect, out: &mut Vec<Record>) {
@@ -272,12 +325,24 @@ impl Timeline {
         client.bytes_in += r.bytes_in;
         let answered = r.flags & flags::ABORTED == 0;
         if answered && r.first_read_ns != 0 {
-            // The thread waited from its last write until it read the response.
-            self.waits.record(r.header.tid, Wait { peer, start_ns: r.last_write_ns, end_ns: r.first_read_ns });
+            // The request was waited on from its last write until its response was read.
+            let wait = Wait { peer, begun_ns: r.first_write_ns, start_ns: r.last_write_ns, end_ns: r.first_read_ns };
+            let bound =
+                (r.bound_sock != 0).then_some(RequestKey { sock: r.bound_sock, first_read_ns: r.bound_first_read_ns });
+            let given_up = self.waits.record(bound, r.header.tid, wait);
+            out.extend(given_up.into_iter().map(|peer| Record::Unattributed { peer }));
         }
+        // Every answered request is timed: to the response's first byte queued on the
+        // socket, or, when that was not seen, to its first read. A response can arrive
+        // before the call writing the request has returned (a fast peer on loopback).
+        let response_ns = if r.response_ns != 0 { r.response_ns } else { r.first_read_ns };
         out.push(Record::Upstream {
             peer,
-            upstream_ns: if answered { span(r.last_write_ns, r.response_ns) } else { None },
+            upstream_ns: if answered && response_ns != 0 {
+                Some(response_ns.saturating_sub(r.last_write_ns))
+            } else {
+                None
+            },
             bytes_out: r.bytes_out,
             bytes_in: r.bytes_in,
             answered,
@@ -319,6 +384,8 @@ impl Timeline {
 mod tests {
     use super::*;
     use tracer_common::{kind, EventHeader, AF_INET, AF_INET6};
+
+    use crate::timeline::Outcome;
 
     const SOCK: u64 = 0xffff_8880_0000_1000;
     const MS: u64 = 1_000_000;
@@ -402,14 +469,14 @@ mod tests {
             open(1 * MS, 2 * MS, 10 * MS),
             request([11 * MS, 12 * MS, 15 * MS, 115 * MS, 415 * MS, 416 * MS], 0, 0),
         ]);
-        let Record::Exchange { recv_wait_ns, think_ns, send_ns, delivery_ns, aborted, .. } = out[1].clone() else {
+        let Record::Exchange { recv_wait_ns, think_ns, send_ns, delivery_ns, outcome, .. } = out[1].clone() else {
             panic!("expected an exchange, got {:?}", out[1]);
         };
         assert_eq!(recv_wait_ns, Some(1 * MS));
         assert_eq!(think_ns, Some(100 * MS));
         assert_eq!(send_ns, Some(300 * MS));
         assert_eq!(delivery_ns, Some(1 * MS));
-        assert!(!aborted);
+        assert_eq!(outcome, Outcome::Answered);
     }
 
     #[test]
@@ -436,7 +503,7 @@ mod tests {
                 delivery_ns: None,
                 bytes_in: 100,
                 bytes_out: 10,
-                aborted: true,
+                outcome: Outcome::Aborted,
                 think_waits: vec![],
             }
         );
@@ -497,7 +564,13 @@ mod tests {
         assert_eq!((c.bytes_in, c.bytes_out, c.requests), (500, 700, 2));
     }
 
+    /// An upstream request on the connection to `port` written by thread `tid`, bound
+    /// to the server request first read at `bound` on `SOCK` (0: none known).
     fn upstream(tid: u32, port: u16, last_write: u64, response: u64, first_read: u64) -> Event {
+        bound_upstream(tid, port, 0, last_write, response, first_read)
+    }
+
+    fn bound_upstream(tid: u32, port: u16, bound: u64, last_write: u64, response: u64, first_read: u64) -> Event {
         let mut addr = addr();
         addr.local_port = 50000 + port;
         addr.remote_port = port;
@@ -519,20 +592,38 @@ mod tests {
             bytes_in: 0,
             flags: 0,
             origin: origin::CONNECTED,
+            bound_sock: if bound != 0 { SOCK } else { 0 },
+            bound_first_read_ns: bound,
         })
     }
 
+    fn think_waits_of(out: &[Record]) -> Vec<(Option<u64>, Vec<(u16, u64)>)> {
+        out.iter()
+            .filter_map(|r| match r {
+                Record::Exchange { think_ns, think_waits, .. } => {
+                    Some((*think_ns, think_waits.iter().map(|(p, ns)| (p.port(), *ns)).collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn think_is_attributed_to_the_upstream_calls_of_its_thread() {
-        // Request read by thread 7 until 10 ms, response written at 100 ms. Thread 7
-        // waited on :5432 from 12 to 80 ms (response queued at 78); thread 9 waited on
-        // :6379 meanwhile, which is not this request's.
-        let out = run(&[
+    fn think_is_attributed_to_the_upstream_calls_made_for_it() {
+        // Request first read at 5 ms, last at 10, response begun at 100. The call to
+        // :5432 (12–80 ms, response queued at 78) was made for it; the call to :6379 on
+        // another thread meanwhile was not (bound to nothing: unattributed at the end).
+        let mut timeline = Timeline::new();
+        let mut out = Vec::new();
+        for e in [
             open(1 * MS, 2 * MS, 3 * MS),
             upstream(9, 6379, 20 * MS, 30 * MS, 31 * MS),
-            upstream(7, 5432, 12 * MS, 78 * MS, 80 * MS),
+            bound_upstream(7, 5432, 5 * MS, 12 * MS, 78 * MS, 80 * MS),
             request([4 * MS, 5 * MS, 10 * MS, 100 * MS, 100 * MS, 101 * MS], 0, 0),
-        ]);
+        ] {
+            timeline.apply(&e, &mut out);
+        }
+        timeline.finish(&mut out);
         let upstream_ns: Vec<_> = out
             .iter()
             .filter_map(|r| match r {
@@ -541,9 +632,127 @@ mod tests {
             })
             .collect();
         assert_eq!(upstream_ns, vec![(6379, Some(10 * MS)), (5432, Some(66 * MS))]);
-        let Record::Exchange { think_ns, think_waits, .. } = out.last().unwrap().clone() else { panic!() };
-        assert_eq!(think_ns, Some(90 * MS));
-        assert_eq!(think_waits, vec![("127.0.0.2:5432".parse().unwrap(), 68 * MS)]);
+        assert_eq!(think_waits_of(&out), vec![(Some(90 * MS), vec![(5432, 68 * MS)])]);
+        assert_eq!(out.last(), Some(&Record::Unattributed { peer: "127.0.0.2:6379".parse().unwrap() }));
+    }
+
+    /// Server request `index` on connection `sock`: read at `read`, answered at `write`.
+    fn request_on(sock: u64, read: u64, write: u64) -> Event {
+        let Event::Request(mut r) = request([read, read, read, write, write, write], 0, 0) else { unreachable!() };
+        r.header.sock = sock;
+        Event::Request(r)
+    }
+
+    #[test]
+    fn an_event_loop_interleaving_requests_charges_each_its_own_wait() {
+        // One thread reads four requests on four connections 1 ms apart; each waits
+        // 80 ms on the upstream, the waits overlapping. Each think (81 ms) is charged
+        // its own 80 ms, not the up to 320 ms of waits on the thread during it.
+        let mut events = Vec::new();
+        for i in 0..4u64 {
+            let mut o = open(0, 0, i * MS + 1);
+            if let Event::Open(o) = &mut o {
+                o.header.sock = SOCK + i;
+            }
+            events.push(o);
+        }
+        for i in 0..4u64 {
+            let Event::UpstreamRequest(mut u) =
+                bound_upstream(7, 9000 + i as u16, (i + 1) * MS, (i + 1) * MS, (i + 81) * MS, (i + 81) * MS)
+            else {
+                unreachable!()
+            };
+            u.bound_sock = SOCK + i;
+            events.push(Event::UpstreamRequest(u));
+        }
+        for i in 0..4u64 {
+            events.push(request_on(SOCK + i, (i + 1) * MS, (i + 82) * MS));
+        }
+        let waits = think_waits_of(&run(&events));
+        assert_eq!(waits.len(), 4);
+        for (i, (think, charged)) in waits.into_iter().enumerate() {
+            assert_eq!(think, Some(81 * MS));
+            assert_eq!(charged, vec![(9000 + i as u16, 80 * MS)], "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_response_read_on_another_thread_counts_for_the_request_that_made_the_call() {
+        // Written by thread 7 for the request, read back by thread 9 (the event's tid is
+        // the writer's; the reader plays no part).
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            bound_upstream(9, 5432, 5 * MS, 12 * MS, 40 * MS, 41 * MS),
+            request([4 * MS, 5 * MS, 10 * MS, 50 * MS, 50 * MS, 51 * MS], 0, 0),
+        ]);
+        assert_eq!(think_waits_of(&out), vec![(Some(40 * MS), vec![(5432, 29 * MS)])]);
+    }
+
+    #[test]
+    fn a_worker_pool_binds_its_calls_to_the_response_it_writes() {
+        // A reader thread reads the request (think from 10 ms); worker 20 makes the call
+        // (12–60 ms) with no request of its own, then begins the response at 70 ms: the
+        // kernel's bind ties the call to that request.
+        let bind = Event::Bind(Bind {
+            header: EventHeader {
+                kind: kind::BIND,
+                tgid: 7,
+                tid: 20,
+                ts_ns: 70 * MS,
+                sock: SOCK,
+                ..Default::default()
+            },
+            first_read_ns: 5 * MS,
+            since_ns: 0,
+        });
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            upstream(20, 5432, 12 * MS, 59 * MS, 60 * MS),
+            bind,
+            request([4 * MS, 5 * MS, 10 * MS, 70 * MS, 70 * MS, 71 * MS], 0, 0),
+        ]);
+        assert_eq!(think_waits_of(&out), vec![(Some(60 * MS), vec![(5432, 48 * MS)])]);
+    }
+
+    #[test]
+    fn every_request_is_timed_or_aborted_and_goodbyes_are_no_requests() {
+        let mut stats = crate::stats::Stats::default();
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            // Answered; its think begins at the write's start even though the write
+            // returned long after (the timestamps are the kernel's).
+            request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 107 * MS, 108 * MS], 0, 0),
+            // Reset mid-think.
+            request([110 * MS, 111 * MS, 111 * MS, 0, 0, 0], flags::ABORTED, 1),
+            // A goodbye before the peer's orderly close.
+            request([120 * MS, 121 * MS, 121 * MS, 0, 0, 0], flags::CLOSED_BY_PEER, 2),
+            // A greeting the server wrote unasked.
+            request([0, 0, 0, 1 * MS, 1 * MS, 2 * MS], 0, 3),
+        ]);
+        for r in &out {
+            stats.apply(r);
+        }
+        let l = &stats.listeners[&8080];
+        assert_eq!((l.requests, l.aborted, l.closed_by_peer), (2, 1, 1));
+        assert_eq!(l.requests, l.phases[&Phase::Think].len() + l.aborted);
+        // (Histograms keep three significant digits.)
+        assert!(l.phases[&Phase::Think].max().abs_diff(1 * MS) < MS / 500, "{}", l.phases[&Phase::Think].max());
+        assert_eq!(l.phases[&Phase::Send].len(), 1);
+    }
+
+    #[test]
+    fn an_upstream_response_before_the_write_returned_is_still_timed() {
+        // The response was queued (20.5 ms) before the request's write call returned
+        // (21 ms): no negative span, a zero one; with no arrival seen, the first read.
+        let out = run(&[upstream(7, 5432, 21 * MS, 20 * MS + MS / 2, 22 * MS), upstream(7, 5432, 30 * MS, 0, 35 * MS)]);
+        let timed: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Upstream { upstream_ns, .. } => Some(*upstream_ns),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(timed, vec![Some(0), Some(5 * MS)]);
     }
 
     #[test]

@@ -1,18 +1,23 @@
 //! The client side: outcomes of connects, and the attribution of a server request's
-//! think time to the upstream calls its thread waited on.
+//! think time to the upstream requests made for it.
 //!
-//! The rule: while a server request is in `think` (from its last read to its first
-//! write, on the thread that did the last read), every upstream request the same thread
-//! made counts from the request's last write to the thread's first read of the response.
-//! The part of that wait inside the think interval is attributed to the upstream peer;
-//! what remains of think is local. Waits of one thread never overlap (a thread waits on
-//! one call at a time), so the attributed parts never exceed think.
+//! The rule (causal): every upstream request is charged to at most one server request,
+//! the one it was made for. The kernel programs bind it when it is first written, to the
+//! server request its thread read most recently (for a connection's first request, the
+//! one the thread had read when it called connect()), and a thread's binding ends when
+//! it begins writing that request's response (`tracer-ebpf/src/bind.rs`). Event loops
+//! (nginx, Node.js), goroutines and thread-per-request servers all issue an upstream
+//! write in the same run of work in which they read the request. A thread that starts
+//! upstream requests with no server request of its own (a worker handed the request by
+//! a reader thread) has them tied to the next response it begins to write: the kernel
+//! says so with a `Bind`.
 //!
-//! Limits: a server that hands the request to another thread (a thread pool behind an
-//! event loop, async runtimes that move tasks between threads) waits on its upstream
-//! calls from a thread other than the one that read the request; those waits show as
-//! local. Calls made in parallel by several threads for one request are attributed only
-//! when made by the reading thread.
+//! A server request's attributed wait is the union of its upstream waits (each from the
+//! request's last write to the first read of its response) clipped to its think
+//! interval, so it never exceeds think; where waits overlap (calls in parallel), the
+//! time goes to the call that ends last, the one the request was still waiting for.
+//! `local` is think minus that union. Upstream requests that no rule ties to a server
+//! request are counted as `unattributed` per peer, never guessed.
 
 use std::{collections::VecDeque, net::SocketAddr};
 
@@ -60,65 +65,133 @@ impl ConnectOutcome {
     }
 }
 
-/// One wait of a thread on an upstream peer.
+/// One upstream request's wait: from its last write to the first read of its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wait {
     pub peer: SocketAddr,
+    /// When the upstream request was first written (when it was bound).
+    pub begun_ns: u64,
     pub start_ns: u64,
     pub end_ns: u64,
 }
 
-/// Per thread, the recent upstream waits, oldest first.
-#[derive(Default)]
-pub struct Waits {
-    by_thread: FxHashMap<u32, VecDeque<Wait>>,
+/// A server request: its connection's socket and its first read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    pub sock: u64,
+    pub first_read_ns: u64,
 }
 
-/// Waits kept per thread; a thread making more upstream calls than this without serving
-/// a request loses the oldest (they could only matter to a think time that long).
+/// Upstream waits on their way to the server request they were made for.
+#[derive(Default)]
+pub struct Waits {
+    /// Bound waits, until their server request's exchange arrives.
+    bound: FxHashMap<RequestKey, Vec<Wait>>,
+    /// `bound`'s keys in the order they came, to forget the oldest beyond [`BOUND`].
+    order: VecDeque<RequestKey>,
+    /// Per thread, waits begun with no server request known, until a bind ties them.
+    unbound: FxHashMap<u32, VecDeque<Wait>>,
+}
+
+/// Server requests with waits kept; beyond this the oldest are forgotten (their
+/// exchange was lost, or is older than any think time worth measuring).
+const BOUND: usize = 65_536;
+/// Unbound waits kept per thread; beyond this the oldest are unattributed.
 const PER_THREAD: usize = 512;
-/// Threads remembered; beyond this the store starts over (threads come and go).
-const THREADS: usize = 65_536;
+/// Threads with unbound waits remembered; beyond this they are unattributed.
+const THREADS: usize = 16_384;
 
 impl Waits {
-    pub fn record(&mut self, tid: u32, wait: Wait) {
-        if wait.end_ns <= wait.start_ns {
-            return;
+    /// Keeps `wait` for the server request it is bound to, or for its thread `tid` when
+    /// none is known. Returns the peers of waits given up as unattributed meanwhile.
+    pub fn record(&mut self, bound: Option<RequestKey>, tid: u32, wait: Wait) -> Vec<SocketAddr> {
+        let mut given_up = Vec::new();
+        match bound {
+            Some(key) => self.bind_one(key, wait),
+            None => {
+                if self.unbound.len() >= THREADS && !self.unbound.contains_key(&tid) {
+                    given_up.extend(self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.peer));
+                }
+                let waits = self.unbound.entry(tid).or_default();
+                if waits.len() >= PER_THREAD {
+                    given_up.extend(waits.pop_front().map(|w| w.peer));
+                }
+                waits.push_back(wait);
+            }
         }
-        if self.by_thread.len() >= THREADS && !self.by_thread.contains_key(&tid) {
-            self.by_thread.clear();
-        }
-        let waits = self.by_thread.entry(tid).or_default();
-        if waits.len() >= PER_THREAD {
-            waits.pop_front();
-        }
-        waits.push_back(wait);
+        given_up
     }
 
-    /// The time of `[from, to]` thread `tid` spent waiting, per peer (in the order first
-    /// seen). Waits that ended before `from` are forgotten: the thread's later requests
-    /// start later still.
-    pub fn attribute(&mut self, tid: u32, from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
-        let mut out: Vec<(SocketAddr, u64)> = Vec::new();
-        let Some(waits) = self.by_thread.get_mut(&tid) else { return out };
-        while waits.front().is_some_and(|w| w.end_ns <= from) {
-            waits.pop_front();
-        }
-        for w in waits.iter() {
-            let overlap = w.end_ns.min(to).saturating_sub(w.start_ns.max(from));
-            if overlap == 0 {
-                continue;
-            }
-            match out.iter_mut().find(|(p, _)| *p == w.peer) {
-                Some((_, ns)) => *ns += overlap,
-                None => out.push((w.peer, overlap)),
-            }
-        }
+    fn bind_one(&mut self, key: RequestKey, wait: Wait) {
+        let waits = self.bound.entry(key).or_default();
         if waits.is_empty() {
-            self.by_thread.remove(&tid);
+            self.order.push_back(key);
         }
-        out
+        waits.push(wait);
+        while self.bound.len() > BOUND {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.bound.remove(&oldest);
+        }
     }
+
+    /// Thread `tid` began writing the response of server request `key`: its unbound
+    /// waits begun since `since_ns` were made for it. Returns the peers of older ones,
+    /// which no request can claim any more.
+    pub fn bind(&mut self, tid: u32, key: RequestKey, since_ns: u64) -> Vec<SocketAddr> {
+        let mut given_up = Vec::new();
+        for wait in self.unbound.remove(&tid).unwrap_or_default() {
+            if wait.begun_ns >= since_ns {
+                self.bind_one(key, wait);
+            } else {
+                given_up.push(wait.peer);
+            }
+        }
+        given_up
+    }
+
+    /// The waits of server request `key` inside its think `[from, to]`, per peer (in
+    /// the order first charged); they are forgotten.
+    pub fn attribute(&mut self, key: RequestKey, from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
+        match self.bound.remove(&key) {
+            Some(waits) => charge(&waits, from, to),
+            None => Vec::new(),
+        }
+    }
+
+    /// Forgets the server request `key` (it got no think time): its waits count nowhere.
+    pub fn forget(&mut self, key: RequestKey) {
+        self.bound.remove(&key);
+    }
+
+    /// The peers of every wait still waiting for a bind: at the end of tracing, these
+    /// are unattributed.
+    pub fn drain_unbound(&mut self) -> Vec<SocketAddr> {
+        self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.peer).collect()
+    }
+}
+
+/// The union of `waits` clipped to `[from, to]`, per peer: each stretch of time covered
+/// by several waits goes to the one that ends last.
+fn charge(waits: &[Wait], from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
+    let clipped: Vec<(u64, u64, SocketAddr)> = waits
+        .iter()
+        .map(|w| (w.start_ns.max(from), w.end_ns.min(to), w.peer))
+        .filter(|(start, end, _)| end > start)
+        .collect();
+    let mut points: Vec<u64> = clipped.iter().flat_map(|(s, e, _)| [*s, *e]).collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut out: Vec<(SocketAddr, u64)> = Vec::new();
+    for stretch in points.windows(2) {
+        let (a, b) = (stretch[0], stretch[1]);
+        let waiting_on = clipped.iter().filter(|(s, e, _)| *s <= a && *e >= b).max_by_key(|(_, e, _)| *e);
+        let Some((_, _, peer)) = waiting_on else { continue };
+        match out.iter_mut().find(|(p, _)| p == peer) {
+            Some((_, ns)) => *ns += b - a,
+            None => out.push((*peer, b - a)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -131,29 +204,88 @@ mod tests {
         SocketAddr::from(([10, 0, 0, 5], port))
     }
 
-    #[test]
-    fn waits_inside_think_are_attributed_per_peer() {
-        let mut w = Waits::default();
-        // Thread 7: two calls to :5432 and one to :6379 during think [100, 200] ms.
-        w.record(7, Wait { peer: peer(5432), start_ns: 110 * MS, end_ns: 150 * MS });
-        w.record(7, Wait { peer: peer(6379), start_ns: 150 * MS, end_ns: 160 * MS });
-        w.record(7, Wait { peer: peer(5432), start_ns: 170 * MS, end_ns: 190 * MS });
-        // Another thread's wait does not count.
-        w.record(8, Wait { peer: peer(5432), start_ns: 100 * MS, end_ns: 200 * MS });
-        assert_eq!(w.attribute(7, 100 * MS, 200 * MS), vec![(peer(5432), 60 * MS), (peer(6379), 10 * MS)]);
+    fn wait(port: u16, start_ms: u64, end_ms: u64) -> Wait {
+        Wait { peer: peer(port), begun_ns: start_ms * MS, start_ns: start_ms * MS, end_ns: end_ms * MS }
+    }
+
+    fn key(sock: u64, first_read_ms: u64) -> RequestKey {
+        RequestKey { sock, first_read_ns: first_read_ms * MS }
     }
 
     #[test]
-    fn only_the_overlap_counts_and_old_waits_are_dropped() {
+    fn waits_inside_think_are_attributed_per_peer() {
         let mut w = Waits::default();
-        w.record(7, Wait { peer: peer(1), start_ns: 10 * MS, end_ns: 20 * MS });
-        w.record(7, Wait { peer: peer(1), start_ns: 90 * MS, end_ns: 130 * MS });
-        assert_eq!(w.attribute(7, 100 * MS, 200 * MS), vec![(peer(1), 30 * MS)]);
-        // The wait that ended at 20 ms is gone; the one ending at 130 ms stays for a
-        // request whose think overlaps it.
-        assert_eq!(w.by_thread[&7].len(), 1);
-        assert_eq!(w.attribute(7, 300 * MS, 400 * MS), vec![]);
-        assert!(w.by_thread.is_empty());
+        // Request A (think 100–200 ms): two calls to :5432 and one to :6379.
+        w.record(Some(key(1, 90)), 7, wait(5432, 110, 150));
+        w.record(Some(key(1, 90)), 7, wait(6379, 150, 160));
+        w.record(Some(key(1, 90)), 7, wait(5432, 170, 190));
+        // Another request's wait, on the same thread and at the same time, is not A's.
+        w.record(Some(key(2, 95)), 7, wait(5432, 100, 200));
+        assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![(peer(5432), 60 * MS), (peer(6379), 10 * MS)]);
+        // Taken once.
+        assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![]);
+    }
+
+    #[test]
+    fn interleaved_requests_on_one_thread_are_each_charged_their_own_call() {
+        // One event loop (thread 7) interleaves four requests, each waiting 80 ms on
+        // the upstream while the others are read: the old per-thread rule charged each
+        // request every wait overlapping its think (up to 4 × 80 ms); each request is
+        // charged its own 80 ms, never more than its think.
+        let mut w = Waits::default();
+        for i in 0..4u64 {
+            w.record(Some(key(10 + i, i)), 7, wait(8080, i + 1, i + 81));
+        }
+        for i in 0..4u64 {
+            let think = (i + 1) * MS..(i + 82) * MS;
+            let charged = w.attribute(key(10 + i, i), think.start, think.end);
+            assert_eq!(charged, vec![(peer(8080), 80 * MS)], "request {i}");
+        }
+    }
+
+    #[test]
+    fn overlapping_calls_count_once_and_go_to_the_call_ending_last() {
+        // Two calls in parallel (:1 for 10–50 ms, :2 for 20–80 ms) inside a think of
+        // 0–100 ms: 70 ms of waiting, 10 ms to :1 alone, then :2 (ending last) 60 ms.
+        let mut w = Waits::default();
+        w.record(Some(key(1, 0)), 7, wait(1, 10, 50));
+        w.record(Some(key(1, 0)), 8, wait(2, 20, 80));
+        assert_eq!(w.attribute(key(1, 0), 0, 100 * MS), vec![(peer(1), 10 * MS), (peer(2), 60 * MS)]);
+    }
+
+    #[test]
+    fn waits_are_clipped_to_think() {
+        let mut w = Waits::default();
+        w.record(Some(key(1, 0)), 7, wait(1, 90, 130));
+        assert_eq!(w.attribute(key(1, 0), 100 * MS, 200 * MS), vec![(peer(1), 30 * MS)]);
+    }
+
+    #[test]
+    fn a_response_read_on_another_thread_still_counts_for_its_request() {
+        // The wait is bound when the request is written; the thread that reads the
+        // response (here 9) plays no part.
+        let mut w = Waits::default();
+        w.record(Some(key(1, 0)), 9, wait(1, 10, 50));
+        assert_eq!(w.attribute(key(1, 0), 5 * MS, 60 * MS), vec![(peer(1), 40 * MS)]);
+    }
+
+    #[test]
+    fn a_worker_handed_the_request_binds_its_calls_when_it_answers() {
+        // Worker thread 20 calls :1 (10–50 ms) with no request of its own, then begins
+        // the response of request (5, 0): the call is that request's. Its next call
+        // (60–90 ms) is for the next request it answers (6, 55), not this one; a call
+        // begun before the worker's previous response can no longer be claimed.
+        let mut w = Waits::default();
+        w.record(None, 20, wait(1, 10, 50));
+        assert_eq!(w.bind(20, key(5, 0), 0), vec![]);
+        w.record(None, 20, wait(1, 52, 53));
+        w.record(None, 20, wait(1, 60, 90));
+        assert_eq!(w.bind(20, key(6, 55), 55 * MS), vec![peer(1)]);
+        assert_eq!(w.attribute(key(5, 0), 1 * MS, 55 * MS), vec![(peer(1), 40 * MS)]);
+        assert_eq!(w.attribute(key(6, 55), 56 * MS, 95 * MS), vec![(peer(1), 30 * MS)]);
+        // Calls no bind ever ties are unattributed at the end.
+        w.record(None, 21, wait(1, 100, 110));
+        assert_eq!(w.drain_unbound(), vec![peer(1)]);
     }
 
     #[test]

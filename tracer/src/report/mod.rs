@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use crate::{
     checks::Verdict,
     stats::Stats,
-    timeline::{ClosedConnection, Record},
+    timeline::{ClosedConnection, Outcome, Record},
 };
 
 /// Why a report is printed.
@@ -54,7 +54,7 @@ pub struct Slow {
 
 impl Slow {
     /// The slow request or connection setup in `record`, if it took longer than
-    /// `threshold_ns`. Aborted requests are not timed, so never slow.
+    /// `threshold_ns`. Only answered requests are timed, so only they can be slow.
     pub fn from_record(record: &Record, threshold_ns: u64) -> Option<Slow> {
         let (what, listener, pid, remote, phases, think_waits) = match record {
             Record::Opened { listener, remote, pid, handshake_ns, accept_wait_ns, .. } => (
@@ -65,7 +65,7 @@ impl Slow {
                 vec![("handshake", *handshake_ns), ("accept_wait", *accept_wait_ns)],
                 Vec::new(),
             ),
-            Record::Exchange { aborted: true, .. } => return None,
+            Record::Exchange { outcome, .. } if *outcome != Outcome::Answered => return None,
             Record::Exchange {
                 listener,
                 remote,
@@ -142,7 +142,7 @@ mod tests {
             delivery_ns: None,
             bytes_in: 1,
             bytes_out: 1,
-            aborted,
+            outcome: if aborted { Outcome::Aborted } else { Outcome::Answered },
             think_waits: vec![],
         }
     }

@@ -84,6 +84,9 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavaila
         "  synack_retransmits {}  listen_drops {}  resets sent {} received {}",
         l.synack_retransmits, l.listen_drops, l.resets_sent, l.resets_received
     );
+    if l.closed_by_peer != 0 {
+        let _ = writeln!(out, "  closed_by_peer {} (last messages before the peer's orderly close)", l.closed_by_peer);
+    }
     header_row(out);
     for phase in Phase::ALL {
         phase_row(out, phase.name(), &l.phases[&phase], unavailable);
@@ -152,7 +155,11 @@ pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats
         "upstream {peer}  connections {}  requests {}  in {}B  out {}B",
         p.connections, p.requests, p.bytes_in, p.bytes_out
     );
-    let _ = writeln!(out, "  syn_retransmits {}  unanswered {}", p.syn_retransmits, p.unanswered);
+    let _ = writeln!(
+        out,
+        "  syn_retransmits {}  unanswered {}  unattributed {}",
+        p.syn_retransmits, p.unanswered, p.unattributed
+    );
     if !p.failures.is_empty() {
         let failures: Vec<String> = p.failures.iter().map(|(o, n)| format!("{} {n}", o.name())).collect();
         let _ = writeln!(out, "  {}", wrap("failed connects: ", &failures));
