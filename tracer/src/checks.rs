@@ -98,10 +98,11 @@ pub struct Check {
 }
 
 const CLIENT_PHASES: [&str; 2] = ["connect", "upstream"];
-const LISTENER_COUNTERS: [&str; 9] = [
+const LISTENER_COUNTERS: [&str; 10] = [
     "connections",
     "requests",
     "aborted",
+    "closed_by_peer",
     "bytes_in",
     "bytes_out",
     "synack_retransmits",
@@ -109,7 +110,8 @@ const LISTENER_COUNTERS: [&str; 9] = [
     "resets_sent",
     "resets_received",
 ];
-const PEER_COUNTERS: [&str; 4] = ["upstream_requests", "syn_retransmits", "connect_failures", "unanswered"];
+const PEER_COUNTERS: [&str; 5] =
+    ["upstream_requests", "syn_retransmits", "connect_failures", "unanswered", "unattributed"];
 const GLOBAL_COUNTERS: [&str; 2] = ["lost_events", "untracked_connections"];
 
 fn is_server_phase(name: &str) -> bool {
@@ -300,6 +302,7 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
                         "connections" => l.connections,
                         "requests" => l.requests,
                         "aborted" => l.aborted,
+                        "closed_by_peer" => l.closed_by_peer,
                         "bytes_in" => l.bytes_in,
                         "bytes_out" => l.bytes_out,
                         "synack_retransmits" => l.synack_retransmits,
@@ -316,6 +319,7 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
                     "upstream_requests" => p.requests,
                     "syn_retransmits" => p.syn_retransmits,
                     "connect_failures" => p.failures.values().sum(),
+                    "unattributed" => p.unattributed,
                     _ => p.unanswered,
                 })
                 .sum();
