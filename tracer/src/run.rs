@@ -1,7 +1,7 @@
 //! The tracing session: attach, read events until told to stop, report.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     io::{self, IsTerminal as _, Write as _},
     time::{Duration, Instant},
 };
@@ -70,6 +70,11 @@ struct Session {
     started: Instant,
     decode_errors: u64,
     listeners: ListenerWatch,
+    /// SYN-ACK retransmits per listening port not yet known to be a traced listener's:
+    /// the kernel programs see every listener's handshakes (a request socket does not
+    /// say which process listens), so they count only once the port is found among the
+    /// traced processes' listeners or connections.
+    synacks_pending: BTreeMap<u16, u64>,
     /// `--slow`, in nanoseconds.
     slow_ns: Option<u64>,
 }
@@ -103,6 +108,10 @@ impl Session {
         self.records.clear();
         self.timeline.apply(&event, &mut self.records);
         for record in &self.records {
+            if let Record::SynAckRetransmit { listener } = record {
+                *self.synacks_pending.entry(*listener).or_default() += 1;
+                continue;
+            }
             self.stats.apply(record);
             if let Record::Closed(conn) = record {
                 if self.print_connections {
@@ -132,6 +141,14 @@ impl Session {
         for (port, drops) in self.listeners.drops_by_port() {
             self.stats.listener(port).listen_drops = drops;
         }
+        let stats = &mut self.stats;
+        self.synacks_pending.retain(|port, count| match stats.listeners.get_mut(port) {
+            Some(l) => {
+                l.synack_retransmits += *count;
+                false
+            }
+            None => true,
+        });
     }
 
     fn report(&mut self, kind: ReportKind, checks: &[Verdict]) -> Result<()> {
@@ -284,6 +301,7 @@ pub fn run(args: Args) -> Result<i32> {
         started: Instant::now(),
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports),
+        synacks_pending: BTreeMap::new(),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
     };
     runtime.block_on(trace(args, probes, ring, session, launched.as_mut()))
