@@ -235,36 +235,40 @@ pub fn require_root() -> bool {
     true
 }
 
-/// A lab process started with its standard input and output kept: `lab hand-off`, which
-/// prints its own times when asked.
-pub struct LabProcess {
+/// A server process started with its standard input and output kept, which prints
+/// `listening on ADDR` when ready and its own times when asked (`lab hand-off`, the
+/// Node.js server of the tests).
+pub struct ServerProcess {
     pub proc: Proc,
     pub addr: SocketAddr,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
 /// Starts `lab ARGS` (a subcommand and its options) and waits for `listening on ADDR`.
-pub fn start_lab_process(args: &[&str]) -> Result<LabProcess> {
-    let mut child = lab_command(None)
-        .args(args)
+pub fn start_lab_process(args: &[&str]) -> Result<ServerProcess> {
+    let mut cmd = lab_command(None);
+    cmd.args(args);
+    start_server_process(cmd)
+}
+
+/// Starts `cmd` and waits for `listening on ADDR` on its standard output.
+pub fn start_server_process(mut cmd: Command) -> Result<ServerProcess> {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("starting {}", lab_bin().display()))?;
+        .with_context(|| format!("starting {cmd:?}"))?;
     let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
     let proc = Proc { child };
     let mut line = String::new();
     stdout.read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .with_context(|| format!("unexpected lab output {line:?}"))?
-        .parse()?;
-    Ok(LabProcess { proc, addr, stdout })
+    let addr =
+        line.trim().strip_prefix("listening on ").with_context(|| format!("unexpected output {line:?}"))?.parse()?;
+    Ok(ServerProcess { proc, addr, stdout })
 }
 
-impl LabProcess {
+impl ServerProcess {
     /// Sends a line on its standard input and reads the `key=value …` line it answers.
     pub fn ask(&mut self) -> Result<std::collections::HashMap<String, f64>> {
         use std::io::Write as _;
@@ -403,4 +407,46 @@ pub fn attribution_over_think(report: &Value) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The verdicts of a test on the tracer's figures, collected so that a failing run
+/// names every figure that is wrong, not only the first.
+#[derive(Default)]
+pub struct Verdicts {
+    failed: Vec<String>,
+}
+
+impl Verdicts {
+    pub fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
+        if !ok {
+            self.failed.push(message());
+        }
+    }
+
+    pub fn eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, actual: T, expected: T) {
+        self.check(actual == expected, || format!("{what}: {actual:?}, expected {expected:?}"));
+    }
+
+    /// `actual` within max(`pct`%, `floor`) of `expected`.
+    pub fn near(&mut self, what: &str, actual: f64, expected: f64, pct: f64, floor: f64) {
+        let tolerance = (expected.abs() * pct / 100.0).max(floor);
+        self.check((actual - expected).abs() <= tolerance, || {
+            format!("{what}: {actual:.3} is not within {tolerance:.3} of {expected:.3}")
+        });
+    }
+
+    /// Messages of failures found elsewhere (`counts_not_adding_up`, …).
+    pub fn extend(&mut self, messages: Vec<String>) {
+        self.failed.extend(messages);
+    }
+
+    /// The failed verdicts' messages (for verdicts that are alternatives).
+    pub fn into_failures(self) -> Vec<String> {
+        self.failed
+    }
+
+    /// Panics with every failed verdict.
+    pub fn finish(self) {
+        assert!(self.failed.is_empty(), "{} failed:\n  {}", self.failed.len(), self.failed.join("\n  "));
+    }
 }
