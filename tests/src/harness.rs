@@ -450,3 +450,15 @@ impl Verdicts {
         assert!(self.failed.is_empty(), "{} failed:\n  {}", self.failed.len(), self.failed.join("\n  "));
     }
 }
+
+/// Listeners in the report other than the servers' own `ports`, one message each with
+/// the listener's entry: the report lists the traced servers' listeners and no others.
+pub fn other_listeners(report: &Value, ports: &[u16]) -> Vec<String> {
+    report["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| !l["port"].as_u64().is_some_and(|p| ports.contains(&(p as u16))))
+        .map(|l| format!("a listener the servers do not have: {l}"))
+        .collect()
+}
