@@ -57,12 +57,13 @@ fn node_event_loop_attribution() -> anyhow::Result<()> {
     let mut node = Command::new("node");
     node.arg(&script).arg(upstream.ip().to_string()).arg(upstream.port().to_string()).arg("3");
     let mut server = start_server_process(node)?;
+    // Node has read its script once it listens.
+    let _ = std::fs::remove_file(&script);
 
     let tracer = start_tracer(&["--pid".into(), server.proc.pid().to_string()])?;
     let served = load::run(server.addr, CONNECTIONS, REQUESTS, |_, _| "/".to_owned())?;
     let lines = tracer.stop()?;
     let own = server.ask()?;
-    let _ = std::fs::remove_file(&script);
     let report = final_report(&lines)?;
 
     let truth = 100.0 * own["upstream_ns"] / own["handling_ns"];

@@ -83,7 +83,7 @@ fn pgbench_clean_closes_and_counts() -> anyhow::Result<()> {
 
     // The truth side: every transaction ran; every client connected; the log agrees.
     assert_eq!(processed, (CLIENTS * TRANSACTIONS) as u64, "{output}");
-    assert!(connections > CLIENTS as u64, "pgbench's clients and its first connection: {log}");
+    assert!(connections >= CLIENTS as u64, "pgbench's clients (and its first connection): {log}");
     // Beyond the transactions, pgbench's few set-up queries on its first connection.
     assert!((processed..processed + 10).contains(&statements), "{statements} statements in the log");
 

@@ -63,6 +63,8 @@ fn resets_mid_think_add_up() -> anyhow::Result<()> {
     let mut node = Command::new("node");
     node.arg(&script);
     let mut node = start_server_process(node)?;
+    // Node has read its script once it listens.
+    let _ = fs::remove_file(&script);
     let node_addr = node.addr;
 
     let mut args = Vec::new();
@@ -94,7 +96,6 @@ fn resets_mid_think_add_up() -> anyhow::Result<()> {
     thread::sleep(Duration::from_millis(SLOW_MS + 200));
     let lines = tracer.stop()?;
     let own = node.ask()?;
-    let _ = fs::remove_file(&script);
     let report = final_report(&lines)?;
     let log = fs::read_to_string(nginx.path("access.log"))?;
     let statuses: Vec<&str> = log.lines().collect();
