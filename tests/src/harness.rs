@@ -234,3 +234,231 @@ pub fn require_root() -> bool {
     }
     true
 }
+
+/// A server process started with its standard input and output kept, which prints
+/// `listening on ADDR` when ready and its own times when asked (`lab hand-off`, the
+/// Node.js server of the tests).
+pub struct ServerProcess {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+/// Starts `lab ARGS` (a subcommand and its options) and waits for `listening on ADDR`.
+pub fn start_lab_process(args: &[&str]) -> Result<ServerProcess> {
+    let mut cmd = lab_command(None);
+    cmd.args(args);
+    start_server_process(cmd)
+}
+
+/// Starts `cmd` and waits for `listening on ADDR` on its standard output.
+pub fn start_server_process(mut cmd: Command) -> Result<ServerProcess> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let proc = Proc { child };
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let addr =
+        line.trim().strip_prefix("listening on ").with_context(|| format!("unexpected output {line:?}"))?.parse()?;
+    Ok(ServerProcess { proc, addr, stdout })
+}
+
+impl ServerProcess {
+    /// Sends a line on its standard input and reads the `key=value …` line it answers.
+    pub fn ask(&mut self) -> Result<std::collections::HashMap<String, f64>> {
+        use std::io::Write as _;
+        writeln!(self.proc.child.stdin.as_mut().context("stdin already closed")?)?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect())
+    }
+}
+
+/// The report's entry for upstream peer `peer` (`addr:port`).
+pub fn upstream_peer<'a>(report: &'a Value, peer: &str) -> Result<&'a Value> {
+    report["upstreams"]
+        .as_array()
+        .context("report without upstreams")?
+        .iter()
+        .find(|u| u["peer"] == peer)
+        .with_context(|| format!("no upstream {peer} in {report}"))
+}
+
+/// The sum of think of a listener (`think_attribution.think_ns`).
+pub fn think_ns(l: &Value) -> u64 {
+    l["think_attribution"]["think_ns"].as_u64().unwrap_or(0)
+}
+
+/// The think of a listener attributed to `peer`, or to all peers when `None`.
+pub fn peer_wait_ns(l: &Value, peer: Option<&str>) -> u64 {
+    l["think_attribution"]["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| peer.is_none_or(|peer| p["peer"] == peer))
+        .map(|p| p["wait_ns"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The share of a listener's think attributed to `peer` (all peers when `None`), in
+/// percent.
+pub fn attributed_pct(l: &Value, peer: Option<&str>) -> f64 {
+    100.0 * peer_wait_ns(l, peer) as f64 / think_ns(l).max(1) as f64
+}
+
+/// One line per listener and upstream peer with the counts the identities relate and
+/// the think attribution: printed by the real-server tests before they assert, so that
+/// a failing run still shows every figure.
+pub fn describe(report: &Value) -> String {
+    let mut out = String::new();
+    for l in report["listeners"].as_array().into_iter().flatten() {
+        let peers: Vec<String> = l["think_attribution"]["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{} {:.1}%",
+                    p["peer"],
+                    100.0 * p["wait_ns"].as_f64().unwrap_or(0.0) / think_ns(l).max(1) as f64
+                )
+            })
+            .collect();
+        out += &format!(
+            "listener :{} connections {} requests {} think.count {} aborted {} closed_by_peer {} | think {:.1} ms, local {:.1} ms, attributed {:.1}% [{}]\n",
+            l["port"],
+            l["connections"],
+            l["requests"],
+            phase_count(l, "think"),
+            l["aborted"],
+            l["closed_by_peer"],
+            think_ns(l) as f64 / 1e6,
+            l["think_attribution"]["local_ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            attributed_pct(l, None),
+            peers.join(", "),
+        );
+    }
+    for u in report["upstreams"].as_array().into_iter().flatten() {
+        out += &format!(
+            "upstream {} connections {} requests {} upstream.count {} unanswered {} unattributed {}\n",
+            u["peer"],
+            u["connections"],
+            u["requests"],
+            u["phases"]["upstream"]["count"],
+            u["unanswered"],
+            u["unattributed"],
+        );
+    }
+    out
+}
+
+/// Every request is timed or counted once elsewhere: on each listener `requests` =
+/// think count + `aborted`; on each upstream peer `requests` = upstream count +
+/// `unanswered`. The identities that do not hold, one message each.
+pub fn counts_not_adding_up(report: &Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for l in report["listeners"].as_array().into_iter().flatten() {
+        let (requests, aborted) = (l["requests"].as_u64(), l["aborted"].as_u64());
+        let timed = phase_count(l, "think");
+        if requests.is_none() || aborted.is_none() || requests != Some(timed + aborted.unwrap_or(0)) {
+            wrong.push(format!(
+                "listener :{}: requests {:?} != think count {timed} + aborted {:?}",
+                l["port"], requests, aborted
+            ));
+        }
+    }
+    for u in report["upstreams"].as_array().into_iter().flatten() {
+        let (requests, unanswered) = (u["requests"].as_u64(), u["unanswered"].as_u64());
+        let timed = u["phases"]["upstream"]["count"].as_u64().unwrap_or(0);
+        if requests.is_none() || unanswered.is_none() || requests != Some(timed + unanswered.unwrap_or(0)) {
+            wrong.push(format!(
+                "upstream {}: requests {:?} != upstream count {timed} + unanswered {:?}",
+                u["peer"], requests, unanswered
+            ));
+        }
+    }
+    wrong
+}
+
+/// The share of think attributed to upstream peers never exceeds all of think, on any
+/// listener: the messages of those where it does.
+pub fn attribution_over_think(report: &Value) -> Vec<String> {
+    report["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| peer_wait_ns(l, None) > think_ns(l))
+        .map(|l| {
+            format!(
+                "listener :{}: peers' wait {} ns > think {} ns ({:.1}%)",
+                l["port"],
+                peer_wait_ns(l, None),
+                think_ns(l),
+                attributed_pct(l, None)
+            )
+        })
+        .collect()
+}
+
+/// The verdicts of a test on the tracer's figures, collected so that a failing run
+/// names every figure that is wrong, not only the first.
+#[derive(Default)]
+pub struct Verdicts {
+    failed: Vec<String>,
+}
+
+impl Verdicts {
+    pub fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
+        if !ok {
+            self.failed.push(message());
+        }
+    }
+
+    pub fn eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, actual: T, expected: T) {
+        self.check(actual == expected, || format!("{what}: {actual:?}, expected {expected:?}"));
+    }
+
+    /// `actual` within max(`pct`%, `floor`) of `expected`.
+    pub fn near(&mut self, what: &str, actual: f64, expected: f64, pct: f64, floor: f64) {
+        let tolerance = (expected.abs() * pct / 100.0).max(floor);
+        self.check((actual - expected).abs() <= tolerance, || {
+            format!("{what}: {actual:.3} is not within {tolerance:.3} of {expected:.3}")
+        });
+    }
+
+    /// Messages of failures found elsewhere (`counts_not_adding_up`, …).
+    pub fn extend(&mut self, messages: Vec<String>) {
+        self.failed.extend(messages);
+    }
+
+    /// The failed verdicts' messages (for verdicts that are alternatives).
+    pub fn into_failures(self) -> Vec<String> {
+        self.failed
+    }
+
+    /// Panics with every failed verdict.
+    pub fn finish(self) {
+        assert!(self.failed.is_empty(), "{} failed:\n  {}", self.failed.len(), self.failed.join("\n  "));
+    }
+}
+
+/// Listeners in the report other than the servers' own `ports`, one message each with
+/// the listener's entry: the report lists the traced servers' listeners and no others.
+pub fn other_listeners(report: &Value, ports: &[u16]) -> Vec<String> {
+    report["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| !l["port"].as_u64().is_some_and(|p| ports.contains(&(p as u16))))
+        .map(|l| format!("a listener the servers do not have: {l}"))
+        .collect()
+}

@@ -3,13 +3,17 @@
 //! reading its JSON report).
 //!
 //! Protocol: a request is `GET /?size=N&delay=MS HTTP/1.1` headers ending in a blank
-//! line; the response carries exactly N body bytes (`Content-Length: N`). Connections
-//! are kept alive unless the request says `Connection: close`.
+//! line; the response carries exactly N body bytes (`Content-Length: N`), after a sleep
+//! of MS milliseconds when `delay` is given. Connections are kept alive unless the
+//! request says `Connection: close`.
 
 pub mod backends;
 pub mod client;
+pub mod handoff;
 pub mod harness;
 pub mod hold;
+pub mod load;
 pub mod netns;
+pub mod nginx;
 pub mod pg;
 pub mod server;

@@ -100,6 +100,23 @@ impl Cluster {
     pub fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+
+    /// A program of the server's version (`pgbench`, `psql`, …).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    /// The server's log (its standard error).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    /// The postmaster's PID, from the first line of `postmaster.pid`: it accepts every
+    /// connection and forks a backend for it.
+    pub fn postmaster_pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))?;
+        text.lines().next().and_then(|l| l.trim().parse().ok()).context("no PID in postmaster.pid")
+    }
 }
 
 impl Drop for Cluster {

@@ -114,11 +114,14 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
 struct Request {
     size: usize,
     close: bool,
+    /// `delay=MS` in the query: sleep this long before answering, on top of the
+    /// scenario's own work.
+    delay: Duration,
 }
 
 /// Reads one request's headers; `None` at end of stream.
 fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Result<Option<Request>> {
-    let mut request = Request { size: default_size, close: false };
+    let mut request = Request { size: default_size, close: false, delay: Duration::ZERO };
     let mut first = true;
     loop {
         let mut line = String::new();
@@ -129,8 +132,10 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
             first = false;
             if let Some(q) = line.split_whitespace().nth(1).and_then(|p| p.split_once('?')).map(|(_, q)| q.to_owned()) {
                 for kv in q.split('&') {
-                    if let Some(("size", v)) = kv.split_once('=') {
-                        request.size = v.parse().unwrap_or(default_size);
+                    match kv.split_once('=') {
+                        Some(("size", v)) => request.size = v.parse().unwrap_or(default_size),
+                        Some(("delay", v)) => request.delay = Duration::from_millis(v.parse().unwrap_or(0)),
+                        _ => {}
                     }
                 }
             }
@@ -160,6 +165,9 @@ fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared
             Scenario::Database => upstreams.query()?,
             Scenario::LocalWork => spin(delay),
             _ => {}
+        }
+        if !request.delay.is_zero() {
+            thread::sleep(request.delay);
         }
         let header = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n",

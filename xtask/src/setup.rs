@@ -21,6 +21,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     ("procps", "/usr/sbin/sysctl"),
     ("postgresql", "/usr/share/doc/postgresql/copyright"),
+    ("nodejs", "/usr/bin/node"),
     ("bsdutils", "/usr/bin/script"),
 ];
 

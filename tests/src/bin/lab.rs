@@ -18,6 +18,9 @@ enum Command {
     /// Opens many connections (one request each), holds them until a line arrives on
     /// stdin, then closes them.
     Hold(tracer_tests::hold::HoldOptions),
+    /// A reader thread handing requests to a pool of workers that call backends; prints
+    /// its own times when a line arrives on stdin.
+    HandOff(tracer_tests::handoff::HandOffOptions),
     /// Waits for a line on stdin, then connects to each address in turn (giving up after
     /// --timeout-ms) and prints how each attempt ended.
     Connect {
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hold(opts) => tracer_tests::hold::run(&opts),
+        Command::HandOff(opts) => tracer_tests::handoff::run(opts),
         Command::Connect { timeout_ms, addrs } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
