@@ -30,6 +30,10 @@ pub enum Scenario {
     /// Answer at once with RESPONSE_SIZE bytes from a large send buffer, so the response
     /// waits in the kernel for a client that reads late (`lab client --read-delay-ms`).
     SlowReader,
+    /// Answer at once with RESPONSE_SIZE bytes in one write through a 16 KiB send
+    /// buffer: the write itself blocks while a client that reads late
+    /// (`--read-delay-ms`, `--rcvbuf`) lets the response sit (`send`, not `think`).
+    BlockedWrite,
     /// A round-robin load balancer: each request goes to the next --backend (keep-alive
     /// connections per serving thread) and its answer comes back once the backend's
     /// whole response is read.
@@ -149,8 +153,10 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
 
 fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared>) -> Result<()> {
     let mut upstreams = Upstreams::new(Arc::clone(shared));
-    if opts.scenario == Scenario::SlowReader {
-        set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?;
+    match opts.scenario {
+        Scenario::SlowReader => set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?,
+        Scenario::BlockedWrite => set_sockopt(&stream, libc::SO_SNDBUF, 16 << 10)?,
+        _ => {}
     }
     if opts.abort_on_close {
         set_linger_zero(&stream)?;
