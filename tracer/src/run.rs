@@ -321,6 +321,11 @@ async fn trace(
     } else {
         format!("{} process(es) from PID(s) {:?}", session.live.len(), args.pids)
     };
+    // Stoppable from the moment it says it is tracing: a Ctrl-C or SIGINT sent just
+    // after that line must end it with its report, not be lost (a background job of a
+    // script inherits SIGINT ignored) or kill it without one.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     // The listeners' counters as they are now: listen drops count from here.
     session.poll_counters(&probes);
     say!("tracer: tracing {what}; Ctrl-C to stop");
@@ -334,8 +339,6 @@ async fn trace(
     // SAFETY: the ring buffer owns its file descriptor and stays registered only while
     // `ring` lives; nothing else closes it.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // The programs do not wake the tracer per event (see `submit_flags`): drain on a

@@ -184,28 +184,66 @@ fn kernel(series: &str) -> Result<PathBuf> {
         .context("no vmlinuz in the kernel package")
 }
 
+/// Shell functions of the init script. `ready SECONDS FILE TEXT PID` waits until FILE
+/// holds TEXT (status 0), the process PID has exited (1) or SECONDS have passed (2);
+/// `now` is the time since boot in hundredths of a second.
+const READY: &str = "now() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+ready() {
+  end=$(($(now) + $1 * 100))
+  until grep -qs \"$3\" \"$2\"; do
+    kill -0 $4 2>/dev/null || return 1
+    [ $(now) -lt $end ] || return 2
+    sleep 0.2
+  done
+}
+";
+
+/// How long the server and the tracer may take to say they are ready, in seconds
+/// (the tracer takes 3 to 5 under emulation on a busy host).
+const READY_TIMEOUT: u32 = 60;
+
 /// The init script: per pass, doctor, then each scenario traced; results between
-/// markers on the serial console.
+/// markers on the serial console. The client starts only once the server listens and
+/// the tracer has said, in a file of this scenario's own, that it is tracing; when
+/// either is not ready in time, the scenario's result says why (`not ready: …`) and
+/// the client does not run.
 fn init_script() -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\nmkdir -p /tmp\n\
-         ip link set lo up\n\
-         echo '=== kernel' $(uname -r)\n",
+         ip link set lo up\n",
     );
+    s.push_str(READY);
+    s.push_str("echo '=== kernel' $(uname -r)\n");
+    let wait = READY_TIMEOUT;
     for (pass, options) in PASSES {
         let _ = write!(s, "echo '=== doctor {pass}'\ntracer doctor {options}\necho \"=== doctor-exit {pass} $?\"\n");
         for sc in SCENARIOS {
             let (name, server, client) = (sc.name, sc.server, sc.client);
+            // The previous scenario's files go first: a background job opens its own
+            // only once it runs, and the old ones' lines (`tracer: tracing`) must not
+            // be taken for this one's.
             let _ = write!(
                 s,
-                "lab server {server} > /tmp/srv.out &\nSRV=$!\nsleep 1\nADDR=$(cut -d' ' -f3 /tmp/srv.out)\n\
+                "rm -f /tmp/srv.out /tmp/trace.json /tmp/trace.err /tmp/client.out\nNOT_READY=\n\
+                 lab server {server} > /tmp/srv.out &\nSRV=$!\n\
+                 ready {wait} /tmp/srv.out 'listening on' $SRV\n\
+                 case $? in 1) NOT_READY='the lab server exited before it listened';; \
+                 2) NOT_READY='the lab server did not listen within {wait} s';; esac\n\
+                 ADDR=$(cut -d' ' -f3 /tmp/srv.out 2>/dev/null)\n\
+                 if [ -z \"$NOT_READY\" ]; then\n\
                  tracer {options} --connections --pid $SRV --output json > /tmp/trace.json 2> /tmp/trace.err &\nTP=$!\n\
-                 for i in $(seq 1 300); do grep -q 'tracer: tracing' /tmp/trace.err && break; sleep 0.2; done\n\
-                 lab client --server $ADDR {client} > /tmp/client.out\nsleep 1\nkill -INT $TP\nwait $TP\n\
-                 echo '=== result {pass} {name}'\necho \"server $ADDR\"\ncat /tmp/client.out\n\
-                 grep '\"type\":\"connection\"' /tmp/trace.json\ngrep '\"type\":\"report\"' /tmp/trace.json | tail -1\n\
-                 echo '=== stderr {pass} {name}'\ncat /tmp/trace.err\necho '=== end {pass} {name}'\nkill $SRV\nwait $SRV 2>/dev/null\n"
+                 ready {wait} /tmp/trace.err 'tracer: tracing' $TP\n\
+                 case $? in 1) NOT_READY='the tracer exited before it was tracing';; \
+                 2) NOT_READY='the tracer was not tracing within {wait} s';; esac\n\
+                 if [ -z \"$NOT_READY\" ]; then\n\
+                 lab client --server $ADDR {client} > /tmp/client.out\nsleep 1\nkill -INT $TP\n\
+                 else kill -KILL $TP 2>/dev/null; fi\nwait $TP\nfi\n\
+                 echo '=== result {pass} {name}'\n[ -n \"$NOT_READY\" ] && echo \"not ready: $NOT_READY\"\n\
+                 echo \"server $ADDR\"\ncat /tmp/client.out 2>/dev/null\n\
+                 grep -s '\"type\":\"connection\"' /tmp/trace.json\ngrep -s '\"type\":\"report\"' /tmp/trace.json | tail -1\n\
+                 echo '=== stderr {pass} {name}'\ncat /tmp/trace.err 2>/dev/null\necho '=== end {pass} {name}'\n\
+                 kill $SRV\nwait $SRV 2>/dev/null\n"
             );
         }
     }
@@ -318,14 +356,17 @@ fn judge(series: &str, console: &str) -> Outcome {
         for sc in SCENARIOS {
             let lines = section(console, &format!("=== result {pass} {}", sc.name)).unwrap_or_default();
             let what = format!("{}: {} p50 ≈ {} ms", sc.name, sc.phase, sc.delay_ms);
+            let stderr = || section(console, &format!("=== stderr {pass} {}", sc.name)).unwrap_or_default().join(" | ");
+            if let Some(why) = lines.iter().find_map(|l| l.strip_prefix("not ready: ")) {
+                checks.push((what, false, format!("not run: {why}; tracer said: {}", stderr())));
+                continue;
+            }
             let report = lines
                 .iter()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .find(|v| v["type"] == "report");
             let Some(report) = report else {
-                let stderr =
-                    section(console, &format!("=== stderr {pass} {}", sc.name)).unwrap_or_default().join(" | ");
-                checks.push((what, false, format!("no report; tracer said: {stderr}")));
+                checks.push((what, false, format!("no report; tracer said: {}", stderr())));
                 continue;
             };
             let listener = &report["listeners"][0];
@@ -510,6 +551,50 @@ mod tests {
         assert!(within(211.0, 200.0, 223.0), "the client saw the exchange stretched");
         assert!(!within(160.0, 200.0, 162.0), "more than 15% from the delay");
         assert!(!within(112.0, 100.0, 101.0), "longer than the client's whole exchange");
+    }
+
+    #[test]
+    fn the_guest_waits_until_ready_and_says_when_it_is_not() {
+        let file = std::env::temp_dir().join(format!("vmtest-ready-{}", std::process::id()));
+        let ready = |seconds: u32, pid: u32| {
+            let script = format!("{READY}ready {seconds} {} 'tracer: tracing' {pid}", file.display());
+            Command::new("sh").arg("-c").arg(script).status().expect("sh").code()
+        };
+        let alive = std::process::id();
+        let mut exited = Command::new("true").spawn().expect("true");
+        exited.wait().expect("true");
+        fs::write(&file, "tracer: this kernel's hooks: …\ntracer: tracing 1 process(es)\n").unwrap();
+        assert_eq!(ready(5, alive), Some(0));
+        fs::write(&file, "tracer: this kernel's hooks: …\n").unwrap();
+        let start = Instant::now();
+        assert_eq!(ready(1, alive), Some(2), "not ready in time");
+        assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+        assert_eq!(ready(5, exited.id()), Some(1), "exited before it was ready");
+        fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn a_scenario_not_ready_in_time_fails_with_the_reason() {
+        let console = "=== kernel 6.1.0-50-cloud-amd64\n=== result kprobe slow-reader\n\
+                       not ready: the tracer was not tracing within 60 s\nserver 127.0.0.1:4000\n\
+                       === stderr kprobe slow-reader\ntracer: this kernel's hooks: accept kretprobe/inet_csk_accept\n\
+                       === end kprobe slow-reader\n=== done\n";
+        let outcome = judge("6.1", console);
+        let kprobe = outcome.passes.iter().find(|p| p.name == "kprobe").expect("kprobe pass");
+        let (_, ok, detail) = kprobe.checks.iter().find(|c| c.0.starts_with("slow-reader")).expect("slow-reader");
+        assert!(!ok);
+        assert_eq!(
+            detail,
+            "not run: the tracer was not tracing within 60 s; tracer said: tracer: this kernel's hooks: accept kretprobe/inet_csk_accept"
+        );
+    }
+
+    #[test]
+    fn every_scenario_starts_from_fresh_files() {
+        let script = init_script();
+        let fresh = script.matches("rm -f /tmp/srv.out /tmp/trace.json /tmp/trace.err /tmp/client.out\n").count();
+        assert_eq!(fresh, PASSES.len() * SCENARIOS.len());
+        assert_eq!(script.matches("2> /tmp/trace.err &").count(), fresh);
     }
 
     #[test]
