@@ -2,7 +2,8 @@
 //! (software emulation) with an initramfs holding static builds of the tracer and the
 //! lab. Inside, for each way of choosing hooks (the default, then raw tracepoints and
 //! trampolines, then kprobes), `tracer doctor` reports the hooks and phases and a subset
-//! of the accuracy scenarios runs (slow-think, body-stall, slow-accept, slow-reader);
+//! of the accuracy scenarios runs (slow-think, body-stall, slow-accept, slow-reader,
+//! blocked-write);
 //! the host checks each phase against the injected delay, and what the programs read
 //! from sockets against what the client's own sockets say, and prints a table per
 //! kernel.
@@ -96,6 +97,16 @@ const SCENARIOS: &[Scenario] = &[
         server: "--scenario slow-reader",
         client: "--connections 4 --size 20000 --read-delay-ms 200 --rcvbuf 4096",
         phase: "delivery",
+        delay_ms: 200.0,
+        samples: 4,
+    },
+    // One write blocked on a full 16 KiB send buffer while the client waits to read:
+    // `send` from the write's start (the write-start hook), not `think`.
+    Scenario {
+        name: "blocked-write",
+        server: "--scenario blocked-write --response-size 300000",
+        client: "--requests 4 --size 300000 --read-delay-ms 200 --rcvbuf 16384",
+        phase: "send",
         delay_ms: 200.0,
         samples: 4,
     },
