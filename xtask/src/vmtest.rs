@@ -3,10 +3,9 @@
 //! lab. Inside, for each way of choosing hooks (the default, then raw tracepoints and
 //! trampolines, then kprobes), `tracer doctor` reports the hooks and phases and a subset
 //! of the accuracy scenarios runs (slow-think, body-stall, slow-accept, slow-reader,
-//! blocked-write);
-//! the host checks each phase against the injected delay, and what the programs read
-//! from sockets against what the client's own sockets say, and prints a table per
-//! kernel.
+//! blocked-write); the host checks each phase against the injected delay, and what the
+//! programs read from sockets against what the client's own sockets say, and prints a
+//! table per kernel.
 
 use std::{
     collections::BTreeMap,
