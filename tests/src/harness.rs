@@ -462,3 +462,22 @@ pub fn other_listeners(report: &Value, ports: &[u16]) -> Vec<String> {
         .map(|l| format!("a listener the servers do not have: {l}"))
         .collect()
 }
+
+/// The verdicts every HTTP server traced by the real-server tests must pass: no event
+/// lost, no listener but its own, `total` requests each timed, none left unanswered at a
+/// close (HTTP clients close after their last response), the counts adding up, the sum
+/// of think within max(5%, 2 ms) of the server's own handling time, and attribution
+/// never above think.
+pub fn http_server_verdicts(report: &Value, port: u16, total: u64, handling_ns: f64) -> Result<Verdicts> {
+    let l = listener(report, port)?;
+    let mut v = Verdicts::default();
+    v.eq("lost events", &report["lost_events"], &serde_json::json!(0));
+    v.extend(other_listeners(report, &[port]));
+    v.eq("requests", l["requests"].as_u64(), Some(total));
+    v.eq("timed requests", phase_count(l, "think"), total);
+    v.eq("closed by the peer", l["closed_by_peer"].as_u64(), Some(0));
+    v.extend(counts_not_adding_up(report));
+    v.near("sum of think against the server's handling (ms)", think_ns(l) as f64 / 1e6, handling_ns / 1e6, 5.0, 2.0);
+    v.extend(attribution_over_think(report));
+    Ok(v)
+}

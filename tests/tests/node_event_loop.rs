@@ -79,23 +79,8 @@ fn node_event_loop_attribution() -> anyhow::Result<()> {
     assert_eq!(own["calls"], total as f64, "{own:?}");
     assert!(own["handling_ns"] >= total as f64 * 23e6, "each request waits 20 ms and works 3 ms: {own:?}");
 
-    let mut v = Verdicts::default();
-    v.eq("lost events", &report["lost_events"], &serde_json::json!(0));
-    v.extend(other_listeners(report, &[server.addr.port()]));
-    v.eq("requests", l["requests"].as_u64(), Some(total as u64));
-    v.eq("timed requests", phase_count(l, "think"), total as u64);
-    // HTTP clients close after their last response: no message left unanswered.
-    v.eq("closed by the peer", l["closed_by_peer"].as_u64(), Some(0));
+    let mut v = http_server_verdicts(report, server.addr.port(), total as u64, own["handling_ns"])?;
     v.eq("upstream exchanges", peer["requests"].as_u64(), Some(total as u64));
-    v.extend(counts_not_adding_up(report));
-    v.near(
-        "sum of think against the server's handling (ms)",
-        think_ns(l) as f64 / 1e6,
-        own["handling_ns"] / 1e6,
-        5.0,
-        2.0,
-    );
-    v.extend(attribution_over_think(report));
     v.near("share of think attributed to the upstream (%) against the server's own", measured, truth, 0.0, 5.0);
     v.finish();
     Ok(())
