@@ -398,8 +398,14 @@ pub struct KernelOffsets {
     /// struct tcp_skb_cb.seq, followed by .end_seq (checked at start; both are read at
     /// once): a segment carries data when they differ
     pub tcp_skb_cb_seq: u32,
+    /// struct sock_common.skc_state (one byte)
+    pub skc_state: u32,
+    /// struct tcp_sock.lsndtime (u32 jiffies): set when the kernel creates a passive
+    /// connection and again at each data send, so until the application first writes,
+    /// the jiffy its handshake completed
+    pub tcp_lsndtime: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 112);
+const _: () = assert!(size_of::<KernelOffsets>() == 120);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {
@@ -515,6 +521,10 @@ pub mod counter {
     pub const READ_ERRORS: u32 = 1;
     /// Per-socket state entries that could not be created (map full).
     pub const STATE_FULL: u32 = 2;
+    /// Server connections accepted by a traced process (or on a traced port) with no
+    /// setup record although the kernel established them while the programs were
+    /// attached: a handshake and accept wait the tracer did not see.
+    pub const MISSED_SETUPS: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 

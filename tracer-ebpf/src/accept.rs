@@ -44,7 +44,10 @@ fn on_accept_return(ctx: &TracePointContext) {
 /// accept() is returning connection `sk` to the current process.
 #[inline(always)]
 pub fn on_accepted(sk: u64) {
-    let Some(st) = state_mut(sk) else { return };
+    let Some(st) = state_mut(sk) else {
+        crate::setup::accepted_without_state(sk);
+        return;
+    };
     if st.owner == 0 {
         take_ownership(sk, st);
     }

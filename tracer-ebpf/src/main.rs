@@ -5,7 +5,8 @@
 //! closed), so a keep-alive request costs one event however it is chunked.
 //!
 //! One module per hook family: `state` (TCP state changes), `accept` (accept syscalls),
-//! `io` (send, receive, data arrival, acknowledgements), `retransmit` (SYN-ACK
+//! `io` (send, receive, data arrival, acknowledgements), `setup` (the state change that
+//! starts a server connection, once more, and setups missed), `retransmit` (SYN-ACK
 //! retransmits), `listen` (ACKs dropped on a full accept queue), `reset` (resets sent
 //! and received), `upstream` (connections the traced process opens), `process` (fork
 //! and exit of traced processes), `bind` (which server request an upstream request is
@@ -30,6 +31,7 @@ mod maps;
 mod process;
 mod reset;
 mod retransmit;
+mod setup;
 mod state;
 mod upstream;
 

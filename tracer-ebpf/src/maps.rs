@@ -41,6 +41,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_sent: 0,
     tcp_bytes_retrans: 0,
     tcp_skb_cb_seq: 0,
+    skc_state: 0,
+    tcp_lsndtime: 0,
 };
 
 #[unsafe(no_mangle)]

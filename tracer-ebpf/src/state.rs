@@ -10,14 +10,14 @@ use crate::{
     off, upstream,
 };
 
-const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
-const TCP_SYN_RECV: i32 = 3;
+pub const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_FIN_WAIT2: i32 = 5;
 const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
-const TCP_CLOSE_WAIT: i32 = 8;
+pub const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 const TCP_CLOSING: i32 = 11;
 
@@ -42,13 +42,17 @@ tracepoint_hook! {
 }
 
 /// The final ACK of a handshake was processed: the connection is queued on its
-/// listener. The owner is unknown until accept() returns it.
+/// listener. The owner is unknown until accept() returns it. Called by two programs
+/// (see `setup`): the first records it.
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
 #[inline(never)]
-fn on_passive_established(sk: u64) {
+pub fn on_passive_established(sk: u64) {
     let ts = now();
     let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
     if filter_by_port() && !is_traced_port(local_port) {
+        return;
+    }
+    if crate::setup::handled_just_now(sk) {
         return;
     }
     let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
@@ -77,6 +81,7 @@ fn on_passive_established(sk: u64) {
         }
     }
     insert_state(sk, st);
+    crate::setup::note_handled(sk);
 }
 
 /// Each arm of the state hook is a BPF subprogram of its own, with its own stack frame:

@@ -112,7 +112,7 @@ const LISTENER_COUNTERS: [&str; 10] = [
 ];
 const PEER_COUNTERS: [&str; 5] =
     ["upstream_requests", "syn_retransmits", "connect_failures", "unanswered", "unattributed"];
-const GLOBAL_COUNTERS: [&str; 2] = ["lost_events", "untracked_connections"];
+const GLOBAL_COUNTERS: [&str; 3] = ["lost_events", "untracked_connections", "missed_setups"];
 
 fn is_server_phase(name: &str) -> bool {
     Phase::ALL.iter().any(|p| p.name() == name)
@@ -293,7 +293,7 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
         Subject::Counter { name, scope } => {
             let name = name.as_str();
             if let Some(i) = GLOBAL_COUNTERS.iter().position(|c| *c == name) {
-                return Ok([stats.lost_events, stats.state_full][i] as f64);
+                return Ok([stats.lost_events, stats.state_full, stats.missed_setups][i] as f64);
             }
             if LISTENER_COUNTERS.contains(&name) {
                 let sum: u64 = listeners(stats, scope)?

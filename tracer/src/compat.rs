@@ -202,7 +202,24 @@ pub const HOOKS: &[Hook] = &[
         needed_for: "every phase",
         required: true,
         phases: &[],
-        implementations: tracepoint_impls!("inet_sock_set_state", "raw_inet_sock_set_state", "4.16+"),
+        // Two programs on the tracepoint: the second handles SYN_RECV -> ESTABLISHED again,
+        // for when the kernel skips the first (see the programs' `setup` module).
+        implementations: &[
+            Implementation {
+                programs: &[
+                    one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state")),
+                    one("inet_sock_set_state_setup", Attach::TpBtf("inet_sock_set_state")),
+                ],
+                needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
+            },
+            Implementation {
+                programs: &[
+                    one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state")),
+                    one("raw_inet_sock_set_state_setup", Attach::RawTp("inet_sock_set_state")),
+                ],
+                needs: "the tracepoint inet_sock_set_state (4.16+)",
+            },
+        ],
         precondition: always,
     },
     Hook {

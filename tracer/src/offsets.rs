@@ -55,6 +55,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
             );
             seq
         },
+        skc_state: byte("sock_common", "skc_state", 1)?,
+        tcp_lsndtime: byte("tcp_sock", "lsndtime", 4)?,
     };
     Ok(offsets)
 }

@@ -134,9 +134,11 @@ impl Session {
         }
     }
 
-    /// Reads the kernel-side counters that are not events: lost events and listen drops.
+    /// Reads the kernel-side counters that are not events: lost events, missed setups and
+    /// listen drops.
     fn poll_counters(&mut self, probes: &Probes) {
         self.stats.lost_events = probes.lost_events();
+        self.stats.missed_setups = probes.counter(counter::MISSED_SETUPS).unwrap_or(0);
         self.listeners.refresh(&self.live, |cookie| probes.ack_overflows(cookie));
         for (port, drops) in self.listeners.drops_by_port() {
             self.stats.listener(port).listen_drops = drops;
@@ -239,6 +241,7 @@ pub fn run(args: Args) -> Result<i32> {
         max_sockets: args.max_sockets,
     })?;
     probes.tracing_possible()?;
+    probes.note_attached();
     let mut live = HashSet::new();
     // Register first, then look for descendants: a child forked in between is caught by
     // the fork hook, one forked before by the /proc scan.

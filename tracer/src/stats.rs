@@ -146,6 +146,8 @@ pub struct Stats {
     pub lost_events: u64,
     pub read_errors: u64,
     pub state_full: u64,
+    /// Server connections accepted with no setup record (`counter::MISSED_SETUPS`).
+    pub missed_setups: u64,
     /// Phases this kernel cannot measure, with the reason: reported as unavailable,
     /// never as zero.
     pub unavailable: BTreeMap<&'static str, String>,

@@ -92,6 +92,7 @@ struct ReportJson {
     events: u64,
     lost_events: u64,
     untracked_connections: u64,
+    missed_setups: u64,
     /// Events were lost or connections went untracked: counts and histograms miss some.
     incomplete: bool,
     tracked_sockets: u64,
@@ -250,7 +251,8 @@ impl Format for Json {
             events: s.stats.events,
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
-            incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0,
+            missed_setups: s.stats.missed_setups,
+            incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0 || s.stats.missed_setups > 0,
             tracked_sockets: s.stats.tracked_sockets,
             unavailable_phases: s.stats.unavailable.clone(),
             listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l, &s.stats.unavailable)).collect(),

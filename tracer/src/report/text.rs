@@ -242,11 +242,12 @@ impl Format for Text {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "== tracer {} report: {:.1}s, {} events, {} lost ==",
+            "== tracer {} report: {:.1}s, {} events, {} lost, {} setups missed ==",
             s.kind.name(),
             s.elapsed_s,
             s.stats.events,
-            s.stats.lost_events
+            s.stats.lost_events,
+            s.stats.missed_setups
         );
         if s.stats.lost_events > 0 {
             let _ = writeln!(
@@ -260,6 +261,13 @@ impl Format for Text {
                 out,
                 "warning: {} connections were not tracked (per-socket state full); raise --max-sockets",
                 s.stats.state_full
+            );
+        }
+        if s.stats.missed_setups > 0 {
+            let _ = writeln!(
+                out,
+                "warning: {} accepted connections have no handshake or accept_wait (their setup was not seen)",
+                s.stats.missed_setups
             );
         }
         if s.stats.read_errors > 0 {

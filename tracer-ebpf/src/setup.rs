@@ -1,0 +1,114 @@
+//! A server connection's setup record (its handshake, then its accept wait) starts at the
+//! state change SYN_RECV → ESTABLISHED, which the kernel makes in a softirq.
+//!
+//! The kernel runs a tracepoint program at most once at a time on a CPU: when a softirq
+//! interrupts the state hook while it runs in process context for another socket (a
+//! connect, a close), the state changes inside that softirq are not given to the hook
+//! at all, and the program's `recursion_misses` is all that counts them. So this change
+//! has a second program of its own on the same tracepoint, which does nothing else. The
+//! tracepoint calls the two one after the other, so an interrupted context is inside at
+//! most one of them and the other runs; the first to run records the setup, the second
+//! finds it there.
+//!
+//! What is missed all the same (a full socket table, or any other way) is counted when
+//! a traced process accepts the connection: accepted with no record although the kernel
+//! created it after the programs were attached (`counter::MISSED_SETUPS`).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_jiffies64},
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
+use tracer_common::counter;
+
+use crate::{
+    kernel::{is_inet_tcp, read},
+    maps::{bump, filter_by_port, is_traced_port, is_traced_tgid},
+    off,
+    state::{on_passive_established, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV},
+};
+
+/// The jiffies (64-bit) when this program first ran (userspace makes it run once as soon
+/// as it is attached: `Probes::note_attached`): from then on, every passive connection
+/// the kernel establishes is given to one of the two programs.
+#[map]
+static ATTACHED_JIFFIES: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per CPU, the connection whose setup the first of the two programs has just handled
+/// (recorded, or found no room for), until the second takes it. The two run one after
+/// the other on the same CPU, with no other state change in between but in a softirq
+/// that interrupts them.
+#[map]
+static JUST_HANDLED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the other program has just handled the setup of `sk`, in this same state
+/// change; takes the mark. (A mark the second program never took, because the kernel
+/// skipped it, is taken by the next state change of the same socket address on the CPU,
+/// whose setup the second program then records.)
+#[inline(always)]
+pub fn handled_just_now(sk: u64) -> bool {
+    let Some(mark) = JUST_HANDLED.get_ptr_mut(0) else { return false };
+    if unsafe { *mark } != sk {
+        return false;
+    }
+    unsafe { *mark = 0 };
+    true
+}
+
+#[inline(always)]
+pub fn note_handled(sk: u64) {
+    if let Some(mark) = JUST_HANDLED.get_ptr_mut(0) {
+        unsafe { *mark = sk };
+    }
+}
+
+tracepoint_hook! {
+    /// SYN_RECV → ESTABLISHED again, for when the state hook itself was skipped.
+    fn inet_sock_set_state_setup / raw_inet_sock_set_state_setup (ctx) {
+        if let Some(first) = ATTACHED_JIFFIES.get_ptr_mut(0) {
+            if unsafe { *first } == 0 {
+                unsafe { *first = bpf_jiffies64() };
+            }
+        }
+        let old: i32 = ctx.arg(1);
+        let new: i32 = ctx.arg(2);
+        if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+            on_passive_established(ctx.arg(0));
+        }
+        0
+    }
+}
+
+/// accept() returned `sk`, of which there is no state: counted as a missed setup when it
+/// is a still open TCP connection of a traced process (or port) that the kernel created
+/// after the programs were attached. (One created before is a connection that was
+/// already waiting to be accepted when tracing started: adopted on its first read, as
+/// the README says.)
+#[inline(always)]
+pub fn accepted_without_state(sk: u64) {
+    let Some(attached) = ATTACHED_JIFFIES.get(0).copied() else { return };
+    if attached == 0 || !is_inet_tcp(sk) {
+        return;
+    }
+    if filter_by_port() {
+        if !is_traced_port(read::<u16>(sk, off!(skc_num)).unwrap_or(0)) {
+            return;
+        }
+    } else if !is_traced_tgid((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return;
+    }
+    // A connection reset while it waited in the queue has closed, its state with it.
+    let state = read::<u8>(sk, off!(skc_state)).unwrap_or(0) as i32;
+    if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+        return;
+    }
+    // lsndtime holds the jiffy the kernel created the connection until the application
+    // first sends, which it cannot have done before accept() returned. Created in the
+    // jiffy the programs were attached, it may have come before them: not counted.
+    let Some(created) = read::<u32>(sk, off!(tcp_lsndtime)) else { return };
+    let now = unsafe { bpf_jiffies64() };
+    let created = now.saturating_sub((now as u32).wrapping_sub(created) as u64);
+    if created > attached {
+        bump(counter::MISSED_SETUPS);
+    }
+}
