@@ -103,8 +103,8 @@ const SCENARIOS: &[Scenario] = &[
     // `send` from the write's start (the write-start hook), not `think`.
     Scenario {
         name: "blocked-write",
-        server: "--scenario blocked-write --response-size 300000",
-        client: "--requests 4 --size 300000 --read-delay-ms 200 --rcvbuf 16384",
+        server: "--scenario blocked-write --response-size 131072",
+        client: "--requests 4 --size 131072 --read-delay-ms 200 --rcvbuf 16384",
         phase: "send",
         delay_ms: 200.0,
         samples: 4,
