@@ -72,7 +72,20 @@ pub mod flags {
     /// protocol's goodbye), not an aborted request. In [`Request::flags`] for that
     /// message and in [`ConnClose::flags`].
     pub const CLOSED_BY_PEER: u32 = 1 << 5;
+    /// Programs only ([`SockState::conn_flags`]): the connection closed in an orderly
+    /// way, FINs both ways and no reset.
+    pub const ORDERLY_CLOSE: u32 = 1 << 6;
 }
+
+/// [`SockState::acked_ns`] while the first write of a response is under way: its bytes
+/// are not all queued yet, so no acknowledgement can deliver it (the write's return
+/// sets what to wait for). Never sent to userspace in an event.
+pub const ACK_PENDING: u64 = u64::MAX;
+
+/// A message left unanswered is the peer's goodbye when the peer's FIN came within
+/// this long of the message (or twice the connection's smoothed RTT, if longer): a
+/// client that gives up on a request it is waiting for closes much later.
+pub const GOODBYE_WINDOW_NS: u64 = 1_000_000;
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
@@ -319,7 +332,10 @@ pub struct ThreadWork {
     pub since_ns: u64,
     /// Upstream requests begun since `since_ns` with no server request known.
     pub unbound: u32,
-    pub _pad: u32,
+    /// Non-zero once the thread has read a server request: a reader's upstream requests
+    /// with no request known are never tied by a `Bind` (its next response is another
+    /// request's).
+    pub reader: u32,
 }
 const _: () = assert!(size_of::<ThreadWork>() == 32);
 
@@ -451,7 +467,9 @@ pub struct SockState {
     pub acked_ns: u64,
     pub synack_ns: u64,
     pub established_ns: u64,
-    pub _pad_line: [u64; 2],
+    /// When the peer's FIN arrived (0: not yet).
+    pub peer_fin_ns: u64,
+    pub _pad_line: u64,
     // Third and fourth lines.
     /// Per request.
     pub arrival_ns: u64,

@@ -1,7 +1,10 @@
 //! Per-connection state and the events emitted from it.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
-use tracer_common::{counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest};
+use tracer_common::{
+    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest, ACK_PENDING,
+    GOODBYE_WINDOW_NS,
+};
 
 use crate::maps::{bump, reserve, SOCKS};
 
@@ -88,7 +91,13 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     if st.first_read_ns == 0 && st.first_write_ns == 0 {
         return;
     }
-    let flags = st.req_flags | extra_flags;
+    let mut flags = st.req_flags | extra_flags;
+    if st.acked_ns == ACK_PENDING {
+        // Its first write never returned (the connection closed, or the next request
+        // came, meanwhile): how far it got is unknown, so is its delivery.
+        st.acked_ns = 0;
+        flags |= flags::UNDELIVERED;
+    }
     let times = [st.arrival_ns, st.first_read_ns, st.last_read_ns, st.first_write_ns, st.last_write_ns, st.acked_ns];
     let (mut base, mut last) = (u64::MAX, 0);
     for t in times {
@@ -159,19 +168,30 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     }
 }
 
+/// Whether the unanswered message in `st` was the peer's goodbye (see
+/// [`GOODBYE_WINDOW_NS`]).
+#[inline(always)]
+fn goodbye(sk: u64, st: &SockState) -> bool {
+    let orderly =
+        st.conn_flags & (flags::RESET_SENT | flags::RESET_RECEIVED) == 0 && st.conn_flags & flags::ORDERLY_CLOSE != 0;
+    let message_ns = if st.arrival_ns != 0 { st.arrival_ns } else { st.first_read_ns };
+    if !orderly || st.peer_fin_ns == 0 || message_ns == 0 {
+        return false;
+    }
+    let srtt_ns = (crate::kernel::read::<u32>(sk, crate::off!(tcp_srtt_us)).unwrap_or(0) as u64 >> 3) * 1000;
+    let window = if 2 * srtt_ns > GOODBYE_WINDOW_NS { 2 * srtt_ns } else { GOODBYE_WINDOW_NS };
+    st.peer_fin_ns.saturating_sub(message_ns) <= window
+}
+
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
     let mut pending = 0;
     if !origin::is_client(st.origin) {
         if st.dir == dir::READING {
-            // A message read and not answered: the peer's goodbye when it then closed
-            // its side in an orderly way (and the server closed after it), else a
-            // request cut short by a reset or by the server's own close.
-            let orderly = st.conn_flags & (flags::RESET_SENT | flags::RESET_RECEIVED) == 0;
-            pending |= if orderly && st.conn_flags & flags::CLOSED_BY_PEER != 0 {
-                flags::CLOSED_BY_PEER
-            } else {
-                flags::ABORTED
-            };
+            // A message read and not answered: the peer's goodbye when the connection
+            // closed in an orderly way and the peer's FIN followed the message at once,
+            // else a request cut short (a reset, the server's close, a client that gave
+            // up waiting).
+            pending |= if goodbye(sk, st) { flags::CLOSED_BY_PEER } else { flags::ABORTED };
         } else if st.dir == dir::WRITING && st.acked_ns == 0 {
             pending |= flags::UNDELIVERED;
         }
@@ -185,7 +205,7 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).bytes_in = st.total_in;
         (*e).bytes_out = st.total_out;
         (*e).requests = st.requests;
-        (*e).flags = pending | (st.conn_flags & !flags::CLOSED_BY_PEER);
+        (*e).flags = pending | (st.conn_flags & !flags::ORDERLY_CLOSE);
     }
     slot.submit();
 }

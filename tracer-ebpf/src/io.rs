@@ -5,7 +5,7 @@
 //! connection closes.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{flags, origin};
+use tracer_common::{flags, origin, ACK_PENDING};
 
 use crate::{
     bind,
@@ -132,6 +132,9 @@ pub fn on_write_start(sk: u64) {
 fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
+    // Nothing to deliver until the write returns and says up to which byte (an ACK of
+    // the previous response's bytes must not deliver this one).
+    st.acked_ns = ACK_PENDING;
     bind::note_response(sk, st, ts);
 }
 

@@ -35,6 +35,8 @@ tracepoint_hook! {
             (_, TCP_CLOSE) => on_close(sk, old),
             // Our FIN is acknowledged, so is every byte before it.
             (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
+            // The peer closed its side.
+            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) => on_peer_fin(sk),
             _ => {}
         }
         0
@@ -101,6 +103,13 @@ fn on_all_acked(sk: u64) {
     }
 }
 
+#[inline(never)]
+fn on_peer_fin(sk: u64) {
+    if let Some(st) = state_mut(sk) {
+        st.peer_fin_ns = now();
+    }
+}
+
 #[inline(always)]
 fn all_acked(st: &mut SockState) {
     if st.dir == dir::WRITING && st.acked_ns == 0 {
@@ -114,10 +123,16 @@ fn all_acked(st: &mut SockState) {
 fn on_close(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
     if old == TCP_LAST_ACK {
-        // The peer closed first and has now acknowledged our FIN (one lookup for both):
-        // an orderly close by the peer.
+        // The peer closed first and has now acknowledged our FIN (one lookup for both).
         all_acked(st);
-        st.conn_flags |= tracer_common::flags::CLOSED_BY_PEER;
+    }
+    if old == TCP_FIN_WAIT2 && st.peer_fin_ns == 0 {
+        // We closed first; the peer's FIN closes the connection (TIME_WAIT goes on in
+        // a socket of its own).
+        st.peer_fin_ns = now();
+    }
+    if old == TCP_LAST_ACK || old == TCP_FIN_WAIT2 || old == TCP_CLOSING || old == TCP_TIME_WAIT {
+        st.conn_flags |= tracer_common::flags::ORDERLY_CLOSE;
     }
     if origin::is_client(st.origin) {
         if st.dir == dir::WRITING {

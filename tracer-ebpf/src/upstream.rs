@@ -81,7 +81,9 @@ pub fn begin_request(st: &mut SockState, ts: u64) {
     st.first_write_ns = ts;
     // Data that came before this request is no response to it.
     st.pending_data_ns = 0;
-    if st.requests != 0 || st.bound_sock == 0 {
+    // The connect's binding serves the first request, if that server request is still
+    // being answered (a pool may hand the new connection to another request).
+    if st.requests != 0 || st.bound_sock == 0 || !bind::still_open(st.bound_sock, st.bound_first_read_ns) {
         (st.bound_sock, st.bound_first_read_ns) = bind::current_request(true);
     }
 }
@@ -103,6 +105,7 @@ pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64) {
         st.first_read_ns = ts;
         emit_request(sk, st, 0);
         st.dir = dir::READING;
+        bind::note_upstream_response(st.bound_sock, st.bound_first_read_ns);
     }
     st.req_in += len;
     st.total_in += len;

@@ -15,6 +15,7 @@ use aya::{
 use log::{debug, info, warn};
 use tracer_common::{
     counter, dir, flags, kind, origin, EventHeader, KernelOffsets, ProgramConfig, Request, SockState, TupleKey,
+    ACK_PENDING,
 };
 
 use crate::compat::{Attach, Hook, Implementation, Kind, HOOKS};
@@ -226,12 +227,14 @@ impl Probes {
                 last_read_ns: st.last_read_ns,
                 first_write_ns: st.first_write_ns,
                 last_write_ns: st.last_write_ns,
-                acked_ns: st.acked_ns,
+                // Not acknowledged yet (or its first write still under way): its delivery
+                // is still going on, so it has none.
+                acked_ns: if st.acked_ns == ACK_PENDING { 0 } else { st.acked_ns },
                 bytes_in: st.req_in,
                 bytes_out: st.req_out,
                 index: st.requests,
-                // Not acknowledged yet: its delivery is still going on, so it has none.
-                flags: st.req_flags | if st.acked_ns == 0 { flags::UNDELIVERED } else { 0 },
+                flags: st.req_flags
+                    | if st.acked_ns == 0 || st.acked_ns == ACK_PENDING { flags::UNDELIVERED } else { 0 },
                 tid: st.tid,
                 _pad: 0,
             })

@@ -271,7 +271,7 @@ impl Timeline {
         let arrival = if req.arrival_ns != 0 { req.arrival_ns.max(accepted_ns) } else { 0 };
         let recv_wait_ns = if outcome == Outcome::Answered { span(arrival, req.first_read_ns) } else { None };
         let (think_ns, send_ns, delivery_ns) = if outcome == Outcome::Answered {
-            let delivery = if req.flags & flags::UNDELIVERED != 0 || req.acked_ns == 0 {
+            let delivery = if req.flags & flags::UNDELIVERED != 0 || req.acked_ns == 0 || req.last_write_ns == 0 {
                 None
             } else {
                 // Acknowledged during the last write itself: nothing left to deliver.
@@ -324,9 +324,11 @@ impl Timeline {
         let client = self.clients.entry(r.header.sock).or_insert(Client { peer, bytes_in: 0 });
         client.bytes_in += r.bytes_in;
         let answered = r.flags & flags::ABORTED == 0;
+        // The last write's return, or (when the response came first) its start.
+        let last_write_ns = if r.last_write_ns != 0 { r.last_write_ns } else { r.first_write_ns };
         if answered && r.first_read_ns != 0 {
             // The request was waited on from its last write until its response was read.
-            let wait = Wait { peer, begun_ns: r.first_write_ns, start_ns: r.last_write_ns, end_ns: r.first_read_ns };
+            let wait = Wait { peer, begun_ns: r.first_write_ns, start_ns: last_write_ns, end_ns: r.first_read_ns };
             let bound =
                 (r.bound_sock != 0).then_some(RequestKey { sock: r.bound_sock, first_read_ns: r.bound_first_read_ns });
             let given_up = self.waits.record(bound, r.header.tid, wait);
@@ -339,7 +341,7 @@ impl Timeline {
         out.push(Record::Upstream {
             peer,
             upstream_ns: if answered && response_ns != 0 {
-                Some(response_ns.saturating_sub(r.last_write_ns))
+                Some(response_ns.saturating_sub(last_write_ns))
             } else {
                 None
             },

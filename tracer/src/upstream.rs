@@ -21,7 +21,7 @@
 
 use std::{collections::VecDeque, net::SocketAddr};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// How a connect() ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,15 +87,24 @@ pub struct RequestKey {
 pub struct Waits {
     /// Bound waits, until their server request's exchange arrives.
     bound: FxHashMap<RequestKey, Vec<Wait>>,
-    /// `bound`'s keys in the order they came, to forget the oldest beyond [`BOUND`].
+    /// `bound`'s keys in the order they came (with keys since taken, pruned now and
+    /// then), to give up the oldest beyond [`BOUND`].
     order: VecDeque<RequestKey>,
+    /// Server requests whose exchange has been handled, most recent last: a wait bound
+    /// to one of them came too late to count for it.
+    settled: FxHashSet<RequestKey>,
+    settled_order: VecDeque<RequestKey>,
     /// Per thread, waits begun with no server request known, until a bind ties them.
     unbound: FxHashMap<u32, VecDeque<Wait>>,
 }
 
-/// Server requests with waits kept; beyond this the oldest are forgotten (their
+/// Server requests with waits kept; beyond this the oldest are given up (their
 /// exchange was lost, or is older than any think time worth measuring).
 const BOUND: usize = 65_536;
+/// Waits kept per server request.
+const PER_REQUEST: usize = 512;
+/// Settled server requests remembered.
+const SETTLED: usize = 65_536;
 /// Unbound waits kept per thread; beyond this the oldest are unattributed.
 const PER_THREAD: usize = 512;
 /// Threads with unbound waits remembered; beyond this they are unattributed.
@@ -107,7 +116,7 @@ impl Waits {
     pub fn record(&mut self, bound: Option<RequestKey>, tid: u32, wait: Wait) -> Vec<SocketAddr> {
         let mut given_up = Vec::new();
         match bound {
-            Some(key) => self.bind_one(key, wait),
+            Some(key) => self.bind_one(key, wait, &mut given_up),
             None => {
                 if self.unbound.len() >= THREADS && !self.unbound.contains_key(&tid) {
                     given_up.extend(self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.peer));
@@ -122,26 +131,40 @@ impl Waits {
         given_up
     }
 
-    fn bind_one(&mut self, key: RequestKey, wait: Wait) {
+    fn bind_one(&mut self, key: RequestKey, wait: Wait, given_up: &mut Vec<SocketAddr>) {
+        if self.settled.contains(&key) {
+            given_up.push(wait.peer);
+            return;
+        }
         let waits = self.bound.entry(key).or_default();
+        if waits.len() >= PER_REQUEST {
+            given_up.push(wait.peer);
+            return;
+        }
         if waits.is_empty() {
             self.order.push_back(key);
         }
         waits.push(wait);
         while self.bound.len() > BOUND {
             let Some(oldest) = self.order.pop_front() else { break };
-            self.bound.remove(&oldest);
+            if let Some(waits) = self.bound.remove(&oldest) {
+                given_up.extend(waits.iter().map(|w| w.peer));
+            }
+        }
+        if self.order.len() > 2 * self.bound.len() + 1024 {
+            let bound = &self.bound;
+            self.order.retain(|k| bound.contains_key(k));
         }
     }
 
     /// Thread `tid` began writing the response of server request `key`: its unbound
-    /// waits begun since `since_ns` were made for it. Returns the peers of older ones,
-    /// which no request can claim any more.
+    /// waits begun since `since_ns` were made for it. Returns the peers of waits given
+    /// up as unattributed: older ones, which no request can claim any more.
     pub fn bind(&mut self, tid: u32, key: RequestKey, since_ns: u64) -> Vec<SocketAddr> {
         let mut given_up = Vec::new();
         for wait in self.unbound.remove(&tid).unwrap_or_default() {
             if wait.begun_ns >= since_ns {
-                self.bind_one(key, wait);
+                self.bind_one(key, wait, &mut given_up);
             } else {
                 given_up.push(wait.peer);
             }
@@ -150,17 +173,31 @@ impl Waits {
     }
 
     /// The waits of server request `key` inside its think `[from, to]`, per peer (in
-    /// the order first charged); they are forgotten.
+    /// the order first charged); the request is settled.
     pub fn attribute(&mut self, key: RequestKey, from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
-        match self.bound.remove(&key) {
+        let charged = match self.bound.remove(&key) {
             Some(waits) => charge(&waits, from, to),
             None => Vec::new(),
-        }
+        };
+        self.settle(key);
+        charged
     }
 
-    /// Forgets the server request `key` (it got no think time): its waits count nowhere.
+    /// Settles server request `key`, which got no think time: its waits count nowhere.
     pub fn forget(&mut self, key: RequestKey) {
         self.bound.remove(&key);
+        self.settle(key);
+    }
+
+    fn settle(&mut self, key: RequestKey) {
+        if self.settled.insert(key) {
+            self.settled_order.push_back(key);
+        }
+        while self.settled_order.len() > SETTLED {
+            if let Some(oldest) = self.settled_order.pop_front() {
+                self.settled.remove(&oldest);
+            }
+        }
     }
 
     /// The peers of every wait still waiting for a bind: at the end of tracing, these
@@ -286,6 +323,22 @@ mod tests {
         // Calls no bind ever ties are unattributed at the end.
         w.record(None, 21, wait(1, 100, 110));
         assert_eq!(w.drain_unbound(), vec![peer(1)]);
+    }
+
+    #[test]
+    fn a_wait_bound_to_a_settled_request_is_unattributed_and_nothing_grows() {
+        let mut w = Waits::default();
+        assert_eq!(w.attribute(key(1, 0), 0, 10 * MS), vec![]);
+        // Its response came after the request was answered: it cannot count for it.
+        assert_eq!(w.record(Some(key(1, 0)), 7, wait(1, 5, 20)), vec![peer(1)]);
+        // Many requests bound and settled: the bookkeeping stays bounded.
+        for i in 0..200_000u64 {
+            assert_eq!(w.record(Some(key(2, i)), 7, wait(1, i, i + 1)), vec![]);
+            w.attribute(key(2, i), i * MS, (i + 1) * MS);
+        }
+        assert!(w.bound.is_empty());
+        assert!(w.order.len() <= 1024 + 1, "{}", w.order.len());
+        assert!(w.settled.len() <= SETTLED && w.settled_order.len() <= SETTLED);
     }
 
     #[test]
