@@ -323,11 +323,11 @@ pub const HOOKS: &[Hook] = &[
         implementations: &[
             Implementation {
                 programs: &[one("tcp_sendmsg_locked", Attach::TpBtf("tcp_sendmsg_locked"))],
-                needs: "BTF and the tracepoint tcp_sendmsg_locked (6.12+)",
+                needs: "BTF and the tracepoint tcp_sendmsg_locked (after 6.12)",
             },
             Implementation {
                 programs: &[one("raw_tcp_sendmsg_locked", Attach::RawTp("tcp_sendmsg_locked"))],
-                needs: "the tracepoint tcp_sendmsg_locked (6.12+)",
+                needs: "the tracepoint tcp_sendmsg_locked (after 6.12)",
             },
             Implementation { programs: &[one("tcp_sendmsg_enter", Attach::FEntry("tcp_sendmsg"))], needs: TRAMPOLINES },
             Implementation {
