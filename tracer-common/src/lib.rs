@@ -84,8 +84,10 @@ pub const ACK_PENDING: u64 = u64::MAX;
 
 /// A message left unanswered is the peer's goodbye when the peer's FIN came within
 /// this long of the message (or twice the connection's smoothed RTT, if longer): a
-/// client that gives up on a request it is waiting for closes much later.
-pub const GOODBYE_WINDOW_NS: u64 = 1_000_000;
+/// client sends its goodbye and closes in two consecutive calls (microseconds apart,
+/// milliseconds when it is preempted between them on a busy machine), while a client
+/// that gives up on a request it is waiting for closes much later.
+pub const GOODBYE_WINDOW_NS: u64 = 20_000_000;
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;

@@ -35,8 +35,8 @@ tracepoint_hook! {
             (_, TCP_CLOSE) => on_close(sk, old),
             // Our FIN is acknowledged, so is every byte before it.
             (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
-            // The peer closed its side.
-            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) => on_peer_fin(sk),
+            // The peer closed its side (before we closed ours, or as we did).
+            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) => on_peer_fin(sk),
             _ => {}
         }
         0
