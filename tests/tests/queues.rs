@@ -42,9 +42,11 @@ fn overflowed_handshake_ack_counts_once() -> anyhow::Result<()> {
         return Ok(());
     }
     let ns = Netns::new()?;
-    // Accepts at 3 s, 6 s and 9 s after start; a queue of two (backlog 1).
+    // Accepts at 6 s, 12 s and 18 s after start; a queue of two (backlog 1). The first
+    // accept must come after the three connects below, which wait for the tracer to
+    // attach (seconds on a busy machine: 3 s was too short once).
     let (server, addr) =
-        start_lab_server_in(Some(&ns), &["--scenario", "slow-accept", "--delay-ms", "3000", "--backlog", "1"])?;
+        start_lab_server_in(Some(&ns), &["--scenario", "slow-accept", "--delay-ms", "6000", "--backlog", "1"])?;
     let server_addr = addr.to_string();
     let before = tcp_ext_counter(server.pid(), "ListenDrops")?;
     let tracer = start_tracer(&["--pid".into(), server.pid().to_string()])?;
