@@ -155,7 +155,7 @@ fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared
     let mut upstreams = Upstreams::new(Arc::clone(shared));
     match opts.scenario {
         Scenario::SlowReader => set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?,
-        Scenario::BlockedWrite => set_sockopt(&stream, libc::SO_SNDBUF, 16 << 10)?,
+        Scenario::BlockedWrite => set_sndbuf(&stream, 16 << 10)?,
         _ => {}
     }
     if opts.abort_on_close {
@@ -284,6 +284,11 @@ pub fn set_linger_zero(stream: &TcpStream) -> Result<()> {
     };
     anyhow::ensure!(rc == 0, "setsockopt(SO_LINGER): {}", std::io::Error::last_os_error());
     Ok(())
+}
+
+/// Sets a socket's send buffer (a small one makes a large write block on a late reader).
+pub fn set_sndbuf(stream: &TcpStream, bytes: i32) -> Result<()> {
+    set_sockopt(stream, libc::SO_SNDBUF, bytes)
 }
 
 /// Sets a socket's receive buffer (for slow-reader clients).

@@ -7,7 +7,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpListener,
-    os::fd::AsRawFd as _,
     thread,
     time::{Duration, Instant},
 };
@@ -26,17 +25,7 @@ const REQUESTS: usize = 5;
 /// completed it to the write's start, and the write's duration.
 fn serve(listener: TcpListener) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let (mut stream, _) = listener.accept()?;
-    let sndbuf: libc::c_int = 16 * 1024;
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&sndbuf as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    anyhow::ensure!(rc == 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+    tracer_tests::server::set_sndbuf(&stream, 16 * 1024)?;
     let mut response = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
     response.resize(response.len() + BODY, b'x');
     let mut times = Vec::new();
