@@ -34,6 +34,34 @@ pub mod kind {
     /// A thread that had started upstream requests with no server request to tie them to
     /// began writing a server response ([`Bind`]): those requests were made for it.
     pub const BIND: u16 = 11;
+    /// A connection's TLS handshake completed ([`TlsDone`]).
+    pub const TLS_DONE: u16 = 12;
+}
+
+/// How the programs follow a TLS connection ([`SockState::tls`], [`TlsDone::method`]).
+pub mod tls {
+    /// Seen inside the TLS library's calls (uprobes on OpenSSL): requests and responses
+    /// are the plaintext the application reads and writes, and the socket's own reads and
+    /// writes (handshake flights, tickets, alerts) make no request.
+    pub const HOOKED: u32 = 1 << 0;
+    /// The handshake is complete (its [`super::TlsDone`] was emitted, if timed).
+    pub const DONE: u32 = 1 << 1;
+}
+
+/// The operations of the TLS library that the programs hook (a thread's [`TlsCall::op`]).
+pub mod tls_op {
+    /// `SSL_read`: returns the plaintext bytes read.
+    pub const READ: u32 = 1;
+    /// `SSL_read_ex`: returns 1 and stores the bytes read through its fourth argument.
+    pub const READ_EX: u32 = 2;
+    /// `SSL_write`.
+    pub const WRITE: u32 = 3;
+    /// `SSL_write_ex`.
+    pub const WRITE_EX: u32 = 4;
+    /// `SSL_do_handshake` (which `SSL_accept` and `SSL_connect` call): 1 once complete.
+    pub const HANDSHAKE: u32 = 5;
+    /// `SSL_shutdown`: its close_notify is no response.
+    pub const SHUTDOWN: u32 = 6;
 }
 
 /// How a traced connection came to be known.
@@ -320,6 +348,39 @@ pub struct Bind {
 }
 const _: () = assert!(size_of::<Bind>() == 48);
 
+/// The TLS handshake of connection `header.sock` completed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsDone {
+    pub header: EventHeader,
+    /// Server side: the first byte of the ClientHello queued on the socket. Client side:
+    /// the ClientHello's write.
+    pub start_ns: u64,
+    /// The library's handshake call returned success (or, when the application never
+    /// called it, its first read or write of plaintext returned).
+    pub end_ns: u64,
+    /// Bits of [`tls`]: how the connection is followed.
+    pub method: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TlsDone>() == 56);
+
+/// A thread inside a call of the TLS library (the `TLS_CALLS` map's value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCall {
+    /// The library's connection object (`SSL *`).
+    pub ssl: u64,
+    /// `SSL_read_ex`/`SSL_write_ex`: where the call stores its byte count.
+    pub count_ptr: u64,
+    /// The arrival of the last data the call read from the socket (0: none read).
+    pub arrival_ns: u64,
+    /// One of [`tls_op`].
+    pub op: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TlsCall>() == 32);
+
 /// Per thread of a traced process (the `THREADS` map's value): the server request it
 /// read most recently, which its next upstream request is made for, and the upstream
 /// requests it started with no server request known.
@@ -422,8 +483,12 @@ pub struct KernelOffsets {
     /// connection and again at each data send, so until the application first writes,
     /// the jiffy its handshake completed
     pub tcp_lsndtime: u32,
+    /// struct tcp_sock.rcv_nxt and .copied_seq (u32 each): data is left in the receive
+    /// queue after a read when they differ
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 120);
+const _: () = assert!(size_of::<KernelOffsets>() == 128);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {
@@ -499,7 +564,11 @@ pub struct SockState {
     /// connecting thread had read when it called connect().
     pub bound_sock: u64,
     pub bound_first_read_ns: u64,
-    pub _pad: [u32; 4],
+    /// When the TLS handshake began (0: not TLS, or not seen).
+    pub tls_start_ns: u64,
+    /// Bits of [`tls`] (0: plain, or not known to be TLS).
+    pub tls: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(size_of::<SockState>() == 200);
 const _: () = assert!(core::mem::offset_of!(SockState, dir) == 8 && core::mem::offset_of!(SockState, arrival_ns) == 72);
@@ -529,7 +598,9 @@ pub struct ProgramConfig {
     /// Bytes waiting in the ring buffer that make the programs wake userspace at once
     /// (below this, events wait for its next timed drain).
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// Non-zero when uprobes on a TLS library may be attached: the socket hooks then ask
+    /// whether the calling thread is inside one of its calls.
+    pub tls_hooks: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 16);
 
@@ -556,6 +627,7 @@ mod pod {
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for ThreadWork {}
+    unsafe impl aya::Pod for TlsCall {}
 }
 
 #[cfg(test)]
@@ -578,6 +650,7 @@ mod tests {
             size_of::<ResetSent>(),
             size_of::<ProcessEvent>(),
             size_of::<Bind>(),
+            size_of::<TlsDone>(),
         ] {
             let reserved = record_bytes(size);
             assert!(reserved >= size && reserved < size + 64, "{size} → {reserved}");

@@ -11,8 +11,8 @@ use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced},
-    off, upstream,
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks},
+    off, tls, upstream,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -119,6 +119,9 @@ pub fn on_write_start(sk: u64) {
     if st.dir == dir::WRITING || st.owner == 0 {
         return;
     }
+    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE_START) {
+        return;
+    }
     let ts = now();
     if origin::is_client(st.origin) {
         upstream::begin_request(st, ts);
@@ -129,7 +132,7 @@ pub fn on_write_start(sk: u64) {
 
 /// The first write of a response.
 #[inline(always)]
-fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
+pub fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
     // Nothing to deliver until the write returns and says up to which byte (an ACK of
@@ -144,6 +147,9 @@ fn on_read(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
+    if tls_hooks() && tls::socket_call(sk, st, tls::READ) {
+        return;
+    }
     let ts = now();
     if origin::is_client(st.origin) {
         upstream::on_read(sk, st, len, ts);
@@ -153,6 +159,13 @@ fn on_read(sk: u64, len: u64) {
         // Accepted by a process not traced (or an accept not seen: see take_ownership).
         return;
     }
+    read_request(sk, st, len, ts);
+}
+
+/// The server read `len` bytes of a request on `sk` (from the socket, or as plaintext
+/// from the TLS library).
+#[inline(always)]
+pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::READING {
         if st.dir == dir::WRITING {
             finish_request(sk, st, ts, 0);
@@ -160,9 +173,10 @@ fn on_read(sk: u64, len: u64) {
         st.dir = dir::READING;
         st.first_read_ns = ts;
         st.arrival_ns = st.pending_data_ns;
-        if st.arrival_ns == 0 && st.requests == 0 && st.origin == origin::ACCEPTED {
+        if st.arrival_ns == 0 && st.requests == 0 && st.origin == origin::ACCEPTED && st.tls == 0 {
             // No segment of the first request reached the established connection: it
-            // came with the handshake's final ACK (the state change's moment).
+            // came with the handshake's final ACK (the state change's moment). (On TLS
+            // that moment began the TLS handshake.)
             st.arrival_ns = st.established_ns;
         }
         if st.arrival_ns == 0 {
@@ -183,6 +197,9 @@ fn on_write(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
+    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE) {
+        return;
+    }
     let ts = now();
     if origin::is_client(st.origin) {
         upstream::on_write(st, len, ts);
@@ -191,12 +208,27 @@ fn on_write(sk: u64, len: u64) {
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return;
     }
+    write_response(sk, st, len, ts);
+}
+
+/// The server wrote `len` bytes of a response on `sk` (to the socket, or as plaintext
+/// to the TLS library, which has queued its records on the socket by the time it
+/// returns).
+#[inline(always)]
+pub fn write_response(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
         begin_response(sk, st, ts);
     }
-    st.last_write_ns = ts;
     st.req_out += len;
     st.total_out += len;
+    note_sent(sk, st, ts);
+}
+
+/// Bytes of the response are queued on `sk`: it is delivered once the peer acknowledges
+/// everything written so far.
+#[inline(always)]
+pub fn note_sent(sk: u64, st: &mut SockState, ts: u64) {
+    st.last_write_ns = ts;
     // On loopback the peer's ACK is often processed inside this very write, before the
     // hook runs: check what is already acknowledged.
     let write_seq = read::<u32>(sk, off!(tcp_write_seq)).unwrap_or(0);

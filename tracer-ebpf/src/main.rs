@@ -33,6 +33,7 @@ mod reset;
 mod retransmit;
 mod setup;
 mod state;
+mod tls;
 mod upstream;
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 pub use tracer_common::TupleKey;
-use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig, ThreadWork};
+use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig, ThreadWork, TlsCall};
 
 use crate::conn::SockState;
 
@@ -43,11 +43,13 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_skb_cb_seq: 0,
     skc_state: 0,
     tcp_lsndtime: 0,
+    tcp_rcv_nxt: 0,
+    tcp_copied_seq: 0,
 };
 
 #[unsafe(no_mangle)]
 pub static CONFIG: ProgramConfig =
-    ProgramConfig { filter_by_port: 0, drop_reason_listen_overflow: u32::MAX, wakeup_bytes: 0, _pad: 0 };
+    ProgramConfig { filter_by_port: 0, drop_reason_listen_overflow: u32::MAX, wakeup_bytes: 0, tls_hooks: 0 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
 /// into the code: the loader rewrites the value before the program is verified.
@@ -66,6 +68,12 @@ pub fn drop_reason_listen_overflow() -> u32 {
 #[inline(always)]
 pub fn filter_by_port() -> bool {
     unsafe { core::ptr::read_volatile(&CONFIG.filter_by_port) != 0 }
+}
+
+/// Whether uprobes on a TLS library may be attached (see `tls`).
+#[inline(always)]
+pub fn tls_hooks() -> bool {
+    unsafe { core::ptr::read_volatile(&CONFIG.tls_hooks) != 0 }
 }
 
 /// Events to userspace. Sized by the loader (`--ring-buffer-size`).
@@ -155,6 +163,16 @@ pub static ACK_OVERFLOWS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(40
 /// Least recently used threads make room for new ones.
 #[map]
 pub static THREADS: LruHashMap<u32, ThreadWork> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per thread inside a hooked call of the TLS library, that call (see `tls`). Least
+/// recently used entries make room: a thread that dies inside a call leaves one behind.
+#[map]
+pub static TLS_CALLS: LruHashMap<u32, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// The socket under each TLS connection object (`SSL *` → `struct sock *`), learnt from
+/// the socket calls made inside the library's calls.
+#[map]
+pub static TLS_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:
 /// filled by userspace from /proc, consumed when the connection is first used.

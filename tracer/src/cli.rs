@@ -86,9 +86,10 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
 
-    /// Do not use this kind of kernel hook (tp_btf, raw_tp, tracepoint, fentry,
-    /// kprobe; repeatable or comma-separated): each hook then uses its next
-    /// implementation, as on a kernel without that kind (`tracer doctor` takes it too).
+    /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, kprobe,
+    /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
+    /// implementation, as on a kernel without that kind, and without uprobes TLS is
+    /// followed from its records alone (`tracer doctor` takes it too).
     #[arg(long, value_name = "KIND", value_delimiter = ',')]
     pub skip_hook_kind: Vec<crate::compat::Kind>,
 

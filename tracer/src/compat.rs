@@ -29,10 +29,13 @@ pub enum Kind {
     FEntry,
     /// Kernel probe on a function's entry or return.
     KProbe,
+    /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
+    /// it to follow TLS connections as without a usable library).
+    UProbe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::KProbe];
+    pub const ALL: [Kind; 6] = [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::KProbe, Kind::UProbe];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,6 +44,7 @@ impl Kind {
             Kind::TracePoint => "tracepoint",
             Kind::FEntry => "fentry",
             Kind::KProbe => "kprobe",
+            Kind::UProbe => "uprobe",
         }
     }
 }

@@ -5,7 +5,7 @@ use std::mem::size_of;
 use anyhow::{bail, Result};
 use tracer_common::{
     kind, Bind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, ShortRequest, SynAckRetransmit,
-    UpstreamConnect, UpstreamRequest,
+    TlsDone, UpstreamConnect, UpstreamRequest,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub enum Event {
     ProcessExit(ProcessEvent),
     ProcessFork(ProcessEvent),
     Bind(Bind),
+    TlsDone(TlsDone),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
@@ -44,6 +45,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::PROCESS_EXIT => Event::ProcessExit(read(bytes)?),
         kind::PROCESS_FORK => Event::ProcessFork(read(bytes)?),
         kind::BIND => Event::Bind(read(bytes)?),
+        kind::TLS_DONE => Event::TlsDone(read(bytes)?),
         other => bail!("unknown event kind {other}"),
     })
 }

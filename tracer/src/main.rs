@@ -20,6 +20,7 @@ mod run;
 mod sockets;
 mod stats;
 mod timeline;
+mod tls;
 mod upstream;
 
 use std::io::{self, Write as _};

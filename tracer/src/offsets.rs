@@ -57,6 +57,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         },
         skc_state: byte("sock_common", "skc_state", 1)?,
         tcp_lsndtime: byte("tcp_sock", "lsndtime", 4)?,
+        tcp_rcv_nxt: byte("tcp_sock", "rcv_nxt", 4)?,
+        tcp_copied_seq: byte("tcp_sock", "copied_seq", 4)?,
     };
     Ok(offsets)
 }

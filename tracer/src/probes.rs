@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint},
+    programs::{
+        uprobe::{UProbeLinkId, UProbeScope},
+        BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint, UProbe,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use log::{debug, info, warn};
@@ -44,6 +47,9 @@ pub struct Probes {
     pub hooks: Vec<HookStatus>,
     /// Why tracing is impossible here: a hook every phase needs has no implementation.
     missing_required: Option<String>,
+    /// The uprobes on TLS libraries, per traced process (0: every process).
+    tls_links: BTreeMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    tls_loaded: bool,
 }
 
 /// How one hook fared on this kernel (for `tracer doctor`).
@@ -147,7 +153,69 @@ impl Probes {
             }
             hooks.push(status);
         }
-        Ok(Self { ebpf, unavailable, hooks, missing_required })
+        Ok(Self { ebpf, unavailable, hooks, missing_required, tls_links: BTreeMap::new(), tls_loaded: false })
+    }
+
+    /// Hooks the calls of TLS library `lib` for process `pid` (every process that maps
+    /// it, when `None`). On failure nothing of it stays attached.
+    pub fn hook_tls(&mut self, lib: &crate::tls::Library, pid: Option<u32>) -> Result<()> {
+        use crate::tls::{ENTRIES, RETURN_PROGRAM};
+        if !self.tls_loaded {
+            for name in ENTRIES.iter().map(|e| e.program).chain([RETURN_PROGRAM]) {
+                let p: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from the object"))?
+                    .try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+            }
+            self.tls_loaded = true;
+        }
+        let scope = match pid.and_then(std::num::NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut links = Vec::new();
+        let mut result = Ok(());
+        for (entry, offset) in ENTRIES.iter().zip(&lib.offsets) {
+            let Some(offset) = *offset else { continue };
+            for name in [entry.program, RETURN_PROGRAM] {
+                let p: &mut UProbe = self.ebpf.program_mut(name).expect("loaded above").try_into()?;
+                match p.attach(offset, &lib.path, scope) {
+                    Ok(id) => links.push((name, id)),
+                    Err(e) => {
+                        result = Err(anyhow::Error::new(e)
+                            .context(format!("attaching a uprobe to {} in {}", entry.symbol, lib.name)));
+                        break;
+                    }
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_err() {
+            self.detach_tls(links);
+        } else {
+            self.tls_links.entry(pid.unwrap_or(0)).or_default().extend(links);
+        }
+        result
+    }
+
+    /// Removes the uprobes of process `pid` (it exited).
+    pub fn unhook_tls(&mut self, pid: u32) {
+        if let Some(links) = self.tls_links.remove(&pid) {
+            self.detach_tls(links);
+        }
+    }
+
+    fn detach_tls(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (name, id) in links {
+            let Some(p) = self.ebpf.program_mut(name) else { continue };
+            if let Err(e) = <&mut UProbe>::try_from(p).and_then(|p| p.detach(id)) {
+                debug!("detaching {name}: {e}");
+            }
+        }
     }
 
     /// Whether every hook tracing cannot do without is attached; if not, why.

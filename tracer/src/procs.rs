@@ -50,6 +50,12 @@ pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
     out
 }
 
+/// Every process /proc shows now.
+pub fn all() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).collect()
+}
+
 /// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
 pub fn is_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };

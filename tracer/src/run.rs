@@ -1,7 +1,7 @@
 //! The tracing session: attach, read events until told to stop, report.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     io::{self, IsTerminal as _, Write as _},
     time::{Duration, Instant},
 };
@@ -19,6 +19,7 @@ use crate::{
     checks::{self, Verdict},
     cli::{Args, OutputFormat},
     command::Launched,
+    compat::Kind,
     events::{self, Event},
     listeners::ListenerWatch,
     offsets,
@@ -28,6 +29,7 @@ use crate::{
     sockets,
     stats::Stats,
     timeline::{Record, Timeline},
+    tls,
 };
 
 /// A line on stderr. Unlike `eprintln!`, never panics: a closed stderr (its reader
@@ -235,6 +237,7 @@ pub fn run(args: Args) -> Result<i32> {
         config: ProgramConfig {
             filter_by_port: (!args.ports.is_empty()) as u32,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
+            tls_hooks: !args.skip_hook_kind.contains(&Kind::UProbe) as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
@@ -310,9 +313,70 @@ pub fn run(args: Args) -> Result<i32> {
     runtime.block_on(trace(args, probes, ring, session, launched.as_mut()))
 }
 
+/// The TLS libraries of the traced processes, hooked as they appear (a library loaded
+/// later, a process forked later).
+struct TlsWatch {
+    enabled: bool,
+    /// PID mode: libraries hooked per process; port mode (every process): under 0.
+    hooked: HashMap<u32, HashSet<(u64, u64)>>,
+    /// Library names already announced, and failures already said.
+    announced: HashSet<String>,
+    last_scan: Option<Instant>,
+}
+
+impl TlsWatch {
+    /// Scans the traced processes for TLS libraries not hooked yet: often while tracing
+    /// is young (a command just started loads its libraries), then every second (every
+    /// five in port mode, where every process is looked at).
+    fn due(&self, started: Instant, port_mode: bool) -> bool {
+        let every = if started.elapsed() < Duration::from_secs(3) {
+            Duration::from_millis(100)
+        } else if port_mode {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        self.enabled && self.last_scan.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    fn scan(&mut self, probes: &mut Probes, live: &HashSet<u32>, port_mode: bool) {
+        self.last_scan = Some(Instant::now());
+        let pids: Vec<u32> = if port_mode { procs::all() } else { live.iter().copied().collect() };
+        if !port_mode {
+            let gone: Vec<u32> = self.hooked.keys().filter(|p| !live.contains(p)).copied().collect();
+            for pid in gone {
+                self.hooked.remove(&pid);
+                probes.unhook_tls(pid);
+            }
+        }
+        for pid in pids {
+            let key = if port_mode { 0 } else { pid };
+            let known = self.hooked.entry(key).or_default();
+            for lib in tls::libraries(pid, known) {
+                known.insert(lib.id);
+                match probes.hook_tls(&lib, (!port_mode).then_some(pid)) {
+                    Ok(()) => {
+                        if self.announced.insert(lib.name.clone()) {
+                            say!("tracer: TLS: OpenSSL uprobes on {}", lib.name);
+                        }
+                    }
+                    Err(e) => {
+                        if self.announced.insert(format!("failed {}", lib.name)) {
+                            say!(
+                                "tracer: warning: TLS connections of {} followed from their records only: {e:#}",
+                                lib.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn trace(
     args: Args,
-    probes: Probes,
+    mut probes: Probes,
     ring: RingBuf<MapData>,
     mut session: Session,
     mut launched: Option<&mut Launched>,
@@ -331,6 +395,14 @@ async fn trace(
     let mut sigterm = signal(SignalKind::terminate())?;
     // The listeners' counters as they are now: listen drops count from here.
     session.poll_counters(&probes);
+    let port_mode = !args.ports.is_empty();
+    let mut tls_watch = TlsWatch {
+        enabled: !args.skip_hook_kind.contains(&Kind::UProbe),
+        hooked: HashMap::new(),
+        announced: HashSet::new(),
+        last_scan: None,
+    };
+    tls_watch.scan(&mut probes, &session.live, port_mode);
     say!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
     if let Some(l) = launched.as_mut() {
@@ -365,7 +437,12 @@ async fn trace(
                 drain(guard.get_inner_mut(), &mut session)?;
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &mut session)?,
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut session)?;
+                if tls_watch.due(session.started, port_mode) {
+                    tls_watch.scan(&mut probes, &session.live, port_mode);
+                }
+            }
             _ = sigint.recv() => {
                 if let Some(l) = launched.as_mut() {
                     l.stop(libc::SIGINT, Duration::from_secs(5));

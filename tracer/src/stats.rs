@@ -62,6 +62,10 @@ pub struct ListenerStats {
     /// Sum of the think samples, and the part of it spent waiting on each upstream peer.
     pub think_total_ns: u64,
     pub think_waits: BTreeMap<SocketAddr, u64>,
+    /// Connections whose TLS handshake was seen complete.
+    pub tls_connections: u64,
+    /// How they were followed: bits of `tracer_common::tls` over all of them.
+    pub tls_methods: u32,
 }
 
 impl ListenerStats {
@@ -75,6 +79,8 @@ impl ListenerStats {
 #[derive(Clone)]
 pub struct PeerStats {
     pub connect: Histogram<u64>,
+    /// TLS handshakes on connections to the peer.
+    pub tls: Histogram<u64>,
     pub upstream: Histogram<u64>,
     /// Connects that succeeded.
     pub connections: u64,
@@ -94,6 +100,7 @@ impl Default for PeerStats {
     fn default() -> Self {
         Self {
             connect: new_histogram(),
+            tls: new_histogram(),
             upstream: new_histogram(),
             connections: 0,
             syn_retransmits: 0,
@@ -123,6 +130,8 @@ impl Default for ListenerStats {
             resets_received: 0,
             think_total_ns: 0,
             think_waits: BTreeMap::new(),
+            tls_connections: 0,
+            tls_methods: 0,
         }
     }
 }
@@ -228,6 +237,17 @@ impl Stats {
                 }
                 if let Some(ns) = upstream_ns {
                     p.upstream.saturating_record(*ns);
+                }
+            }
+            Record::Tls { listener, tls_ns, method } => {
+                let l = self.listener(*listener);
+                l.tls_connections += 1;
+                l.tls_methods |= method;
+                l.record(Phase::Tls, *tls_ns);
+            }
+            Record::UpstreamTls { peer, tls_ns } => {
+                if let Some(ns) = tls_ns {
+                    self.peers.entry(*peer).or_default().tls.saturating_record(*ns);
                 }
             }
             Record::Unattributed { peer } => self.peers.entry(*peer).or_default().unattributed += 1,

@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use rustc_hash::FxHashMap;
 
-use tracer_common::{flags, origin, Bind, ConnAddr, ConnClose, ConnOpen, Request, UpstreamConnect, UpstreamRequest};
+use tracer_common::{
+    flags, origin, Bind, ConnAddr, ConnClose, ConnOpen, Request, TlsDone, UpstreamConnect, UpstreamRequest,
+};
 
 use crate::{
     events::Event,
@@ -21,6 +23,7 @@ use crate::{
 pub enum Phase {
     Handshake,
     AcceptWait,
+    Tls,
     RecvWait,
     Think,
     Send,
@@ -28,13 +31,14 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] =
-        [Phase::Handshake, Phase::AcceptWait, Phase::RecvWait, Phase::Think, Phase::Send, Phase::Delivery];
+    pub const ALL: [Phase; 7] =
+        [Phase::Handshake, Phase::AcceptWait, Phase::Tls, Phase::RecvWait, Phase::Think, Phase::Send, Phase::Delivery];
 
     pub fn name(self) -> &'static str {
         match self {
             Phase::Handshake => "handshake",
             Phase::AcceptWait => "accept_wait",
+            Phase::Tls => "tls",
             Phase::RecvWait => "recv_wait",
             Phase::Think => "think",
             Phase::Send => "send",
@@ -110,6 +114,20 @@ pub enum Record {
         bytes_out: u64,
         bytes_in: u64,
         answered: bool,
+    },
+    /// A server connection's TLS handshake completed.
+    Tls {
+        listener: u16,
+        /// From the ClientHello's arrival (or accept(), if later) to the handshake's end.
+        tls_ns: Option<u64>,
+        /// Bits of `tracer_common::tls`: how the connection is followed.
+        method: u32,
+    },
+    /// The TLS handshake of a connection the traced process opened completed.
+    UpstreamTls {
+        peer: SocketAddr,
+        /// From the ClientHello's write to the handshake's end.
+        tls_ns: Option<u64>,
     },
     /// An upstream request that no server request could be found for.
     Unattributed {
@@ -212,6 +230,7 @@ impl Timeline {
             Event::UpstreamConnect(c) => self.connected(c, out),
             Event::UpstreamRequest(r) => self.upstream_request(r, out),
             Event::Bind(b) => self.bind(b, out),
+            Event::TlsDone(t) => self.tls_done(t, out),
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
     }
@@ -303,6 +322,17 @@ impl Timeline {
         let key = RequestKey { sock: b.header.sock, first_read_ns: b.first_read_ns };
         let given_up = self.waits.bind(b.header.tid, key, b.since_ns);
         out.extend(given_up.into_iter().map(|peer| Record::Unattributed { peer }));
+    }
+
+    fn tls_done(&mut self, t: &TlsDone, out: &mut Vec<Record>) {
+        if let Some(client) = self.clients.get(&t.header.sock) {
+            out.push(Record::UpstreamTls { peer: client.peer, tls_ns: span(t.start_ns, t.end_ns) });
+        } else if let Some(c) = self.conns.get(&t.header.sock) {
+            // As for recv_wait: what came while the connection waited to be accepted is
+            // accept_wait's.
+            let start = if c.accepted_ns != 0 { t.start_ns.max(c.accepted_ns) } else { t.start_ns };
+            out.push(Record::Tls { listener: c.listener, tls_ns: span(start, t.end_ns), method: t.method });
+        }
     }
 
     fn connected(&mut self, c: &UpstreamConnect, out: &mut Vec<Record>) {

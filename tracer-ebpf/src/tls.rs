@@ -1,0 +1,247 @@
+//! TLS connections, followed through uprobes on the TLS library (OpenSSL's `SSL_read`,
+//! `SSL_write`, `SSL_do_handshake`, ...).
+//!
+//! On a TLS connection the socket carries records: handshake flights, session tickets,
+//! alerts and close_notify besides the application's data. What the application reads
+//! and writes is the plaintext that the library's calls return and take, so there the
+//! request boundaries are drawn:
+//! - a thread entering one of the library's calls is noted (`TLS_CALLS`); a socket call
+//!   it makes inside ties the `SSL *` to the socket (`TLS_SOCKS`) and marks the
+//!   connection hooked, after which the socket's own reads and writes start and end no
+//!   request;
+//! - `SSL_read` returning plaintext is the request's read (its arrival: the data the
+//!   call read from the socket), `SSL_write`'s entry ends think and its return is the
+//!   response's write (by then its records are queued on the socket, so delivery is
+//!   still the peer's acknowledgement of them);
+//! - the handshake runs from the ClientHello's first byte queued on the server's socket
+//!   (the client's: its write) until `SSL_do_handshake` returns success.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::{kind, origin, tls, tls_op, TlsCall, TlsDone};
+
+use crate::{
+    conn::{current_tid, dir, header, now, state_mut, SockState},
+    io,
+    kernel::read,
+    maps::{filter_by_port, is_traced_tgid, reserve, TLS_CALLS, TLS_SOCKS},
+    off, upstream,
+};
+
+/// What a socket call does (for [`socket_call`]).
+pub const READ: u32 = 0;
+pub const WRITE_START: u32 = 1;
+pub const WRITE: u32 = 2;
+
+/// A thread enters a call of the TLS library.
+#[inline(always)]
+fn enter(ssl: u64, op: u32, count_ptr: u64) -> u64 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if ssl == 0 || (!filter_by_port() && !is_traced_tgid(tgid)) {
+        return 0;
+    }
+    let call = TlsCall { ssl, count_ptr, arrival_ns: 0, op, _pad: 0 };
+    let _ = TLS_CALLS.insert(&current_tid(), &call, 0);
+    ssl
+}
+
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), tls_op::READ, 0);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), tls_op::READ_EX, ctx.arg(3).unwrap_or(0));
+    0
+}
+
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    write_begins(enter(ctx.arg(0).unwrap_or(0), tls_op::WRITE, 0));
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    write_begins(enter(ctx.arg(0).unwrap_or(0), tls_op::WRITE_EX, ctx.arg(3).unwrap_or(0)));
+    0
+}
+
+#[uprobe]
+pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), tls_op::HANDSHAKE, 0);
+    0
+}
+
+#[uprobe]
+pub fn ssl_shutdown(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0).unwrap_or(0), tls_op::SHUTDOWN, 0);
+    0
+}
+
+/// The hooked connection under `ssl`, if known.
+#[inline(always)]
+fn hooked(ssl: u64) -> Option<(u64, &'static mut SockState)> {
+    let sk = *unsafe { TLS_SOCKS.get(&ssl) }?;
+    let st = state_mut(sk)?;
+    (st.tls & tls::HOOKED != 0).then_some((sk, st))
+}
+
+/// The application hands plaintext to write: the server has finished thinking, the
+/// client begins its request (unless the handshake still has to run first).
+#[inline(always)]
+fn write_begins(ssl: u64) {
+    if ssl == 0 {
+        return;
+    }
+    let Some((sk, st)) = hooked(ssl) else { return };
+    if st.dir == dir::WRITING || st.owner == 0 || (st.tls_start_ns != 0 && st.tls & tls::DONE == 0) {
+        return;
+    }
+    let ts = now();
+    if origin::is_client(st.origin) {
+        upstream::begin_request(st, ts);
+    } else {
+        io::begin_response(sk, st, ts);
+    }
+}
+
+/// Every hooked call's return.
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    let tid = current_tid();
+    let Some(call) = (unsafe { TLS_CALLS.get(&tid) }).copied() else { return 0 };
+    let _ = TLS_CALLS.remove(&tid);
+    let ret = ctx.ret::<i64>() as i32;
+    let Some((sk, st)) = hooked(call.ssl) else { return 0 };
+    let ts = now();
+    let bytes = match call.op {
+        tls_op::HANDSHAKE => {
+            if ret == 1 {
+                handshake_done(sk, st, ts);
+            }
+            return 0;
+        }
+        tls_op::READ | tls_op::WRITE if ret > 0 => ret as u64,
+        tls_op::READ_EX | tls_op::WRITE_EX if ret == 1 && call.count_ptr != 0 => {
+            unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
+        }
+        _ => 0,
+    };
+    if bytes == 0 {
+        return 0;
+    }
+    // An application that never called the handshake: it ran inside this call.
+    handshake_done(sk, st, ts);
+    let reading = call.op == tls_op::READ || call.op == tls_op::READ_EX;
+    if reading && call.arrival_ns != 0 {
+        st.pending_data_ns = call.arrival_ns;
+    }
+    if origin::is_client(st.origin) {
+        if reading {
+            upstream::on_read(sk, st, bytes, ts);
+        } else {
+            upstream::on_write(st, bytes, ts);
+        }
+        return 0;
+    }
+    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+        return 0;
+    }
+    if reading {
+        io::read_request(sk, st, bytes, ts);
+    } else {
+        io::write_response(sk, st, bytes, ts);
+    }
+    0
+}
+
+/// The handshake of `sk` completed at `ts` (once).
+#[inline(always)]
+fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
+    if st.tls & tls::DONE != 0 {
+        return;
+    }
+    st.tls |= tls::DONE;
+    if st.tls_start_ns == 0 {
+        // Open before tracing started: its handshake was not seen.
+        return;
+    }
+    let Some(mut slot) = reserve::<TlsDone>() else { return };
+    let e = slot.as_mut_ptr();
+    unsafe {
+        (*e).header = header(kind::TLS_DONE, st.owner, sk, ts);
+        (*e).start_ns = st.tls_start_ns;
+        (*e).end_ns = ts;
+        (*e).method = st.tls;
+        (*e)._pad = 0;
+    }
+    slot.submit();
+}
+
+/// Whether the receive queue of `sk` is empty (everything received has been read).
+#[inline(always)]
+fn queue_empty(sk: u64) -> bool {
+    read::<u32>(sk, off!(tcp_rcv_nxt)) == read::<u32>(sk, off!(tcp_copied_seq))
+}
+
+/// A socket call (`what`: [`READ`], [`WRITE_START`], [`WRITE`]) on a traced connection.
+/// Returns true when it is TLS's business: the calling thread is inside a call of the
+/// TLS library, or the connection is one such calls were seen on. Such socket calls
+/// start and end no request; they tie the library's connection object to the socket,
+/// time the handshake's start, and keep the arrival of what a read call consumes.
+#[inline(always)]
+pub fn socket_call(sk: u64, st: &mut SockState, what: u32) -> bool {
+    let client = origin::is_client(st.origin);
+    let Some(call) = TLS_CALLS.get_ptr_mut(&current_tid()) else {
+        if st.tls & tls::HOOKED == 0 {
+            return false;
+        }
+        // A hooked connection's socket written outside the library's calls (an
+        // application that moves the records itself): the response's records go out.
+        if what == WRITE && !client && st.dir == dir::WRITING {
+            io::note_sent(sk, st, now());
+        }
+        return true;
+    };
+    let call = unsafe { &mut *call };
+    if !client && st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+        return true;
+    }
+    if st.tls & tls::HOOKED == 0 {
+        st.tls |= tls::HOOKED;
+        let fresh = st.origin == origin::ACCEPTED || st.origin == origin::CONNECTED;
+        if fresh && st.requests == 0 && st.dir == dir::IDLE {
+            // The handshake begins: the client's ClientHello is written now; on the
+            // server it was queued by the first data (or came with the final ACK).
+            st.tls_start_ns = if client {
+                now()
+            } else if st.pending_data_ns != 0 {
+                st.pending_data_ns
+            } else if st.established_ns != 0 {
+                st.established_ns
+            } else {
+                now()
+            };
+        }
+    }
+    if unsafe { TLS_SOCKS.get(&call.ssl) }.copied() != Some(sk) {
+        let _ = TLS_SOCKS.insert(&call.ssl, &sk, 0);
+    }
+    if what == READ {
+        if st.pending_data_ns != 0 {
+            call.arrival_ns = st.pending_data_ns;
+        }
+        // What is left in the queue is still to be read (the request after the
+        // client's Finished, say): its arrival stays noted.
+        if queue_empty(sk) {
+            st.pending_data_ns = 0;
+        }
+    }
+    true
+}
