@@ -17,3 +17,4 @@ pub mod netns;
 pub mod nginx;
 pub mod pg;
 pub mod server;
+pub mod tls;

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::harness::Proc;
+use crate::{harness::Proc, tls::TestCert};
 
 pub struct Nginx {
     /// Always `Some` until dropped.
@@ -42,6 +42,12 @@ impl Nginx {
     /// once the workers run. Files the configuration names relative to the prefix (an
     /// access log, say) are found with [`Nginx::path`].
     pub fn start(workers: usize, http: &str, server: &str) -> Result<Self> {
+        Self::start_with(workers, http, server, None)
+    }
+
+    /// [`Nginx::start`], serving HTTPS with `cert` when given (the `server` block then
+    /// chooses the protocol versions, e.g. `ssl_protocols TLSv1.3;`).
+    pub fn start_with(workers: usize, http: &str, server: &str, cert: Option<&TestCert>) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tracer-nginx-{}-{}",
@@ -52,12 +58,18 @@ impl Nginx {
         fs::create_dir_all(dir.join("www"))?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let d = dir.display();
+        let tls = match cert {
+            Some(c) => {
+                format!(" ssl;\nssl_certificate {};\nssl_certificate_key {};", c.cert.display(), c.key.display())
+            }
+            None => ";".into(),
+        };
         fs::write(
             dir.join("nginx.conf"),
             format!(
                 "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
                  events {{ worker_connections 256; }}\n\
-                 http {{\n{http}\nserver {{\nlisten 127.0.0.1:{port};\nroot {d}/www;\n{server}\n}}\n}}\n"
+                 http {{\n{http}\nserver {{\nlisten 127.0.0.1:{port}{tls}\nroot {d}/www;\n{server}\n}}\n}}\n"
             ),
         )?;
         let child = Command::new("nginx")

@@ -69,11 +69,29 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
+    /// How the listener's TLS connections are followed, and what is approximate with
+    /// that method; `None` when no TLS handshake was seen.
+    pub fn tls_method(&self) -> Option<(&'static str, Option<&'static str>)> {
+        if self.tls_connections == 0 {
+            return None;
+        }
+        Some(if self.tls_methods & tracer_common::tls::HOOKED != 0 {
+            ("OpenSSL uprobes", None)
+        } else {
+            ("record layer only", Some(RECORD_LAYER_APPROXIMATE))
+        })
+    }
+
     /// Think time not spent waiting on an upstream peer.
     pub fn think_local_ns(&self) -> u64 {
         self.think_total_ns.saturating_sub(self.think_waits.values().sum())
     }
 }
+
+/// What the record layer alone cannot tell exactly.
+pub const RECORD_LAYER_APPROXIMATE: &str = "the handshake's end is the server's last handshake record; \
+     alerts, session tickets and key updates in TLS 1.3 look like data and may start requests; \
+     recv_wait and think include decryption";
 
 /// One upstream peer (remote address and port) of the traced processes.
 #[derive(Clone)]

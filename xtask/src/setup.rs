@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "/usr/sbin/nft"),
     ("nginx", "/usr/sbin/nginx"),
     ("curl", "/usr/bin/curl"),
+    ("openssl", "/usr/bin/openssl"),
     ("procps", "/usr/sbin/sysctl"),
     ("postgresql", "/usr/share/doc/postgresql/copyright"),
     ("nodejs", "/usr/bin/node"),

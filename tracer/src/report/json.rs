@@ -54,6 +54,20 @@ struct ListenerJson {
     resets_received: u64,
     phases: serde_json::Map<String, serde_json::Value>,
     think_attribution: ThinkJson,
+    /// Present when TLS handshakes were seen on the listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsJson>,
+}
+
+#[derive(Serialize)]
+struct TlsJson {
+    /// How its TLS connections are followed.
+    method: &'static str,
+    /// Handshakes seen complete.
+    connections: u64,
+    /// What is approximate with that method (absent when nothing is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approximate: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -183,6 +197,11 @@ fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static s
                 peers
             },
         },
+        tls: l.tls_method().map(|(method, approximate)| TlsJson {
+            method,
+            connections: l.tls_connections,
+            approximate,
+        }),
     }
 }
 
@@ -199,6 +218,7 @@ fn upstream_json(peer: &SocketAddr, p: &PeerStats, unavailable: &BTreeMap<&'stat
         bytes_out: p.bytes_out,
         phases: BTreeMap::from([
             ("connect", phase_value("connect", &p.connect, unavailable)),
+            ("tls", phase_value("tls", &p.tls, unavailable)),
             ("upstream", phase_value("upstream", &p.upstream, unavailable)),
         ]),
     }

@@ -87,8 +87,18 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavaila
     if l.closed_by_peer != 0 {
         let _ = writeln!(out, "  closed_by_peer {} (last messages before the peer's orderly close)", l.closed_by_peer);
     }
+    if let Some((method, approximate)) = l.tls_method() {
+        let _ = writeln!(out, "  tls: {method} ({} handshakes)", l.tls_connections);
+        if let Some(what) = approximate {
+            let _ = writeln!(out, "  {}", wrap("approximate: ", &[what.to_owned()]));
+        }
+    }
     header_row(out);
     for phase in Phase::ALL {
+        // A plain-TCP listener has no TLS phase to show.
+        if phase == Phase::Tls && l.tls_connections == 0 && !unavailable.contains_key(phase.name()) {
+            continue;
+        }
         phase_row(out, phase.name(), &l.phases[&phase], unavailable);
     }
     if let Some(line) = diagnosis(l) {
@@ -166,6 +176,9 @@ pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats
     }
     header_row(out);
     phase_row(out, "connect", &p.connect, unavailable);
+    if !p.tls.is_empty() {
+        phase_row(out, "tls", &p.tls, unavailable);
+    }
     phase_row(out, "upstream", &p.upstream, unavailable);
 }
 
