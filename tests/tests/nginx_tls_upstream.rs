@@ -1,0 +1,80 @@
+//! nginx from Debian serving HTTPS and proxying every request over TLS to a second,
+//! untraced nginx (the TLS backend), which proxies it to a lab upstream that waits a
+//! known delay. The traced nginx is a TLS client there: its upstream peer must show one
+//! TLS handshake per upstream connection and an upstream wait of the backend's delay,
+//! with no handshake flight counted as an upstream request.
+
+use std::fs;
+
+use tracer_tests::{
+    harness::*,
+    nginx::Nginx,
+    tls::{curl, TestCert},
+};
+
+const DELAY_MS: u64 = 50;
+const REQUESTS: usize = 40;
+
+#[test]
+fn nginx_tls_upstream() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let cert = TestCert::new()?;
+    let (_lab, lab) = start_lab_server(&[])?;
+    let backend = Nginx::start_with(
+        1,
+        &format!(
+            "log_format timing '$request_time $upstream_response_time';\n\
+             access_log access.log timing;\nupstream lab {{ server {lab}; }}"
+        ),
+        "ssl_protocols TLSv1.2 TLSv1.3;\nlocation / { proxy_pass http://lab; }\n",
+        Some(&cert),
+    )?;
+    let front = Nginx::start_with(
+        1,
+        "log_format timing '$request_time $upstream_response_time';\naccess_log access.log timing;",
+        &format!(
+            "ssl_protocols TLSv1.3;\nlocation / {{ proxy_pass https://{}; proxy_ssl_protocols TLSv1.3; }}\n",
+            backend.addr
+        ),
+        Some(&cert),
+    )?;
+    let tracer = start_tracer(&["--pid".into(), front.pid().to_string()])?;
+    let url = format!("https://{}/?size=200&delay={DELAY_MS}", front.addr);
+    let transfers = curl(&vec![url; REQUESTS], false, "--tlsv1.3")?;
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    let backend_log = fs::read_to_string(backend.path("access.log"))?;
+    // What the backend took per request: the truth for the front's upstream wait.
+    let backend_ms: Vec<f64> =
+        backend_log.lines().filter_map(|l| l.split(' ').next()?.parse::<f64>().ok()).map(|s| s * 1e3).collect();
+    let backend_mean = backend_ms.iter().sum::<f64>() / backend_ms.len() as f64;
+    let l = listener(report, front.addr.port())?;
+    let peer = upstream_peer(report, &backend.addr.to_string())?;
+    eprintln!("{}backend: {} requests, mean $request_time {backend_mean:.2} ms", describe(report), backend_ms.len());
+
+    assert!(transfers.iter().all(|t| t.status == 200), "statuses {transfers:?}");
+    assert_eq!(backend_ms.len(), REQUESTS, "backend access log lines");
+
+    let mut v = Verdicts::default();
+    v.eq("lost events", &report["lost_events"], &serde_json::json!(0));
+    v.eq("requests", l["requests"].as_u64(), Some(REQUESTS as u64));
+    v.eq("aborted", l["aborted"].as_u64(), Some(0));
+    v.extend(counts_not_adding_up(report));
+    v.eq("upstream requests (one per request)", peer["requests"].as_u64(), Some(REQUESTS as u64));
+    v.eq("unanswered upstream requests", peer["unanswered"].as_u64(), Some(0));
+    let connections = peer["connections"].as_u64().unwrap_or(0);
+    v.check(connections >= 1, || "no upstream connection".into());
+    v.eq("upstream tls samples (one per connection)", peer["phases"]["tls"]["count"].as_u64(), Some(connections));
+    v.eq("upstream samples", peer["phases"]["upstream"]["count"].as_u64(), Some(REQUESTS as u64));
+    let upstream_p50 = peer["phases"]["upstream"]["p50_ns"].as_u64().unwrap_or(0) as f64 / 1e6;
+    v.near("upstream p50 against the backend's delay (ms)", upstream_p50, DELAY_MS as f64, 5.0, 0.0);
+    let upstream_max = peer["phases"]["upstream"]["max_ns"].as_u64().unwrap_or(0) as f64 / 1e6;
+    v.check(upstream_max <= backend_ms.iter().cloned().fold(0.0, f64::max) + 2.0, || {
+        format!("upstream max {upstream_max:.2} ms beyond the backend's slowest request")
+    });
+    v.extend(attribution_over_think(report));
+    v.finish();
+    Ok(())
+}
