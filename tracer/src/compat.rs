@@ -445,6 +445,7 @@ mod tests {
         assert_eq!("fexit".parse::<Kind>(), Ok(Kind::FEntry));
         assert_eq!("kretprobe".parse::<Kind>(), Ok(Kind::KProbe));
         assert_eq!("tp_btf".parse::<Kind>(), Ok(Kind::TpBtf));
-        assert!("uprobe".parse::<Kind>().unwrap_err().contains("one of: tp_btf, raw_tp"));
+        assert_eq!("uprobe".parse::<Kind>(), Ok(Kind::UProbe));
+        assert!("usdt".parse::<Kind>().unwrap_err().contains("one of: tp_btf, raw_tp"));
     }
 }

@@ -15,6 +15,7 @@ use crate::{
     offsets,
     probes::{LoadOptions, Probes},
     timeline::Phase,
+    tls,
 };
 
 /// Phases beyond the server's six.
@@ -33,7 +34,8 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
     };
     print(&out);
     let kernel = offsets::from_running_kernel()?;
-    let probes = Probes::load(&LoadOptions {
+    let skip_uprobes = skip_kinds.contains(&Kind::UProbe);
+    let mut probes = Probes::load(&LoadOptions {
         disabled,
         skip_kinds,
         recvmsg_flags_arg: kernel.recvmsg_flags_arg,
@@ -68,6 +70,7 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
             Some(why) => out += &format!("  {phase:<12} unavailable: {why}\n"),
         }
     }
+    out += &format!("\nTLS: {}\n", uprobes(&mut probes, skip_uprobes));
     if let Err(e) = probes.tracing_possible() {
         out += &format!("\ntracing is impossible here: {e:#}\n");
     }
@@ -79,6 +82,29 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
     } else {
         1
     })
+}
+
+/// Whether uprobes on the TLS library work here: tried on the first OpenSSL found on
+/// the host, for this process only, then removed.
+fn uprobes(probes: &mut Probes, skipped: bool) -> String {
+    const RECORDS: &str = "TLS connections are followed from their records only";
+    if skipped {
+        return format!("uprobes skipped (--skip-hook-kind uprobe): {RECORDS}");
+    }
+    if !std::path::Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
+        return format!("this kernel has no uprobes (CONFIG_UPROBES): {RECORDS}");
+    }
+    let Some(lib) = tls::system_library() else {
+        return "the kernel offers uprobes; no OpenSSL library (libssl.so) found on this host to try them on".into();
+    };
+    let pid = std::process::id();
+    match probes.hook_tls(&lib, Some(pid)) {
+        Ok(()) => {
+            probes.unhook_tls(pid);
+            format!("uprobes work (tried on {}): OpenSSL's plaintext draws request boundaries", lib.name)
+        }
+        Err(e) => format!("uprobes do not attach ({e:#}): {RECORDS}"),
+    }
 }
 
 fn print(text: &str) {

@@ -818,4 +818,58 @@ mod tests {
         assert_eq!(socket_addr(AF_INET6, &mapped, 80).to_string(), "[::ffff:127.0.0.1]:80");
         assert_eq!(socket_addr(AF_INET, &mapped, 80).to_string(), "127.0.0.1:80");
     }
+
+    fn tls_done(sock: u64, start: u64, end: u64) -> Event {
+        Event::TlsDone(TlsDone {
+            header: EventHeader { kind: kind::TLS_DONE, tgid: 7, tid: 7, ts_ns: end, sock, ..Default::default() },
+            start_ns: start,
+            end_ns: end,
+            method: tracer_common::tls::HOOKED | tracer_common::tls::DONE,
+            _pad: 0,
+        })
+    }
+
+    #[test]
+    fn a_tls_handshake_is_its_own_phase_and_no_request() {
+        // Accepted at 10 ms; the ClientHello came at 9 ms, while the connection waited to
+        // be accepted: that part is accept_wait's. The handshake ends at 14 ms and the
+        // one request (read at 15 ms) is the only exchange.
+        let out = run(&[
+            open(1 * MS, 2 * MS, 10 * MS),
+            tls_done(SOCK, 9 * MS, 14 * MS),
+            request([15 * MS, 15 * MS, 15 * MS, 20 * MS, 20 * MS, 21 * MS], 0, 0),
+        ]);
+        let tls: Vec<_> = out.iter().filter(|r| matches!(r, Record::Tls { .. })).collect();
+        assert_eq!(tls, [&Record::Tls { listener: 8080, tls_ns: Some(4 * MS), method: 3 }]);
+        let exchanges = out.iter().filter(|r| matches!(r, Record::Exchange { .. })).count();
+        assert_eq!(exchanges, 1);
+        let mut stats = crate::stats::Stats::default();
+        for r in &out {
+            stats.apply(r);
+        }
+        let l = &stats.listeners[&8080];
+        assert_eq!((l.requests, l.tls_connections), (1, 1));
+        assert_eq!(l.phases[&Phase::Tls].len(), 1);
+        assert_eq!(l.tls_method(), Some(("OpenSSL uprobes", None)));
+    }
+
+    #[test]
+    fn an_upstream_tls_handshake_belongs_to_its_peer() {
+        let mut a = addr();
+        a.local_port = 50443;
+        a.remote_port = 443;
+        let connect = Event::UpstreamConnect(UpstreamConnect {
+            header: EventHeader { kind: kind::UPSTREAM_CONNECT, tgid: 7, tid: 7, sock: 443, ..Default::default() },
+            addr: a,
+            start_ns: MS,
+            end_ns: 2 * MS,
+            syn_retransmits: 0,
+            error: 0,
+        });
+        let out = run(&[connect, tls_done(443, 2 * MS, 5 * MS)]);
+        let peer = endpoints(&a).1;
+        assert!(out.contains(&Record::UpstreamTls { peer, tls_ns: Some(3 * MS) }), "{out:?}");
+        // A handshake on a connection never seen is ignored, not misfiled.
+        assert!(run(&[tls_done(999, MS, 2 * MS)]).is_empty());
+    }
 }

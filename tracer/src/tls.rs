@@ -105,6 +105,35 @@ pub fn libraries(pid: u32, known: &HashSet<(u64, u64)>) -> Vec<Library> {
     out
 }
 
+/// An OpenSSL library installed on the host, if any (for `tracer doctor`).
+pub fn system_library() -> Option<Library> {
+    const DIRS: &[&str] = &[
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    ];
+    for dir in DIRS {
+        let Ok(entries) = fs::read_dir(dir) else { continue };
+        let mut names: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libssl.so.")))
+            .collect();
+        names.sort();
+        for path in names.into_iter().rev() {
+            if let Ok(Some(offsets)) = symbol_offsets(&path) {
+                let name = path.display().to_string();
+                return Some(Library { id: (0, 0), name, path, offsets });
+            }
+        }
+    }
+    None
+}
+
 /// File offsets of `ENTRIES` in the ELF file at `path`; `None` when a required one is
 /// missing (not a TLS library, or stripped).
 pub fn symbol_offsets(path: &Path) -> Result<Option<Vec<Option<u64>>>> {
