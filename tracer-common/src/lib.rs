@@ -46,6 +46,116 @@ pub mod tls {
     pub const HOOKED: u32 = 1 << 0;
     /// The handshake is complete (its [`super::TlsDone`] was emitted, if timed).
     pub const DONE: u32 = 1 << 1;
+    /// Followed from the record layer alone (no library hook): the server's first write
+    /// was a handshake record, and the client's records are read as they arrive
+    /// ([`super::RecordState`]) to tell where its handshake ends.
+    pub const RECORDS: u32 = 1 << 2;
+}
+
+/// TLS record content types.
+pub mod record {
+    pub const CHANGE_CIPHER_SPEC: u8 = 20;
+    pub const ALERT: u8 = 21;
+    pub const HANDSHAKE: u8 = 22;
+    pub const APPLICATION_DATA: u8 = 23;
+    /// The largest record body a peer may send (2^14 plus expansion).
+    pub const MAX_BODY: u32 = (1 << 14) + 2048;
+    /// Record headers looked at per segment: more records than this in one segment and
+    /// the rest of the connection is not followed.
+    pub const MAX_PER_SEGMENT: usize = 16;
+
+    /// [`super::RecordState::state`].
+    pub const PARSING: u8 = 0;
+    /// The client's last handshake record was seen (`done_seq` is valid).
+    pub const DONE: u8 = 1;
+    /// Not TLS after all, or a header was missed: the connection is not followed.
+    pub const LOST: u8 = 2;
+}
+
+/// Where a client's TLS records are, as its segments arrive (the `RECORDS` map's value):
+/// from its second flight on, every record header is read until the one that ends its
+/// handshake — its Finished, i.e. the record after its ChangeCipherSpec (TLS 1.2, and
+/// TLS 1.3 in compatibility mode) or its first encrypted record (TLS 1.3 without one).
+/// What follows is application data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordState {
+    /// Sequence number of the next record header (or of the one partly seen).
+    pub hdr_seq: u32,
+    /// Sequence number just past the client's last handshake record (when `DONE`).
+    pub done_seq: u32,
+    /// The header's bytes seen so far (`have` of them), the first in the lowest byte
+    /// (shifts, not indexes: the verifier bounds those easily).
+    pub hdr: u64,
+    pub have: u8,
+    /// Non-zero once the client's ChangeCipherSpec was seen.
+    pub ccs: u8,
+    /// One of [`record`]'s `PARSING`, `DONE`, `LOST`.
+    pub state: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<RecordState>() == 24);
+
+impl RecordState {
+    /// Starts following records at sequence number `seq`.
+    pub fn at(seq: u32) -> Self {
+        Self { hdr_seq: seq, ..Self::default() }
+    }
+
+    /// A segment of `len` payload bytes starting at sequence number `seq` arrived;
+    /// `byte_at(i)` reads its `i`-th byte. Segments may come in any order and again
+    /// (retransmits): only the one holding the next header byte needed moves it on.
+    #[inline(always)]
+    pub fn feed(&mut self, seq: u32, len: u32, mut byte_at: impl FnMut(u32) -> Option<u8>) {
+        for _ in 0..record::MAX_PER_SEGMENT {
+            if self.state != record::PARSING {
+                return;
+            }
+            let want = self.hdr_seq.wrapping_add(self.have as u32);
+            let mut at = want.wrapping_sub(seq);
+            if (at as i32) < 0 || at >= len {
+                // Not in this segment: before it (a retransmit, or a segment that came
+                // out of order ahead of the one needed) or after it.
+                return;
+            }
+            for _ in 0..5 {
+                if self.have >= 5 {
+                    break;
+                }
+                if at >= len {
+                    // The header goes on in the next segment.
+                    return;
+                }
+                let Some(b) = byte_at(at) else {
+                    self.state = record::LOST;
+                    return;
+                };
+                self.hdr |= (b as u64) << ((self.have as u64 & 7) * 8);
+                self.have += 1;
+                at += 1;
+            }
+            let byte = |i: u64| (self.hdr >> (i * 8)) as u8;
+            let kind = byte(0);
+            let body = u16::from_be_bytes([byte(3), byte(4)]) as u32;
+            if !(record::CHANGE_CIPHER_SPEC..=record::APPLICATION_DATA).contains(&kind)
+                || byte(1) != 3
+                || body > record::MAX_BODY
+            {
+                self.state = record::LOST;
+                return;
+            }
+            let end = self.hdr_seq.wrapping_add(5 + body);
+            if kind == record::CHANGE_CIPHER_SPEC {
+                self.ccs = 1;
+            } else if self.ccs != 0 || kind == record::APPLICATION_DATA {
+                self.done_seq = end;
+                self.state = record::DONE;
+            }
+            self.hdr_seq = end;
+            self.have = 0;
+            self.hdr = 0;
+        }
+    }
 }
 
 /// The operations of the TLS library that the programs hook (a thread's [`TlsCall::op`]).
@@ -487,8 +597,22 @@ pub struct KernelOffsets {
     /// queue after a read when they differ
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
+    /// struct msghdr.msg_iter, and in struct iov_iter: its type (one byte read), how far
+    /// it has gone, and the pointer to its buffer (`ubuf`) or iovec array (`__iov`),
+    /// which share one place: where a write's bytes are in user memory
+    pub msghdr_iter: u32,
+    pub iov_iter_type: u32,
+    pub iov_iter_offset: u32,
+    pub iov_iter_ptr: u32,
+    /// Values of `enum iter_type` (ITER_UBUF: u32::MAX on kernels without it), and the
+    /// mask that takes the type from the field (older kernels keep the direction in its
+    /// lowest bit)
+    pub iter_ubuf: u32,
+    pub iter_iovec: u32,
+    pub iter_type_mask: u32,
+    pub _pad_offsets: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 128);
+const _: () = assert!(size_of::<KernelOffsets>() == 160);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {
@@ -601,8 +725,12 @@ pub struct ProgramConfig {
     /// Non-zero when uprobes on a TLS library may be attached: the socket hooks then ask
     /// whether the calling thread is inside one of its calls.
     pub tls_hooks: u32,
+    /// Non-zero when the record-layer program is attached: a server connection whose
+    /// first write is a TLS handshake record is followed from its records.
+    pub tls_records: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ProgramConfig>() == 16);
+const _: () = assert!(size_of::<ProgramConfig>() == 24);
 
 /// Indexes of the per-CPU `COUNTERS` array.
 pub mod counter {
@@ -628,10 +756,14 @@ mod pod {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for ThreadWork {}
     unsafe impl aya::Pod for TlsCall {}
+    unsafe impl aya::Pod for RecordState {}
 }
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
     use super::*;
 
     #[test]
@@ -664,5 +796,95 @@ mod tests {
         assert_eq!((48 + size_of::<u64>() + size_of::<SockState>()) % 64, 0);
         assert_eq!(48 + 8 + core::mem::offset_of!(SockState, dir), 64);
         assert_eq!(48 + 8 + core::mem::offset_of!(SockState, arrival_ns), 128);
+    }
+
+    /// The records `(type, body length)` as bytes on the wire (bodies of zeros).
+    fn wire(records: &[(u8, u16)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &(kind, len) in records {
+            out.extend_from_slice(&[kind, 3, 3]);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend(core::iter::repeat_n(0u8, len as usize));
+        }
+        out
+    }
+
+    /// Feeds `bytes` (starting at sequence number `start`) in segments of the given
+    /// sizes, in order.
+    fn feed_in(st: &mut RecordState, start: u32, bytes: &[u8], sizes: &[usize]) {
+        let mut at = 0;
+        for &size in sizes {
+            let seg = &bytes[at..at + size];
+            st.feed(start.wrapping_add(at as u32), size as u32, |i| seg.get(i as usize).copied());
+            at += size;
+        }
+        assert_eq!(at, bytes.len());
+    }
+
+    const TLS12_FLIGHT: [(u8, u16); 3] =
+        [(record::HANDSHAKE, 37), (record::CHANGE_CIPHER_SPEC, 1), (record::HANDSHAKE, 40)];
+    const TLS13_FLIGHT: [(u8, u16); 2] = [(record::CHANGE_CIPHER_SPEC, 1), (record::APPLICATION_DATA, 53)];
+
+    #[test]
+    fn the_handshake_ends_after_the_record_that_follows_change_cipher_spec() {
+        for flight in [&TLS12_FLIGHT[..], &TLS13_FLIGHT[..]] {
+            let handshake = wire(flight);
+            let mut bytes = handshake.clone();
+            bytes.extend(wire(&[(record::APPLICATION_DATA, 100)]));
+            let mut st = RecordState::at(1000);
+            // Several records in one segment, the request after them.
+            feed_in(&mut st, 1000, &bytes, &[bytes.len()]);
+            assert_eq!(st.state, record::DONE, "{flight:?}");
+            assert_eq!(st.done_seq, 1000 + handshake.len() as u32);
+        }
+        // TLS 1.3 without the compatibility ChangeCipherSpec: the first encrypted record.
+        let bytes = wire(&[(record::APPLICATION_DATA, 53), (record::APPLICATION_DATA, 90)]);
+        let mut st = RecordState::at(7);
+        feed_in(&mut st, 7, &bytes, &[bytes.len()]);
+        assert_eq!((st.state, st.done_seq), (record::DONE, 7 + 58));
+    }
+
+    #[test]
+    fn headers_split_across_segments_and_sequence_numbers_wrapping() {
+        let bytes = wire(&TLS12_FLIGHT);
+        let start = u32::MAX - 20;
+        // Every split of the stream into a segment of one byte, then the rest.
+        for cut in 1..bytes.len() {
+            let mut st = RecordState::at(start);
+            feed_in(&mut st, start, &bytes, &[cut, bytes.len() - cut]);
+            assert_eq!((st.state, st.done_seq), (record::DONE, start.wrapping_add(bytes.len() as u32)), "cut {cut}");
+        }
+        // One byte per segment.
+        let mut st = RecordState::at(start);
+        feed_in(&mut st, start, &bytes, &vec![1; bytes.len()]);
+        assert_eq!(st.state, record::DONE);
+    }
+
+    #[test]
+    fn retransmits_and_out_of_order_segments_do_not_move_it() {
+        let bytes = wire(&TLS13_FLIGHT);
+        let (a, b) = bytes.split_at(3);
+        let mut st = RecordState::at(100);
+        // The second segment first: nothing to read there yet.
+        st.feed(103, b.len() as u32, |i| b.get(i as usize).copied());
+        assert_eq!((st.have, st.state), (0, record::PARSING));
+        st.feed(100, 3, |i| a.get(i as usize).copied());
+        // The first segment again (a retransmit): no change.
+        st.feed(100, 3, |i| a.get(i as usize).copied());
+        assert_eq!(st.have, 3);
+        st.feed(103, b.len() as u32, |i| b.get(i as usize).copied());
+        assert_eq!((st.state, st.done_seq), (record::DONE, 100 + bytes.len() as u32));
+    }
+
+    #[test]
+    fn anything_but_a_record_header_stops_following() {
+        let mut st = RecordState::at(0);
+        let http = b"GET / HTTP/1.1\r\n";
+        st.feed(0, http.len() as u32, |i| http.get(i as usize).copied());
+        assert_eq!(st.state, record::LOST);
+        // A byte that cannot be read.
+        let mut st = RecordState::at(0);
+        st.feed(0, 10, |_| None);
+        assert_eq!(st.state, record::LOST);
     }
 }

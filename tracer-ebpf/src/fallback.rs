@@ -33,7 +33,7 @@ pub fn tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
 /// The start of a write, for kernels without the `tcp_sendmsg_locked` tracepoint.
 #[fentry]
 pub fn tcp_sendmsg_enter(ctx: FEntryContext) -> i32 {
-    on_write_start(ctx.arg(0));
+    on_write_start(ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -42,7 +42,7 @@ pub fn tcp_sendmsg_enter(ctx: FEntryContext) -> i32 {
 #[kprobe]
 pub fn tcp_sendmsg_start(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        on_write_start(sk);
+        on_write_start(sk, ctx.arg::<u64>(1).unwrap_or(0));
     }
     0
 }

@@ -5,14 +5,14 @@
 //! connection closes.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{flags, origin, ACK_PENDING};
+use tracer_common::{flags, origin, tls as tls_flags, ACK_PENDING};
 
 use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks},
-    off, tls, upstream,
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks, tls_records},
+    off, records, tls, upstream,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -35,7 +35,7 @@ tracepoint_hook! {
     /// `tcp_sendmsg_locked(sk, msg, skb, size_goal)`: a write is under way (once per
     /// segment it fills; only the first of a response does anything).
     fn tcp_sendmsg_locked / raw_tcp_sendmsg_locked (ctx) {
-        on_write_start(ctx.arg(0));
+        on_write_start(ctx.arg(0), ctx.arg(1));
         0
     }
 }
@@ -110,8 +110,11 @@ fn untraced_caller() -> bool {
 /// A write on `sk` begins: the server has finished thinking (a write that blocks on a
 /// full send buffer is `send`, not `think`), the client has begun its request. The
 /// write's return hook does the rest; it also stands in for this one when it did not run.
+///
+/// `msg` (the `struct msghdr *` written) tells a TLS server's first write, a handshake
+/// record, when the connection is not followed through its TLS library.
 #[inline(always)]
-pub fn on_write_start(sk: u64) {
+pub fn on_write_start(sk: u64, msg: u64) {
     if untraced_caller() {
         return;
     }
@@ -120,6 +123,19 @@ pub fn on_write_start(sk: u64) {
         return;
     }
     if tls_hooks() && tls::socket_call(sk, st, tls::WRITE_START) {
+        return;
+    }
+    if st.tls == 0
+        && tls_records()
+        && msg != 0
+        && st.requests == 0
+        && st.dir == dir::READING
+        && st.origin == origin::ACCEPTED
+        && records::detect(sk, st, msg)
+    {
+        return;
+    }
+    if records::not_a_response(st) {
         return;
     }
     let ts = now();
@@ -158,6 +174,13 @@ fn on_read(sk: u64, len: u64) {
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         // Accepted by a process not traced (or an accept not seen: see take_ownership).
         return;
+    }
+    let mut len = len;
+    if st.tls & (tls_flags::RECORDS | tls_flags::DONE) == tls_flags::RECORDS {
+        match records::on_read(sk, st, len) {
+            Some(request_bytes) => len = request_bytes,
+            None => return,
+        }
     }
     read_request(sk, st, len, ts);
 }
@@ -206,6 +229,9 @@ fn on_write(sk: u64, len: u64) {
         return;
     }
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+        return;
+    }
+    if records::not_a_response(st) {
         return;
     }
     write_response(sk, st, len, ts);

@@ -29,6 +29,7 @@ mod kernel;
 mod listen;
 mod maps;
 mod process;
+mod records;
 mod reset;
 mod retransmit;
 mod setup;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 pub use tracer_common::TupleKey;
-use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig, ThreadWork, TlsCall};
+use tracer_common::{counter, record_bytes, KernelOffsets, ProgramConfig, RecordState, ThreadWork, TlsCall};
 
 use crate::conn::SockState;
 
@@ -45,11 +45,25 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_lsndtime: 0,
     tcp_rcv_nxt: 0,
     tcp_copied_seq: 0,
+    msghdr_iter: 0,
+    iov_iter_type: 0,
+    iov_iter_offset: 0,
+    iov_iter_ptr: 0,
+    iter_ubuf: 0,
+    iter_iovec: 0,
+    iter_type_mask: 0,
+    _pad_offsets: 0,
 };
 
 #[unsafe(no_mangle)]
-pub static CONFIG: ProgramConfig =
-    ProgramConfig { filter_by_port: 0, drop_reason_listen_overflow: u32::MAX, wakeup_bytes: 0, tls_hooks: 0 };
+pub static CONFIG: ProgramConfig = ProgramConfig {
+    filter_by_port: 0,
+    drop_reason_listen_overflow: u32::MAX,
+    wakeup_bytes: 0,
+    tls_hooks: 0,
+    tls_records: 0,
+    _pad: 0,
+};
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
 /// into the code: the loader rewrites the value before the program is verified.
@@ -74,6 +88,12 @@ pub fn filter_by_port() -> bool {
 #[inline(always)]
 pub fn tls_hooks() -> bool {
     unsafe { core::ptr::read_volatile(&CONFIG.tls_hooks) != 0 }
+}
+
+/// Whether the record-layer program is attached (see `records`).
+#[inline(always)]
+pub fn tls_records() -> bool {
+    unsafe { core::ptr::read_volatile(&CONFIG.tls_records) != 0 }
 }
 
 /// Events to userspace. Sized by the loader (`--ring-buffer-size`).
@@ -173,6 +193,11 @@ pub static TLS_CALLS: LruHashMap<u32, TlsCall> = LruHashMap::with_max_entries(16
 /// the socket calls made inside the library's calls.
 #[map]
 pub static TLS_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Server connections followed from their TLS records, by socket, until the client's
+/// handshake has been read (see `records`).
+#[map]
+pub static RECORDS: LruHashMap<u64, RecordState> = LruHashMap::with_max_entries(16384, 0);
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:
 /// filled by userspace from /proc, consumed when the connection is first used.

@@ -163,7 +163,7 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
 
 /// The handshake of `sk` completed at `ts` (once).
 #[inline(always)]
-fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
+pub fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
     if st.tls & tls::DONE != 0 {
         return;
     }
@@ -186,7 +186,7 @@ fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
 
 /// Whether the receive queue of `sk` is empty (everything received has been read).
 #[inline(always)]
-fn queue_empty(sk: u64) -> bool {
+pub fn queue_empty(sk: u64) -> bool {
     read::<u32>(sk, off!(tcp_rcv_nxt)) == read::<u32>(sk, off!(tcp_copied_seq))
 }
 

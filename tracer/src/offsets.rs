@@ -59,6 +59,16 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         tcp_lsndtime: byte("tcp_sock", "lsndtime", 4)?,
         tcp_rcv_nxt: byte("tcp_sock", "rcv_nxt", 4)?,
         tcp_copied_seq: byte("tcp_sock", "copied_seq", 4)?,
+        msghdr_iter: byte("msghdr", "msg_iter", 0)?,
+        // 6.0 and later: `u8 iter_type`; before: `unsigned int type` with the direction in
+        // its lowest bit (read as one byte: the values fit).
+        iov_iter_type: btf.field("iov_iter", "iter_type").or_else(|_| btf.field("iov_iter", "type"))?.byte_offset,
+        iov_iter_offset: byte("iov_iter", "iov_offset", 8)?,
+        iov_iter_ptr: btf.field("iov_iter", "ubuf").or_else(|_| btf.field("iov_iter", "iov"))?.byte_offset,
+        iter_ubuf: btf.enumerator("ITER_UBUF").map_or(u32::MAX, |v| v as u32),
+        iter_iovec: btf.enumerator("ITER_IOVEC").context("enum iter_type has no ITER_IOVEC")? as u32,
+        iter_type_mask: if btf.field("iov_iter", "iter_type").is_ok() { 0xff } else { 0xfe },
+        _pad_offsets: 0,
     };
     Ok(offsets)
 }

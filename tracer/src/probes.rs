@@ -11,7 +11,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeLinkId, UProbeScope},
-        BtfTracePoint, FEntry, FExit, KProbe, RawTracePoint, TracePoint, UProbe,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, RawTracePoint,
+        TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -50,6 +51,8 @@ pub struct Probes {
     /// The uprobes on TLS libraries, per traced process (0: every process).
     tls_links: BTreeMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     tls_loaded: bool,
+    /// Cgroups (by path) the record-layer program is attached to.
+    record_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
 }
 
 /// How one hook fared on this kernel (for `tracer doctor`).
@@ -153,7 +156,15 @@ impl Probes {
             }
             hooks.push(status);
         }
-        Ok(Self { ebpf, unavailable, hooks, missing_required, tls_links: BTreeMap::new(), tls_loaded: false })
+        Ok(Self {
+            ebpf,
+            unavailable,
+            hooks,
+            missing_required,
+            tls_links: BTreeMap::new(),
+            tls_loaded: false,
+            record_cgroups: Default::default(),
+        })
     }
 
     /// Hooks the calls of TLS library `lib` for process `pid` (every process that maps
@@ -200,6 +211,33 @@ impl Probes {
             self.tls_links.entry(pid.unwrap_or(0)).or_default().extend(links);
         }
         result
+    }
+
+    /// Loads the record-layer program (TLS followed from its records), once.
+    pub fn load_records(&mut self) -> Result<()> {
+        let p: &mut CgroupSkb =
+            self.ebpf.program_mut("tls_records").context("program tls_records missing from the object")?.try_into()?;
+        if p.fd().is_err() {
+            p.load().context("loading the record-layer program (cgroup socket-buffer)")?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the record-layer program to the cgroup (v2) at `path`: it sees the
+    /// segments received by sockets of processes in that cgroup and below.
+    pub fn attach_records(&mut self, path: &Path) -> Result<bool> {
+        if self.record_cgroups.contains(path) {
+            return Ok(false);
+        }
+        self.load_records()?;
+        let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+        let p: &mut CgroupSkb = self.ebpf.program_mut("tls_records").expect("loaded").try_into()?;
+        // As a link (5.7 and later), which never displaces another program of the
+        // cgroup; a link takes no attach flags, so the mode must be the default one.
+        p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching the record-layer program to cgroup {}", path.display()))?;
+        self.record_cgroups.insert(path.to_owned());
+        Ok(true)
     }
 
     /// Removes the uprobes of process `pid` (it exited).

@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::{self, IsTerminal as _, Write as _},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -238,6 +239,7 @@ pub fn run(args: Args) -> Result<i32> {
             filter_by_port: (!args.ports.is_empty()) as u32,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
             tls_hooks: !args.skip_hook_kind.contains(&Kind::UProbe) as u32,
+            tls_records: tls::cgroup2_root().is_some() as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
@@ -316,7 +318,10 @@ pub fn run(args: Args) -> Result<i32> {
 /// The TLS libraries of the traced processes, hooked as they appear (a library loaded
 /// later, a process forked later).
 struct TlsWatch {
-    enabled: bool,
+    /// Uprobes on TLS libraries (not skipped).
+    uprobes: bool,
+    /// The record-layer program (cgroup v2 present).
+    records: bool,
     /// PID mode: libraries hooked per process; port mode (every process): under 0.
     hooked: HashMap<u32, HashSet<(u64, u64)>>,
     /// Library names already announced, and failures already said.
@@ -336,7 +341,7 @@ impl TlsWatch {
         } else {
             Duration::from_secs(1)
         };
-        self.enabled && self.last_scan.is_none_or(|t| t.elapsed() >= every)
+        (self.uprobes || self.records) && self.last_scan.is_none_or(|t| t.elapsed() >= every)
     }
 
     fn scan(&mut self, probes: &mut Probes, live: &HashSet<u32>, port_mode: bool) {
@@ -348,6 +353,28 @@ impl TlsWatch {
                 self.hooked.remove(&pid);
                 probes.unhook_tls(pid);
             }
+        }
+        if let Some(root) = tls::cgroup2_root().filter(|_| self.records) {
+            // The record-layer program, on the cgroups of the traced processes (every
+            // process's, in port mode).
+            let cgroups: HashSet<PathBuf> = if port_mode {
+                HashSet::from([root])
+            } else {
+                live.iter().filter_map(|&pid| tls::cgroup_of(pid)).collect()
+            };
+            for cgroup in cgroups {
+                if let Err(e) = probes.attach_records(&cgroup) {
+                    if self.announced.insert(format!("records {}", cgroup.display())) {
+                        say!(
+                            "tracer: warning: TLS without a library hook is not followed in {}: {e:#}",
+                            cgroup.display()
+                        );
+                    }
+                }
+            }
+        }
+        if !self.uprobes {
+            return;
         }
         for pid in pids {
             let key = if port_mode { 0 } else { pid };
@@ -397,7 +424,8 @@ async fn trace(
     session.poll_counters(&probes);
     let port_mode = !args.ports.is_empty();
     let mut tls_watch = TlsWatch {
-        enabled: !args.skip_hook_kind.contains(&Kind::UProbe),
+        uprobes: !args.skip_hook_kind.contains(&Kind::UProbe),
+        records: tls::cgroup2_root().is_some(),
         hooked: HashMap::new(),
         announced: HashSet::new(),
         last_scan: None,

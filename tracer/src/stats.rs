@@ -89,9 +89,9 @@ impl ListenerStats {
 }
 
 /// What the record layer alone cannot tell exactly.
-pub const RECORD_LAYER_APPROXIMATE: &str = "the handshake's end is the server's last handshake record; \
-     alerts, session tickets and key updates in TLS 1.3 look like data and may start requests; \
-     recv_wait and think include decryption";
+pub const RECORD_LAYER_APPROXIMATE: &str = "the handshake ends where the server has read the client's \
+     Finished; in TLS 1.3 alerts, session tickets and key updates look like data, so a ticket \
+     written after a request was read ends its think; bytes are the records'";
 
 /// One upstream peer (remote address and port) of the traced processes.
 #[derive(Clone)]

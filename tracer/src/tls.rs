@@ -105,6 +105,26 @@ pub fn libraries(pid: u32, known: &HashSet<(u64, u64)>) -> Vec<Library> {
     out
 }
 
+/// Where the cgroup v2 hierarchy is mounted, if it is (the record-layer program
+/// attaches to cgroups there): `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The cgroup (v2) directory of process `pid`.
+pub fn cgroup_of(pid: u32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = cgroup2_root()?.join(path.trim_start_matches('/'));
+    dir.is_dir().then_some(dir)
+}
+
 /// An OpenSSL library installed on the host, if any (for `tracer doctor`).
 pub fn system_library() -> Option<Library> {
     const DIRS: &[&str] = &[

@@ -1,0 +1,166 @@
+//! TLS followed from the record layer alone, for servers whose TLS library has no hook
+//! (Go's crypto/tls, rustls, Java, a stripped static binary) or when uprobes are off.
+//!
+//! - The server's first write on an accepted connection is looked at in user memory:
+//!   a handshake record header (`16 03 ..`) makes it a TLS connection. What it read
+//!   before (the ClientHello) was the handshake's start, not a request.
+//! - From then on a cgroup socket-buffer program reads the header of every record the
+//!   client sends (`tracer_common::RecordState`) until the one that ends its handshake
+//!   (its Finished).
+//! - The server's reads up to that record are handshake; the one that reaches past it
+//!   reads the first request. Its writes before that, and any write with no request
+//!   read (TLS 1.3 session tickets), are no response.
+//!
+//! What stays approximate (the report says so): the handshake ends where the server has
+//! read the client's Finished; TLS 1.3 hides alerts, tickets and key updates inside
+//! application-data records.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_probe_read_user, generated::bpf_skc_to_tcp_sock},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use tracer_common::{record, tls, RecordState};
+
+use crate::{
+    conn::{dir, now, SockState},
+    kernel::read,
+    maps::RECORDS,
+    off,
+    tls::{handshake_done, queue_empty},
+};
+
+/// Every segment received by a socket of the traced processes' cgroups: the record
+/// headers of connections being followed. Never drops anything.
+#[cgroup_skb(ingress)]
+pub fn tls_records(ctx: SkBuffContext) -> i32 {
+    follow(&ctx);
+    1
+}
+
+#[inline(always)]
+fn follow(ctx: &SkBuffContext) -> Option<()> {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    if tp.is_null() {
+        return None;
+    }
+    let rs = unsafe { &mut *RECORDS.get_ptr_mut(tp as u64)? };
+    if rs.state != record::PARSING {
+        return None;
+    }
+    // The program sees the packet from its network header.
+    let first: u8 = ctx.load(0).ok()?;
+    let ip_len: u32 = match first >> 4 {
+        4 => (first as u32 & 0xf) * 4,
+        6 => 40,
+        _ => return None,
+    };
+    let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
+    let doff = (ctx.load::<u8>(ip_len as usize + 12).ok()? >> 4) as u32 * 4;
+    let payload = ip_len + doff;
+    let len = ctx.len().checked_sub(payload)?;
+    if len == 0 {
+        return None;
+    }
+    rs.feed(seq, len, |i| ctx.load::<u8>((payload + i) as usize).ok());
+    Some(())
+}
+
+/// The first bytes a write of `msg` (a `struct msghdr *`) carries, from user memory.
+#[inline(always)]
+fn write_bytes(msg: u64) -> Option<[u8; 2]> {
+    let iter = msg + off!(msghdr_iter) as u64;
+    let kind = read::<u8>(iter, off!(iov_iter_type))? as u32 & off!(iter_type_mask);
+    let at: u64 = read(iter, off!(iov_iter_offset))?;
+    let ptr: u64 = read(iter, off!(iov_iter_ptr))?;
+    let base = if kind == off!(iter_ubuf) {
+        ptr
+    } else if kind == off!(iter_iovec) {
+        // The first iovec's base.
+        read::<u64>(ptr, 0)?
+    } else {
+        return None;
+    };
+    unsafe { bpf_probe_read_user((base + at) as *const [u8; 2]) }.ok()
+}
+
+/// The server's first write on accepted connection `sk` begins (`msg`: what it writes).
+/// Returns true when it is a TLS handshake record: the connection is followed from its
+/// records from here, and this write is no response.
+#[inline(always)]
+pub fn detect(sk: u64, st: &mut SockState, msg: u64) -> bool {
+    let Some(bytes) = write_bytes(msg) else { return false };
+    if bytes[0] != record::HANDSHAKE || bytes[1] != 3 {
+        return false;
+    }
+    let Some(rcv_nxt) = read::<u32>(sk, off!(tcp_rcv_nxt)) else { return false };
+    // What was read (the ClientHello) began the handshake.
+    st.tls = tls::RECORDS;
+    st.tls_start_ns = if st.arrival_ns != 0 { st.arrival_ns } else { st.first_read_ns };
+    st.dir = dir::IDLE;
+    st.req_flags = 0;
+    for field in [&mut st.arrival_ns, &mut st.first_read_ns, &mut st.last_read_ns, &mut st.req_in] {
+        unsafe { core::ptr::write_volatile(field, 0) };
+    }
+    let _ = RECORDS.insert(&sk, &RecordState::at(rcv_nxt), 0);
+    true
+}
+
+/// A read of `len` bytes on `sk`, followed from its records while the client's handshake
+/// is not read to its end. `None`: a handshake read (no request); else the bytes of it
+/// that belong to the first request (and the connection is followed as usual from here).
+#[inline(always)]
+pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> Option<u64> {
+    let Some(rs) = (unsafe { RECORDS.get(&sk) }).copied() else {
+        // Evicted: follow it as plain TCP from here, untimed.
+        st.tls |= tls::DONE;
+        return Some(len);
+    };
+    if rs.state == record::LOST {
+        let _ = RECORDS.remove(&sk);
+        st.tls |= tls::DONE;
+        return Some(len);
+    }
+    let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0);
+    if rs.state == record::PARSING && copied.wrapping_sub(rs.hdr_seq.wrapping_add(rs.have as u32)) as i32 > 0 {
+        // The application has read a header byte the segment program never saw (it is
+        // not attached to this socket's cgroup): not followed after all.
+        let _ = RECORDS.remove(&sk);
+        st.tls |= tls::DONE;
+        return Some(len);
+    }
+    let past = copied.wrapping_sub(rs.done_seq) as i32;
+    if rs.state == record::PARSING || past < 0 {
+        handshake_read(sk, st);
+        return None;
+    }
+    // The client's Finished has been read: the server's handshake is complete.
+    handshake_done(sk, st, now());
+    let _ = RECORDS.remove(&sk);
+    if past == 0 {
+        handshake_read(sk, st);
+        return None;
+    }
+    Some(if (past as u64) < len { past as u64 } else { len })
+}
+
+/// A read of handshake records: data left queued (the request that followed) keeps its
+/// arrival.
+#[inline(always)]
+fn handshake_read(sk: u64, st: &mut SockState) {
+    if queue_empty(sk) {
+        st.pending_data_ns = 0;
+    }
+}
+
+/// Whether a write on `sk` (followed from its records) is no response: the handshake's
+/// flights, and what the server writes with no request read (TLS 1.3 session tickets).
+#[inline(always)]
+pub fn not_a_response(st: &SockState) -> bool {
+    st.tls & tls::RECORDS != 0 && (st.tls & tls::DONE == 0 || st.dir == dir::IDLE)
+}
