@@ -18,3 +18,6 @@ pub mod nginx;
 pub mod pg;
 pub mod server;
 pub mod tls;
+// Not in the musl build of the binaries (see Cargo.toml).
+#[cfg(not(target_env = "musl"))]
+pub mod tls_client;
