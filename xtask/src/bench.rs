@@ -54,7 +54,8 @@ pub struct Options {
     /// (e.g. the build before a change): its rows and program table are reported too.
     #[arg(long)]
     pub compare: Option<PathBuf>,
-    /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive.
+    /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive,
+    /// nginx-https-keep-alive.
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<Workload>,
 }
@@ -85,16 +86,23 @@ pub enum Workload {
     NginxKeepAlive,
     NginxClose,
     LabKeepAlive,
+    /// The same nginx and file over TLS 1.3: the tracer follows it with uprobes on
+    /// OpenSSL, measured with and without them.
+    NginxHttpsKeepAlive,
 }
 
 impl Workload {
-    const ALL: [Workload; 3] = [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive];
+    const ALL: [Workload; 4] =
+        [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive, Workload::NginxHttpsKeepAlive];
 
     fn title(self) -> &'static str {
         match self {
             Workload::NginxKeepAlive => "nginx (1 worker), small static file, keep-alive",
             Workload::NginxClose => "nginx (1 worker), small static file, a new connection per request",
             Workload::LabKeepAlive => "lab server (thread per connection), keep-alive",
+            Workload::NginxHttpsKeepAlive => {
+                "nginx (1 worker), small static file over HTTPS (TLS 1.3, EC P-256), keep-alive"
+            }
         }
     }
 
@@ -105,12 +113,29 @@ impl Workload {
     fn is_nginx(self) -> bool {
         self != Workload::LabKeepAlive
     }
+
+    fn is_https(self) -> bool {
+        self == Workload::NginxHttpsKeepAlive
+    }
+
+    /// Whether `config` applies: the proxy in front of nginx only, the tracer without
+    /// uprobes where there is TLS to hook.
+    fn runs(self, config: Config) -> bool {
+        match config {
+            Config::Proxy => self.is_nginx(),
+            Config::TracerNoUprobes => self.is_https(),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Untraced,
     Tracer,
+    /// The tracer with `--skip-hook-kind uprobe`: TLS followed from its records alone,
+    /// no uprobes on OpenSSL (HTTPS only): the kernel hooks' cost without them.
+    TracerNoUprobes,
     /// The build given with --compare.
     Compared,
     Capture,
@@ -124,7 +149,7 @@ enum Config {
 
 impl Config {
     fn is_tracer(self) -> bool {
-        matches!(self, Config::Tracer | Config::Compared)
+        matches!(self, Config::Tracer | Config::TracerNoUprobes | Config::Compared)
     }
 
     fn is_untraced(self) -> bool {
@@ -135,6 +160,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Tracer => "tracer (all phases)",
+            Config::TracerNoUprobes => "tracer, --skip-hook-kind uprobe",
             Config::Compared => "tracer, compared build",
             Config::Capture => "tcpdump -w (capture)",
             Config::Bpftrace => "bpftrace (think only)",
@@ -325,19 +351,47 @@ impl Drop for Sysctl {
 // ---------------------------------------------------------------------------------
 // Servers and the load generator.
 
-fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
+/// A self-signed certificate for 127.0.0.1 with an EC P-256 key: `cert.pem` and
+/// `key.pem` in `dir`.
+fn self_signed_cert(dir: &Path) -> Result<()> {
+    exec(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "30", "-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(Stdio::null()),
+    )
+}
+
+/// nginx's configuration; with `tls`, HTTPS only (TLS 1.3) with a certificate made here.
+fn nginx_conf(dir: &Path, port: u16, scale: bool, tls: bool) -> Result<PathBuf> {
     fs::create_dir_all(dir.join("html"))?;
     fs::write(dir.join("html/index.html"), "x".repeat(612))?;
     // At scale: several workers sharing the port (reuseport), each within the usual hard
     // file limit, which raising would need CAP_SYS_RESOURCE.
     let (workers, connections, reuseport) = if scale { (8, 16_000, " reuseport") } else { (1, 4096, "") };
+    let (ssl, certificate) = if tls {
+        self_signed_cert(dir)?;
+        (
+            " ssl",
+            format!(
+                "    ssl_certificate {dir}/cert.pem;\n    ssl_certificate_key {dir}/key.pem;\n    \
+                 ssl_protocols TLSv1.3;\n",
+                dir = dir.display()
+            ),
+        )
+    } else {
+        ("", String::new())
+    };
     let conf = format!(
         "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections {connections}; }}\n\
          http {{\n  access_log off;\n  keepalive_timeout 600s;\n  keepalive_requests 100000000;\n\
          client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
          uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
-         server {{\n    listen 127.0.0.1:{port} backlog=4096{reuseport};\n    root {dir}/html;\n  }}\n}}\n",
+         server {{\n    listen 127.0.0.1:{port}{ssl} backlog=4096{reuseport};\n{certificate}    root {dir}/html;\n  }}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");
@@ -345,10 +399,10 @@ fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn start_nginx(name: &str, scale: bool) -> Result<(Killed, u16)> {
+fn start_nginx(name: &str, scale: bool, tls: bool) -> Result<(Killed, u16)> {
     let dir = bench_dir().join(name);
     let port = free_port()?;
-    let conf = nginx_conf(&dir, port, scale)?;
+    let conf = nginx_conf(&dir, port, scale, tls)?;
     let child = Killed(Command::new("/usr/sbin/nginx").arg("-c").arg(&conf).arg("-p").arg(&dir).spawn()?);
     wait_for_port(port, "nginx")?;
     Ok((child, port))
@@ -400,13 +454,14 @@ fn parse_wrk(out: &str) -> Result<Sample> {
     Ok(s)
 }
 
-fn wrk(port: u16, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
+fn wrk(port: u16, https: bool, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}/index.html"));
+    let scheme = if https { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://127.0.0.1:{port}/index.html"));
     let out = cmd.stderr(Stdio::inherit()).output().context("running wrk")?;
     if !out.status.success() {
         bail!("wrk failed: {}", out.status);
@@ -429,17 +484,28 @@ fn mitmdump() -> PathBuf {
     bench_dir().join("venv/bin/mitmdump")
 }
 
-fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Options) -> Result<Option<Observer>> {
+/// Starts `config`'s observer of the server at `server_pid` listening on `server_port`
+/// (`https`: the proxy speaks TLS to it).
+fn start_observer(
+    config: Config,
+    server_pid: u32,
+    server_port: u16,
+    https: bool,
+    opts: &Options,
+) -> Result<Option<Observer>> {
     Ok(Some(match config {
         Config::Untraced | Config::UntracedAgain => return Ok(None),
-        Config::Tracer | Config::Compared => {
-            let bin = if config == Config::Tracer {
-                opts.tracer_bin()
-            } else {
+        Config::Tracer | Config::TracerNoUprobes | Config::Compared => {
+            let bin = if config == Config::Compared {
                 opts.compare.clone().context("no --compare build")?
+            } else {
+                opts.tracer_bin()
             };
             let mut cmd = Command::new(bin);
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
+            if config == Config::TracerNoUprobes {
+                cmd.args(["--skip-hook-kind", "uprobe"]);
+            }
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
             Observer { child, stdout, target: server_port }
@@ -473,9 +539,12 @@ fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Opti
         }
         Config::Proxy => {
             let port = free_port()?;
+            // Over HTTPS it terminates the client's TLS with a certificate of its own and
+            // speaks TLS to the server, whose self-signed certificate it takes as it is.
+            let scheme = if https { "https" } else { "http" };
             let child = Killed(
                 Command::new(mitmdump())
-                    .args(["--mode", &format!("reverse:http://127.0.0.1:{server_port}")])
+                    .args(["--mode", &format!("reverse:{scheme}://127.0.0.1:{server_port}"), "--ssl-insecure"])
                     .args(["--listen-host", "127.0.0.1", "--listen-port", &port.to_string(), "-q"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -514,14 +583,14 @@ impl Observer {
 }
 
 fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts: &Options) -> Result<Sample> {
-    let observer = start_observer(config, server.0.id(), port, opts)?;
+    let observer = start_observer(config, server.0.id(), port, workload.is_https(), opts)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
     let programs_before = match &observer {
         Some(obs) if config.is_tracer() => program_stats(obs.pid()),
         _ => BTreeMap::new(),
     };
-    let mut sample = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
+    let mut sample = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
     sample.requests_observed = sample.requests;
     if let Some(obs) = observer {
         let after = obs.cpu();
@@ -540,7 +609,7 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
             // statistics, which add two clock reads to every program run that a traced
             // server does not pay in use; CPU and events from the first.
             let _off = Sysctl::set(BPF_STATS, "0")?;
-            let plain = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
+            let plain = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
             sample.rps = plain.rps;
             sample.p50_us = plain.p50_us;
             sample.p99_us = plain.p99_us;
@@ -734,7 +803,7 @@ fn syscall_cost(pid: u32, port: u16, opts: &Options) -> Result<SyscallCost> {
     // Five times each, alternating; the least of each (interference only adds).
     let mut cost = SyscallCost { untraced_ns: syscall_ns(), traced_ns: f64::INFINITY };
     for _ in 0..5 {
-        let observer = start_observer(Config::Tracer, pid, port, opts)?.context("no tracer started")?;
+        let observer = start_observer(Config::Tracer, pid, port, false, opts)?.context("no tracer started")?;
         cost.traced_ns = cost.traced_ns.min(syscall_ns());
         observer.stop()?;
         cost.untraced_ns = cost.untraced_ns.min(syscall_ns());
@@ -826,7 +895,7 @@ fn live_connections(port: u16) -> usize {
 
 fn scale(opts: &Options) -> Result<Scale> {
     let mut out = Scale::default();
-    let (nginx, port) = start_nginx("nginx-scale", true)?;
+    let (nginx, port) = start_nginx("nginx-scale", true, false)?;
     let tracer = ScaleTracer::start(&opts.tracer_bin(), nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
     if opts.scale_open > 0 {
         eprintln!("bench: opening {} connections", opts.scale_open);
@@ -876,7 +945,7 @@ fn scale(opts: &Options) -> Result<Scale> {
         eprintln!("bench: {} short connections", opts.scale_short);
         let start = Instant::now();
         while out.short < opts.scale_short {
-            let s = wrk(port, true, 5, 32)?;
+            let s = wrk(port, false, true, 5, 32)?;
             out.short += s.requests as u64;
             if let Some(kb) = status_kb(tracer.pid(), "VmRSS:") {
                 out.rss_samples_mb.push((out.short, kb / 1024.0));
@@ -924,14 +993,14 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("the benchmark loads eBPF programs and captures packets: run `cargo xtask bench` as root");
     }
     setup::debian_packages(BENCH_PACKAGES)?;
-    let mut configs: Vec<Config> = if opts.only_tracer {
-        vec![Config::Untraced, Config::Tracer]
-    } else {
-        ensure_mitmproxy()?;
-        vec![Config::Untraced, Config::Tracer, Config::Capture, Config::Bpftrace, Config::Proxy]
-    };
+    // Each workload runs those that apply to it (`Workload::runs`).
+    let mut configs = vec![Config::Untraced, Config::Tracer, Config::TracerNoUprobes];
     if opts.compare.is_some() {
-        configs.insert(2, Config::Compared);
+        configs.push(Config::Compared);
+    }
+    if !opts.only_tracer {
+        ensure_mitmproxy()?;
+        configs.extend([Config::Capture, Config::Bpftrace, Config::Proxy]);
     }
     configs.push(Config::UntracedAgain);
     let workloads = if opts.workload.is_empty() { Workload::ALL.to_vec() } else { opts.workload.clone() };
@@ -939,14 +1008,22 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::create_dir_all(bench_dir())?;
     let _stats = Sysctl::set(BPF_STATS, "1")?;
 
-    let (nginx, nginx_port) = start_nginx("nginx", false)?;
+    let (nginx, nginx_port) = start_nginx("nginx", false, false)?;
     let (lab, lab_port) = start_lab()?;
+    let https = match workloads.iter().any(|w| w.is_https()) {
+        true => Some(start_nginx("nginx-https", false, true)?),
+        false => None,
+    };
     let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for &workload in &workloads {
-            let (server, port) = if workload.is_nginx() { (&nginx, nginx_port) } else { (&lab, lab_port) };
+            let (server, port) = match (workload, &https) {
+                (Workload::NginxHttpsKeepAlive, Some((server, port))) => (server, *port),
+                (Workload::LabKeepAlive, _) => (&lab, lab_port),
+                _ => (&nginx, nginx_port),
+            };
             for &config in &configs {
-                if config == Config::Proxy && !workload.is_nginx() {
+                if !workload.runs(config) {
                     continue;
                 }
                 eprintln!("bench: round {round}/{}: {:?} / {}", opts.rounds, workload, config.name());
@@ -965,6 +1042,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     eprintln!("bench: the cost of a system call, untraced and traced");
     let syscalls = syscall_cost(nginx.0.id(), nginx_port, opts)?;
+    drop(https);
     drop(lab);
     drop(nginx);
     let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
@@ -1028,9 +1106,11 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
-        for config in [Config::Tracer, Config::Compared] {
+        let tracers = [Config::Tracer, Config::TracerNoUprobes, Config::Compared];
+        let several = tracers.iter().filter(|c| samples.contains_key(c)).count() > 1;
+        for config in tracers {
             if let Some(runs) = samples.get(&config) {
-                if samples.contains_key(&Config::Compared) {
+                if several {
                     let _ = writeln!(out, "{}:\n", config.name());
                 }
                 program_table(&mut out, runs);
@@ -1088,7 +1168,7 @@ fn render(
                     verdict(t.throughput_ratio >= 0.97)
                 );
             }
-            Workload::LabKeepAlive => {}
+            Workload::LabKeepAlive | Workload::NginxHttpsKeepAlive => {}
         }
         if let Some(lost) = t.lost {
             let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
