@@ -190,12 +190,30 @@ struct Sample {
     map_bytes: Option<f64>,
     /// The tracer's programs by name: run time (ns) and runs during the load.
     programs: BTreeMap<String, (f64, f64)>,
+    /// The server's own CPU (user, system; ns) over the run that gave the throughput,
+    /// and the requests of that run.
+    server_user_ns: f64,
+    server_sys_ns: f64,
+    server_requests: f64,
+    /// The tracer's own count of the requests it saw (its listeners' requests), against
+    /// `requests_observed`.
+    counted_requests: Option<f64>,
+    /// How the tracer says it followed TLS, and the handshakes it saw complete.
+    tls: Option<(String, f64)>,
 }
 
 impl Sample {
     /// Observer CPU per request served, µs (`measure` fails a run without requests).
     fn cpu_per_request_us(&self) -> f64 {
         self.cpu_ns / self.requests / 1e3
+    }
+
+    /// The server's CPU per request, µs: all of it and its system part.
+    fn server_per_request_us(&self) -> Option<(f64, f64)> {
+        (self.server_requests > 0.0).then(|| {
+            let per = |ns: f64| ns / self.server_requests / 1e3;
+            (per(self.server_user_ns + self.server_sys_ns), per(self.server_sys_ns))
+        })
     }
 }
 
@@ -249,6 +267,55 @@ fn process_cpu_ns(pid: u32) -> f64 {
         .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A process and its descendants (nginx's master and its workers).
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", pids[i])) else {
+            i += 1;
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// User and system CPU time (ns) of these processes, all threads and those that ended
+/// included: `utime` and `stime` of /proc/PID/stat (clock ticks). Where a uprobe's
+/// trap and return trampoline land, outside any BPF program's run time.
+fn server_cpu_ns(pids: &[u32]) -> (f64, f64) {
+    // SAFETY: sysconf has no side effects.
+    let tick_ns = 1e9 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut cpu = (0.0, 0.0);
+    for pid in pids {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the command's name (in parentheses, which may hold spaces): state is
+        // field 3, utime 14 and stime 15.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        cpu.0 += ticks(11) * tick_ns;
+        cpu.1 += ticks(12) * tick_ns;
+    }
+    cpu
+}
+
+/// Runs the load and takes the server's CPU over it.
+fn load(workload: Workload, target: u16, server: &[u32], opts: &Options) -> Result<Sample> {
+    let before = server_cpu_ns(server);
+    let mut sample = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
+    let after = server_cpu_ns(server);
+    sample.server_user_ns = after.0 - before.0;
+    sample.server_sys_ns = after.1 - before.1;
+    sample.server_requests = sample.requests;
+    Ok(sample)
 }
 
 /// Sums a field over the process's BPF programs (`run_time_ns`) or maps (`memlock`).
@@ -566,10 +633,10 @@ impl Observer {
         (process_cpu_ns(self.pid()), bpf_run_ns(self.pid()))
     }
 
-    /// Stops it; for the tracer, its final report's events and lost events.
-    fn stop(mut self) -> Result<(Option<f64>, Option<f64>)> {
+    /// Stops it; for the tracer, its final report.
+    fn stop(mut self) -> Result<Option<serde_json::Value>> {
         unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
-        let Some(stdout) = self.stdout.take() else { return Ok((None, None)) };
+        let Some(stdout) = self.stdout.take() else { return Ok(None) };
         let mut report = None;
         for line in BufReader::new(stdout).lines() {
             let line = line?;
@@ -577,8 +644,7 @@ impl Observer {
                 report = Some(line);
             }
         }
-        let report: serde_json::Value = serde_json::from_str(&report.context("the tracer printed no report")?)?;
-        Ok((report["events"].as_f64(), report["lost_events"].as_f64()))
+        Ok(Some(serde_json::from_str(&report.context("the tracer printed no report")?)?))
     }
 }
 
@@ -590,7 +656,8 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
         Some(obs) if config.is_tracer() => program_stats(obs.pid()),
         _ => BTreeMap::new(),
     };
-    let mut sample = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
+    let server_pids = with_descendants(server.0.id());
+    let mut sample = load(workload, target, &server_pids, opts)?;
     sample.requests_observed = sample.requests;
     if let Some(obs) = observer {
         let after = obs.cpu();
@@ -609,16 +676,25 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
             // statistics, which add two clock reads to every program run that a traced
             // server does not pay in use; CPU and events from the first.
             let _off = Sysctl::set(BPF_STATS, "0")?;
-            let plain = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
+            let plain = load(workload, target, &server_pids, opts)?;
             sample.rps = plain.rps;
+            sample.server_user_ns = plain.server_user_ns;
+            sample.server_sys_ns = plain.server_sys_ns;
+            sample.server_requests = plain.server_requests;
             sample.p50_us = plain.p50_us;
             sample.p99_us = plain.p99_us;
             sample.errors += plain.errors;
             sample.requests_observed += plain.requests;
         }
-        let (events, lost) = obs.stop()?;
-        sample.events = events;
-        sample.lost = lost;
+        if let Some(report) = obs.stop()? {
+            sample.events = report["events"].as_f64();
+            sample.lost = report["lost_events"].as_f64();
+            let listeners = report["listeners"].as_array().cloned().unwrap_or_default();
+            sample.counted_requests = listeners.iter().map(|l| l["requests"].as_f64()).sum();
+            sample.tls = listeners
+                .iter()
+                .find_map(|l| Some((l["tls"]["method"].as_str()?.to_owned(), l["tls"]["connections"].as_f64()?)));
+        }
     }
     Ok(sample)
 }
@@ -655,7 +731,14 @@ struct Row {
     cpu_per_request_us: f64,
     cpu_range: (f64, f64),
     bpf_per_request_us: f64,
+    /// The server's own CPU per request (µs), its system part, and what it pays more
+    /// than untraced in the same round (median and rounds' range).
+    server_us: Option<f64>,
+    server_sys_us: Option<f64>,
+    added_server_us: Option<(f64, (f64, f64))>,
     events_per_request: Option<f64>,
+    /// The tracer's count of requests against wrk's.
+    counted_per_request: Option<f64>,
     lost: Option<f64>,
     rss_mb: Option<f64>,
     map_mb: Option<f64>,
@@ -674,6 +757,10 @@ fn rows(samples: &BTreeMap<Config, Vec<Sample>>) -> Vec<Row> {
                 let v: Vec<f64> = runs.iter().filter_map(f).collect();
                 (!v.is_empty()).then(|| median(v))
             };
+            let added_server: Vec<f64> = pairs
+                .clone()
+                .filter_map(|(s, b)| Some(s.server_per_request_us()?.0 - b.server_per_request_us()?.0))
+                .collect();
             Row {
                 config: *config,
                 throughput_range: range(&ratios),
@@ -684,7 +771,12 @@ fn rows(samples: &BTreeMap<Config, Vec<Sample>>) -> Vec<Row> {
                 cpu_range: range(&cpu),
                 cpu_per_request_us: median(cpu),
                 bpf_per_request_us: median(runs.iter().map(|s| s.bpf_ns / s.requests / 1e3).collect()),
+                server_us: opt_median(&|s| Some(s.server_per_request_us()?.0)),
+                server_sys_us: opt_median(&|s| Some(s.server_per_request_us()?.1)),
+                added_server_us: (!added_server.is_empty())
+                    .then(|| (median(added_server.clone()), range(&added_server))),
                 events_per_request: opt_median(&|s| Some(s.events? / s.requests_observed)),
+                counted_per_request: opt_median(&|s| Some(s.counted_requests? / s.requests_observed)),
                 lost: runs.iter().filter_map(|s| s.lost).reduce(f64::max),
                 rss_mb: opt_median(&|s| Some(s.rss_kb? / 1024.0)),
                 map_mb: opt_median(&|s| Some(s.map_bytes? / (1 << 20) as f64)),
@@ -707,13 +799,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 fn table(out: &mut String, rows: &[Row]) {
     let _ = writeln!(
         out,
-        "| configuration | throughput vs untraced (rounds' range) | req/s | added p50 | added p99 | CPU/request (BPF part); rounds' range | events/request | lost events | tracer RSS | BPF maps | errors |"
+        "| configuration | throughput vs untraced (rounds' range) | req/s | added p50 | added p99 | CPU/request (BPF part); rounds' range | server CPU/request (system part) | server CPU added (rounds' range) | events/request | requests counted / wrk's | lost events | tracer RSS | BPF maps | errors |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- |{}", " ---: |".repeat(13));
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:+.0} µs | {:+.0} µs | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:+.0} µs | {:+.0} µs | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.config.name(),
             if r.config == Config::Untraced {
                 "100.0%".to_owned()
@@ -730,7 +822,18 @@ fn table(out: &mut String, rows: &[Row]) {
                 let (low, high) = r.cpu_range;
                 format!("{:.2} µs ({:.2}); {low:.2}–{high:.2}", r.cpu_per_request_us, r.bpf_per_request_us)
             },
+            match (r.server_us, r.server_sys_us) {
+                (Some(all), Some(sys)) => format!("{all:.2} µs ({sys:.2})"),
+                _ => "–".to_owned(),
+            },
+            match r.added_server_us {
+                Some((added, (low, high))) if r.config != Config::Untraced => {
+                    format!("{added:+.2} µs ({low:+.2}–{high:+.2})")
+                }
+                _ => "–".to_owned(),
+            },
             opt(r.events_per_request, 2),
+            opt(r.counted_per_request, 3),
             opt(r.lost, 0),
             r.rss_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
             r.map_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
@@ -1098,6 +1201,19 @@ fn render(
          once with `kernel.bpf_stats_enabled` on, for CPU/request and events, and once \
          with it off, for throughput and latency, because the statistics add two clock \
          reads to every program run, which a traced server does not pay in use.\n"
+    );
+    let _ = writeln!(
+        out,
+        "Server CPU/request is what the server itself burns per request: the user and system \
+         time of its processes (`utime` + `stime` of /proc/PID/stat, nginx's master and \
+         worker) over the run that gave the throughput, divided by that run's requests, \
+         its system part in parentheses; added is the median of its per-round difference \
+         from the untraced run of the same round. It holds what a probe costs the traced \
+         process outside any program's run time (a uprobe's trap and its return \
+         trampoline), and also the tracer's programs that run in the server's own context \
+         (its sends and receives), so it overlaps CPU/request. Requests counted / wrk's is \
+         the tracer's count of requests (its report's listeners) over the requests wrk \
+         completed while it was attached.\n"
     );
     // Each workload's rows, for the targets after the tables.
     let mut tables = Vec::new();
