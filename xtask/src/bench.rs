@@ -874,6 +874,99 @@ fn program_table(out: &mut String, runs: &[Sample]) {
     let _ = writeln!(out);
 }
 
+/// Runs and run time (ns) per request of the tracer's uprobe programs (`ssl_*`: entries
+/// of OpenSSL's calls and their returns), over one run.
+fn uprobe_programs(s: &Sample) -> (f64, f64) {
+    s.programs
+        .iter()
+        .filter(|(name, _)| name.starts_with("ssl_"))
+        .fold((0.0, 0.0), |(runs, ns), (_, &(t, n))| (runs + n / s.requests, ns + t / s.requests))
+}
+
+/// What the uprobes cost the traced server: the tracer with them against the tracer
+/// without them (`--skip-hook-kind uprobe`) in the same rounds, beside untraced.
+fn uprobe_cost(out: &mut String, samples: &BTreeMap<Config, Vec<Sample>>, connections: usize) {
+    let (Some(base), Some(on), Some(off)) =
+        (samples.get(&Config::Untraced), samples.get(&Config::Tracer), samples.get(&Config::TracerNoUprobes))
+    else {
+        return;
+    };
+    let server = |s: &Sample| s.server_per_request_us();
+    let paired = |a: &[Sample], b: &[Sample], f: &dyn Fn(&Sample, &Sample) -> Option<f64>| {
+        let v: Vec<f64> = a.iter().zip(b).filter_map(|(x, y)| f(x, y)).collect();
+        (median(v.clone()), range(&v))
+    };
+    let ratio = |a: &[Sample]| paired(a, base, &|x, y| Some(x.rps / y.rps));
+    let pct =
+        |(m, (lo, hi)): (f64, (f64, f64))| format!("{:.1}% (rounds: {:.1}–{:.1}%)", 100.0 * m, 100.0 * lo, 100.0 * hi);
+    let us = |(m, (lo, hi)): (f64, (f64, f64))| format!("{m:+.2} µs (rounds: {lo:+.2} to {hi:+.2})");
+    let server_median = |runs: &[Sample]| median(runs.iter().filter_map(|s| Some(server(s)?.0)).collect());
+    let added = paired(on, off, &|x, y| Some(server(x)?.0 - server(y)?.0));
+    let added_sys = paired(on, off, &|x, y| Some(server(x)?.1 - server(y)?.1));
+    let (runs_on, ns_on) = (
+        median(on.iter().map(|s| uprobe_programs(s).0).collect()),
+        median(on.iter().map(|s| uprobe_programs(s).1).collect()),
+    );
+    let runs_off = median(off.iter().map(|s| uprobe_programs(s).0).collect());
+    let _ = writeln!(out, "What the uprobes cost:\n");
+    let _ = writeln!(
+        out,
+        "- Throughput: with uprobes {} of the tracer without them in the same rounds; against \
+         untraced {} with them, {} without.",
+        pct(paired(on, off, &|x, y| Some(x.rps / y.rps))),
+        pct(ratio(on)),
+        pct(ratio(off)),
+    );
+    let _ = writeln!(
+        out,
+        "- The server's own CPU per request: {:.2} µs untraced, {:.2} µs traced without uprobes, \
+         {:.2} µs with them: the uprobes add {} per request (system part {}).",
+        server_median(base),
+        server_median(off),
+        server_median(on),
+        us(added),
+        us(added_sys),
+    );
+    let _ = writeln!(
+        out,
+        "- Of that, the uprobe programs (`ssl_*`) ran {runs_on:.2} times per request for {:.2} µs by the \
+         BPF statistics (taken with them on, which add their own clock reads); the remaining \
+         {:+.2} µs or so is what no program's run time shows: the trap of every probe hit and of \
+         every return through the trampoline.",
+        ns_on / 1e3,
+        added.0 - ns_on / 1e3,
+    );
+    if let Some(again) = samples.get(&Config::UntracedAgain) {
+        let _ = writeln!(
+            out,
+            "- The comparison's resolution: the untraced server against itself in the same rounds \
+             {} in throughput and {} in server CPU per request.",
+            pct(ratio(again)),
+            us(paired(again, base, &|x, y| Some(server(x)?.0 - server(y)?.0))),
+        );
+    }
+    let tls = |runs: &[Sample]| {
+        let Some(method) = runs.iter().find_map(|s| Some(s.tls.as_ref()?.0.clone())) else {
+            return "no TLS reported".to_owned();
+        };
+        let handshakes = median(runs.iter().filter_map(|s| Some(s.tls.as_ref()?.1)).collect());
+        format!(
+            "{method} ({handshakes:.0} handshakes seen per run pair, of {} connections wrk opened)",
+            2 * connections
+        )
+    };
+    let _ = writeln!(out, "- TLS as the tracer reports it: with uprobes {}; without, {}.", tls(on), tls(off));
+    if runs_off > 0.005 {
+        let _ = writeln!(
+            out,
+            "- **Not without uprobes**: with `--skip-hook-kind uprobe` the uprobe programs still ran \
+             {runs_off:.2} times per request — the tracer attached them anyway — so that row measures \
+             uprobes whose programs ignore what they see, not the kernel hooks alone."
+        );
+    }
+    let _ = writeln!(out);
+}
+
 // ---------------------------------------------------------------------------------
 // System calls.
 
@@ -1232,6 +1325,7 @@ fn render(
                 program_table(&mut out, runs);
             }
         }
+        uprobe_cost(&mut out, samples, opts.connections);
         tables.push((*workload, rows));
     }
     let _ = writeln!(
@@ -1500,6 +1594,55 @@ Transfer/sec:     25.00MB
 #[cfg(test)]
 mod render_tests {
     use super::*;
+
+    #[test]
+    fn uprobe_cost_sets_the_tracer_with_uprobes_against_without_in_the_same_rounds() {
+        let run = |rps: f64, server_us: f64, ssl: Option<(f64, f64)>| {
+            let requests = rps * 4.0;
+            let mut s = Sample {
+                rps,
+                requests,
+                server_user_ns: 0.6 * server_us * requests * 1e3,
+                server_sys_ns: 0.4 * server_us * requests * 1e3,
+                server_requests: requests,
+                tls: ssl.map(|_| ("OpenSSL uprobes".to_owned(), 32.0)),
+                ..Sample::default()
+            };
+            if let Some((runs, ns)) = ssl {
+                s.programs.insert("ssl_read".into(), (ns * requests / 2.0, runs * requests / 2.0));
+                s.programs.insert("ssl_return".into(), (ns * requests / 2.0, runs * requests / 2.0));
+            }
+            s.programs.insert("tcp_probe".into(), (300.0 * requests, 2.0 * requests));
+            s
+        };
+        let mut samples = BTreeMap::new();
+        samples.insert(Config::Untraced, vec![run(20_000.0, 40.0, None), run(22_000.0, 40.0, None)]);
+        samples.insert(
+            Config::Tracer,
+            vec![run(16_000.0, 48.0, Some((6.0, 1_000.0))), run(17_600.0, 50.0, Some((6.0, 1_000.0)))],
+        );
+        samples.insert(Config::TracerNoUprobes, vec![run(18_000.0, 42.0, None), run(19_800.0, 42.0, None)]);
+        samples.insert(Config::UntracedAgain, vec![run(20_000.0, 40.5, None), run(22_000.0, 39.5, None)]);
+        let mut out = String::new();
+        uprobe_cost(&mut out, &samples, 16);
+        assert!(out.contains("with uprobes 88.9% (rounds: 88.9–88.9%) of the tracer without them"), "{out}");
+        assert!(out.contains("against untraced 80.0% (rounds: 80.0–80.0%) with them, 90.0%"), "{out}");
+        assert!(out.contains("40.00 µs untraced, 42.00 µs traced without uprobes, 49.00 µs with them"), "{out}");
+        assert!(out.contains("the uprobes add +7.00 µs (rounds: +6.00 to +8.00) per request"), "{out}");
+        assert!(out.contains("ran 6.00 times per request for 1.00 µs"), "{out}");
+        assert!(out.contains("remaining +6.00 µs"), "{out}");
+        assert!(out.contains("+0.00 µs (rounds: -0.50 to +0.50) in server CPU"), "{out}");
+        assert!(out.contains("with uprobes OpenSSL uprobes (32 handshakes"), "{out}");
+        assert!(!out.contains("Not without uprobes"), "{out}");
+        // A tracer that attaches its uprobes despite being told not to is called out.
+        samples.insert(
+            Config::TracerNoUprobes,
+            vec![run(18_000.0, 42.0, Some((6.0, 500.0))), run(19_800.0, 42.0, Some((6.0, 500.0)))],
+        );
+        let mut out = String::new();
+        uprobe_cost(&mut out, &samples, 16);
+        assert!(out.contains("**Not without uprobes**"), "{out}");
+    }
 
     #[test]
     fn targets_give_each_verdict_with_its_rounds_and_the_control() {
