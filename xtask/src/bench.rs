@@ -54,7 +54,8 @@ pub struct Options {
     /// (e.g. the build before a change): its rows and program table are reported too.
     #[arg(long)]
     pub compare: Option<PathBuf>,
-    /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive.
+    /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive,
+    /// nginx-https-keep-alive.
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<Workload>,
 }
@@ -85,16 +86,23 @@ pub enum Workload {
     NginxKeepAlive,
     NginxClose,
     LabKeepAlive,
+    /// The same nginx and file over TLS 1.3: the tracer follows it with uprobes on
+    /// OpenSSL, measured with and without them.
+    NginxHttpsKeepAlive,
 }
 
 impl Workload {
-    const ALL: [Workload; 3] = [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive];
+    const ALL: [Workload; 4] =
+        [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive, Workload::NginxHttpsKeepAlive];
 
     fn title(self) -> &'static str {
         match self {
             Workload::NginxKeepAlive => "nginx (1 worker), small static file, keep-alive",
             Workload::NginxClose => "nginx (1 worker), small static file, a new connection per request",
             Workload::LabKeepAlive => "lab server (thread per connection), keep-alive",
+            Workload::NginxHttpsKeepAlive => {
+                "nginx (1 worker), small static file over HTTPS (TLS 1.3, EC P-256), keep-alive"
+            }
         }
     }
 
@@ -105,12 +113,29 @@ impl Workload {
     fn is_nginx(self) -> bool {
         self != Workload::LabKeepAlive
     }
+
+    fn is_https(self) -> bool {
+        self == Workload::NginxHttpsKeepAlive
+    }
+
+    /// Whether `config` applies: the proxy in front of nginx only, the tracer without
+    /// uprobes where there is TLS to hook.
+    fn runs(self, config: Config) -> bool {
+        match config {
+            Config::Proxy => self.is_nginx(),
+            Config::TracerNoUprobes => self.is_https(),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Untraced,
     Tracer,
+    /// The tracer with `--skip-hook-kind uprobe`: TLS followed from its records alone,
+    /// no uprobes on OpenSSL (HTTPS only): the kernel hooks' cost without them.
+    TracerNoUprobes,
     /// The build given with --compare.
     Compared,
     Capture,
@@ -124,7 +149,7 @@ enum Config {
 
 impl Config {
     fn is_tracer(self) -> bool {
-        matches!(self, Config::Tracer | Config::Compared)
+        matches!(self, Config::Tracer | Config::TracerNoUprobes | Config::Compared)
     }
 
     fn is_untraced(self) -> bool {
@@ -135,6 +160,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Tracer => "tracer (all phases)",
+            Config::TracerNoUprobes => "tracer, --skip-hook-kind uprobe",
             Config::Compared => "tracer, compared build",
             Config::Capture => "tcpdump -w (capture)",
             Config::Bpftrace => "bpftrace (think only)",
@@ -164,12 +190,30 @@ struct Sample {
     map_bytes: Option<f64>,
     /// The tracer's programs by name: run time (ns) and runs during the load.
     programs: BTreeMap<String, (f64, f64)>,
+    /// The server's own CPU (user, system; ns) over the run that gave the throughput,
+    /// and the requests of that run.
+    server_user_ns: f64,
+    server_sys_ns: f64,
+    server_requests: f64,
+    /// The tracer's own count of the requests it saw (its listeners' requests), against
+    /// `requests_observed`.
+    counted_requests: Option<f64>,
+    /// How the tracer says it followed TLS, and the handshakes it saw complete.
+    tls: Option<(String, f64)>,
 }
 
 impl Sample {
     /// Observer CPU per request served, µs (`measure` fails a run without requests).
     fn cpu_per_request_us(&self) -> f64 {
         self.cpu_ns / self.requests / 1e3
+    }
+
+    /// The server's CPU per request, µs: all of it and its system part.
+    fn server_per_request_us(&self) -> Option<(f64, f64)> {
+        (self.server_requests > 0.0).then(|| {
+            let per = |ns: f64| ns / self.server_requests / 1e3;
+            (per(self.server_user_ns + self.server_sys_ns), per(self.server_sys_ns))
+        })
     }
 }
 
@@ -223,6 +267,55 @@ fn process_cpu_ns(pid: u32) -> f64 {
         .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A process and its descendants (nginx's master and its workers).
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", pids[i])) else {
+            i += 1;
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// User and system CPU time (ns) of these processes, all threads and those that ended
+/// included: `utime` and `stime` of /proc/PID/stat (clock ticks). Where a uprobe's
+/// trap and return trampoline land, outside any BPF program's run time.
+fn server_cpu_ns(pids: &[u32]) -> (f64, f64) {
+    // SAFETY: sysconf has no side effects.
+    let tick_ns = 1e9 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut cpu = (0.0, 0.0);
+    for pid in pids {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the command's name (in parentheses, which may hold spaces): state is
+        // field 3, utime 14 and stime 15.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        cpu.0 += ticks(11) * tick_ns;
+        cpu.1 += ticks(12) * tick_ns;
+    }
+    cpu
+}
+
+/// Runs the load and takes the server's CPU over it.
+fn load(workload: Workload, target: u16, server: &[u32], opts: &Options) -> Result<Sample> {
+    let before = server_cpu_ns(server);
+    let mut sample = wrk(target, workload.is_https(), workload.closes(), opts.seconds, opts.connections)?;
+    let after = server_cpu_ns(server);
+    sample.server_user_ns = after.0 - before.0;
+    sample.server_sys_ns = after.1 - before.1;
+    sample.server_requests = sample.requests;
+    Ok(sample)
 }
 
 /// Sums a field over the process's BPF programs (`run_time_ns`) or maps (`memlock`).
@@ -325,19 +418,47 @@ impl Drop for Sysctl {
 // ---------------------------------------------------------------------------------
 // Servers and the load generator.
 
-fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
+/// A self-signed certificate for 127.0.0.1 with an EC P-256 key: `cert.pem` and
+/// `key.pem` in `dir`.
+fn self_signed_cert(dir: &Path) -> Result<()> {
+    exec(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "30", "-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(Stdio::null()),
+    )
+}
+
+/// nginx's configuration; with `tls`, HTTPS only (TLS 1.3) with a certificate made here.
+fn nginx_conf(dir: &Path, port: u16, scale: bool, tls: bool) -> Result<PathBuf> {
     fs::create_dir_all(dir.join("html"))?;
     fs::write(dir.join("html/index.html"), "x".repeat(612))?;
     // At scale: several workers sharing the port (reuseport), each within the usual hard
     // file limit, which raising would need CAP_SYS_RESOURCE.
     let (workers, connections, reuseport) = if scale { (8, 16_000, " reuseport") } else { (1, 4096, "") };
+    let (ssl, certificate) = if tls {
+        self_signed_cert(dir)?;
+        (
+            " ssl",
+            format!(
+                "    ssl_certificate {dir}/cert.pem;\n    ssl_certificate_key {dir}/key.pem;\n    \
+                 ssl_protocols TLSv1.3;\n",
+                dir = dir.display()
+            ),
+        )
+    } else {
+        ("", String::new())
+    };
     let conf = format!(
         "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections {connections}; }}\n\
          http {{\n  access_log off;\n  keepalive_timeout 600s;\n  keepalive_requests 100000000;\n\
          client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
          uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
-         server {{\n    listen 127.0.0.1:{port} backlog=4096{reuseport};\n    root {dir}/html;\n  }}\n}}\n",
+         server {{\n    listen 127.0.0.1:{port}{ssl} backlog=4096{reuseport};\n{certificate}    root {dir}/html;\n  }}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");
@@ -345,10 +466,10 @@ fn nginx_conf(dir: &Path, port: u16, scale: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn start_nginx(name: &str, scale: bool) -> Result<(Killed, u16)> {
+fn start_nginx(name: &str, scale: bool, tls: bool) -> Result<(Killed, u16)> {
     let dir = bench_dir().join(name);
     let port = free_port()?;
-    let conf = nginx_conf(&dir, port, scale)?;
+    let conf = nginx_conf(&dir, port, scale, tls)?;
     let child = Killed(Command::new("/usr/sbin/nginx").arg("-c").arg(&conf).arg("-p").arg(&dir).spawn()?);
     wait_for_port(port, "nginx")?;
     Ok((child, port))
@@ -400,13 +521,14 @@ fn parse_wrk(out: &str) -> Result<Sample> {
     Ok(s)
 }
 
-fn wrk(port: u16, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
+fn wrk(port: u16, https: bool, close: bool, seconds: u64, connections: usize) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}/index.html"));
+    let scheme = if https { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://127.0.0.1:{port}/index.html"));
     let out = cmd.stderr(Stdio::inherit()).output().context("running wrk")?;
     if !out.status.success() {
         bail!("wrk failed: {}", out.status);
@@ -429,17 +551,28 @@ fn mitmdump() -> PathBuf {
     bench_dir().join("venv/bin/mitmdump")
 }
 
-fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Options) -> Result<Option<Observer>> {
+/// Starts `config`'s observer of the server at `server_pid` listening on `server_port`
+/// (`https`: the proxy speaks TLS to it).
+fn start_observer(
+    config: Config,
+    server_pid: u32,
+    server_port: u16,
+    https: bool,
+    opts: &Options,
+) -> Result<Option<Observer>> {
     Ok(Some(match config {
         Config::Untraced | Config::UntracedAgain => return Ok(None),
-        Config::Tracer | Config::Compared => {
-            let bin = if config == Config::Tracer {
-                opts.tracer_bin()
-            } else {
+        Config::Tracer | Config::TracerNoUprobes | Config::Compared => {
+            let bin = if config == Config::Compared {
                 opts.compare.clone().context("no --compare build")?
+            } else {
+                opts.tracer_bin()
             };
             let mut cmd = Command::new(bin);
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
+            if config == Config::TracerNoUprobes {
+                cmd.args(["--skip-hook-kind", "uprobe"]);
+            }
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
             Observer { child, stdout, target: server_port }
@@ -473,9 +606,12 @@ fn start_observer(config: Config, server_pid: u32, server_port: u16, opts: &Opti
         }
         Config::Proxy => {
             let port = free_port()?;
+            // Over HTTPS it terminates the client's TLS with a certificate of its own and
+            // speaks TLS to the server, whose self-signed certificate it takes as it is.
+            let scheme = if https { "https" } else { "http" };
             let child = Killed(
                 Command::new(mitmdump())
-                    .args(["--mode", &format!("reverse:http://127.0.0.1:{server_port}")])
+                    .args(["--mode", &format!("reverse:{scheme}://127.0.0.1:{server_port}"), "--ssl-insecure"])
                     .args(["--listen-host", "127.0.0.1", "--listen-port", &port.to_string(), "-q"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -497,10 +633,10 @@ impl Observer {
         (process_cpu_ns(self.pid()), bpf_run_ns(self.pid()))
     }
 
-    /// Stops it; for the tracer, its final report's events and lost events.
-    fn stop(mut self) -> Result<(Option<f64>, Option<f64>)> {
+    /// Stops it; for the tracer, its final report.
+    fn stop(mut self) -> Result<Option<serde_json::Value>> {
         unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
-        let Some(stdout) = self.stdout.take() else { return Ok((None, None)) };
+        let Some(stdout) = self.stdout.take() else { return Ok(None) };
         let mut report = None;
         for line in BufReader::new(stdout).lines() {
             let line = line?;
@@ -508,20 +644,20 @@ impl Observer {
                 report = Some(line);
             }
         }
-        let report: serde_json::Value = serde_json::from_str(&report.context("the tracer printed no report")?)?;
-        Ok((report["events"].as_f64(), report["lost_events"].as_f64()))
+        Ok(Some(serde_json::from_str(&report.context("the tracer printed no report")?)?))
     }
 }
 
 fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts: &Options) -> Result<Sample> {
-    let observer = start_observer(config, server.0.id(), port, opts)?;
+    let observer = start_observer(config, server.0.id(), port, workload.is_https(), opts)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
     let programs_before = match &observer {
         Some(obs) if config.is_tracer() => program_stats(obs.pid()),
         _ => BTreeMap::new(),
     };
-    let mut sample = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
+    let server_pids = with_descendants(server.0.id());
+    let mut sample = load(workload, target, &server_pids, opts)?;
     sample.requests_observed = sample.requests;
     if let Some(obs) = observer {
         let after = obs.cpu();
@@ -540,16 +676,25 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
             // statistics, which add two clock reads to every program run that a traced
             // server does not pay in use; CPU and events from the first.
             let _off = Sysctl::set(BPF_STATS, "0")?;
-            let plain = wrk(target, workload.closes(), opts.seconds, opts.connections)?;
+            let plain = load(workload, target, &server_pids, opts)?;
             sample.rps = plain.rps;
+            sample.server_user_ns = plain.server_user_ns;
+            sample.server_sys_ns = plain.server_sys_ns;
+            sample.server_requests = plain.server_requests;
             sample.p50_us = plain.p50_us;
             sample.p99_us = plain.p99_us;
             sample.errors += plain.errors;
             sample.requests_observed += plain.requests;
         }
-        let (events, lost) = obs.stop()?;
-        sample.events = events;
-        sample.lost = lost;
+        if let Some(report) = obs.stop()? {
+            sample.events = report["events"].as_f64();
+            sample.lost = report["lost_events"].as_f64();
+            let listeners = report["listeners"].as_array().cloned().unwrap_or_default();
+            sample.counted_requests = listeners.iter().map(|l| l["requests"].as_f64()).sum();
+            sample.tls = listeners
+                .iter()
+                .find_map(|l| Some((l["tls"]["method"].as_str()?.to_owned(), l["tls"]["connections"].as_f64()?)));
+        }
     }
     Ok(sample)
 }
@@ -586,7 +731,14 @@ struct Row {
     cpu_per_request_us: f64,
     cpu_range: (f64, f64),
     bpf_per_request_us: f64,
+    /// The server's own CPU per request (µs), its system part, and what it pays more
+    /// than untraced in the same round (median and rounds' range).
+    server_us: Option<f64>,
+    server_sys_us: Option<f64>,
+    added_server_us: Option<(f64, (f64, f64))>,
     events_per_request: Option<f64>,
+    /// The tracer's count of requests against wrk's.
+    counted_per_request: Option<f64>,
     lost: Option<f64>,
     rss_mb: Option<f64>,
     map_mb: Option<f64>,
@@ -605,6 +757,10 @@ fn rows(samples: &BTreeMap<Config, Vec<Sample>>) -> Vec<Row> {
                 let v: Vec<f64> = runs.iter().filter_map(f).collect();
                 (!v.is_empty()).then(|| median(v))
             };
+            let added_server: Vec<f64> = pairs
+                .clone()
+                .filter_map(|(s, b)| Some(s.server_per_request_us()?.0 - b.server_per_request_us()?.0))
+                .collect();
             Row {
                 config: *config,
                 throughput_range: range(&ratios),
@@ -615,7 +771,12 @@ fn rows(samples: &BTreeMap<Config, Vec<Sample>>) -> Vec<Row> {
                 cpu_range: range(&cpu),
                 cpu_per_request_us: median(cpu),
                 bpf_per_request_us: median(runs.iter().map(|s| s.bpf_ns / s.requests / 1e3).collect()),
+                server_us: opt_median(&|s| Some(s.server_per_request_us()?.0)),
+                server_sys_us: opt_median(&|s| Some(s.server_per_request_us()?.1)),
+                added_server_us: (!added_server.is_empty())
+                    .then(|| (median(added_server.clone()), range(&added_server))),
                 events_per_request: opt_median(&|s| Some(s.events? / s.requests_observed)),
+                counted_per_request: opt_median(&|s| Some(s.counted_requests? / s.requests_observed)),
                 lost: runs.iter().filter_map(|s| s.lost).reduce(f64::max),
                 rss_mb: opt_median(&|s| Some(s.rss_kb? / 1024.0)),
                 map_mb: opt_median(&|s| Some(s.map_bytes? / (1 << 20) as f64)),
@@ -638,13 +799,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 fn table(out: &mut String, rows: &[Row]) {
     let _ = writeln!(
         out,
-        "| configuration | throughput vs untraced (rounds' range) | req/s | added p50 | added p99 | CPU/request (BPF part); rounds' range | events/request | lost events | tracer RSS | BPF maps | errors |"
+        "| configuration | throughput vs untraced (rounds' range) | req/s | added p50 | added p99 | CPU/request (BPF part); rounds' range | server CPU/request (system part) | server CPU added (rounds' range) | events/request | requests counted / wrk's | lost events | tracer RSS | BPF maps | errors |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- |{}", " ---: |".repeat(13));
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:+.0} µs | {:+.0} µs | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:+.0} µs | {:+.0} µs | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.config.name(),
             if r.config == Config::Untraced {
                 "100.0%".to_owned()
@@ -661,7 +822,18 @@ fn table(out: &mut String, rows: &[Row]) {
                 let (low, high) = r.cpu_range;
                 format!("{:.2} µs ({:.2}); {low:.2}–{high:.2}", r.cpu_per_request_us, r.bpf_per_request_us)
             },
+            match (r.server_us, r.server_sys_us) {
+                (Some(all), Some(sys)) => format!("{all:.2} µs ({sys:.2})"),
+                _ => "–".to_owned(),
+            },
+            match r.added_server_us {
+                Some((added, (low, high))) if r.config != Config::Untraced => {
+                    format!("{added:+.2} µs ({low:+.2}–{high:+.2})")
+                }
+                _ => "–".to_owned(),
+            },
             opt(r.events_per_request, 2),
+            opt(r.counted_per_request, 3),
             opt(r.lost, 0),
             r.rss_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
             r.map_mb.map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MB")),
@@ -702,6 +874,99 @@ fn program_table(out: &mut String, runs: &[Sample]) {
     let _ = writeln!(out);
 }
 
+/// Runs and run time (ns) per request of the tracer's uprobe programs (`ssl_*`: entries
+/// of OpenSSL's calls and their returns), over one run.
+fn uprobe_programs(s: &Sample) -> (f64, f64) {
+    s.programs
+        .iter()
+        .filter(|(name, _)| name.starts_with("ssl_"))
+        .fold((0.0, 0.0), |(runs, ns), (_, &(t, n))| (runs + n / s.requests, ns + t / s.requests))
+}
+
+/// What the uprobes cost the traced server: the tracer with them against the tracer
+/// without them (`--skip-hook-kind uprobe`) in the same rounds, beside untraced.
+fn uprobe_cost(out: &mut String, samples: &BTreeMap<Config, Vec<Sample>>, connections: usize) {
+    let (Some(base), Some(on), Some(off)) =
+        (samples.get(&Config::Untraced), samples.get(&Config::Tracer), samples.get(&Config::TracerNoUprobes))
+    else {
+        return;
+    };
+    let server = |s: &Sample| s.server_per_request_us();
+    let paired = |a: &[Sample], b: &[Sample], f: &dyn Fn(&Sample, &Sample) -> Option<f64>| {
+        let v: Vec<f64> = a.iter().zip(b).filter_map(|(x, y)| f(x, y)).collect();
+        (median(v.clone()), range(&v))
+    };
+    let ratio = |a: &[Sample]| paired(a, base, &|x, y| Some(x.rps / y.rps));
+    let pct =
+        |(m, (lo, hi)): (f64, (f64, f64))| format!("{:.1}% (rounds: {:.1}–{:.1}%)", 100.0 * m, 100.0 * lo, 100.0 * hi);
+    let us = |(m, (lo, hi)): (f64, (f64, f64))| format!("{m:+.2} µs (rounds: {lo:+.2} to {hi:+.2})");
+    let server_median = |runs: &[Sample]| median(runs.iter().filter_map(|s| Some(server(s)?.0)).collect());
+    let added = paired(on, off, &|x, y| Some(server(x)?.0 - server(y)?.0));
+    let added_sys = paired(on, off, &|x, y| Some(server(x)?.1 - server(y)?.1));
+    let (runs_on, ns_on) = (
+        median(on.iter().map(|s| uprobe_programs(s).0).collect()),
+        median(on.iter().map(|s| uprobe_programs(s).1).collect()),
+    );
+    let runs_off = median(off.iter().map(|s| uprobe_programs(s).0).collect());
+    let _ = writeln!(out, "What the uprobes cost:\n");
+    let _ = writeln!(
+        out,
+        "- Throughput: with uprobes {} of the tracer without them in the same rounds; against \
+         untraced {} with them, {} without.",
+        pct(paired(on, off, &|x, y| Some(x.rps / y.rps))),
+        pct(ratio(on)),
+        pct(ratio(off)),
+    );
+    let _ = writeln!(
+        out,
+        "- The server's own CPU per request: {:.2} µs untraced, {:.2} µs traced without uprobes, \
+         {:.2} µs with them: the uprobes add {} per request (system part {}).",
+        server_median(base),
+        server_median(off),
+        server_median(on),
+        us(added),
+        us(added_sys),
+    );
+    let _ = writeln!(
+        out,
+        "- Of that, the uprobe programs (`ssl_*`) ran {runs_on:.2} times per request for {:.2} µs by the \
+         BPF statistics (taken with them on, which add their own clock reads); the remaining \
+         {:+.2} µs or so is what no program's run time shows: the trap of every probe hit and of \
+         every return through the trampoline.",
+        ns_on / 1e3,
+        added.0 - ns_on / 1e3,
+    );
+    if let Some(again) = samples.get(&Config::UntracedAgain) {
+        let _ = writeln!(
+            out,
+            "- The comparison's resolution: the untraced server against itself in the same rounds \
+             {} in throughput and {} in server CPU per request.",
+            pct(ratio(again)),
+            us(paired(again, base, &|x, y| Some(server(x)?.0 - server(y)?.0))),
+        );
+    }
+    let tls = |runs: &[Sample]| {
+        let Some(method) = runs.iter().find_map(|s| Some(s.tls.as_ref()?.0.clone())) else {
+            return "no TLS reported".to_owned();
+        };
+        let handshakes = median(runs.iter().filter_map(|s| Some(s.tls.as_ref()?.1)).collect());
+        format!(
+            "{method} ({handshakes:.0} handshakes seen per run pair, of {} connections wrk opened)",
+            2 * connections
+        )
+    };
+    let _ = writeln!(out, "- TLS as the tracer reports it: with uprobes {}; without, {}.", tls(on), tls(off));
+    if runs_off > 0.005 {
+        let _ = writeln!(
+            out,
+            "- **Not without uprobes**: with `--skip-hook-kind uprobe` the uprobe programs still ran \
+             {runs_off:.2} times per request — the tracer attached them anyway — so that row measures \
+             uprobes whose programs ignore what they see, not the kernel hooks alone."
+        );
+    }
+    let _ = writeln!(out);
+}
+
 // ---------------------------------------------------------------------------------
 // System calls.
 
@@ -734,7 +999,7 @@ fn syscall_cost(pid: u32, port: u16, opts: &Options) -> Result<SyscallCost> {
     // Five times each, alternating; the least of each (interference only adds).
     let mut cost = SyscallCost { untraced_ns: syscall_ns(), traced_ns: f64::INFINITY };
     for _ in 0..5 {
-        let observer = start_observer(Config::Tracer, pid, port, opts)?.context("no tracer started")?;
+        let observer = start_observer(Config::Tracer, pid, port, false, opts)?.context("no tracer started")?;
         cost.traced_ns = cost.traced_ns.min(syscall_ns());
         observer.stop()?;
         cost.untraced_ns = cost.untraced_ns.min(syscall_ns());
@@ -826,7 +1091,7 @@ fn live_connections(port: u16) -> usize {
 
 fn scale(opts: &Options) -> Result<Scale> {
     let mut out = Scale::default();
-    let (nginx, port) = start_nginx("nginx-scale", true)?;
+    let (nginx, port) = start_nginx("nginx-scale", true, false)?;
     let tracer = ScaleTracer::start(&opts.tracer_bin(), nginx.0.id(), (opts.scale_open + 50_000).next_power_of_two())?;
     if opts.scale_open > 0 {
         eprintln!("bench: opening {} connections", opts.scale_open);
@@ -876,7 +1141,7 @@ fn scale(opts: &Options) -> Result<Scale> {
         eprintln!("bench: {} short connections", opts.scale_short);
         let start = Instant::now();
         while out.short < opts.scale_short {
-            let s = wrk(port, true, 5, 32)?;
+            let s = wrk(port, false, true, 5, 32)?;
             out.short += s.requests as u64;
             if let Some(kb) = status_kb(tracer.pid(), "VmRSS:") {
                 out.rss_samples_mb.push((out.short, kb / 1024.0));
@@ -924,14 +1189,14 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("the benchmark loads eBPF programs and captures packets: run `cargo xtask bench` as root");
     }
     setup::debian_packages(BENCH_PACKAGES)?;
-    let mut configs: Vec<Config> = if opts.only_tracer {
-        vec![Config::Untraced, Config::Tracer]
-    } else {
-        ensure_mitmproxy()?;
-        vec![Config::Untraced, Config::Tracer, Config::Capture, Config::Bpftrace, Config::Proxy]
-    };
+    // Each workload runs those that apply to it (`Workload::runs`).
+    let mut configs = vec![Config::Untraced, Config::Tracer, Config::TracerNoUprobes];
     if opts.compare.is_some() {
-        configs.insert(2, Config::Compared);
+        configs.push(Config::Compared);
+    }
+    if !opts.only_tracer {
+        ensure_mitmproxy()?;
+        configs.extend([Config::Capture, Config::Bpftrace, Config::Proxy]);
     }
     configs.push(Config::UntracedAgain);
     let workloads = if opts.workload.is_empty() { Workload::ALL.to_vec() } else { opts.workload.clone() };
@@ -939,14 +1204,22 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::create_dir_all(bench_dir())?;
     let _stats = Sysctl::set(BPF_STATS, "1")?;
 
-    let (nginx, nginx_port) = start_nginx("nginx", false)?;
+    let (nginx, nginx_port) = start_nginx("nginx", false, false)?;
     let (lab, lab_port) = start_lab()?;
+    let https = match workloads.iter().any(|w| w.is_https()) {
+        true => Some(start_nginx("nginx-https", false, true)?),
+        false => None,
+    };
     let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for &workload in &workloads {
-            let (server, port) = if workload.is_nginx() { (&nginx, nginx_port) } else { (&lab, lab_port) };
+            let (server, port) = match (workload, &https) {
+                (Workload::NginxHttpsKeepAlive, Some((server, port))) => (server, *port),
+                (Workload::LabKeepAlive, _) => (&lab, lab_port),
+                _ => (&nginx, nginx_port),
+            };
             for &config in &configs {
-                if config == Config::Proxy && !workload.is_nginx() {
+                if !workload.runs(config) {
                     continue;
                 }
                 eprintln!("bench: round {round}/{}: {:?} / {}", opts.rounds, workload, config.name());
@@ -965,6 +1238,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     eprintln!("bench: the cost of a system call, untraced and traced");
     let syscalls = syscall_cost(nginx.0.id(), nginx_port, opts)?;
+    drop(https);
     drop(lab);
     drop(nginx);
     let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
@@ -1021,6 +1295,19 @@ fn render(
          with it off, for throughput and latency, because the statistics add two clock \
          reads to every program run, which a traced server does not pay in use.\n"
     );
+    let _ = writeln!(
+        out,
+        "Server CPU/request is what the server itself burns per request: the user and system \
+         time of its processes (`utime` + `stime` of /proc/PID/stat, nginx's master and \
+         worker) over the run that gave the throughput, divided by that run's requests, \
+         its system part in parentheses; added is the median of its per-round difference \
+         from the untraced run of the same round. It holds what a probe costs the traced \
+         process outside any program's run time (a uprobe's trap and its return \
+         trampoline), and also the tracer's programs that run in the server's own context \
+         (its sends and receives), so it overlaps CPU/request. Requests counted / wrk's is \
+         the tracer's count of requests (its report's listeners) over the requests wrk \
+         completed while it was attached.\n"
+    );
     // Each workload's rows, for the targets after the tables.
     let mut tables = Vec::new();
     for (workload, samples) in results {
@@ -1028,14 +1315,17 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
-        for config in [Config::Tracer, Config::Compared] {
+        let tracers = [Config::Tracer, Config::TracerNoUprobes, Config::Compared];
+        let several = tracers.iter().filter(|c| samples.contains_key(c)).count() > 1;
+        for config in tracers {
             if let Some(runs) = samples.get(&config) {
-                if samples.contains_key(&Config::Compared) {
+                if several {
                     let _ = writeln!(out, "{}:\n", config.name());
                 }
                 program_table(&mut out, runs);
             }
         }
+        uprobe_cost(&mut out, samples, opts.connections);
         tables.push((*workload, rows));
     }
     let _ = writeln!(
@@ -1088,7 +1378,7 @@ fn render(
                     verdict(t.throughput_ratio >= 0.97)
                 );
             }
-            Workload::LabKeepAlive => {}
+            Workload::LabKeepAlive | Workload::NginxHttpsKeepAlive => {}
         }
         if let Some(lost) = t.lost {
             let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
@@ -1200,6 +1490,25 @@ const READING: &str = "
   emitted and processed. On kernels that permit trampolines, fexit on
   `inet_csk_accept` hands over the socket directly (`--skip-hook-kind tracepoint`
   selects it; this machine forbids trampolines).
+- **Uprobes (HTTPS).** A request on nginx over TLS with keep-alive makes three calls
+  that the tracer hooks in OpenSSL: `SSL_read` twice (the request, then the read that
+  finds nothing more) and `SSL_write` once, each with an entry and a return probe: six
+  probe hits per request. Every hit is a trap: the breakpoint written over the
+  function's first instruction enters the kernel, which finds the probe, runs the
+  program and resumes the function; the return probe has replaced the return address
+  with a trampoline that enters the kernel once more on the way back. The BPF
+  statistics count only the programs (six runs, 1.8 µs per request); the traps are paid
+  by the traced server and show only in its own CPU time. In a 3-round run of this
+  workload alone, nginx's worker spent 11.7 µs per request untraced, 12.6 µs with the
+  tracer without uprobes (`--skip-hook-kind uprobe`: the kernel hooks alone) and 36.2 µs
+  with them: +24 µs per request (rounds: +22 to +25; three quarters of it system time),
+  some 3.7 µs per probe hit beyond its program on this virtual machine, where the
+  untraced server against itself moved by −0.5 µs (−0.6 to +1.7). Throughput followed:
+  37% of untraced with uprobes (rounds: 29–39%), 74% without (53–90%), and with against
+  without in the same rounds 52% (41–55%); the untraced server against itself 84%
+  (66–98%). The cost goes with the calls into OpenSSL, not with the bytes: a request
+  that costs the server more than this small static file pays the same some 24 µs, a
+  smaller share of it.
 - **What limits it now.** About 55 ns of every program run is paid before the program
   does anything (a program that returns at once measured 50–60 ns per run here, most of
   it the clock reads of `bpf_stats_enabled` itself on this virtual machine); six runs
@@ -1304,6 +1613,55 @@ Transfer/sec:     25.00MB
 #[cfg(test)]
 mod render_tests {
     use super::*;
+
+    #[test]
+    fn uprobe_cost_sets_the_tracer_with_uprobes_against_without_in_the_same_rounds() {
+        let run = |rps: f64, server_us: f64, ssl: Option<(f64, f64)>| {
+            let requests = rps * 4.0;
+            let mut s = Sample {
+                rps,
+                requests,
+                server_user_ns: 0.6 * server_us * requests * 1e3,
+                server_sys_ns: 0.4 * server_us * requests * 1e3,
+                server_requests: requests,
+                tls: ssl.map(|_| ("OpenSSL uprobes".to_owned(), 32.0)),
+                ..Sample::default()
+            };
+            if let Some((runs, ns)) = ssl {
+                s.programs.insert("ssl_read".into(), (ns * requests / 2.0, runs * requests / 2.0));
+                s.programs.insert("ssl_return".into(), (ns * requests / 2.0, runs * requests / 2.0));
+            }
+            s.programs.insert("tcp_probe".into(), (300.0 * requests, 2.0 * requests));
+            s
+        };
+        let mut samples = BTreeMap::new();
+        samples.insert(Config::Untraced, vec![run(20_000.0, 40.0, None), run(22_000.0, 40.0, None)]);
+        samples.insert(
+            Config::Tracer,
+            vec![run(16_000.0, 48.0, Some((6.0, 1_000.0))), run(17_600.0, 50.0, Some((6.0, 1_000.0)))],
+        );
+        samples.insert(Config::TracerNoUprobes, vec![run(18_000.0, 42.0, None), run(19_800.0, 42.0, None)]);
+        samples.insert(Config::UntracedAgain, vec![run(20_000.0, 40.5, None), run(22_000.0, 39.5, None)]);
+        let mut out = String::new();
+        uprobe_cost(&mut out, &samples, 16);
+        assert!(out.contains("with uprobes 88.9% (rounds: 88.9–88.9%) of the tracer without them"), "{out}");
+        assert!(out.contains("against untraced 80.0% (rounds: 80.0–80.0%) with them, 90.0%"), "{out}");
+        assert!(out.contains("40.00 µs untraced, 42.00 µs traced without uprobes, 49.00 µs with them"), "{out}");
+        assert!(out.contains("the uprobes add +7.00 µs (rounds: +6.00 to +8.00) per request"), "{out}");
+        assert!(out.contains("ran 6.00 times per request for 1.00 µs"), "{out}");
+        assert!(out.contains("remaining +6.00 µs"), "{out}");
+        assert!(out.contains("+0.00 µs (rounds: -0.50 to +0.50) in server CPU"), "{out}");
+        assert!(out.contains("with uprobes OpenSSL uprobes (32 handshakes"), "{out}");
+        assert!(!out.contains("Not without uprobes"), "{out}");
+        // A tracer that attaches its uprobes despite being told not to is called out.
+        samples.insert(
+            Config::TracerNoUprobes,
+            vec![run(18_000.0, 42.0, Some((6.0, 500.0))), run(19_800.0, 42.0, Some((6.0, 500.0)))],
+        );
+        let mut out = String::new();
+        uprobe_cost(&mut out, &samples, 16);
+        assert!(out.contains("**Not without uprobes**"), "{out}");
+    }
 
     #[test]
     fn targets_give_each_verdict_with_its_rounds_and_the_control() {
