@@ -36,7 +36,7 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
         &format!("ssl_protocols {version};\nlocation / {{ proxy_pass http://lab; }}\n"),
         Some(&cert),
     )?;
-    let mut args = vec!["--pid".into(), nginx.pid().to_string(), "--connections".into(), "--slow".into(), "30ms".into()];
+    let mut args = vec!["--pid".into(), nginx.pid().to_string(), "--connections".into()];
     if !uprobes {
         args.extend(["--skip-hook-kind".into(), "uprobe".into()]);
     }
@@ -47,9 +47,6 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
     let fresh = curl(&urls, true, curl_version)?;
     let reused = curl(&urls, false, curl_version)?;
     let lines = tracer.stop()?;
-    for slow in lines.iter().filter(|v| v["type"] == "slow" && v["phases"]["send"].as_u64().unwrap_or(0) > 1_000_000) {
-        eprintln!("slow send: {slow}");
-    }
     let report = final_report(&lines)?;
     let log = fs::read_to_string(nginx.path("access.log"))?;
     let entries: Vec<(f64, String, u64)> = log
@@ -102,8 +99,16 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
         5.0,
         2.0,
     );
+    // Through the library no upstream wait is ever charged to send. From the records
+    // alone, a TLS 1.3 session ticket written after the request was read (nginx reads a
+    // client's Finished and its request at once) ends think early: the report says so.
     let send_max = phase_ms(l, "send", "max_ns");
-    v.check(send_max < 1.0, || format!("send's max {send_max:.3} ms: an upstream wait charged to send"));
+    if uprobes {
+        v.check(send_max < 1.0, || format!("send's max {send_max:.3} ms: an upstream wait charged to send"));
+    } else {
+        let said = l["tls"]["approximate"].as_str().unwrap_or("");
+        v.check(said.contains("ticket"), || format!("the tickets' effect on think unsaid: {said:?}"));
+    }
     v.eq("tls samples (one per connection)", phase_count(l, "tls"), connections);
     let tls_mean = phase_ms(l, "tls", "mean_ns");
     v.check(tls_mean >= 0.3 * curl_tls_ms && tls_mean <= 1.05 * curl_tls_ms, || {

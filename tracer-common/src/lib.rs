@@ -70,6 +70,8 @@ pub mod record {
     pub const DONE: u8 = 1;
     /// Not TLS after all, or a header was missed: the connection is not followed.
     pub const LOST: u8 = 2;
+    /// The record after the handshake (the first request's) was seen too (`app_end`).
+    pub const APP: u8 = 3;
 }
 
 /// Where a client's TLS records are, as its segments arrive (the `RECORDS` map's value):
@@ -90,9 +92,13 @@ pub struct RecordState {
     pub have: u8,
     /// Non-zero once the client's ChangeCipherSpec was seen.
     pub ccs: u8,
-    /// One of [`record`]'s `PARSING`, `DONE`, `LOST`.
+    /// One of [`record`]'s `PARSING`, `DONE`, `APP`, `LOST`.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Sequence number just past the first record after the handshake (when `APP`):
+    /// until the server has read it whole, what it writes is no response (TLS 1.3
+    /// session tickets, written while the request's record is half read).
+    pub app_end: u32,
 }
 const _: () = assert!(size_of::<RecordState>() == 24);
 
@@ -108,7 +114,7 @@ impl RecordState {
     #[inline(always)]
     pub fn feed(&mut self, seq: u32, len: u32, mut byte_at: impl FnMut(u32) -> Option<u8>) {
         for _ in 0..record::MAX_PER_SEGMENT {
-            if self.state != record::PARSING {
+            if self.state != record::PARSING && self.state != record::DONE {
                 return;
             }
             let want = self.hdr_seq.wrapping_add(self.have as u32);
@@ -145,6 +151,11 @@ impl RecordState {
                 return;
             }
             let end = self.hdr_seq.wrapping_add(5 + body);
+            if self.state == record::DONE {
+                self.app_end = end;
+                self.state = record::APP;
+                return;
+            }
             if kind == record::CHANGE_CIPHER_SPEC {
                 self.ccs = 1;
             } else if self.ccs != 0 || kind == record::APPLICATION_DATA {
@@ -834,14 +845,15 @@ mod tests {
             let mut st = RecordState::at(1000);
             // Several records in one segment, the request after them.
             feed_in(&mut st, 1000, &bytes, &[bytes.len()]);
-            assert_eq!(st.state, record::DONE, "{flight:?}");
+            assert_eq!(st.state, record::APP, "{flight:?}");
             assert_eq!(st.done_seq, 1000 + handshake.len() as u32);
+            assert_eq!(st.app_end, 1000 + bytes.len() as u32);
         }
         // TLS 1.3 without the compatibility ChangeCipherSpec: the first encrypted record.
         let bytes = wire(&[(record::APPLICATION_DATA, 53), (record::APPLICATION_DATA, 90)]);
         let mut st = RecordState::at(7);
         feed_in(&mut st, 7, &bytes, &[bytes.len()]);
-        assert_eq!((st.state, st.done_seq), (record::DONE, 7 + 58));
+        assert_eq!((st.state, st.done_seq, st.app_end), (record::APP, 7 + 58, 7 + 58 + 95));
     }
 
     #[test]

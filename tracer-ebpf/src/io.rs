@@ -122,7 +122,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
     if st.dir == dir::WRITING || st.owner == 0 {
         return;
     }
-    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE_START) {
+    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE_START, 0) {
         return;
     }
     if st.tls == 0
@@ -135,7 +135,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
     {
         return;
     }
-    if records::not_a_response(st) {
+    if records::not_a_response(sk, st) {
         return;
     }
     let ts = now();
@@ -163,7 +163,7 @@ fn on_read(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
-    if tls_hooks() && tls::socket_call(sk, st, tls::READ) {
+    if tls_hooks() && tls::socket_call(sk, st, tls::READ, len) {
         return;
     }
     let ts = now();
@@ -220,7 +220,7 @@ fn on_write(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
-    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE) {
+    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE, len) {
         return;
     }
     let ts = now();
@@ -231,7 +231,7 @@ fn on_write(sk: u64, len: u64) {
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return;
     }
-    if records::not_a_response(st) {
+    if records::not_a_response(sk, st) {
         return;
     }
     write_response(sk, st, len, ts);

@@ -50,7 +50,7 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
         return None;
     }
     let rs = unsafe { &mut *RECORDS.get_ptr_mut(tp as u64)? };
-    if rs.state != record::PARSING {
+    if rs.state != record::PARSING && rs.state != record::DONE {
         return None;
     }
     // The program sees the packet from its network header.
@@ -139,9 +139,9 @@ pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> Option<u64> {
         handshake_read(sk, st);
         return None;
     }
-    // The client's Finished has been read: the server's handshake is complete.
+    // The client's Finished has been read: the server's handshake is complete. The
+    // entry stays until the first request's record has been read whole.
     handshake_done(sk, st, now());
-    let _ = RECORDS.remove(&sk);
     if past == 0 {
         handshake_read(sk, st);
         return None;
@@ -159,8 +159,24 @@ fn handshake_read(sk: u64, st: &mut SockState) {
 }
 
 /// Whether a write on `sk` (followed from its records) is no response: the handshake's
-/// flights, and what the server writes with no request read (TLS 1.3 session tickets).
+/// flights, and what the server writes before it has read the first request's record
+/// whole (TLS 1.3 session tickets).
 #[inline(always)]
-pub fn not_a_response(st: &SockState) -> bool {
-    st.tls & tls::RECORDS != 0 && (st.tls & tls::DONE == 0 || st.dir == dir::IDLE)
+pub fn not_a_response(sk: u64, st: &SockState) -> bool {
+    if st.tls & tls::RECORDS == 0 {
+        return false;
+    }
+    if st.tls & tls::DONE == 0 || st.dir == dir::IDLE {
+        return true;
+    }
+    let Some(rs) = (unsafe { RECORDS.get(&sk) }).copied() else { return false };
+    if rs.state == record::APP {
+        let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0);
+        if (copied.wrapping_sub(rs.app_end) as i32) < 0 {
+            return true;
+        }
+    }
+    // The request's record is read: nothing more to follow.
+    let _ = RECORDS.remove(&sk);
+    false
 }

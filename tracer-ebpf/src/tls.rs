@@ -111,7 +111,8 @@ fn write_begins(ssl: u64) {
     }
 }
 
-/// Every hooked call's return.
+/// The return of `SSL_read`, `SSL_read_ex` and `SSL_do_handshake` (a write's return
+/// needs no probe: its records were written by socket calls inside it, which count).
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     let tid = current_tid();
@@ -127,8 +128,8 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
             }
             return 0;
         }
-        tls_op::READ | tls_op::WRITE if ret > 0 => ret as u64,
-        tls_op::READ_EX | tls_op::WRITE_EX if ret == 1 && call.count_ptr != 0 => {
+        tls_op::READ if ret > 0 => ret as u64,
+        tls_op::READ_EX if ret == 1 && call.count_ptr != 0 => {
             unsafe { bpf_probe_read_user(call.count_ptr as *const u64) }.unwrap_or(0)
         }
         _ => 0,
@@ -138,26 +139,17 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     }
     // An application that never called the handshake: it ran inside this call.
     handshake_done(sk, st, ts);
-    let reading = call.op == tls_op::READ || call.op == tls_op::READ_EX;
-    if reading && call.arrival_ns != 0 {
+    if call.arrival_ns != 0 {
         st.pending_data_ns = call.arrival_ns;
     }
     if origin::is_client(st.origin) {
-        if reading {
-            upstream::on_read(sk, st, bytes, ts);
-        } else {
-            upstream::on_write(st, bytes, ts);
-        }
+        upstream::on_read(sk, st, bytes, ts);
         return 0;
     }
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return 0;
     }
-    if reading {
-        io::read_request(sk, st, bytes, ts);
-    } else {
-        io::write_response(sk, st, bytes, ts);
-    }
+    io::read_request(sk, st, bytes, ts);
     0
 }
 
@@ -184,32 +176,47 @@ pub fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
     slot.submit();
 }
 
+/// The calling thread's call of the TLS library that a socket call on `sk` is part of.
+/// Writes and shutdowns have no return probe, so their entry outlives them: it counts
+/// only on the socket already known to be theirs. Reads and handshakes (whose return
+/// removes the entry) are where the library's object is tied to its socket.
+#[inline(always)]
+fn call_on(sk: u64) -> Option<&'static mut TlsCall> {
+    let call = unsafe { &mut *TLS_CALLS.get_ptr_mut(&current_tid())? };
+    let learns = matches!(call.op, tls_op::READ | tls_op::READ_EX | tls_op::HANDSHAKE);
+    (learns || unsafe { TLS_SOCKS.get(&call.ssl) }.copied() == Some(sk)).then_some(call)
+}
+
 /// Whether the receive queue of `sk` is empty (everything received has been read).
 #[inline(always)]
 pub fn queue_empty(sk: u64) -> bool {
     read::<u32>(sk, off!(tcp_rcv_nxt)) == read::<u32>(sk, off!(tcp_copied_seq))
 }
 
-/// A socket call (`what`: [`READ`], [`WRITE_START`], [`WRITE`]) on a traced connection.
+/// A socket call (`what`: [`READ`], [`WRITE_START`], [`WRITE`] of `len` bytes) on a
+/// traced connection.
 /// Returns true when it is TLS's business: the calling thread is inside a call of the
 /// TLS library, or the connection is one such calls were seen on. Such socket calls
 /// start and end no request; they tie the library's connection object to the socket,
 /// time the handshake's start, and keep the arrival of what a read call consumes.
 #[inline(always)]
-pub fn socket_call(sk: u64, st: &mut SockState, what: u32) -> bool {
+pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     let client = origin::is_client(st.origin);
-    let Some(call) = TLS_CALLS.get_ptr_mut(&current_tid()) else {
+    let Some(call) = call_on(sk) else {
         if st.tls & tls::HOOKED == 0 {
             return false;
         }
         // A hooked connection's socket written outside the library's calls (an
         // application that moves the records itself): the response's records go out.
-        if what == WRITE && !client && st.dir == dir::WRITING {
-            io::note_sent(sk, st, now());
+        if what == WRITE && st.dir == dir::WRITING {
+            if client {
+                upstream::on_write(st, len, now());
+            } else {
+                io::write_response(sk, st, len, now());
+            }
         }
         return true;
     };
-    let call = unsafe { &mut *call };
     if !client && st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return true;
     }
@@ -232,6 +239,17 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32) -> bool {
     }
     if unsafe { TLS_SOCKS.get(&call.ssl) }.copied() != Some(sk) {
         let _ = TLS_SOCKS.insert(&call.ssl, &sk, 0);
+    }
+    let writing = call.op == tls_op::WRITE || call.op == tls_op::WRITE_EX;
+    if what == WRITE && writing && st.tls & tls::DONE != 0 {
+        // The records of what the application writes (`len`: their bytes, not the
+        // plaintext's).
+        let ts = now();
+        if client {
+            upstream::on_write(st, len, ts);
+        } else if st.dir == dir::WRITING {
+            io::write_response(sk, st, len, ts);
+        }
     }
     if what == READ {
         if st.pending_data_ns != 0 {

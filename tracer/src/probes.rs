@@ -190,7 +190,8 @@ impl Probes {
         let mut result = Ok(());
         for (entry, offset) in ENTRIES.iter().zip(&lib.offsets) {
             let Some(offset) = *offset else { continue };
-            for name in [entry.program, RETURN_PROGRAM] {
+            let programs = if entry.returns { &[entry.program, RETURN_PROGRAM][..] } else { &[entry.program][..] };
+            for &name in programs {
                 let p: &mut UProbe = self.ebpf.program_mut(name).expect("loaded above").try_into()?;
                 match p.attach(offset, &lib.path, scope) {
                     Ok(id) => links.push((name, id)),

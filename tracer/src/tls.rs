@@ -15,23 +15,26 @@ use std::{
 use anyhow::{Context as _, Result};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
-/// A function of the library and the entry program that hooks it (every one also gets
-/// the return program, `ssl_return`).
+/// A function of the library and the entry program that hooks it.
 pub struct Entry {
     pub symbol: &'static str,
     pub program: &'static str,
     /// Without it the library cannot be followed.
     pub required: bool,
+    /// Its return is probed too (`ssl_return`): every probe hit is a trap into the
+    /// kernel, which costs the application microseconds, so only where the result
+    /// matters (what a read returned, whether the handshake completed).
+    pub returns: bool,
 }
 
 pub const ENTRIES: &[Entry] = &[
-    Entry { symbol: "SSL_read", program: "ssl_read", required: true },
-    Entry { symbol: "SSL_write", program: "ssl_write", required: true },
-    Entry { symbol: "SSL_do_handshake", program: "ssl_do_handshake", required: true },
+    Entry { symbol: "SSL_read", program: "ssl_read", required: true, returns: true },
+    Entry { symbol: "SSL_write", program: "ssl_write", required: true, returns: false },
+    Entry { symbol: "SSL_do_handshake", program: "ssl_do_handshake", required: true, returns: true },
     // OpenSSL 1.1.1 and later.
-    Entry { symbol: "SSL_read_ex", program: "ssl_read_ex", required: false },
-    Entry { symbol: "SSL_write_ex", program: "ssl_write_ex", required: false },
-    Entry { symbol: "SSL_shutdown", program: "ssl_shutdown", required: false },
+    Entry { symbol: "SSL_read_ex", program: "ssl_read_ex", required: false, returns: true },
+    Entry { symbol: "SSL_write_ex", program: "ssl_write_ex", required: false, returns: false },
+    Entry { symbol: "SSL_shutdown", program: "ssl_shutdown", required: false, returns: false },
 ];
 
 pub const RETURN_PROGRAM: &str = "ssl_return";
