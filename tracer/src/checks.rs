@@ -76,7 +76,8 @@ pub enum Scope {
 /// What a check measures.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Subject {
-    /// A server phase (`handshake` … `delivery`) or a client one (`connect`, `upstream`).
+    /// A server phase (`handshake` … `delivery`) or a client one (`connect`, `upstream`;
+    /// `tls` scoped to a peer).
     Phase {
         name: String,
         scope: Scope,
@@ -179,7 +180,7 @@ pub fn parse(text: &str) -> Result<Check> {
         let name = name.split_once('.').map_or(name, |(n, _)| n);
         if !is_server_phase(name) && !CLIENT_PHASES.contains(&name) {
             bail!(
-                "unknown phase '{name}' {}: use handshake, accept_wait, recv_wait, think, send, delivery, connect or upstream",
+                "unknown phase '{name}' {}: use handshake, accept_wait, tls, recv_wait, think, send, delivery, connect or upstream",
                 context()
             );
         }
@@ -266,12 +267,19 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
             if let Some(why) = stats.unavailable.get(name.as_str()) {
                 return Err(format!("{name} is unavailable on this kernel: {why}"));
             }
-            let hist = if is_server_phase(name) {
+            // `tls` is both: a listener's handshakes, or (scoped to a peer) the upstream
+            // connections' to that peer.
+            let peer_tls = name == "tls" && matches!(scope, Scope::Peer(_));
+            let hist = if is_server_phase(name) && !peer_tls {
                 let phase = Phase::ALL.into_iter().find(|p| p.name() == name).expect("checked at parse");
                 merged(listeners(stats, scope)?.into_iter().map(|l| &l.phases[&phase]))
             } else {
                 merged(
-                    peers(stats, scope)?.into_iter().map(|p| if name == "connect" { &p.connect } else { &p.upstream }),
+                    peers(stats, scope)?.into_iter().map(|p| match name.as_str() {
+                        "connect" => &p.connect,
+                        "tls" => &p.tls,
+                        _ => &p.upstream,
+                    }),
                 )
             };
             if *stat == Stat::Count {
@@ -396,6 +404,23 @@ mod tests {
         );
         assert_eq!(parse("requests[8080]>=100").unwrap().limit, 100.0);
         assert_eq!(parse("think.count>=20").unwrap().limit, 20.0);
+    }
+
+    #[test]
+    fn tls_is_checked_per_listener_or_per_peer() {
+        let mut stats = Stats::default();
+        for _ in 0..10 {
+            stats.listener(8443).phases[&Phase::Tls].record(3_000_000).unwrap();
+        }
+        let peer: SocketAddr = "10.0.0.5:443".parse().unwrap();
+        for _ in 0..10 {
+            stats.peers.entry(peer).or_default().tls.record(30_000_000).unwrap();
+        }
+        let judge = |text: &str| evaluate(&parse(text).unwrap(), &stats, 10).passed;
+        assert!(judge("tls[:8443].p50<5ms"));
+        assert!(judge("tls.p99<5ms"), "unscoped: the listeners'");
+        assert!(!judge("tls[10.0.0.5:443].p50<5ms"));
+        assert!(judge("tls[10.0.0.5:443].p50<40ms"));
     }
 
     #[test]

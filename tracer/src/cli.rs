@@ -26,7 +26,8 @@ Checks: PHASE.STAT OP DURATION or COUNTER OP NUMBER, optionally scoped:
 Exit status: 0 all checks hold, 1 a check failed (or the traced command did),
 2 usage or set-up error.
 
-Phases: handshake, accept_wait, recv_wait, think, send, delivery (see README).
+Phases: handshake, accept_wait, tls, recv_wait, think, send, delivery; upstream peers:
+connect, tls, upstream (see README).
 Needs root, or CAP_BPF and CAP_PERFMON, and a kernel with BTF.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -71,6 +71,7 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
         }
     }
     out += &format!("\nTLS: {}\n", uprobes(&mut probes, skip_uprobes));
+    out += &format!("TLS without a library hook: {}\n", record_layer(&mut probes));
     if let Err(e) = probes.tracing_possible() {
         out += &format!("\ntracing is impossible here: {e:#}\n");
     }
@@ -104,6 +105,17 @@ fn uprobes(probes: &mut Probes, skipped: bool) -> String {
             format!("uprobes work (tried on {}): OpenSSL's plaintext draws request boundaries", lib.name)
         }
         Err(e) => format!("uprobes do not attach ({e:#}): {RECORDS}"),
+    }
+}
+
+/// Whether the record-layer program loads here, and where it would attach.
+fn record_layer(probes: &mut Probes) -> String {
+    let Some(root) = tls::cgroup2_root() else {
+        return "no cgroup v2 hierarchy is mounted: TLS handshakes of servers without OpenSSL count as requests".into();
+    };
+    match probes.load_records() {
+        Ok(()) => format!("followed from its records (the program loads; cgroup v2 at {})", root.display()),
+        Err(e) => format!("not followed, the record-layer program does not load ({e:#})"),
     }
 }
 
