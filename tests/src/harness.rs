@@ -135,6 +135,20 @@ impl Tracer {
         self.proc.pid()
     }
 
+    /// Waits until the tracer says a line starting with `prefix` on stderr (within
+    /// `timeout`); the line.
+    pub fn wait_for_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!("the tracer did not say {prefix:?} within {timeout:?}"),
+            }
+        }
+    }
+
     /// SIGINT, then the JSON lines it printed.
     pub fn stop(mut self) -> Result<Vec<Value>> {
         // Let the last events of the traffic reach the ring buffer before stopping.

@@ -94,6 +94,11 @@ impl Nginx {
         self.proc.as_ref().expect("running").pid()
     }
 
+    /// The worker processes now.
+    pub fn workers(&self) -> Vec<u32> {
+        children(self.pid())
+    }
+
     /// A file under the prefix directory.
     pub fn path(&self, name: impl AsRef<Path>) -> PathBuf {
         self.dir.join(name)

@@ -274,13 +274,11 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
                 let phase = Phase::ALL.into_iter().find(|p| p.name() == name).expect("checked at parse");
                 merged(listeners(stats, scope)?.into_iter().map(|l| &l.phases[&phase]))
             } else {
-                merged(
-                    peers(stats, scope)?.into_iter().map(|p| match name.as_str() {
-                        "connect" => &p.connect,
-                        "tls" => &p.tls,
-                        _ => &p.upstream,
-                    }),
-                )
+                merged(peers(stats, scope)?.into_iter().map(|p| match name.as_str() {
+                    "connect" => &p.connect,
+                    "tls" => &p.tls,
+                    _ => &p.upstream,
+                }))
             };
             if *stat == Stat::Count {
                 return Ok(hist.len() as f64);

@@ -83,7 +83,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub min_samples: u64,
 
-    /// Print every request (and connection setup) slower than DURATION, phase by phase.
+    /// Print every request (and connection setup, and TLS handshake) slower than DURATION,
+    /// phase by phase.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
 

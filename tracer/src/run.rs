@@ -383,6 +383,7 @@ impl TlsWatch {
                 known.insert(lib.id);
                 match probes.hook_tls(&lib, (!port_mode).then_some(pid)) {
                     Ok(()) => {
+                        info!("TLS: hooked process {pid} ({})", lib.name);
                         if self.announced.insert(lib.name.clone()) {
                             say!("tracer: TLS: OpenSSL uprobes on {}", lib.name);
                         }

@@ -257,7 +257,7 @@ impl Stats {
                     p.upstream.saturating_record(*ns);
                 }
             }
-            Record::Tls { listener, tls_ns, method } => {
+            Record::Tls { listener, tls_ns, method, .. } => {
                 let l = self.listener(*listener);
                 l.tls_connections += 1;
                 l.tls_methods |= method;

@@ -118,6 +118,9 @@ pub enum Record {
     /// A server connection's TLS handshake completed.
     Tls {
         listener: u16,
+        /// The client, and the traced process that accepted it.
+        remote: SocketAddr,
+        pid: u32,
         /// From the ClientHello's arrival (or accept(), if later) to the handshake's end.
         tls_ns: Option<u64>,
         /// Bits of `tracer_common::tls`: how the connection is followed.
@@ -331,7 +334,13 @@ impl Timeline {
             // As for recv_wait: what came while the connection waited to be accepted is
             // accept_wait's.
             let start = if c.accepted_ns != 0 { t.start_ns.max(c.accepted_ns) } else { t.start_ns };
-            out.push(Record::Tls { listener: c.listener, tls_ns: span(start, t.end_ns), method: t.method });
+            out.push(Record::Tls {
+                listener: c.listener,
+                remote: c.remote,
+                pid: c.pid,
+                tls_ns: span(start, t.end_ns),
+                method: t.method,
+            });
         }
     }
 
@@ -840,7 +849,8 @@ mod tests {
             request([15 * MS, 15 * MS, 15 * MS, 20 * MS, 20 * MS, 21 * MS], 0, 0),
         ]);
         let tls: Vec<_> = out.iter().filter(|r| matches!(r, Record::Tls { .. })).collect();
-        assert_eq!(tls, [&Record::Tls { listener: 8080, tls_ns: Some(4 * MS), method: 3 }]);
+        let remote = endpoints(&addr()).1;
+        assert_eq!(tls, [&Record::Tls { listener: 8080, remote, pid: 7, tls_ns: Some(4 * MS), method: 3 }]);
         let exchanges = out.iter().filter(|r| matches!(r, Record::Exchange { .. })).count();
         assert_eq!(exchanges, 1);
         let mut stats = crate::stats::Stats::default();

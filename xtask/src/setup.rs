@@ -20,6 +20,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nginx", "/usr/sbin/nginx"),
     ("curl", "/usr/bin/curl"),
     ("openssl", "/usr/bin/openssl"),
+    ("python3", "/usr/bin/python3"),
     ("procps", "/usr/sbin/sysctl"),
     ("postgresql", "/usr/share/doc/postgresql/copyright"),
     ("nodejs", "/usr/bin/node"),

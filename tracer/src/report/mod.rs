@@ -65,6 +65,9 @@ impl Slow {
                 vec![("handshake", *handshake_ns), ("accept_wait", *accept_wait_ns)],
                 Vec::new(),
             ),
+            Record::Tls { listener, remote, pid, tls_ns, .. } => {
+                ("tls handshake", *listener, *pid, Some(*remote), vec![("tls", *tls_ns)], Vec::new())
+            }
             Record::Exchange { outcome, .. } if *outcome != Outcome::Answered => return None,
             Record::Exchange {
                 listener,
