@@ -102,7 +102,51 @@ pub struct RecordState {
 }
 const _: () = assert!(size_of::<RecordState>() == 24);
 
+/// What a server's read on a connection followed from its records was
+/// ([`RecordState::classify_read`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordRead {
+    /// Handshake records only; the handshake goes on.
+    Handshake,
+    /// The last of the client's handshake records: the server's handshake is complete.
+    HandshakeEnds,
+    /// It reached past the handshake: the first request begins with its last `n` bytes
+    /// (the handshake is complete too).
+    Request(u64),
+    /// The records cannot be followed (not TLS, a header missed, or the segment program
+    /// never saw them): plain TCP from here.
+    Lost,
+}
+
 impl RecordState {
+    /// The server read `len` bytes, after which it has read everything before sequence
+    /// number `copied` (`tcp_sock.copied_seq`).
+    pub fn classify_read(&self, copied: u32, len: u64) -> RecordRead {
+        if self.state == record::LOST {
+            return RecordRead::Lost;
+        }
+        let want = self.hdr_seq.wrapping_add(self.have as u32);
+        if self.state == record::PARSING && copied.wrapping_sub(want) as i32 > 0 {
+            // A header byte was read that was never seen arriving.
+            return RecordRead::Lost;
+        }
+        let past = copied.wrapping_sub(self.done_seq) as i32;
+        if self.state == record::PARSING || past < 0 {
+            RecordRead::Handshake
+        } else if past == 0 {
+            RecordRead::HandshakeEnds
+        } else {
+            RecordRead::Request(if (past as u64) < len { past as u64 } else { len })
+        }
+    }
+
+    /// Whether the server, having read everything before sequence number `copied`, may
+    /// be writing a response: not before it has read the first request's record whole
+    /// (what it writes until then, such as TLS 1.3 session tickets, is no response).
+    pub fn response_may_start(&self, copied: u32) -> bool {
+        self.state != record::APP || copied.wrapping_sub(self.app_end) as i32 >= 0
+    }
+
     /// Starts following records at sequence number `seq`.
     pub fn at(seq: u32) -> Self {
         Self { hdr_seq: seq, ..Self::default() }
@@ -898,5 +942,57 @@ mod tests {
         let mut st = RecordState::at(0);
         st.feed(0, 10, |_| None);
         assert_eq!(st.state, record::LOST);
+    }
+
+    /// A server's reads, as the programs see them: the client's second flight and its
+    /// request arrive, the server reads them (record by record, or all at once), and
+    /// each read is classified.
+    #[test]
+    fn a_servers_reads_are_handshake_until_the_finished_then_the_request() {
+        let flight = wire(&TLS13_FLIGHT);
+        let request = wire(&[(record::APPLICATION_DATA, 120)]);
+        let start = 5000u32;
+        let fin_end = start + flight.len() as u32;
+        let req_end = fin_end + request.len() as u32;
+        let mut bytes = flight.clone();
+        bytes.extend(&request);
+
+        // Both arrive in one segment before the server reads.
+        let mut st = RecordState::at(start);
+        feed_in(&mut st, start, &bytes, &[bytes.len()]);
+        // OpenSSL without read-ahead: header, then body, record by record.
+        let mut copied = start;
+        let mut seen = Vec::new();
+        for len in [5u32, 1, 5, 53, 5, 120] {
+            copied += len;
+            seen.push(st.classify_read(copied, len as u64));
+        }
+        assert_eq!(
+            seen,
+            [
+                RecordRead::Handshake,
+                RecordRead::Handshake,
+                RecordRead::Handshake,
+                RecordRead::HandshakeEnds,
+                RecordRead::Request(5),
+                RecordRead::Request(120)
+            ]
+        );
+        // Tickets written after the request's header was read, before its body: no
+        // response yet; once the body is read, one may start.
+        assert!(!st.response_may_start(fin_end + 5));
+        assert!(st.response_may_start(req_end));
+
+        // A server that reads everything at once: the read begins the request, with the
+        // request's bytes only.
+        assert_eq!(st.classify_read(req_end, bytes.len() as u64), RecordRead::Request(request.len() as u64));
+
+        // Before the client's flight has arrived whole, a read of its first part.
+        let mut st = RecordState::at(start);
+        feed_in(&mut st, start, &flight[..6], &[6]);
+        assert_eq!(st.classify_read(start + 6, 6), RecordRead::Handshake);
+        // A read of bytes whose headers the segment program never saw.
+        let st = RecordState::at(start);
+        assert_eq!(st.classify_read(start + 80, 80), RecordRead::Lost);
     }
 }

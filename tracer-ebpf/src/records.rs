@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use tracer_common::{record, tls, RecordState};
+use tracer_common::{record, tls, RecordRead, RecordState};
 
 use crate::{
     conn::{dir, now, SockState},
@@ -121,32 +121,29 @@ pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> Option<u64> {
         st.tls |= tls::DONE;
         return Some(len);
     };
-    if rs.state == record::LOST {
-        let _ = RECORDS.remove(&sk);
-        st.tls |= tls::DONE;
-        return Some(len);
-    }
     let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0);
-    if rs.state == record::PARSING && copied.wrapping_sub(rs.hdr_seq.wrapping_add(rs.have as u32)) as i32 > 0 {
-        // The application has read a header byte the segment program never saw (it is
-        // not attached to this socket's cgroup): not followed after all.
-        let _ = RECORDS.remove(&sk);
-        st.tls |= tls::DONE;
-        return Some(len);
+    match rs.classify_read(copied, len) {
+        RecordRead::Lost => {
+            let _ = RECORDS.remove(&sk);
+            st.tls |= tls::DONE;
+            Some(len)
+        }
+        RecordRead::Handshake => {
+            handshake_read(sk, st);
+            None
+        }
+        // The client's Finished has been read: the server's handshake is complete. The
+        // entry stays until the first request's record has been read whole.
+        RecordRead::HandshakeEnds => {
+            handshake_done(sk, st, now());
+            handshake_read(sk, st);
+            None
+        }
+        RecordRead::Request(bytes) => {
+            handshake_done(sk, st, now());
+            Some(bytes)
+        }
     }
-    let past = copied.wrapping_sub(rs.done_seq) as i32;
-    if rs.state == record::PARSING || past < 0 {
-        handshake_read(sk, st);
-        return None;
-    }
-    // The client's Finished has been read: the server's handshake is complete. The
-    // entry stays until the first request's record has been read whole.
-    handshake_done(sk, st, now());
-    if past == 0 {
-        handshake_read(sk, st);
-        return None;
-    }
-    Some(if (past as u64) < len { past as u64 } else { len })
 }
 
 /// A read of handshake records: data left queued (the request that followed) keeps its
@@ -170,11 +167,8 @@ pub fn not_a_response(sk: u64, st: &SockState) -> bool {
         return true;
     }
     let Some(rs) = (unsafe { RECORDS.get(&sk) }).copied() else { return false };
-    if rs.state == record::APP {
-        let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0);
-        if (copied.wrapping_sub(rs.app_end) as i32) < 0 {
-            return true;
-        }
+    if !rs.response_may_start(read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0)) {
+        return true;
     }
     // The request's record is read: nothing more to follow.
     let _ = RECORDS.remove(&sk);
