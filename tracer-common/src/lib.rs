@@ -50,6 +50,8 @@ pub mod tls {
     /// was a handshake record, and the client's records are read as they arrive
     /// ([`super::RecordState`]) to tell where its handshake ends.
     pub const RECORDS: u32 = 1 << 2;
+    /// The application called `SSL_shutdown`: what it writes now is its close_notify.
+    pub const SHUTDOWN: u32 = 1 << 3;
 }
 
 /// TLS record content types.
@@ -219,14 +221,8 @@ pub mod tls_op {
     pub const READ: u32 = 1;
     /// `SSL_read_ex`: returns 1 and stores the bytes read through its fourth argument.
     pub const READ_EX: u32 = 2;
-    /// `SSL_write`.
-    pub const WRITE: u32 = 3;
-    /// `SSL_write_ex`.
-    pub const WRITE_EX: u32 = 4;
     /// `SSL_do_handshake` (which `SSL_accept` and `SSL_connect` call): 1 once complete.
     pub const HANDSHAKE: u32 = 5;
-    /// `SSL_shutdown`: its close_notify is no response.
-    pub const SHUTDOWN: u32 = 6;
 }
 
 /// How a traced connection came to be known.
@@ -513,7 +509,8 @@ pub struct Bind {
 }
 const _: () = assert!(size_of::<Bind>() == 48);
 
-/// The TLS handshake of connection `header.sock` completed.
+/// The TLS handshake of connection `header.sock` completed. With both times 0: the
+/// connection is followed another way from now on (`method`), no handshake.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsDone {
@@ -536,7 +533,7 @@ const _: () = assert!(size_of::<TlsDone>() == 56);
 pub struct TlsCall {
     /// The library's connection object (`SSL *`).
     pub ssl: u64,
-    /// `SSL_read_ex`/`SSL_write_ex`: where the call stores its byte count.
+    /// `SSL_read_ex`: where the call stores its byte count.
     pub count_ptr: u64,
     /// The arrival of the last data the call read from the socket (0: none read).
     pub arrival_ns: u64,

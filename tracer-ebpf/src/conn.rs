@@ -183,6 +183,25 @@ fn goodbye(sk: u64, st: &SockState) -> bool {
     st.peer_fin_ns.saturating_sub(message_ns) <= window
 }
 
+/// The largest write that may be a TLS alert record (close_notify) with its header.
+const ALERT_BYTES: u64 = 64;
+
+/// Whether the last exchange of a connection followed from its TLS records (closing at
+/// `ts`) was the client's close_notify and the server's: a message of alert size (or
+/// less) answered with at most an alert, with the peer's FIN (or reset) right after it.
+#[inline(always)]
+fn tls_goodbye(st: &SockState, ts: u64) -> bool {
+    if st.tls & tracer_common::tls::RECORDS == 0 || st.dir != dir::WRITING {
+        return false;
+    }
+    if st.req_in > ALERT_BYTES || st.req_out > ALERT_BYTES {
+        return false;
+    }
+    let message_ns = if st.arrival_ns != 0 { st.arrival_ns } else { st.first_read_ns };
+    let end = if st.peer_fin_ns != 0 { st.peer_fin_ns } else { ts };
+    message_ns != 0 && end.saturating_sub(message_ns) <= GOODBYE_WINDOW_NS
+}
+
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
     let mut pending = 0;
     if !origin::is_client(st.origin) {
@@ -192,6 +211,10 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
             // else a request cut short (a reset, the server's close, a client that gave
             // up waiting).
             pending |= if goodbye(sk, st) { flags::CLOSED_BY_PEER } else { flags::ABORTED };
+        } else if tls_goodbye(st, ts) {
+            // Followed from its records, a TLS connection's last message may be the
+            // client's close_notify, and what the server wrote back its own.
+            pending |= flags::CLOSED_BY_PEER;
         } else if st.dir == dir::WRITING && st.acked_ns == 0 {
             pending |= flags::UNDELIVERED;
         }

@@ -194,6 +194,11 @@ pub static TLS_CALLS: LruHashMap<u32, TlsCall> = LruHashMap::with_max_entries(16
 #[map]
 pub static TLS_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
+/// Per thread, the connection followed from its TLS records that it read last (see
+/// `tls::adopt`).
+#[map]
+pub static LAST_RECORDS_READ: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
 /// Server connections followed from their TLS records, by socket, until the client's
 /// handshake has been read (see `records`).
 #[map]

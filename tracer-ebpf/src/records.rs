@@ -24,9 +24,9 @@ use aya_ebpf::{
 use tracer_common::{record, tls, RecordRead, RecordState};
 
 use crate::{
-    conn::{dir, now, SockState},
+    conn::{current_tid, dir, now, SockState},
     kernel::read,
-    maps::RECORDS,
+    maps::{tls_hooks, LAST_RECORDS_READ, RECORDS},
     off,
     tls::{handshake_done, queue_empty},
 };
@@ -116,6 +116,9 @@ pub fn detect(sk: u64, st: &mut SockState, msg: u64) -> bool {
 /// that belong to the first request (and the connection is followed as usual from here).
 #[inline(always)]
 pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> Option<u64> {
+    if tls_hooks() {
+        let _ = LAST_RECORDS_READ.insert(&current_tid(), &sk, 0);
+    }
     let Some(rs) = (unsafe { RECORDS.get(&sk) }).copied() else {
         // Evicted: follow it as plain TCP from here, untimed.
         st.tls |= tls::DONE;

@@ -27,7 +27,7 @@ use crate::{
     conn::{current_tid, dir, header, now, state_mut, SockState},
     io,
     kernel::read,
-    maps::{filter_by_port, is_traced_tgid, reserve, TLS_CALLS, TLS_SOCKS},
+    maps::{filter_by_port, is_traced_tgid, reserve, LAST_RECORDS_READ, TLS_CALLS, TLS_SOCKS},
     off, upstream,
 };
 
@@ -36,16 +36,23 @@ pub const READ: u32 = 0;
 pub const WRITE_START: u32 = 1;
 pub const WRITE: u32 = 2;
 
-/// A thread enters a call of the TLS library.
+/// Whether the calling process is traced (or any may be, in port mode).
 #[inline(always)]
-fn enter(ssl: u64, op: u32, count_ptr: u64) -> u64 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if ssl == 0 || (!filter_by_port() && !is_traced_tgid(tgid)) {
-        return 0;
+fn caller_traced() -> bool {
+    filter_by_port() || is_traced_tgid((bpf_get_current_pid_tgid() >> 32) as u32)
+}
+
+/// A thread enters a read or the handshake of the TLS library (calls with a return
+/// probe, which ends what is noted here: nothing is left behind to be taken for a later
+/// call, even when the library's objects and the sockets are reused at the same
+/// addresses).
+#[inline(always)]
+fn enter(ssl: u64, op: u32, count_ptr: u64) {
+    if ssl == 0 || !caller_traced() {
+        return;
     }
     let call = TlsCall { ssl, count_ptr, arrival_ns: 0, op, _pad: 0 };
     let _ = TLS_CALLS.insert(&current_tid(), &call, 0);
-    ssl
 }
 
 #[uprobe]
@@ -60,15 +67,12 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `SSL_write` and `SSL_write_ex` (one program: the object is their first argument).
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    write_begins(enter(ctx.arg(0).unwrap_or(0), tls_op::WRITE, 0));
-    0
-}
-
-#[uprobe]
-pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
-    write_begins(enter(ctx.arg(0).unwrap_or(0), tls_op::WRITE_EX, ctx.arg(3).unwrap_or(0)));
+    if caller_traced() {
+        write_begins(ctx.arg(0).unwrap_or(0));
+    }
     0
 }
 
@@ -78,9 +82,14 @@ pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The application closes the TLS session: its close_notify is no response.
 #[uprobe]
 pub fn ssl_shutdown(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), tls_op::SHUTDOWN, 0);
+    if caller_traced() {
+        if let Some((_, st)) = hooked(ctx.arg(0).unwrap_or(0)) {
+            st.tls |= tls::SHUTDOWN;
+        }
+    }
     0
 }
 
@@ -92,6 +101,35 @@ fn hooked(ssl: u64) -> Option<(u64, &'static mut SockState)> {
     (st.tls & tls::HOOKED != 0).then_some((sk, st))
 }
 
+/// The connection under `ssl` for an application that feeds the library from buffers
+/// of its own (memory BIOs: Node.js): no socket call happens inside its calls, so the
+/// object is tied to the TLS connection (followed from its records so far) that the
+/// calling thread read last — such an application reads the socket, then hands the
+/// bytes to the library in the same run of work. From then on it is hooked.
+#[inline(always)]
+fn adopt(ssl: u64) -> Option<(u64, &'static mut SockState)> {
+    let sk = *unsafe { LAST_RECORDS_READ.get(&current_tid()) }?;
+    let st = state_mut(sk)?;
+    if st.tls & tls::RECORDS == 0 || st.tls & tls::DONE == 0 {
+        return None;
+    }
+    st.tls |= tls::HOOKED;
+    let _ = TLS_SOCKS.insert(&ssl, &sk, 0);
+    // Said to userspace as a handshake event with no times: how it is followed now.
+    if let Some(mut slot) = reserve::<TlsDone>() {
+        let e = slot.as_mut_ptr();
+        unsafe {
+            (*e).header = header(kind::TLS_DONE, st.owner, sk, now());
+            (*e).start_ns = 0;
+            (*e).end_ns = 0;
+            (*e).method = st.tls;
+            (*e)._pad = 0;
+        }
+        slot.submit();
+    }
+    Some((sk, st))
+}
+
 /// The application hands plaintext to write: the server has finished thinking, the
 /// client begins its request (unless the handshake still has to run first).
 #[inline(always)]
@@ -99,7 +137,7 @@ fn write_begins(ssl: u64) {
     if ssl == 0 {
         return;
     }
-    let Some((sk, st)) = hooked(ssl) else { return };
+    let Some((sk, st)) = hooked(ssl).or_else(|| adopt(ssl)) else { return };
     if st.dir == dir::WRITING || st.owner == 0 || (st.tls_start_ns != 0 && st.tls & tls::DONE == 0) {
         return;
     }
@@ -119,7 +157,7 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     let Some(call) = (unsafe { TLS_CALLS.get(&tid) }).copied() else { return 0 };
     let _ = TLS_CALLS.remove(&tid);
     let ret = ctx.ret::<i64>() as i32;
-    let Some((sk, st)) = hooked(call.ssl) else { return 0 };
+    let Some((sk, st)) = hooked(call.ssl).or_else(|| adopt(call.ssl)) else { return 0 };
     let ts = now();
     let bytes = match call.op {
         tls_op::HANDSHAKE => {
@@ -176,17 +214,6 @@ pub fn handshake_done(sk: u64, st: &mut SockState, ts: u64) {
     slot.submit();
 }
 
-/// The calling thread's call of the TLS library that a socket call on `sk` is part of.
-/// Writes and shutdowns have no return probe, so their entry outlives them: it counts
-/// only on the socket already known to be theirs. Reads and handshakes (whose return
-/// removes the entry) are where the library's object is tied to its socket.
-#[inline(always)]
-fn call_on(sk: u64) -> Option<&'static mut TlsCall> {
-    let call = unsafe { &mut *TLS_CALLS.get_ptr_mut(&current_tid())? };
-    let learns = matches!(call.op, tls_op::READ | tls_op::READ_EX | tls_op::HANDSHAKE);
-    (learns || unsafe { TLS_SOCKS.get(&call.ssl) }.copied() == Some(sk)).then_some(call)
-}
-
 /// Whether the receive queue of `sk` is empty (everything received has been read).
 #[inline(always)]
 pub fn queue_empty(sk: u64) -> bool {
@@ -202,13 +229,15 @@ pub fn queue_empty(sk: u64) -> bool {
 #[inline(always)]
 pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     let client = origin::is_client(st.origin);
-    let Some(call) = call_on(sk) else {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&current_tid()).map(|c| unsafe { &mut *c }) else {
         if st.tls & tls::HOOKED == 0 {
             return false;
         }
-        // A hooked connection's socket written outside the library's calls (an
-        // application that moves the records itself): the response's records go out.
-        if what == WRITE && st.dir == dir::WRITING {
+        // A hooked connection's socket written outside the library's reads and
+        // handshake: the records of what the application writes (inside `SSL_write`,
+        // or moved by the application itself), `len` their bytes; after `SSL_shutdown`,
+        // its close_notify.
+        if what == WRITE && st.dir == dir::WRITING && st.tls & tls::SHUTDOWN == 0 {
             if client {
                 upstream::on_write(st, len, now());
             } else {
@@ -239,17 +268,6 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     }
     if unsafe { TLS_SOCKS.get(&call.ssl) }.copied() != Some(sk) {
         let _ = TLS_SOCKS.insert(&call.ssl, &sk, 0);
-    }
-    let writing = call.op == tls_op::WRITE || call.op == tls_op::WRITE_EX;
-    if what == WRITE && writing && st.tls & tls::DONE != 0 {
-        // The records of what the application writes (`len`: their bytes, not the
-        // plaintext's).
-        let ts = now();
-        if client {
-            upstream::on_write(st, len, ts);
-        } else if st.dir == dir::WRITING {
-            io::write_response(sk, st, len, ts);
-        }
     }
     if what == READ {
         if st.pending_data_ns != 0 {

@@ -178,7 +178,10 @@ impl Probes {
                     .program_mut(name)
                     .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                p.load().with_context(|| format!("loading {name}"))?;
+                // One program may hook several functions.
+                if p.fd().is_err() {
+                    p.load().with_context(|| format!("loading {name}"))?;
+                }
             }
             self.tls_loaded = true;
         }

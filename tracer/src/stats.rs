@@ -75,10 +75,12 @@ impl ListenerStats {
         if self.tls_connections == 0 {
             return None;
         }
-        Some(if self.tls_methods & tracer_common::tls::HOOKED != 0 {
-            ("OpenSSL uprobes", None)
-        } else {
-            ("record layer only", Some(RECORD_LAYER_APPROXIMATE))
+        use tracer_common::tls::{HOOKED, RECORDS};
+        Some(match (self.tls_methods & HOOKED != 0, self.tls_methods & RECORDS != 0) {
+            (true, false) => ("OpenSSL uprobes", None),
+            // Memory buffers (Node.js): hooked once the handshake was read from the records.
+            (true, true) => ("OpenSSL uprobes, handshake from records", Some(HANDSHAKE_FROM_RECORDS)),
+            _ => ("record layer only", Some(RECORD_LAYER_APPROXIMATE)),
         })
     }
 
@@ -92,6 +94,9 @@ impl ListenerStats {
 pub const RECORD_LAYER_APPROXIMATE: &str = "the handshake ends where the server has read the client's \
      Finished; in TLS 1.3 alerts, session tickets and key updates look like data, so a ticket \
      written after a request was read ends its think; bytes are the records'";
+
+/// What is approximate when only the handshake is read from the records.
+pub const HANDSHAKE_FROM_RECORDS: &str = "the handshake ends where the server has read the client's Finished";
 
 /// One upstream peer (remote address and port) of the traced processes.
 #[derive(Clone)]
@@ -263,6 +268,7 @@ impl Stats {
                 l.tls_methods |= method;
                 l.record(Phase::Tls, *tls_ns);
             }
+            Record::TlsFollowed { listener, method } => self.listener(*listener).tls_methods |= method,
             Record::UpstreamTls { peer, tls_ns } => {
                 if let Some(ns) = tls_ns {
                     self.peers.entry(*peer).or_default().tls.saturating_record(*ns);

@@ -126,6 +126,12 @@ pub enum Record {
         /// Bits of `tracer_common::tls`: how the connection is followed.
         method: u32,
     },
+    /// A server connection's TLS is followed another way from now on (an application
+    /// feeding OpenSSL from buffers of its own: hooked after its handshake).
+    TlsFollowed {
+        listener: u16,
+        method: u32,
+    },
     /// The TLS handshake of a connection the traced process opened completed.
     UpstreamTls {
         peer: SocketAddr,
@@ -330,6 +336,8 @@ impl Timeline {
     fn tls_done(&mut self, t: &TlsDone, out: &mut Vec<Record>) {
         if let Some(client) = self.clients.get(&t.header.sock) {
             out.push(Record::UpstreamTls { peer: client.peer, tls_ns: span(t.start_ns, t.end_ns) });
+        } else if let Some(c) = self.conns.get(&t.header.sock).filter(|_| t.start_ns == 0 && t.end_ns == 0) {
+            out.push(Record::TlsFollowed { listener: c.listener, method: t.method });
         } else if let Some(c) = self.conns.get(&t.header.sock) {
             // As for recv_wait: what came while the connection waited to be accepted is
             // accept_wait's.

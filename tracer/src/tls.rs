@@ -33,7 +33,7 @@ pub const ENTRIES: &[Entry] = &[
     Entry { symbol: "SSL_do_handshake", program: "ssl_do_handshake", required: true, returns: true },
     // OpenSSL 1.1.1 and later.
     Entry { symbol: "SSL_read_ex", program: "ssl_read_ex", required: false, returns: true },
-    Entry { symbol: "SSL_write_ex", program: "ssl_write_ex", required: false, returns: false },
+    Entry { symbol: "SSL_write_ex", program: "ssl_write", required: false, returns: false },
     Entry { symbol: "SSL_shutdown", program: "ssl_shutdown", required: false, returns: false },
 ];
 
