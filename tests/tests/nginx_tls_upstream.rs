@@ -15,11 +15,9 @@ use tracer_tests::{
 const DELAY_MS: u64 = 50;
 const REQUESTS: usize = 40;
 
-#[test]
-fn nginx_tls_upstream() -> anyhow::Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
+/// `uprobes`: through OpenSSL's calls, else from the records alone; `version`: the
+/// protocol nginx speaks to the backend.
+fn tls_upstream(uprobes: bool, version: &str) -> anyhow::Result<()> {
     let cert = TestCert::new()?;
     let (_lab, lab) = start_lab_server(&[])?;
     let backend = Nginx::start_with(
@@ -35,12 +33,16 @@ fn nginx_tls_upstream() -> anyhow::Result<()> {
         1,
         "log_format timing '$request_time $upstream_response_time';\naccess_log access.log timing;",
         &format!(
-            "ssl_protocols TLSv1.3;\nlocation / {{ proxy_pass https://{}; proxy_ssl_protocols TLSv1.3; }}\n",
+            "ssl_protocols TLSv1.3;\nlocation / {{ proxy_pass https://{}; proxy_ssl_protocols {version}; }}\n",
             backend.addr
         ),
         Some(&cert),
     )?;
-    let tracer = start_tracer(&["--pid".into(), front.pid().to_string()])?;
+    let mut args = vec!["--pid".into(), front.pid().to_string()];
+    if !uprobes {
+        args.extend(["--skip-hook-kind".into(), "uprobe".into()]);
+    }
+    let tracer = start_tracer(&args)?;
     let url = format!("https://{}/?size=200&delay={DELAY_MS}", front.addr);
     let transfers = curl(&vec![url; REQUESTS], false, "--tlsv1.3")?;
     let lines = tracer.stop()?;
@@ -69,7 +71,12 @@ fn nginx_tls_upstream() -> anyhow::Result<()> {
     v.eq("upstream tls samples (one per connection)", peer["phases"]["tls"]["count"].as_u64(), Some(connections));
     v.eq("upstream samples", peer["phases"]["upstream"]["count"].as_u64(), Some(REQUESTS as u64));
     let upstream_p50 = peer["phases"]["upstream"]["p50_ns"].as_u64().unwrap_or(0) as f64 / 1e6;
-    v.near("upstream p50 against the backend's delay (ms)", upstream_p50, DELAY_MS as f64, 5.0, 0.0);
+    // From the records alone, a TLS 1.3 server's session tickets arrive after a new
+    // connection's first request and end its wait (the README says so): only TLS 1.2
+    // is judged there.
+    if uprobes || version == "TLSv1.2" {
+        v.near("upstream p50 against the backend's delay (ms)", upstream_p50, DELAY_MS as f64, 5.0, 0.0);
+    }
     let upstream_max = peer["phases"]["upstream"]["max_ns"].as_u64().unwrap_or(0) as f64 / 1e6;
     v.check(upstream_max <= backend_ms.iter().cloned().fold(0.0, f64::max) + 2.0, || {
         format!("upstream max {upstream_max:.2} ms beyond the backend's slowest request")
@@ -77,4 +84,22 @@ fn nginx_tls_upstream() -> anyhow::Result<()> {
     v.extend(attribution_over_think(report));
     v.finish();
     Ok(())
+}
+
+#[test]
+fn nginx_tls_upstream_through_openssl() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    tls_upstream(true, "TLSv1.3")?;
+    tls_upstream(true, "TLSv1.2")
+}
+
+#[test]
+fn nginx_tls_upstream_from_the_records() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    tls_upstream(false, "TLSv1.2")?;
+    tls_upstream(false, "TLSv1.3")
 }

@@ -52,6 +52,8 @@ pub mod tls {
     pub const RECORDS: u32 = 1 << 2;
     /// The application called `SSL_shutdown`: what it writes now is its close_notify.
     pub const SHUTDOWN: u32 = 1 << 3;
+    /// A client's write under way is handshake records: its return is no request.
+    pub const HANDSHAKE_WRITE: u32 = 1 << 4;
 }
 
 /// TLS record content types.
@@ -662,7 +664,8 @@ pub struct KernelOffsets {
     pub iter_ubuf: u32,
     pub iter_iovec: u32,
     pub iter_type_mask: u32,
-    pub _pad_offsets: u32,
+    /// struct iov_iter.count: the bytes the write carries
+    pub iov_iter_count: u32,
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 160);
 

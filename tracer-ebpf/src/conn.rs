@@ -184,7 +184,7 @@ fn goodbye(sk: u64, st: &SockState) -> bool {
 }
 
 /// The largest write that may be a TLS alert record (close_notify) with its header.
-const ALERT_BYTES: u64 = 64;
+pub const ALERT_BYTES: u64 = 64;
 
 /// Whether the last exchange of a connection followed from its TLS records (closing at
 /// `ts`) was the client's close_notify and the server's: a message of alert size (or

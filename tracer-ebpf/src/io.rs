@@ -138,6 +138,9 @@ pub fn on_write_start(sk: u64, msg: u64) {
     if records::not_a_response(sk, st) {
         return;
     }
+    if origin::is_client(st.origin) && records::client_write(sk, st, msg) {
+        return;
+    }
     let ts = now();
     if origin::is_client(st.origin) {
         upstream::begin_request(st, ts);
@@ -225,7 +228,9 @@ fn on_write(sk: u64, len: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::on_write(st, len, ts);
+        if !records::client_handshake_written(st) {
+            upstream::on_write(st, len, ts);
+        }
         return;
     }
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {

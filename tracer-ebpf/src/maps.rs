@@ -52,7 +52,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     iter_ubuf: 0,
     iter_iovec: 0,
     iter_type_mask: 0,
-    _pad_offsets: 0,
+    iov_iter_count: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use tracer_common::{record, tls, RecordRead, RecordState};
+use tracer_common::{origin, record, tls, RecordRead, RecordState};
 
 use crate::{
     conn::{current_tid, dir, now, SockState},
@@ -71,9 +71,10 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
     Some(())
 }
 
-/// The first bytes a write of `msg` (a `struct msghdr *`) carries, from user memory.
+/// Where the bytes a write of `msg` (a `struct msghdr *`) carries start in user memory
+/// (of its first buffer), and how many it carries.
 #[inline(always)]
-fn write_bytes(msg: u64) -> Option<[u8; 2]> {
+fn write_buffer(msg: u64) -> Option<(u64, u64)> {
     let iter = msg + off!(msghdr_iter) as u64;
     let kind = read::<u8>(iter, off!(iov_iter_type))? as u32 & off!(iter_type_mask);
     let at: u64 = read(iter, off!(iov_iter_offset))?;
@@ -86,7 +87,82 @@ fn write_bytes(msg: u64) -> Option<[u8; 2]> {
     } else {
         return None;
     };
-    unsafe { bpf_probe_read_user((base + at) as *const [u8; 2]) }.ok()
+    let count: u64 = read(iter, off!(iov_iter_count))?;
+    Some((base + at, count))
+}
+
+/// The first bytes a write of `msg` carries.
+#[inline(always)]
+fn write_bytes(msg: u64) -> Option<[u8; 2]> {
+    let (at, _) = write_buffer(msg)?;
+    unsafe { bpf_probe_read_user(at as *const [u8; 2]) }.ok()
+}
+
+/// A write on upstream connection `sk` begins (`msg`: what it writes). A client's first
+/// write that is a TLS handshake record (its ClientHello) makes the connection followed
+/// from the records it writes, until the one that ends its handshake (its Finished):
+/// until then its writes are no request. Returns true when this write is handshake
+/// only; false when the connection is not followed so, or this write carries the first
+/// request (after the Finished).
+// A BPF subprogram of its own: inlined into the write-start hook, the verifier found a
+// register read on a path where the compiler had left it unset.
+#[inline(never)]
+pub fn client_write(sk: u64, st: &mut SockState, msg: u64) -> bool {
+    if st.tls & tls::DONE != 0 {
+        return false;
+    }
+    if st.tls & tls::RECORDS == 0 {
+        if st.tls != 0 || st.requests != 0 || st.dir != dir::IDLE || st.origin != origin::CONNECTED || msg == 0 {
+            return false;
+        }
+        let Some(b) = write_bytes(msg) else { return false };
+        if b[0] != record::HANDSHAKE || b[1] != 3 {
+            return false;
+        }
+        let Some(seq) = read::<u32>(sk, off!(tcp_write_seq)) else { return false };
+        st.tls = tls::RECORDS;
+        st.tls_start_ns = now();
+        let _ = RECORDS.insert(&sk, &RecordState::at(seq), 0);
+    }
+    let Some(rs) = RECORDS.get_ptr_mut(&sk) else {
+        st.tls |= tls::DONE;
+        return false;
+    };
+    let rs = unsafe { &mut *rs };
+    let (Some((base, len)), Some(seq)) = (write_buffer(msg), read::<u32>(sk, off!(tcp_write_seq))) else {
+        return true;
+    };
+    rs.feed(seq, len as u32, |i| unsafe { bpf_probe_read_user((base + i as u64) as *const u8) }.ok());
+    let handshake_only = match rs.state {
+        record::PARSING => true,
+        record::LOST => {
+            let _ = RECORDS.remove(&sk);
+            st.tls |= tls::DONE;
+            false
+        }
+        // The client's Finished is in this write: its handshake is done; a request may
+        // follow it in the same write (APP) or come with the next.
+        state => {
+            handshake_done(sk, st, now());
+            let _ = RECORDS.remove(&sk);
+            state == record::DONE
+        }
+    };
+    if handshake_only {
+        st.tls |= tls::HANDSHAKE_WRITE;
+    }
+    handshake_only
+}
+
+/// The return of a write on upstream connection `sk`: true when it wrote handshake
+/// records only (see [`client_write`]).
+#[inline(always)]
+pub fn client_handshake_written(st: &mut SockState) -> bool {
+    if st.tls & tls::HANDSHAKE_WRITE == 0 {
+        return false;
+    }
+    st.tls &= !tls::HANDSHAKE_WRITE;
+    true
 }
 
 /// The server's first write on accepted connection `sk` begins (`msg`: what it writes).
@@ -163,7 +239,7 @@ fn handshake_read(sk: u64, st: &mut SockState) {
 /// whole (TLS 1.3 session tickets).
 #[inline(always)]
 pub fn not_a_response(sk: u64, st: &SockState) -> bool {
-    if st.tls & tls::RECORDS == 0 {
+    if st.tls & tls::RECORDS == 0 || origin::is_client(st.origin) {
         return false;
     }
     if st.tls & tls::DONE == 0 || st.dir == dir::IDLE {

@@ -178,5 +178,10 @@ pub const NO_RESPONSE: u32 = flags::ABORTED;
 /// subprogram of its own for the close path (see `state::on_close`).
 #[inline(never)]
 pub fn emit_unanswered(sk: u64, st: &mut SockState) {
+    if st.tls & tracer_common::tls::RECORDS != 0 && st.req_out <= crate::conn::ALERT_BYTES {
+        // Followed from its TLS records: an alert-sized last write is the client's
+        // close_notify, no request.
+        return;
+    }
     emit_request(sk, st, NO_RESPONSE);
 }

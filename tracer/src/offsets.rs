@@ -68,7 +68,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         iter_ubuf: btf.enumerator("ITER_UBUF").map_or(u32::MAX, |v| v as u32),
         iter_iovec: btf.enumerator("ITER_IOVEC").context("enum iter_type has no ITER_IOVEC")? as u32,
         iter_type_mask: if btf.field("iov_iter", "iter_type").is_ok() { 0xff } else { 0xfe },
-        _pad_offsets: 0,
+        iov_iter_count: byte("iov_iter", "count", 8)?,
     };
     Ok(offsets)
 }

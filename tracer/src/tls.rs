@@ -67,7 +67,9 @@ fn mapped_files(pid: u32) -> Vec<((u64, u64), String)> {
             continue;
         };
         let path: String = fields.collect::<Vec<_>>().join(" ");
-        if !perms.contains('x') || !path.starts_with('/') {
+        // Not a file that can be opened again: anonymous memory, or deleted since mapped.
+        if !perms.contains('x') || !path.starts_with('/') || path.ends_with(" (deleted)") || path.starts_with("/memfd:")
+        {
             continue;
         }
         let Some((major, minor)) = dev.split_once(':') else { continue };
