@@ -44,6 +44,23 @@ fn traced_raw(
     Ok((l, connections))
 }
 
+/// On this kernel every hook loads and attaches (a program the verifier refuses shows
+/// as a hook with no implementation, whatever phases it serves), and both ways of
+/// following TLS work.
+#[test]
+fn doctor_attaches_every_hook_here() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let out = Command::new(tracer_bin()).arg("doctor").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains(" none; lost: "), "a hook without an implementation: {text}");
+    assert!(text.contains("TLS: uprobes work"), "{text}");
+    assert!(text.contains("TLS without a library hook: followed from its records"), "{text}");
+    Ok(())
+}
+
 #[test]
 fn doctor_falls_back_to_raw_tracepoints() -> anyhow::Result<()> {
     if !require_root() {
