@@ -4,8 +4,11 @@
 //! trampolines, then kprobes), `tracer doctor` reports the hooks and phases and a subset
 //! of the accuracy scenarios runs (slow-think, body-stall, slow-accept, slow-reader,
 //! blocked-write); the host checks each phase against the injected delay, and what the
-//! programs read from sockets against what the client's own sockets say, and prints a
-//! table per kernel.
+//! programs read from sockets against what the client's own sockets say. Then Debian's
+//! nginx serves HTTPS (TLS 1.3 and TLS 1.2) to Debian's curl, both linked with OpenSSL
+//! and copied in with their libraries: the tracer must count curl's requests, a `tls`
+//! sample per connection curl opened, and follow them with uprobes on OpenSSL (which
+//! the doctor must say work). The host prints a table per kernel.
 
 use std::{
     collections::BTreeMap,
@@ -111,9 +114,11 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-/// HTTPS in the guest: Debian's nginx, linked with OpenSSL, serves each protocol
-/// version on a port of its own.
+/// The HTTPS scenario: Debian's nginx, linked with OpenSSL, serves each protocol
+/// version on a port of its own, and Debian's curl (OpenSSL too) makes `TLS_REQUESTS`
+/// requests on new connections, then as many on one kept-alive connection, per port.
 const TLS_PORTS: &[(u16, &str)] = &[(8443, "TLSv1.3"), (8444, "TLSv1.2")];
+const TLS_REQUESTS: u64 = 20;
 /// Where the guest finds nginx's configuration, the certificate and its key.
 const TLS_DIR: &str = "/etc/tracer-vm";
 /// Host programs copied into the initramfs with every library they link, at the same
@@ -265,9 +270,61 @@ fn init_script() -> String {
                  kill $SRV\nwait $SRV 2>/dev/null\n"
             );
         }
+        s.push_str(&https_scenario(pass, options));
     }
     s.push_str("echo '=== done'\npoweroff -f\n");
     s
+}
+
+/// The curl command that fetches `TLS_REQUESTS` URLs from `port` with `version`, on
+/// new connections or on one kept-alive connection; it says per transfer
+/// `curl PORT STATUS CONNECTIONS-MADE` (curl's own count of the connections it opened).
+fn curl_command(port: u16, version: &str, new_connections: bool) -> String {
+    let v = version.trim_start_matches("TLSv");
+    let mut cmd = format!("/usr/bin/curl -sSk --http1.1 --tlsv{v} --tls-max {v}");
+    if new_connections {
+        cmd.push_str(" -H 'Connection: close'");
+    }
+    cmd.push_str(" -w 'curl %{remote_port} %{http_code} %{num_connects}\\n'");
+    for _ in 0..TLS_REQUESTS {
+        let _ = write!(cmd, " -o /dev/null https://127.0.0.1:{port}/");
+    }
+    cmd.push_str(" >> /tmp/curl.out 2>> /tmp/curl.err\n");
+    cmd
+}
+
+/// The HTTPS scenario of a pass: nginx (master and one worker) traced from its master's
+/// PID; once the tracer says it is tracing, curl's requests to each port of
+/// `TLS_PORTS`. The result section holds curl's lines, nginx's access log (lines
+/// `access PORT PROTOCOL CONNECTION STATUS`) and the tracer's final report; then the
+/// tracer's stderr, then nginx's error log and curl's errors.
+fn https_scenario(pass: &str, options: &str) -> String {
+    let wait = READY_TIMEOUT;
+    let mut curls = String::new();
+    for (port, version) in TLS_PORTS {
+        curls.push_str(&curl_command(*port, version, true));
+        curls.push_str(&curl_command(*port, version, false));
+    }
+    format!(
+        "rm -rf /tmp/nginx /tmp/trace.json /tmp/trace.err /tmp/curl.out /tmp/curl.err\nmkdir -p /tmp/nginx\nNOT_READY=\n\
+         /usr/sbin/nginx -p /tmp/nginx/ -e /tmp/nginx/error.log -c {TLS_DIR}/nginx.conf &\nSRV=$!\n\
+         ready {wait} /tmp/nginx/error.log 'start worker process' $SRV\n\
+         case $? in 1) NOT_READY='nginx exited before it started its worker';; \
+         2) NOT_READY='nginx did not start its worker within {wait} s';; esac\n\
+         if [ -z \"$NOT_READY\" ]; then\n\
+         tracer {options} --pid $SRV --output json > /tmp/trace.json 2> /tmp/trace.err &\nTP=$!\n\
+         ready {wait} /tmp/trace.err 'tracer: tracing' $TP\n\
+         case $? in 1) NOT_READY='the tracer exited before it was tracing';; \
+         2) NOT_READY='the tracer was not tracing within {wait} s';; esac\n\
+         if [ -z \"$NOT_READY\" ]; then\n{curls}sleep 1\nkill -INT $TP\n\
+         else kill -KILL $TP 2>/dev/null; fi\nwait $TP\nfi\n\
+         echo '=== result {pass} tls'\n[ -n \"$NOT_READY\" ] && echo \"not ready: $NOT_READY\"\n\
+         cat /tmp/curl.out 2>/dev/null\nsed 's/^/access /' /tmp/nginx/access.log 2>/dev/null\n\
+         grep -s '\"type\":\"report\"' /tmp/trace.json | tail -1\n\
+         echo '=== stderr {pass} tls'\ncat /tmp/trace.err 2>/dev/null\n\
+         echo '=== nginx {pass} tls'\ncat /tmp/nginx/error.log 2>/dev/null\nsed 's/^/curl: /' /tmp/curl.err 2>/dev/null\n\
+         echo '=== end {pass} tls'\nkill $SRV\nwait $SRV 2>/dev/null\n"
+    )
 }
 
 /// nginx's configuration in the guest: the master as root (no other user there), its
@@ -511,9 +568,138 @@ fn judge(series: &str, console: &str) -> Outcome {
                 checks.push(socket_reads(&lines));
             }
         }
+        checks.push(doctor_tls(&doctor));
+        checks.extend(https_checks(console, pass));
         passes.push(PassOutcome { name: pass, hooks, checks });
     }
     Outcome { kernel, passes }
+}
+
+/// The doctor's TLS line must say that uprobes work.
+fn doctor_tls(doctor: &[&str]) -> (String, bool, String) {
+    let what = "doctor: uprobes on OpenSSL work".to_owned();
+    match doctor.iter().find_map(|l| l.strip_prefix("TLS: ")) {
+        Some(line) => (what, line.starts_with("uprobes work"), line.to_owned()),
+        None => (what, false, "no TLS line in the doctor's output".to_owned()),
+    }
+}
+
+/// The HTTPS scenario of `pass`, a check per port of `TLS_PORTS`: the tracer's
+/// requests against the responses curl got, its tls samples and TLS connections against
+/// the connections curl opened, none aborted, OpenSSL followed with uprobes; curl's and
+/// nginx's own numbers must be the scenario's.
+fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
+    let lines = section(console, &format!("=== result {pass} tls")).unwrap_or_default();
+    let stderr = section(console, &format!("=== stderr {pass} tls")).unwrap_or_default();
+    // nginx's complaints and curl's errors (nginx's notices say nothing wrong).
+    let errors: Vec<&str> = section(console, &format!("=== nginx {pass} tls"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| {
+            l.starts_with("curl: ") || ["[emerg]", "[alert]", "[crit]", "[error]"].iter().any(|e| l.contains(e))
+        })
+        .collect();
+    let report =
+        lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v["type"] == "report");
+    let not_ready = lines.iter().find_map(|l| l.strip_prefix("not ready: "));
+    let said = || {
+        let mut s = if stderr.is_empty() {
+            "the tracer said nothing".to_owned()
+        } else {
+            format!("tracer said: {}", stderr.join(" | "))
+        };
+        if !errors.is_empty() {
+            let _ = write!(s, "; nginx and curl said: {}", errors.join(" | "));
+        }
+        s
+    };
+    let (requests, connections) = (2 * TLS_REQUESTS, TLS_REQUESTS + 1);
+    let mut checks = Vec::new();
+    for (port, version) in TLS_PORTS {
+        let what = format!("https {version}: {requests} requests, a tls sample per connection ({connections})");
+        if let Some(why) = not_ready {
+            checks.push((what, false, format!("not run: {why}; {}", said())));
+            continue;
+        }
+        let mut wrong = Vec::new();
+        // curl's truth: `curl PORT STATUS CONNECTIONS-MADE` per transfer.
+        let transfers: Vec<Vec<&str>> = lines
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 4 && f[0] == "curl" && f[1] == port.to_string())
+            .collect();
+        let answered = transfers.iter().filter(|f| f[2] == "200").count() as u64;
+        let opened: u64 = transfers.iter().filter_map(|f| f[3].parse::<u64>().ok()).sum();
+        if transfers.len() as u64 != requests || answered != requests {
+            wrong.push(format!("curl got {answered} responses 200 of {} transfers, not {requests}", transfers.len()));
+        }
+        if opened != connections {
+            wrong.push(format!("curl opened {opened} connections, not {connections}"));
+        }
+        // nginx's: `access PORT PROTOCOL CONNECTION STATUS` per request.
+        let logged: Vec<Vec<&str>> = lines
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 5 && f[0] == "access" && f[1] == port.to_string())
+            .collect();
+        if logged.len() as u64 != answered {
+            wrong.push(format!("nginx logged {} requests, curl got {answered} responses", logged.len()));
+        }
+        if let Some(f) = logged.iter().find(|f| f[2] != *version) {
+            wrong.push(format!("nginx logged a request on {}", f[2]));
+        }
+        if !stderr.iter().any(|l| l.starts_with("tracer: TLS: OpenSSL uprobes on ")) {
+            wrong.push("the tracer did not say it hooked OpenSSL".to_owned());
+        }
+        let Some(report) = &report else {
+            wrong.push(format!("no report; {}", said()));
+            checks.push((what, false, wrong.join("; ")));
+            continue;
+        };
+        let Some(l) = report["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["port"] == *port)) else {
+            wrong.push(format!("no listener :{port} in the report"));
+            checks.push((what, false, wrong.join("; ")));
+            continue;
+        };
+        let number = |v: &serde_json::Value| v.as_u64().map_or_else(|| format!("{v}"), |n| n.to_string());
+        let (seen, aborted, tls) = (&l["requests"], &l["aborted"], &l["phases"]["tls"]);
+        let (method, followed) = (&l["tls"]["method"], &l["tls"]["connections"]);
+        if seen.as_u64() != Some(answered) {
+            wrong.push(format!("the tracer counted {} requests, curl got {answered} responses", number(seen)));
+        }
+        if aborted.as_u64() != Some(0) {
+            wrong.push(format!("{} aborted", number(aborted)));
+        }
+        if let Some(why) = tls["unavailable"].as_str() {
+            wrong.push(format!("tls unavailable: {why}"));
+        } else if tls["count"].as_u64() != Some(opened) {
+            wrong.push(format!("{} tls samples for the {opened} connections curl opened", number(&tls["count"])));
+        }
+        if followed.as_u64() != Some(opened) {
+            wrong.push(format!("{} TLS connections for the {opened} curl opened", number(followed)));
+        }
+        if method != "OpenSSL uprobes" {
+            wrong.push(format!("TLS followed by {method}, not OpenSSL uprobes"));
+        }
+        if report["lost_events"].as_u64() != Some(0) {
+            wrong.push(format!("{} events lost", number(&report["lost_events"])));
+        }
+        let numbers = format!(
+            "{} requests (curl: {answered} responses 200 on {opened} connections; nginx logged {}), {} aborted, \
+             tls {} samples (p50 {:.2} ms), {} TLS connections by {}",
+            number(seen),
+            logged.len(),
+            number(aborted),
+            number(&tls["count"]),
+            tls["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            number(followed),
+            method.as_str().unwrap_or("?"),
+        );
+        let ok = wrong.is_empty();
+        let detail = if ok { numbers } else { format!("{} — {numbers}", wrong.join("; ")) };
+        checks.push((what, ok, detail));
+    }
+    checks
 }
 
 /// The median over the client's connections of its time per exchange, connect
@@ -714,7 +900,10 @@ mod tests {
         let script = init_script();
         let fresh = script.matches("rm -f /tmp/srv.out /tmp/trace.json /tmp/trace.err /tmp/client.out\n").count();
         assert_eq!(fresh, PASSES.len() * SCENARIOS.len());
-        assert_eq!(script.matches("2> /tmp/trace.err &").count(), fresh);
+        let https =
+            script.matches("rm -rf /tmp/nginx /tmp/trace.json /tmp/trace.err /tmp/curl.out /tmp/curl.err\n").count();
+        assert_eq!(https, PASSES.len());
+        assert_eq!(script.matches("2> /tmp/trace.err &").count(), fresh + https);
     }
 
     #[test]
@@ -729,5 +918,141 @@ mod tests {
         );
         let missing = format!("{ldd}\tlibpcre2-8.so.0 => not found\n");
         assert!(ldd_paths(&missing).unwrap_err().to_string().contains("libpcre2-8.so.0 => not found"));
+    }
+
+    #[test]
+    fn curl_fetches_every_url_to_nowhere_on_new_connections_or_one() {
+        let fresh = curl_command(8443, "TLSv1.3", true);
+        assert!(fresh.starts_with("/usr/bin/curl -sSk --http1.1 --tlsv1.3 --tls-max 1.3 -H 'Connection: close' "));
+        assert_eq!(fresh.matches(" -o /dev/null https://127.0.0.1:8443/").count() as u64, TLS_REQUESTS);
+        assert_eq!(fresh.matches("https://").count() as u64, TLS_REQUESTS);
+        let reused = curl_command(8444, "TLSv1.2", false);
+        assert!(reused.contains("--tlsv1.2 --tls-max 1.2") && !reused.contains("Connection: close"));
+        let conf = nginx_conf();
+        for (port, version) in TLS_PORTS {
+            assert!(conf.contains(&format!("listen 127.0.0.1:{port} ssl;\nssl_protocols {version};")), "{conf}");
+        }
+    }
+
+    /// A console whose default pass ran the HTTPS scenario: curl's and nginx's lines as
+    /// the scenario means them, and a report with `requests` and `tls` samples per
+    /// listener, TLS followed by `method`.
+    fn https_console(requests: u64, tls: u64, method: &str) -> String {
+        let mut c = String::from(
+            "=== kernel 6.12.117+deb13-cloud-amd64\n=== doctor default\nhooks:\n  accept  tp_btf/x\n\n\
+             TLS: uprobes work (tried on /lib/x86_64-linux-gnu/libssl.so.3): OpenSSL's plaintext draws request boundaries\n\
+             === doctor-exit default 0\n=== result default tls\n",
+        );
+        let mut listeners = Vec::new();
+        let mut connection = 0;
+        for (port, version) in TLS_PORTS {
+            for fresh in [true, false] {
+                for i in 0..TLS_REQUESTS {
+                    let opened = u64::from(fresh || i == 0);
+                    connection += opened;
+                    let _ = writeln!(c, "curl {port} 200 {opened}");
+                    let _ = writeln!(c, "access {port} {version} {connection} 200");
+                }
+            }
+            listeners.push(serde_json::json!({
+                "port": port, "requests": requests, "aborted": 0,
+                "phases": {"tls": {"count": tls, "p50_ns": 4_500_000}},
+                "tls": {"method": method, "connections": tls},
+            }));
+        }
+        let report = serde_json::json!({"type": "report", "kind": "final", "lost_events": 0, "listeners": listeners});
+        let _ = write!(
+            c,
+            "{report}\n=== stderr default tls\ntracer: TLS: OpenSSL uprobes on /lib/x86_64-linux-gnu/libssl.so.3\n\
+             tracer: tracing 2 process(es) from PID(s) [80]; Ctrl-C to stop\n=== nginx default tls\n\
+             2026/11/30 22:51:11 [notice] 80#80: start worker process 81\n=== end default tls\n=== done\n"
+        );
+        c
+    }
+
+    fn default_checks(console: &str) -> Vec<(String, bool, String)> {
+        let outcome = judge("6.12", console);
+        let pass = outcome.passes.into_iter().find(|p| p.name == "default").expect("default pass");
+        pass.checks.into_iter().filter(|c| c.0.starts_with("https") || c.0.starts_with("doctor")).collect()
+    }
+
+    #[test]
+    fn https_passes_when_the_tracer_agrees_with_curl() {
+        let checks = default_checks(&https_console(2 * TLS_REQUESTS, TLS_REQUESTS + 1, "OpenSSL uprobes"));
+        assert_eq!(checks.len(), 1 + TLS_PORTS.len());
+        assert!(checks.iter().all(|c| c.1), "{checks:#?}");
+        assert_eq!(
+            checks[1].2,
+            "40 requests (curl: 40 responses 200 on 21 connections; nginx logged 40), 0 aborted, \
+             tls 21 samples (p50 4.50 ms), 21 TLS connections by OpenSSL uprobes"
+        );
+    }
+
+    #[test]
+    fn https_fails_saying_which_count_is_wrong() {
+        let checks = default_checks(&https_console(38, 20, "record layer only"));
+        let https: Vec<_> = checks.iter().filter(|c| c.0.starts_with("https")).collect();
+        assert_eq!(https.len(), TLS_PORTS.len());
+        for (_, ok, detail) in https {
+            assert!(!ok);
+            assert!(
+                detail.starts_with(
+                    "the tracer counted 38 requests, curl got 40 responses; \
+                     20 tls samples for the 21 connections curl opened; \
+                     20 TLS connections for the 21 curl opened; \
+                     TLS followed by \"record layer only\", not OpenSSL uprobes — 38 requests"
+                ),
+                "{detail}"
+            );
+        }
+        // curl's own numbers are checked too: a transfer that failed is not a request.
+        let console = https_console(39, 21, "OpenSSL uprobes").replacen("curl 8443 200 1", "curl 8443 000 0", 1);
+        let (_, ok, detail) = &default_checks(&console)[1];
+        assert!(!ok);
+        assert!(detail.starts_with("curl got 39 responses 200 of 40 transfers, not 40; curl opened 20 connections, not 21; nginx logged 40 requests, curl got 39 responses"), "{detail}");
+    }
+
+    #[test]
+    fn https_not_run_or_without_uprobes_fails_with_the_reason() {
+        let console = "=== kernel 6.1.0-50-cloud-amd64\n=== doctor default\n\
+                       TLS: uprobes do not attach (perf_event_open failed): TLS connections are followed from their records only\n\
+                       === doctor-exit default 1\n=== result default tls\n\
+                       not ready: nginx exited before it started its worker\n=== stderr default tls\n\
+                       === nginx default tls\n2026/11/30 [emerg] 80#80: open() \"/tmp/nginx/x\" failed\n\
+                       === end default tls\n=== done\n";
+        let checks = default_checks(console);
+        assert!(!checks[0].1);
+        assert_eq!(
+            checks[0].2,
+            "uprobes do not attach (perf_event_open failed): TLS connections are followed from their records only"
+        );
+        assert!(!checks[1].1);
+        assert_eq!(
+            checks[1].2,
+            "not run: nginx exited before it started its worker; the tracer said nothing; \
+             nginx and curl said: 2026/11/30 [emerg] 80#80: open() \"/tmp/nginx/x\" failed"
+        );
+        let silent =
+            https_console(40, 21, "OpenSSL uprobes").replace("tracer: TLS: OpenSSL uprobes on", "tracer: TLS?");
+        let checks = default_checks(&silent.replace("TLS: uprobes work", "uprobes work"));
+        assert_eq!(checks[0].2, "no TLS line in the doctor's output");
+        assert!(checks[1].2.starts_with("the tracer did not say it hooked OpenSSL — "), "{}", checks[1].2);
+    }
+
+    #[test]
+    fn socket_reads_must_match_every_client_connection() {
+        let line = |port: u32| {
+            format!(
+                r#"{{"type":"connection","local":"127.0.0.1:4000","remote":"127.0.0.1:{port}","bytes_in":100,"bytes_out":500}}"#
+            )
+        };
+        let (a, b, c) = (line(40001), line(40002), line(40003));
+        let mut all: Vec<&str> = CLIENT.to_vec();
+        all.extend([a.as_str(), b.as_str(), c.as_str()]);
+        assert!(socket_reads(&all).1, "{:?}", socket_reads(&all));
+        let missing: Vec<&str> = all.iter().copied().filter(|l| !l.contains("40003\"")).collect();
+        assert!(!socket_reads(&missing).1);
+        let wrong = all.join("\n").replace(r#""bytes_in":100,"bytes_out":500}"#, r#""bytes_in":99,"bytes_out":500}"#);
+        assert!(!socket_reads(&wrong.lines().collect::<Vec<_>>()).1);
     }
 }
