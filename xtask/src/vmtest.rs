@@ -585,7 +585,7 @@ fn doctor_tls(doctor: &[&str]) -> (String, bool, String) {
 }
 
 /// The HTTPS scenario of `pass`, a check per port of `TLS_PORTS`: the tracer's
-/// requests against the responses curl got, its tls samples and TLS connections against
+/// requests (each timed) against the responses curl got, its tls samples and TLS connections against
 /// the connections curl opened, none aborted, OpenSSL followed with uprobes; curl's and
 /// nginx's own numbers must be the scenario's.
 fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
@@ -616,7 +616,7 @@ fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
     let (requests, connections) = (2 * TLS_REQUESTS, TLS_REQUESTS + 1);
     let mut checks = Vec::new();
     for (port, version) in TLS_PORTS {
-        let what = format!("https {version}: {requests} requests, a tls sample per connection ({connections})");
+        let what = format!("https {version}: {requests} requests timed, a tls sample per connection ({connections})");
         if let Some(why) = not_ready {
             checks.push((what, false, format!("not run: {why}; {}", said())));
             continue;
@@ -667,6 +667,13 @@ fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
         if seen.as_u64() != Some(answered) {
             wrong.push(format!("the tracer counted {} requests, curl got {answered} responses", number(seen)));
         }
+        // Each request timed: its think sample needs the receive and send hooks too.
+        let think = &l["phases"]["think"];
+        if let Some(why) = think["unavailable"].as_str() {
+            wrong.push(format!("think unavailable: {why}"));
+        } else if think["count"].as_u64() != Some(answered) {
+            wrong.push(format!("{} think samples for {answered} requests", number(&think["count"])));
+        }
         if aborted.as_u64() != Some(0) {
             wrong.push(format!("{} aborted", number(aborted)));
         }
@@ -685,10 +692,11 @@ fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
             wrong.push(format!("{} events lost", number(&report["lost_events"])));
         }
         let numbers = format!(
-            "{} requests (curl: {answered} responses 200 on {opened} connections; nginx logged {}), {} aborted, \
-             tls {} samples (p50 {:.2} ms), {} TLS connections by {}",
+            "{} requests (curl: {answered} responses 200 on {opened} connections; nginx logged {}), {} timed, \
+             {} aborted, tls {} samples (p50 {:.2} ms), {} TLS connections by {}",
             number(seen),
             logged.len(),
+            number(&think["count"]),
             number(aborted),
             number(&tls["count"]),
             tls["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
@@ -956,7 +964,7 @@ mod tests {
             }
             listeners.push(serde_json::json!({
                 "port": port, "requests": requests, "aborted": 0,
-                "phases": {"tls": {"count": tls, "p50_ns": 4_500_000}},
+                "phases": {"tls": {"count": tls, "p50_ns": 4_500_000}, "think": {"count": requests}},
                 "tls": {"method": method, "connections": tls},
             }));
         }
@@ -983,7 +991,7 @@ mod tests {
         assert!(checks.iter().all(|c| c.1), "{checks:#?}");
         assert_eq!(
             checks[1].2,
-            "40 requests (curl: 40 responses 200 on 21 connections; nginx logged 40), 0 aborted, \
+            "40 requests (curl: 40 responses 200 on 21 connections; nginx logged 40), 40 timed, 0 aborted, \
              tls 21 samples (p50 4.50 ms), 21 TLS connections by OpenSSL uprobes"
         );
     }
@@ -998,6 +1006,7 @@ mod tests {
             assert!(
                 detail.starts_with(
                     "the tracer counted 38 requests, curl got 40 responses; \
+                     38 think samples for 40 requests; \
                      20 tls samples for the 21 connections curl opened; \
                      20 TLS connections for the 21 curl opened; \
                      TLS followed by \"record layer only\", not OpenSSL uprobes — 38 requests"
@@ -1005,6 +1014,12 @@ mod tests {
                 "{detail}"
             );
         }
+        // Requests counted but not timed (the receive hook did not load).
+        let untimed = https_console(40, 21, "OpenSSL uprobes")
+            .replace(r#""think":{"count":40}"#, r#""think":{"unavailable":"the receive hook is unavailable (…)"}"#);
+        let (_, ok, detail) = &default_checks(&untimed)[1];
+        assert!(!ok);
+        assert!(detail.starts_with("think unavailable: the receive hook is unavailable (…) — 40 requests"), "{detail}");
         // curl's own numbers are checked too: a transfer that failed is not a request.
         let console = https_console(39, 21, "OpenSSL uprobes").replacen("curl 8443 200 1", "curl 8443 000 0", 1);
         let (_, ok, detail) = &default_checks(&console)[1];
