@@ -691,12 +691,13 @@ fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
         if report["lost_events"].as_u64() != Some(0) {
             wrong.push(format!("{} events lost", number(&report["lost_events"])));
         }
+        let timed = think["count"].as_u64().map_or_else(|| "none".to_owned(), |n| n.to_string());
         let numbers = format!(
             "{} requests (curl: {answered} responses 200 on {opened} connections; nginx logged {}), {} timed, \
              {} aborted, tls {} samples (p50 {:.2} ms), {} TLS connections by {}",
             number(seen),
             logged.len(),
-            number(&think["count"]),
+            timed,
             number(aborted),
             number(&tls["count"]),
             tls["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
