@@ -4,8 +4,11 @@
 //! trampolines, then kprobes), `tracer doctor` reports the hooks and phases and a subset
 //! of the accuracy scenarios runs (slow-think, body-stall, slow-accept, slow-reader,
 //! blocked-write); the host checks each phase against the injected delay, and what the
-//! programs read from sockets against what the client's own sockets say, and prints a
-//! table per kernel.
+//! programs read from sockets against what the client's own sockets say. Then Debian's
+//! nginx serves HTTPS (TLS 1.3 and TLS 1.2) to Debian's curl, both linked with OpenSSL
+//! and copied in with their libraries: the tracer must count curl's requests, a `tls`
+//! sample per connection curl opened, and follow them with uprobes on OpenSSL (which
+//! the doctor must say work). The host prints a table per kernel.
 
 use std::{
     collections::BTreeMap,
@@ -110,6 +113,17 @@ const SCENARIOS: &[Scenario] = &[
         samples: 4,
     },
 ];
+
+/// The HTTPS scenario: Debian's nginx, linked with OpenSSL, serves each protocol
+/// version on a port of its own, and Debian's curl (OpenSSL too) makes `TLS_REQUESTS`
+/// requests on new connections, then as many on one kept-alive connection, per port.
+const TLS_PORTS: &[(u16, &str)] = &[(8443, "TLSv1.3"), (8444, "TLSv1.2")];
+const TLS_REQUESTS: u64 = 20;
+/// Where the guest finds nginx's configuration, the certificate and its key.
+const TLS_DIR: &str = "/etc/tracer-vm";
+/// Host programs copied into the initramfs with every library they link, at the same
+/// paths (the dynamic loader too).
+const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nginx", "/usr/bin/curl"];
 
 /// Ways to run the tracer on each kernel: a name and the options. The kinds skipped
 /// make each hook take its next implementation: raw tracepoints and trampolines (accept
@@ -256,9 +270,156 @@ fn init_script() -> String {
                  kill $SRV\nwait $SRV 2>/dev/null\n"
             );
         }
+        s.push_str(&https_scenario(pass, options));
     }
     s.push_str("echo '=== done'\npoweroff -f\n");
     s
+}
+
+/// The curl command that fetches `TLS_REQUESTS` URLs from `port` with `version`, on
+/// new connections or on one kept-alive connection; it says per transfer
+/// `curl PORT STATUS CONNECTIONS-MADE` (curl's own count of the connections it opened).
+fn curl_command(port: u16, version: &str, new_connections: bool) -> String {
+    let v = version.trim_start_matches("TLSv");
+    let mut cmd = format!("/usr/bin/curl -sSk --http1.1 --tlsv{v} --tls-max {v}");
+    if new_connections {
+        cmd.push_str(" -H 'Connection: close'");
+    }
+    cmd.push_str(" -w 'curl %{remote_port} %{http_code} %{num_connects}\\n'");
+    for _ in 0..TLS_REQUESTS {
+        let _ = write!(cmd, " -o /dev/null https://127.0.0.1:{port}/");
+    }
+    cmd.push_str(" >> /tmp/curl.out 2>> /tmp/curl.err\n");
+    cmd
+}
+
+/// The HTTPS scenario of a pass: nginx (master and one worker) traced from its master's
+/// PID; once the tracer says it is tracing, curl's requests to each port of
+/// `TLS_PORTS`. The result section holds curl's lines, nginx's access log (lines
+/// `access PORT PROTOCOL CONNECTION STATUS`) and the tracer's final report; then the
+/// tracer's stderr, then nginx's error log and curl's errors.
+fn https_scenario(pass: &str, options: &str) -> String {
+    let wait = READY_TIMEOUT;
+    let mut curls = String::new();
+    for (port, version) in TLS_PORTS {
+        curls.push_str(&curl_command(*port, version, true));
+        curls.push_str(&curl_command(*port, version, false));
+    }
+    format!(
+        "rm -rf /tmp/nginx /tmp/trace.json /tmp/trace.err /tmp/curl.out /tmp/curl.err\nmkdir -p /tmp/nginx\nNOT_READY=\n\
+         /usr/sbin/nginx -p /tmp/nginx/ -e /tmp/nginx/error.log -c {TLS_DIR}/nginx.conf &\nSRV=$!\n\
+         ready {wait} /tmp/nginx/error.log 'start worker process' $SRV\n\
+         case $? in 1) NOT_READY='nginx exited before it started its worker';; \
+         2) NOT_READY='nginx did not start its worker within {wait} s';; esac\n\
+         if [ -z \"$NOT_READY\" ]; then\n\
+         tracer {options} --pid $SRV --output json > /tmp/trace.json 2> /tmp/trace.err &\nTP=$!\n\
+         ready {wait} /tmp/trace.err 'tracer: tracing' $TP\n\
+         case $? in 1) NOT_READY='the tracer exited before it was tracing';; \
+         2) NOT_READY='the tracer was not tracing within {wait} s';; esac\n\
+         if [ -z \"$NOT_READY\" ]; then\n{curls}sleep 1\nkill -INT $TP\n\
+         else kill -KILL $TP 2>/dev/null; fi\nwait $TP\nfi\n\
+         echo '=== result {pass} tls'\n[ -n \"$NOT_READY\" ] && echo \"not ready: $NOT_READY\"\n\
+         cat /tmp/curl.out 2>/dev/null\nsed 's/^/access /' /tmp/nginx/access.log 2>/dev/null\n\
+         grep -s '\"type\":\"report\"' /tmp/trace.json | tail -1\n\
+         echo '=== stderr {pass} tls'\ncat /tmp/trace.err 2>/dev/null\n\
+         echo '=== nginx {pass} tls'\ncat /tmp/nginx/error.log 2>/dev/null\nsed 's/^/curl: /' /tmp/curl.err 2>/dev/null\n\
+         echo '=== end {pass} tls'\nkill $SRV\nwait $SRV 2>/dev/null\n"
+    )
+}
+
+/// nginx's configuration in the guest: the master as root (no other user there), its
+/// files under /tmp/nginx, an access log with each request's port, protocol and
+/// connection, and a server per port of `TLS_PORTS`, each allowing one protocol
+/// version and answering every request with a short body.
+fn nginx_conf() -> String {
+    let mut conf = String::from(
+        "user root root;\nworker_processes 1;\ndaemon off;\npid /tmp/nginx/nginx.pid;\n\
+         error_log /tmp/nginx/error.log notice;\nevents { worker_connections 64; }\nhttp {\n\
+         log_format tls '$server_port $ssl_protocol $connection $status';\n\
+         access_log /tmp/nginx/access.log tls;\n",
+    );
+    for kind in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let _ = writeln!(conf, "{kind}_temp_path /tmp/nginx/{kind};");
+    }
+    let _ = writeln!(conf, "ssl_certificate {TLS_DIR}/cert.pem;\nssl_certificate_key {TLS_DIR}/key.pem;");
+    for (port, version) in TLS_PORTS {
+        let _ = writeln!(
+            conf,
+            "server {{\nlisten 127.0.0.1:{port} ssl;\nssl_protocols {version};\n\
+             location / {{ return 200 \"hello over {version}\\n\"; }}\n}}"
+        );
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+/// The paths of the libraries in `ldd`'s output (the dynamic loader's among them; the
+/// vDSO has none).
+fn ldd_paths(ldd: &str) -> Result<Vec<String>> {
+    let mut paths = Vec::new();
+    for line in ldd.lines() {
+        let target = line.split_once("=>").map_or(line, |(_, t)| t).trim();
+        if target.starts_with("not found") {
+            bail!("ldd: {}", line.trim());
+        }
+        if let Some(path) = target.split_whitespace().next().filter(|p| p.starts_with('/')) {
+            paths.push(path.to_owned());
+        }
+    }
+    Ok(paths)
+}
+
+/// `HOST_PROGRAMS` and their libraries under `root`, at the paths the host has them
+/// (each a regular file: the libraries' symbolic links are followed).
+fn copy_host_programs(root: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    for program in HOST_PROGRAMS {
+        let out = Command::new("ldd").arg(program).output().with_context(|| format!("ldd {program}"))?;
+        if !out.status.success() {
+            bail!("ldd {program} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        files.push(program.to_string());
+        files.extend(ldd_paths(&String::from_utf8_lossy(&out.stdout)).with_context(|| program.to_string())?);
+    }
+    files.sort();
+    files.dedup();
+    for file in files {
+        let to = root.join(file.trim_start_matches('/'));
+        fs::create_dir_all(to.parent().expect("a file has a parent"))?;
+        fs::copy(&file, &to).with_context(|| format!("copying {file}"))?;
+    }
+    Ok(())
+}
+
+/// What nginx needs in the guest besides its libraries: its configuration, a
+/// self-signed certificate (EC P-256, for localhost and 127.0.0.1) made with the host's
+/// `openssl`, and the users and groups its `user` directive looks up.
+fn tls_files(root: &Path) -> Result<()> {
+    let dir = root.join(TLS_DIR.trim_start_matches('/'));
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("nginx.conf"), nginx_conf())?;
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(Stdio::null())
+        .output()
+        .context("running openssl (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let etc = root.join("etc");
+    fs::write(
+        etc.join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    fs::write(etc.join("nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
+    fs::write(etc.join("hosts"), "127.0.0.1 localhost\n")?;
+    Ok(())
 }
 
 fn initramfs() -> Result<PathBuf> {
@@ -272,6 +433,8 @@ fn initramfs() -> Result<PathBuf> {
     for bin in ["tracer", "lab"] {
         fs::copy(bins.join(bin), root.join("bin").join(bin))?;
     }
+    copy_host_programs(&root)?;
+    tls_files(&root)?;
     fs::write(root.join("init"), init_script())?;
     use std::os::unix::fs::PermissionsExt as _;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
@@ -405,9 +568,147 @@ fn judge(series: &str, console: &str) -> Outcome {
                 checks.push(socket_reads(&lines));
             }
         }
+        checks.push(doctor_tls(&doctor));
+        checks.extend(https_checks(console, pass));
         passes.push(PassOutcome { name: pass, hooks, checks });
     }
     Outcome { kernel, passes }
+}
+
+/// The doctor's TLS line must say that uprobes work.
+fn doctor_tls(doctor: &[&str]) -> (String, bool, String) {
+    let what = "doctor: uprobes on OpenSSL work".to_owned();
+    match doctor.iter().find_map(|l| l.strip_prefix("TLS: ")) {
+        Some(line) => (what, line.starts_with("uprobes work"), line.to_owned()),
+        None => (what, false, "no TLS line in the doctor's output".to_owned()),
+    }
+}
+
+/// The HTTPS scenario of `pass`, a check per port of `TLS_PORTS`: the tracer's
+/// requests (each timed) against the responses curl got, its tls samples and TLS connections against
+/// the connections curl opened, none aborted, OpenSSL followed with uprobes; curl's and
+/// nginx's own numbers must be the scenario's.
+fn https_checks(console: &str, pass: &str) -> Vec<(String, bool, String)> {
+    let lines = section(console, &format!("=== result {pass} tls")).unwrap_or_default();
+    let stderr = section(console, &format!("=== stderr {pass} tls")).unwrap_or_default();
+    // nginx's complaints and curl's errors (nginx's notices say nothing wrong).
+    let errors: Vec<&str> = section(console, &format!("=== nginx {pass} tls"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| {
+            l.starts_with("curl: ") || ["[emerg]", "[alert]", "[crit]", "[error]"].iter().any(|e| l.contains(e))
+        })
+        .collect();
+    let report =
+        lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v["type"] == "report");
+    let not_ready = lines.iter().find_map(|l| l.strip_prefix("not ready: "));
+    let said = || {
+        let mut s = if stderr.is_empty() {
+            "the tracer said nothing".to_owned()
+        } else {
+            format!("tracer said: {}", stderr.join(" | "))
+        };
+        if !errors.is_empty() {
+            let _ = write!(s, "; nginx and curl said: {}", errors.join(" | "));
+        }
+        s
+    };
+    let (requests, connections) = (2 * TLS_REQUESTS, TLS_REQUESTS + 1);
+    let mut checks = Vec::new();
+    for (port, version) in TLS_PORTS {
+        let what = format!("https {version}: {requests} requests timed, a tls sample per connection ({connections})");
+        if let Some(why) = not_ready {
+            checks.push((what, false, format!("not run: {why}; {}", said())));
+            continue;
+        }
+        let mut wrong = Vec::new();
+        // curl's truth: `curl PORT STATUS CONNECTIONS-MADE` per transfer.
+        let transfers: Vec<Vec<&str>> = lines
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 4 && f[0] == "curl" && f[1] == port.to_string())
+            .collect();
+        let answered = transfers.iter().filter(|f| f[2] == "200").count() as u64;
+        let opened: u64 = transfers.iter().filter_map(|f| f[3].parse::<u64>().ok()).sum();
+        if transfers.len() as u64 != requests || answered != requests {
+            wrong.push(format!("curl got {answered} responses 200 of {} transfers, not {requests}", transfers.len()));
+        }
+        if opened != connections {
+            wrong.push(format!("curl opened {opened} connections, not {connections}"));
+        }
+        // nginx's: `access PORT PROTOCOL CONNECTION STATUS` per request.
+        let logged: Vec<Vec<&str>> = lines
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 5 && f[0] == "access" && f[1] == port.to_string())
+            .collect();
+        if logged.len() as u64 != answered {
+            wrong.push(format!("nginx logged {} requests, curl got {answered} responses", logged.len()));
+        }
+        if let Some(f) = logged.iter().find(|f| f[2] != *version) {
+            wrong.push(format!("nginx logged a request on {}", f[2]));
+        }
+        if !stderr.iter().any(|l| l.starts_with("tracer: TLS: OpenSSL uprobes on ")) {
+            wrong.push("the tracer did not say it hooked OpenSSL".to_owned());
+        }
+        let Some(report) = &report else {
+            wrong.push(format!("no report; {}", said()));
+            checks.push((what, false, wrong.join("; ")));
+            continue;
+        };
+        let Some(l) = report["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["port"] == *port)) else {
+            wrong.push(format!("no listener :{port} in the report"));
+            checks.push((what, false, wrong.join("; ")));
+            continue;
+        };
+        let number = |v: &serde_json::Value| v.as_u64().map_or_else(|| format!("{v}"), |n| n.to_string());
+        let (seen, aborted, tls) = (&l["requests"], &l["aborted"], &l["phases"]["tls"]);
+        let (method, followed) = (&l["tls"]["method"], &l["tls"]["connections"]);
+        if seen.as_u64() != Some(answered) {
+            wrong.push(format!("the tracer counted {} requests, curl got {answered} responses", number(seen)));
+        }
+        // Each request timed: its think sample needs the receive and send hooks too.
+        let think = &l["phases"]["think"];
+        if let Some(why) = think["unavailable"].as_str() {
+            wrong.push(format!("think unavailable: {why}"));
+        } else if think["count"].as_u64() != Some(answered) {
+            wrong.push(format!("{} think samples for {answered} requests", number(&think["count"])));
+        }
+        if aborted.as_u64() != Some(0) {
+            wrong.push(format!("{} aborted", number(aborted)));
+        }
+        if let Some(why) = tls["unavailable"].as_str() {
+            wrong.push(format!("tls unavailable: {why}"));
+        } else if tls["count"].as_u64() != Some(opened) {
+            wrong.push(format!("{} tls samples for the {opened} connections curl opened", number(&tls["count"])));
+        }
+        if followed.as_u64() != Some(opened) {
+            wrong.push(format!("{} TLS connections for the {opened} curl opened", number(followed)));
+        }
+        if method != "OpenSSL uprobes" {
+            wrong.push(format!("TLS followed by {method}, not OpenSSL uprobes"));
+        }
+        if report["lost_events"].as_u64() != Some(0) {
+            wrong.push(format!("{} events lost", number(&report["lost_events"])));
+        }
+        let timed = think["count"].as_u64().map_or_else(|| "none".to_owned(), |n| n.to_string());
+        let numbers = format!(
+            "{} requests (curl: {answered} responses 200 on {opened} connections; nginx logged {}), {} timed, \
+             {} aborted, tls {} samples (p50 {:.2} ms), {} TLS connections by {}",
+            number(seen),
+            logged.len(),
+            timed,
+            number(aborted),
+            number(&tls["count"]),
+            tls["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            number(followed),
+            method.as_str().unwrap_or("?"),
+        );
+        let ok = wrong.is_empty();
+        let detail = if ok { numbers } else { format!("{} — {numbers}", wrong.join("; ")) };
+        checks.push((what, ok, detail));
+    }
+    checks
 }
 
 /// The median over the client's connections of its time per exchange, connect
@@ -608,7 +909,150 @@ mod tests {
         let script = init_script();
         let fresh = script.matches("rm -f /tmp/srv.out /tmp/trace.json /tmp/trace.err /tmp/client.out\n").count();
         assert_eq!(fresh, PASSES.len() * SCENARIOS.len());
-        assert_eq!(script.matches("2> /tmp/trace.err &").count(), fresh);
+        let https =
+            script.matches("rm -rf /tmp/nginx /tmp/trace.json /tmp/trace.err /tmp/curl.out /tmp/curl.err\n").count();
+        assert_eq!(https, PASSES.len());
+        assert_eq!(script.matches("2> /tmp/trace.err &").count(), fresh + https);
+    }
+
+    #[test]
+    fn ldd_output_gives_the_libraries_and_the_loader() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ffc1a5f3000)\n\
+                   \tlibssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x00007f62850bc000)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f6284a1e000)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f62853a2000)\n";
+        assert_eq!(
+            ldd_paths(ldd).unwrap(),
+            ["/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"]
+        );
+        let missing = format!("{ldd}\tlibpcre2-8.so.0 => not found\n");
+        assert!(ldd_paths(&missing).unwrap_err().to_string().contains("libpcre2-8.so.0 => not found"));
+    }
+
+    #[test]
+    fn curl_fetches_every_url_to_nowhere_on_new_connections_or_one() {
+        let fresh = curl_command(8443, "TLSv1.3", true);
+        assert!(fresh.starts_with("/usr/bin/curl -sSk --http1.1 --tlsv1.3 --tls-max 1.3 -H 'Connection: close' "));
+        assert_eq!(fresh.matches(" -o /dev/null https://127.0.0.1:8443/").count() as u64, TLS_REQUESTS);
+        assert_eq!(fresh.matches("https://").count() as u64, TLS_REQUESTS);
+        let reused = curl_command(8444, "TLSv1.2", false);
+        assert!(reused.contains("--tlsv1.2 --tls-max 1.2") && !reused.contains("Connection: close"));
+        let conf = nginx_conf();
+        for (port, version) in TLS_PORTS {
+            assert!(conf.contains(&format!("listen 127.0.0.1:{port} ssl;\nssl_protocols {version};")), "{conf}");
+        }
+    }
+
+    /// A console whose default pass ran the HTTPS scenario: curl's and nginx's lines as
+    /// the scenario means them, and a report with `requests` and `tls` samples per
+    /// listener, TLS followed by `method`.
+    fn https_console(requests: u64, tls: u64, method: &str) -> String {
+        let mut c = String::from(
+            "=== kernel 6.12.117+deb13-cloud-amd64\n=== doctor default\nhooks:\n  accept  tp_btf/x\n\n\
+             TLS: uprobes work (tried on /lib/x86_64-linux-gnu/libssl.so.3): OpenSSL's plaintext draws request boundaries\n\
+             === doctor-exit default 0\n=== result default tls\n",
+        );
+        let mut listeners = Vec::new();
+        let mut connection = 0;
+        for (port, version) in TLS_PORTS {
+            for fresh in [true, false] {
+                for i in 0..TLS_REQUESTS {
+                    let opened = u64::from(fresh || i == 0);
+                    connection += opened;
+                    let _ = writeln!(c, "curl {port} 200 {opened}");
+                    let _ = writeln!(c, "access {port} {version} {connection} 200");
+                }
+            }
+            listeners.push(serde_json::json!({
+                "port": port, "requests": requests, "aborted": 0,
+                "phases": {"tls": {"count": tls, "p50_ns": 4_500_000}, "think": {"count": requests}},
+                "tls": {"method": method, "connections": tls},
+            }));
+        }
+        let report = serde_json::json!({"type": "report", "kind": "final", "lost_events": 0, "listeners": listeners});
+        let _ = write!(
+            c,
+            "{report}\n=== stderr default tls\ntracer: TLS: OpenSSL uprobes on /lib/x86_64-linux-gnu/libssl.so.3\n\
+             tracer: tracing 2 process(es) from PID(s) [80]; Ctrl-C to stop\n=== nginx default tls\n\
+             2026/11/30 22:51:11 [notice] 80#80: start worker process 81\n=== end default tls\n=== done\n"
+        );
+        c
+    }
+
+    fn default_checks(console: &str) -> Vec<(String, bool, String)> {
+        let outcome = judge("6.12", console);
+        let pass = outcome.passes.into_iter().find(|p| p.name == "default").expect("default pass");
+        pass.checks.into_iter().filter(|c| c.0.starts_with("https") || c.0.starts_with("doctor")).collect()
+    }
+
+    #[test]
+    fn https_passes_when_the_tracer_agrees_with_curl() {
+        let checks = default_checks(&https_console(2 * TLS_REQUESTS, TLS_REQUESTS + 1, "OpenSSL uprobes"));
+        assert_eq!(checks.len(), 1 + TLS_PORTS.len());
+        assert!(checks.iter().all(|c| c.1), "{checks:#?}");
+        assert_eq!(
+            checks[1].2,
+            "40 requests (curl: 40 responses 200 on 21 connections; nginx logged 40), 40 timed, 0 aborted, \
+             tls 21 samples (p50 4.50 ms), 21 TLS connections by OpenSSL uprobes"
+        );
+    }
+
+    #[test]
+    fn https_fails_saying_which_count_is_wrong() {
+        let checks = default_checks(&https_console(38, 20, "record layer only"));
+        let https: Vec<_> = checks.iter().filter(|c| c.0.starts_with("https")).collect();
+        assert_eq!(https.len(), TLS_PORTS.len());
+        for (_, ok, detail) in https {
+            assert!(!ok);
+            assert!(
+                detail.starts_with(
+                    "the tracer counted 38 requests, curl got 40 responses; \
+                     38 think samples for 40 requests; \
+                     20 tls samples for the 21 connections curl opened; \
+                     20 TLS connections for the 21 curl opened; \
+                     TLS followed by \"record layer only\", not OpenSSL uprobes — 38 requests"
+                ),
+                "{detail}"
+            );
+        }
+        // Requests counted but not timed (the receive hook did not load).
+        let untimed = https_console(40, 21, "OpenSSL uprobes")
+            .replace(r#""think":{"count":40}"#, r#""think":{"unavailable":"the receive hook is unavailable (…)"}"#);
+        let (_, ok, detail) = &default_checks(&untimed)[1];
+        assert!(!ok);
+        assert!(detail.starts_with("think unavailable: the receive hook is unavailable (…) — 40 requests"), "{detail}");
+        // curl's own numbers are checked too: a transfer that failed is not a request.
+        let console = https_console(39, 21, "OpenSSL uprobes").replacen("curl 8443 200 1", "curl 8443 000 0", 1);
+        let (_, ok, detail) = &default_checks(&console)[1];
+        assert!(!ok);
+        assert!(detail.starts_with("curl got 39 responses 200 of 40 transfers, not 40; curl opened 20 connections, not 21; nginx logged 40 requests, curl got 39 responses"), "{detail}");
+    }
+
+    #[test]
+    fn https_not_run_or_without_uprobes_fails_with_the_reason() {
+        let console = "=== kernel 6.1.0-50-cloud-amd64\n=== doctor default\n\
+                       TLS: uprobes do not attach (perf_event_open failed): TLS connections are followed from their records only\n\
+                       === doctor-exit default 1\n=== result default tls\n\
+                       not ready: nginx exited before it started its worker\n=== stderr default tls\n\
+                       === nginx default tls\n2026/11/30 [emerg] 80#80: open() \"/tmp/nginx/x\" failed\n\
+                       === end default tls\n=== done\n";
+        let checks = default_checks(console);
+        assert!(!checks[0].1);
+        assert_eq!(
+            checks[0].2,
+            "uprobes do not attach (perf_event_open failed): TLS connections are followed from their records only"
+        );
+        assert!(!checks[1].1);
+        assert_eq!(
+            checks[1].2,
+            "not run: nginx exited before it started its worker; the tracer said nothing; \
+             nginx and curl said: 2026/11/30 [emerg] 80#80: open() \"/tmp/nginx/x\" failed"
+        );
+        let silent =
+            https_console(40, 21, "OpenSSL uprobes").replace("tracer: TLS: OpenSSL uprobes on", "tracer: TLS?");
+        let checks = default_checks(&silent.replace("TLS: uprobes work", "uprobes work"));
+        assert_eq!(checks[0].2, "no TLS line in the doctor's output");
+        assert!(checks[1].2.starts_with("the tracer did not say it hooked OpenSSL — "), "{}", checks[1].2);
     }
 
     #[test]
