@@ -180,9 +180,9 @@ fn on_read(sk: u64, len: u64) {
     }
     let mut len = len;
     if st.tls & (tls_flags::RECORDS | tls_flags::DONE) == tls_flags::RECORDS {
-        match records::on_read(sk, st, len) {
-            Some(request_bytes) => len = request_bytes,
-            None => return,
+        len = records::on_read(sk, st, len);
+        if len == records::HANDSHAKE_READ {
+            return;
         }
     }
     read_request(sk, st, len, ts);

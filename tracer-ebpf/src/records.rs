@@ -168,7 +168,7 @@ pub fn client_handshake_written(st: &mut SockState) -> bool {
 /// The server's first write on accepted connection `sk` begins (`msg`: what it writes).
 /// Returns true when it is a TLS handshake record: the connection is followed from its
 /// records from here, and this write is no response.
-#[inline(always)]
+#[inline(never)]
 pub fn detect(sk: u64, st: &mut SockState, msg: u64) -> bool {
     let Some(bytes) = write_bytes(msg) else { return false };
     if bytes[0] != record::HANDSHAKE || bytes[1] != 3 {
@@ -188,42 +188,46 @@ pub fn detect(sk: u64, st: &mut SockState, msg: u64) -> bool {
 }
 
 /// A read of `len` bytes on `sk`, followed from its records while the client's handshake
-/// is not read to its end. `None`: a handshake read (no request); else the bytes of it
-/// that belong to the first request (and the connection is followed as usual from here).
-#[inline(always)]
-pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> Option<u64> {
+/// is not read to its end. [`HANDSHAKE_READ`]: a handshake read (no request); else the
+/// bytes of it that belong to the first request (and the connection is followed as
+/// usual from here).
+#[inline(never)]
+pub fn on_read(sk: u64, st: &mut SockState, len: u64) -> u64 {
     if tls_hooks() {
         let _ = LAST_RECORDS_READ.insert(&current_tid(), &sk, 0);
     }
     let Some(rs) = (unsafe { RECORDS.get(&sk) }).copied() else {
         // Evicted: follow it as plain TCP from here, untimed.
         st.tls |= tls::DONE;
-        return Some(len);
+        return len;
     };
     let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(0);
     match rs.classify_read(copied, len) {
         RecordRead::Lost => {
             let _ = RECORDS.remove(&sk);
             st.tls |= tls::DONE;
-            Some(len)
+            len
         }
         RecordRead::Handshake => {
             handshake_read(sk, st);
-            None
+            HANDSHAKE_READ
         }
         // The client's Finished has been read: the server's handshake is complete. The
         // entry stays until the first request's record has been read whole.
         RecordRead::HandshakeEnds => {
             handshake_done(sk, st, now());
             handshake_read(sk, st);
-            None
+            HANDSHAKE_READ
         }
         RecordRead::Request(bytes) => {
             handshake_done(sk, st, now());
-            Some(bytes)
+            bytes
         }
     }
 }
+
+/// [`on_read`]'s answer for a read of handshake records only.
+pub const HANDSHAKE_READ: u64 = u64::MAX;
 
 /// A read of handshake records: data left queued (the request that followed) keeps its
 /// arrival.
@@ -237,7 +241,7 @@ fn handshake_read(sk: u64, st: &mut SockState) {
 /// Whether a write on `sk` (followed from its records) is no response: the handshake's
 /// flights, and what the server writes before it has read the first request's record
 /// whole (TLS 1.3 session tickets).
-#[inline(always)]
+#[inline(never)]
 pub fn not_a_response(sk: u64, st: &SockState) -> bool {
     if st.tls & tls::RECORDS == 0 || origin::is_client(st.origin) {
         return false;

@@ -226,7 +226,9 @@ pub fn queue_empty(sk: u64) -> bool {
 /// TLS library, or the connection is one such calls were seen on. Such socket calls
 /// start and end no request; they tie the library's connection object to the socket,
 /// time the handshake's start, and keep the arrival of what a read call consumes.
-#[inline(always)]
+// A BPF subprogram of its own: inlined into the receive hook, older verifiers (5.10,
+// 6.1) refused the compiler's arithmetic on the state pointer.
+#[inline(never)]
 pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     let client = origin::is_client(st.origin);
     let Some(call) = TLS_CALLS.get_ptr_mut(&current_tid()).map(|c| unsafe { &mut *c }) else {

@@ -40,9 +40,13 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
         skip_kinds,
         recvmsg_flags_arg: kernel.recvmsg_flags_arg,
         offsets: kernel.offsets,
+        // As a trace would set it: the verifier checks only the code the settings leave
+        // reachable.
         config: ProgramConfig {
             filter_by_port: 0,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
+            tls_hooks: !skip_uprobes as u32,
+            tls_records: tls::cgroup2_root().is_some() as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: 4096,
