@@ -87,8 +87,14 @@ pub fn filter_by_port() -> bool {
 /// Whether uprobes on a TLS library may be attached (see `tls`).
 #[inline(always)]
 pub fn tls_hooks() -> bool {
-    unsafe { core::ptr::read_volatile(&CONFIG.tls_hooks) != 0 }
+    let configured = unsafe { core::ptr::read_volatile(&CONFIG.tls_hooks) } != 0;
+    configured && TLS_HOOKED.get(0).is_some_and(|v| *v != 0)
 }
+
+/// Set by userspace once uprobes are on a TLS library of a traced process: until then
+/// (a plain-TCP server) the socket hooks do not look for the thread's library calls.
+#[map]
+pub static TLS_HOOKED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Whether the record-layer program is attached (see `records`).
 #[inline(always)]

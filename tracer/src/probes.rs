@@ -211,10 +211,13 @@ impl Probes {
         }
         if result.is_err() {
             self.detach_tls(links);
-        } else {
-            self.tls_links.entry(pid.unwrap_or(0)).or_default().extend(links);
+            return result;
         }
-        result
+        self.tls_links.entry(pid.unwrap_or(0)).or_default().extend(links);
+        // From now on the socket hooks look for the threads' calls into the library.
+        let mut hooked: aya::maps::Array<&mut MapData, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("TLS_HOOKED").context("TLS_HOOKED map missing")?)?;
+        hooked.set(0, 1, 0).context("turning the TLS hooks on")
     }
 
     /// Loads the record-layer program (TLS followed from its records), once.
