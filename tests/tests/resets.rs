@@ -41,6 +41,35 @@ fn peer_reset_mid_request_is_counted_and_aborted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Many clients reset their connections: every server connection is reset by its peer
+/// and closes; a client socket the kernel allocates at a closed connection's address
+/// then sends a reset of its own. None of those is the server's.
+#[test]
+fn a_peer_reset_at_a_reused_address_is_not_a_reset_sent() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const CLIENTS: u64 = 200;
+    let (server, addr) = start_lab_server(&[])?;
+    let tracer = start_tracer(&["--pid".into(), server.pid().to_string()])?;
+    for _ in 0..CLIENTS {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.write_all(b"GET /?size=10 HTTP/1.1\r\nHost: la")?;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        set_linger_zero(&stream)?;
+        drop(stream);
+    }
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    let l = listener(report, addr.port())?;
+    assert_eq!(l["resets_sent"], 0, "{l}");
+    // (A client may reset before the server accepted it: that connection is not seen.)
+    let seen = l["connections"].as_u64().unwrap_or(0);
+    assert!(seen >= CLIENTS * 9 / 10, "only {seen} of {CLIENTS} connections seen: {l}");
+    assert_eq!(l["resets_received"], seen, "{l}");
+    Ok(())
+}
+
 /// The server closes every connection with SO_LINGER 0 after its response: the kernel
 /// resets it right after the close, and the reset is still attributed to the listener.
 #[test]

@@ -228,7 +228,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 #[derive(Clone, Copy)]
 pub struct ClosedConn {
     pub owner: u32,
-    pub local_port: u32,
+    pub local_port: u16,
+    /// The peer's port as the socket keeps it (network order): a reset from another
+    /// socket allocated at the same address since (another connection) is not this one's.
+    pub remote_port: u16,
 }
 
 #[repr(C)]

@@ -7,8 +7,9 @@ use tracer_common::{flags, kind, EventHeader, ResetSent};
 
 use crate::{
     conn::{now, state_mut},
-    kernel::conn_addr,
+    kernel::{conn_addr, read},
     maps::{reserve, RECENTLY_CLOSED},
+    off,
 };
 
 tracepoint_hook! {
@@ -25,6 +26,10 @@ tracepoint_hook! {
         let Some(closed) = RECENTLY_CLOSED.get_ptr(&sk) else { return 0 };
         let closed = unsafe { *closed };
         let _ = RECENTLY_CLOSED.remove(&sk);
+        if read::<u16>(sk, off!(skc_dport)) != Some(closed.remote_port) {
+            // Another socket at the same address since (a client of it on this machine).
+            return 0;
+        }
         let Some(mut slot) = reserve::<ResetSent>() else { return 0 };
         let e = slot.as_mut_ptr();
         unsafe {

@@ -143,9 +143,13 @@ fn on_close(sk: u64, old: i32) {
     } else if st.owner != 0 {
         close_event(sk, st);
         // An abortive close (straight from an open state, in the application's close)
-        // sends its reset after this state change; an orderly one never does.
-        if old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1 {
-            let _ = RECENTLY_CLOSED.insert(&sk, &ClosedConn { owner: st.owner, local_port: st.local_port }, 0);
+        // sends its reset after this state change; an orderly one never does, nor does a
+        // connection the peer reset.
+        let reset_by_peer = st.conn_flags & tracer_common::flags::RESET_RECEIVED != 0;
+        if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1) && !reset_by_peer {
+            let remote_port = crate::kernel::read::<u16>(sk, crate::off!(skc_dport)).unwrap_or(0);
+            let closed = ClosedConn { owner: st.owner, local_port: st.local_port as u16, remote_port };
+            let _ = RECENTLY_CLOSED.insert(&sk, &closed, 0);
         }
     }
     // (A connect that never completed closes from SYN_SENT: `on_connect_closed`.)
