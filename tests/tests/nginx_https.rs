@@ -86,6 +86,9 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
     v.extend(other_listeners(report, &[nginx.addr.port()]));
     v.eq("requests against the access log", l["requests"].as_u64(), Some(entries.len() as u64));
     v.eq("timed requests against the access log", phase_count(l, "think"), entries.len() as u64);
+    // Every request's arrival is known, also one the library read with the client's
+    // Finished and handed over later from its buffer.
+    v.eq("requests with a recv_wait", phase_count(l, "recv_wait"), entries.len() as u64);
     v.eq("aborted", l["aborted"].as_u64(), Some(0));
     // Through the library a close_notify is no message; from the records alone the
     // keep-alive connection's last one is read, and is the peer's goodbye.

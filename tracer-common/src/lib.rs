@@ -715,7 +715,10 @@ pub struct SockState {
     pub established_ns: u64,
     /// When the peer's FIN arrived (0: not yet).
     pub peer_fin_ns: u64,
-    pub _pad_line: u64,
+    /// TLS through the library: the arrival of the data the last library call read from
+    /// the socket, for a request the library hands over later from its own buffer (read
+    /// with the client's Finished, say).
+    pub tls_read_ns: u64,
     // Third and fourth lines.
     /// Per request.
     pub arrival_ns: u64,

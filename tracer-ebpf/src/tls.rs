@@ -179,7 +179,11 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     handshake_done(sk, st, ts);
     if call.arrival_ns != 0 {
         st.pending_data_ns = call.arrival_ns;
+    } else if st.pending_data_ns == 0 {
+        // Handed over from the library's buffer, read from the socket by an earlier call.
+        st.pending_data_ns = st.tls_read_ns;
     }
+    st.tls_read_ns = 0;
     if origin::is_client(st.origin) {
         upstream::on_read(sk, st, bytes, ts);
         return 0;
@@ -274,6 +278,7 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     if what == READ {
         if st.pending_data_ns != 0 {
             call.arrival_ns = st.pending_data_ns;
+            st.tls_read_ns = st.pending_data_ns;
         }
         // What is left in the queue is still to be read (the request after the
         // client's Finished, say): its arrival stays noted.
