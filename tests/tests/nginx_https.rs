@@ -105,9 +105,17 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
     // Through the library no upstream wait is ever charged to send. From the records
     // alone, a TLS 1.3 session ticket written after the request was read (nginx reads a
     // client's Finished and its request at once) ends think early: the report says so.
+    // Send is the response's encryption and socket writes: well under a millisecond for
+    // nine in ten requests; its longest is bounded by a quarter of the upstream delay (a
+    // preempted worker can take a millisecond or two; an upstream wait charged to send
+    // would take 40 ms).
     let send_max = phase_ms(l, "send", "max_ns");
+    let send_p90 = phase_ms(l, "send", "p90_ns");
     if uprobes {
-        v.check(send_max < 1.0, || format!("send's max {send_max:.3} ms: an upstream wait charged to send"));
+        v.check(send_p90 < 1.0, || format!("send's p90 {send_p90:.3} ms"));
+        v.check(send_max < DELAY_MS as f64 / 4.0, || {
+            format!("send's max {send_max:.3} ms: an upstream wait charged to send")
+        });
     } else {
         let said = l["tls"]["approximate"].as_str().unwrap_or("");
         v.check(said.contains("ticket"), || format!("the tickets' effect on think unsaid: {said:?}"));
