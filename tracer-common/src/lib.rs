@@ -36,6 +36,32 @@ pub mod kind {
     pub const BIND: u16 = 11;
     /// A connection's TLS handshake completed ([`TlsDone`]).
     pub const TLS_DONE: u16 = 12;
+    /// The first bytes of a request or response, for its label ([`Payload`]; only with
+    /// labels on). Variable length: [`Payload::len`] bytes follow the fixed part.
+    pub const PAYLOAD: u16 = 13;
+}
+
+/// Which bytes a [`Payload`] holds.
+pub mod side {
+    /// The first read of a request on a server connection.
+    pub const REQUEST: u16 = 1;
+    /// The first write of a server connection's response.
+    pub const RESPONSE: u16 = 2;
+    /// The first write of a request on an upstream connection.
+    pub const UPSTREAM_REQUEST: u16 = 3;
+    /// The first read of an upstream response.
+    pub const UPSTREAM_RESPONSE: u16 = 4;
+
+    /// Bytes copied of a request: its request line, statement or commands (pipelined
+    /// ones too; a redis-benchmark pipeline of 16 SETs is 736 bytes).
+    pub const REQUEST_BYTES: u32 = 1024;
+    /// Bytes copied of a response: its status line or first messages.
+    pub const RESPONSE_BYTES: u32 = 128;
+
+    /// Whether `side` is a request (the direction whose bytes are labelled).
+    pub const fn is_request(side: u16) -> bool {
+        side == REQUEST || side == UPSTREAM_REQUEST
+    }
 }
 
 /// How the programs follow a TLS connection ([`SockState::tls`], [`TlsDone::method`]).
@@ -529,6 +555,23 @@ pub struct TlsDone {
 }
 const _: () = assert!(size_of::<TlsDone>() == 56);
 
+/// The first bytes of a request or response ([`side`]), copied from the application's
+/// buffer by the call that read or wrote them, for userspace to derive the request's
+/// label from: `len` bytes (at most [`side::REQUEST_BYTES`]) follow this fixed part in
+/// the same record. Nothing else of the payload is ever copied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Payload {
+    pub header: EventHeader,
+    /// One of [`side`].
+    pub side: u16,
+    /// Bytes copied (following this struct).
+    pub len: u16,
+    /// Bytes the call carried (of its first buffer): more than `len` when cut.
+    pub total: u32,
+}
+const _: () = assert!(size_of::<Payload>() == 40);
+
 /// A thread inside a call of the TLS library (the `TLS_CALLS` map's value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -786,7 +829,9 @@ pub struct ProgramConfig {
     /// Non-zero when the record-layer program is attached: a server connection whose
     /// first write is a TLS handshake record is followed from its records.
     pub tls_records: u32,
-    pub _pad: u32,
+    /// Non-zero when request labels are on (`--labels`): the first bytes of requests and
+    /// responses are copied to userspace ([`Payload`]).
+    pub labels: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 24);
 

@@ -5,12 +5,13 @@
 //! connection closes.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{flags, origin, tls as tls_flags, ACK_PENDING};
+use tracer_common::{flags, origin, side, tls as tls_flags, ACK_PENDING};
 
 use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
+    labels::{capture, labels},
     maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks, tls_records},
     off, records, tls, upstream,
 };
@@ -143,7 +144,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::begin_request(st, ts);
+        upstream::begin_request(sk, st, ts);
     } else {
         begin_response(sk, st, ts);
     }
@@ -152,6 +153,9 @@ pub fn on_write_start(sk: u64, msg: u64) {
 /// The first write of a response.
 #[inline(always)]
 pub fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
+    if labels() && st.tls == 0 {
+        capture(sk, st.owner, side::RESPONSE, u64::MAX);
+    }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
     // Nothing to deliver until the write returns and says up to which byte (an ACK of
@@ -208,6 +212,9 @@ pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64) {
         if st.arrival_ns == 0 {
             st.req_flags |= flags::ARRIVAL_UNKNOWN;
         }
+        if labels() && st.tls == 0 {
+            capture(sk, st.owner, side::REQUEST, len);
+        }
     }
     st.pending_data_ns = 0;
     st.last_read_ns = ts;
@@ -229,7 +236,7 @@ fn on_write(sk: u64, len: u64) {
     let ts = now();
     if origin::is_client(st.origin) {
         if !records::client_handshake_written(st) {
-            upstream::on_write(st, len, ts);
+            upstream::on_write(sk, st, len, ts);
         }
         return;
     }

@@ -26,6 +26,7 @@ mod conn;
 mod fallback;
 mod io;
 mod kernel;
+mod labels;
 mod listen;
 mod maps;
 mod process;

@@ -62,7 +62,7 @@ pub static CONFIG: ProgramConfig = ProgramConfig {
     wakeup_bytes: 0,
     tls_hooks: 0,
     tls_records: 0,
-    _pad: 0,
+    labels: 0,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
@@ -115,7 +115,7 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// drains the ring on a short timer; only a ring filling up (`wakeup_bytes`, a quarter
 /// of it) wakes it at once.
 #[inline(always)]
-fn submit_flags() -> u64 {
+pub fn submit_flags() -> u64 {
     let wakeup = unsafe { core::ptr::read_volatile(&CONFIG.wakeup_bytes) } as u64;
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= wakeup {
         BPF_RB_FORCE_WAKEUP

@@ -143,7 +143,7 @@ fn write_begins(ssl: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::begin_request(st, ts);
+        upstream::begin_request(sk, st, ts);
     } else {
         io::begin_response(sk, st, ts);
     }
@@ -245,7 +245,7 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
         // its close_notify.
         if what == WRITE && st.dir == dir::WRITING && st.tls & tls::SHUTDOWN == 0 {
             if client {
-                upstream::on_write(st, len, now());
+                upstream::on_write(sk, st, len, now());
             } else {
                 io::write_response(sk, st, len, now());
             }

@@ -8,7 +8,7 @@
 //! belongs to.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{flags, kind, origin, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
+use tracer_common::{flags, kind, origin, side, ConnAddr, UpstreamConnect, UpstreamRequest, CONNECT_ABANDONED};
 
 use crate::{
     bind,
@@ -16,6 +16,7 @@ use crate::{
         current_tid, dir, header, init_state, insert_state, now, remove_state, scratch_state, state_mut, SockState,
     },
     kernel::{conn_addr, read, tuple_key},
+    labels::{capture, labels},
     maps::{is_traced_tgid, reserve, EXISTING_CLIENTS},
     off,
 };
@@ -76,7 +77,10 @@ pub fn on_connect_closed(sk: u64) {
 /// The first write of a request (from the write's start, or its return when the start
 /// was not seen).
 #[inline(always)]
-pub fn begin_request(st: &mut SockState, ts: u64) {
+pub fn begin_request(sk: u64, st: &mut SockState, ts: u64) {
+    if labels() && st.tls == 0 {
+        capture(sk, st.owner, side::UPSTREAM_REQUEST, u64::MAX);
+    }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
     // Data that came before this request is no response to it.
@@ -89,9 +93,9 @@ pub fn begin_request(st: &mut SockState, ts: u64) {
 }
 
 #[inline(always)]
-pub fn on_write(st: &mut SockState, len: u64, ts: u64) {
+pub fn on_write(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
-        begin_request(st, ts);
+        begin_request(sk, st, ts);
     }
     st.last_write_ns = ts;
     st.tid = current_tid();
@@ -103,6 +107,10 @@ pub fn on_write(st: &mut SockState, len: u64, ts: u64) {
 pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir == dir::WRITING {
         st.first_read_ns = ts;
+        if labels() && st.tls == 0 {
+            // Before the request's event, which takes what it says.
+            capture(sk, st.owner, side::UPSTREAM_RESPONSE, len);
+        }
         emit_request(sk, st, 0);
         st.dir = dir::READING;
         bind::note_upstream_response(st.bound_sock, st.bound_first_read_ns);

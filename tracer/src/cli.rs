@@ -88,6 +88,24 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
 
+    /// Label requests by endpoint, query or command — HTTP method and route, PostgreSQL
+    /// statement kind and table, Redis command — from the first bytes of each request
+    /// and response (copied from the application's buffers, never kept: see README),
+    /// and report every label's requests and phases.
+    #[arg(long)]
+    pub labels: bool,
+
+    /// An HTTP route for labels, e.g. '/products/{id}': a path matching it is labelled
+    /// with the pattern (repeatable; implies --labels). Other paths fold identifier-like
+    /// segments into {id}.
+    #[arg(long = "route", value_name = "PATTERN")]
+    pub routes: Vec<String>,
+
+    /// Labels kept per listener and per upstream peer; requests with further labels are
+    /// counted under 'other'.
+    #[arg(long, value_name = "N", default_value_t = crate::endpoints::DEFAULT_MAX_LABELS)]
+    pub max_labels: usize,
+
     /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, kprobe,
     /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
     /// implementation, as on a kernel without that kind, and without uprobes TLS is
@@ -153,7 +171,16 @@ impl Args {
         if self.interval.is_some_and(|i| i.is_zero()) {
             bail!("--interval must be longer than zero");
         }
+        if self.max_labels == 0 {
+            bail!("--max-labels must be at least 1");
+        }
+        crate::labels::Routes::parse(&self.routes).context("in --route")?;
         Ok(())
+    }
+
+    /// Whether requests are labelled.
+    pub fn labels_on(&self) -> bool {
+        self.labels || !self.routes.is_empty()
     }
 }
 

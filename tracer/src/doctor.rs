@@ -47,6 +47,9 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
             tls_hooks: !skip_uprobes as u32,
             tls_records: tls::cgroup2_root().is_some() as u32,
+            // Loaded with labels on where the kernel can read them: the hooks' label
+            // paths are verified too.
+            labels: kernel.labels_unavailable.is_none() as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: 4096,
@@ -76,6 +79,7 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
     }
     out += &format!("\nTLS: {}\n", uprobes(&mut probes, skip_uprobes));
     out += &format!("TLS without a library hook: {}\n", record_layer(&mut probes));
+    out += &format!("request labels (--labels): {}\n", labels(&probes, kernel.labels_unavailable));
     if let Err(e) = probes.tracing_possible() {
         out += &format!("\ntracing is impossible here: {e:#}\n");
     }
@@ -121,6 +125,19 @@ fn record_layer(probes: &mut Probes) -> String {
         Ok(()) => format!("followed from its records (the program loads; cgroup v2 at {})", root.display()),
         Err(e) => format!("not followed, the record-layer program does not load ({e:#})"),
     }
+}
+
+/// Whether `--labels` can read the first bytes of requests here.
+fn labels(probes: &Probes, unavailable: Option<&'static str>) -> String {
+    if let Some(why) = unavailable {
+        return format!("unavailable: {why}; requests are unlabelled");
+    }
+    if probes.unavailable.contains_key("recv_wait") || probes.unavailable.contains_key("think") {
+        return "unavailable: the receive and send hooks are missing".into();
+    }
+    "available: the programs that read and write requests load with the label paths (buffers found \
+     from the task's registers)"
+        .into()
 }
 
 fn print(text: &str) {

@@ -4,11 +4,11 @@ use std::mem::size_of;
 
 use anyhow::{bail, Result};
 use tracer_common::{
-    kind, Bind, ConnClose, ConnOpen, EventHeader, ProcessEvent, Request, ResetSent, ShortRequest, SynAckRetransmit,
-    TlsDone, UpstreamConnect, UpstreamRequest,
+    kind, Bind, ConnClose, ConnOpen, EventHeader, Payload, ProcessEvent, Request, ResetSent, ShortRequest,
+    SynAckRetransmit, TlsDone, UpstreamConnect, UpstreamRequest,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Open(ConnOpen),
     Request(Request),
@@ -21,6 +21,8 @@ pub enum Event {
     ProcessFork(ProcessEvent),
     Bind(Bind),
     TlsDone(TlsDone),
+    /// The first bytes of a request or response, for its label.
+    Payload(Payload, Vec<u8>),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
@@ -46,6 +48,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::PROCESS_FORK => Event::ProcessFork(read(bytes)?),
         kind::BIND => Event::Bind(read(bytes)?),
         kind::TLS_DONE => Event::TlsDone(read(bytes)?),
+        kind::PAYLOAD => {
+            let p: Payload = read(bytes)?;
+            let data = &bytes[size_of::<Payload>()..];
+            if data.len() < p.len as usize {
+                bail!("payload record holds {} bytes, not the {} it says", data.len(), p.len);
+            }
+            Event::Payload(p, data[..p.len as usize].to_vec())
+        }
         other => bail!("unknown event kind {other}"),
     })
 }

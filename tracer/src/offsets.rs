@@ -81,6 +81,10 @@ pub struct KernelFacts {
     /// Which argument of `tcp_recvmsg` holds the flags (for its kprobe): kernels before
     /// 5.19 pass `nonblock` before them.
     pub recvmsg_flags_arg: u32,
+    /// Why request labels cannot be read here (`None`: they can). The programs find a
+    /// call's buffer in the task's saved user registers (`bpf_task_pt_regs`, 5.15+),
+    /// laid out as on x86_64.
+    pub labels_unavailable: Option<&'static str>,
 }
 
 pub fn from_running_kernel() -> Result<KernelFacts> {
@@ -92,5 +96,12 @@ pub fn from_running_kernel() -> Result<KernelFacts> {
         Some(6) => 4,
         _ => 3,
     };
-    Ok(KernelFacts { offsets, drop_reason_listen_overflow, recvmsg_flags_arg })
+    let labels_unavailable = if !cfg!(target_arch = "x86_64") {
+        Some("request labels are read on x86_64 only")
+    } else if btf.enumerator("BPF_FUNC_task_pt_regs").is_none() {
+        Some("this kernel has no bpf_task_pt_regs helper (Linux 5.15+), which finds a call's buffer")
+    } else {
+        None
+    };
+    Ok(KernelFacts { offsets, drop_reason_listen_overflow, recvmsg_flags_arg, labels_unavailable })
 }

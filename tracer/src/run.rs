@@ -22,13 +22,14 @@ use crate::{
     command::Launched,
     compat::Kind,
     events::{self, Event},
+    labels::Routes,
     listeners::ListenerWatch,
     offsets,
     probes::{LoadOptions, Probes},
     procs,
     report::{json::Json, text::Text, Format, ReportKind, Slow, Snapshot},
     sockets,
-    stats::Stats,
+    stats::{MaxLabels, Stats},
     timeline::{Record, Timeline},
     tls,
 };
@@ -230,6 +231,10 @@ pub fn run(args: Args) -> Result<i32> {
         Some(l) => vec![l.pid],
         None => args.pids.clone(),
     };
+    let labels_on = args.labels_on() && kernel.labels_unavailable.is_none();
+    if let (true, Some(why)) = (args.labels_on(), kernel.labels_unavailable) {
+        say!("tracer: --labels: {why}; requests are unlabelled");
+    }
     let mut probes = Probes::load(&LoadOptions {
         disabled: args.disable_hook.clone(),
         skip_kinds: args.skip_hook_kind.clone(),
@@ -240,6 +245,7 @@ pub fn run(args: Args) -> Result<i32> {
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
             tls_hooks: !args.skip_hook_kind.contains(&Kind::UProbe) as u32,
             tls_records: tls::cgroup2_root().is_some() as u32,
+            labels: labels_on as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
@@ -302,8 +308,15 @@ pub fn run(args: Args) -> Result<i32> {
     let session = Session {
         format,
         print_connections: args.connections,
-        timeline: Timeline::new(),
-        stats: Stats { unavailable: probes.unavailable.clone(), ..Stats::default() },
+        timeline: match labels_on {
+            true => Timeline::with_labels(Routes::parse(&args.routes)?),
+            false => Timeline::new(),
+        },
+        stats: Stats {
+            unavailable: probes.unavailable.clone(),
+            max_labels: MaxLabels(args.max_labels),
+            ..Stats::default()
+        },
         records: Vec::new(),
         live,
         started: Instant::now(),

@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use hdrhistogram::Histogram;
 
 use crate::{
-    timeline::{Outcome, Phase, Record},
-    upstream::ConnectOutcome,
+    endpoints::{EndpointStats, Endpoints, OTHER},
+    timeline::{Labels, Outcome, Phase, Record},
+    upstream::{Callee, ConnectOutcome},
 };
 
 /// Histograms cover 1 ns to 1 hour with 3 significant digits.
@@ -61,11 +62,13 @@ pub struct ListenerStats {
     pub resets_received: u64,
     /// Sum of the think samples, and the part of it spent waiting on each upstream peer.
     pub think_total_ns: u64,
-    pub think_waits: BTreeMap<SocketAddr, u64>,
+    pub think_waits: BTreeMap<Callee, u64>,
     /// Connections whose TLS handshake was seen complete.
     pub tls_connections: u64,
     /// How they were followed: bits of `tracer_common::tls` over all of them.
     pub tls_methods: u32,
+    /// Labels on: per request label.
+    pub endpoints: Endpoints,
 }
 
 impl ListenerStats {
@@ -117,6 +120,8 @@ pub struct PeerStats {
     pub unattributed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Labels on: per request label.
+    pub endpoints: Endpoints,
 }
 
 impl Default for PeerStats {
@@ -133,6 +138,7 @@ impl Default for PeerStats {
             unattributed: 0,
             bytes_in: 0,
             bytes_out: 0,
+            endpoints: Endpoints::default(),
         }
     }
 }
@@ -155,6 +161,7 @@ impl Default for ListenerStats {
             think_waits: BTreeMap::new(),
             tls_connections: 0,
             tls_methods: 0,
+            endpoints: Endpoints::default(),
         }
     }
 }
@@ -186,6 +193,18 @@ pub struct Stats {
     /// Per-socket state entries in the kernel at the last report (connections being
     /// traced right now); it returns to the number of open connections after a burst.
     pub tracked_sockets: u64,
+    /// Labels kept per listener and per peer (`--max-labels`); the rest are `other`.
+    pub max_labels: MaxLabels,
+}
+
+/// `--max-labels`.
+#[derive(Clone, Copy, Debug)]
+pub struct MaxLabels(pub usize);
+
+impl Default for MaxLabels {
+    fn default() -> Self {
+        Self(crate::endpoints::DEFAULT_MAX_LABELS)
+    }
 }
 
 impl Stats {
@@ -214,15 +233,38 @@ impl Stats {
                 bytes_out,
                 outcome,
                 think_waits,
+                labels,
             } => {
+                let max_labels = self.max_labels.0;
+                // A callee's label as its peer's table knows it (folded ones are `other`).
+                let waits: Vec<(Callee, u64)> =
+                    think_waits.iter().map(|(c, ns)| (self.callee_as_known(c), *ns)).collect();
                 let l = self.listener(*listener);
                 if let Some(think) = think_ns {
                     l.think_total_ns += think;
-                    for (peer, ns) in think_waits {
-                        *l.think_waits.entry(*peer).or_default() += ns;
+                    for (callee, ns) in waits {
+                        *l.think_waits.entry(callee).or_default() += ns;
                     }
                 }
-                l.requests += outcome.is_request() as u64;
+                if let Some(labels) = labels {
+                    let time = [recv_wait_ns, think_ns, send_ns, delivery_ns].iter().filter_map(|p| **p).sum::<u64>();
+                    let phases = [*recv_wait_ns, *think_ns, *send_ns, *delivery_ns];
+                    for_each_endpoint(&mut l.endpoints, max_labels, labels, *bytes_in, *bytes_out, |e| {
+                        e.aborted += (*outcome == Outcome::Aborted) as u64;
+                        if *outcome != Outcome::Answered {
+                            return;
+                        }
+                        e.time.record(time);
+                        for (sketch, ns) in
+                            [&mut e.recv_wait, &mut e.think, &mut e.send, &mut e.delivery].into_iter().zip(phases)
+                        {
+                            if let Some(ns) = ns {
+                                sketch.record(ns);
+                            }
+                        }
+                    });
+                }
+                l.requests += if outcome.is_request() { Labels::count(labels) } else { 0 };
                 l.aborted += (*outcome == Outcome::Aborted) as u64;
                 l.closed_by_peer += (*outcome == Outcome::ClosedByPeer) as u64;
                 l.bytes_in += bytes_in;
@@ -250,9 +292,18 @@ impl Stats {
                     *p.failures.entry(*outcome).or_default() += 1;
                 }
             }
-            Record::Upstream { peer, upstream_ns, bytes_out, bytes_in, answered } => {
+            Record::Upstream { peer, upstream_ns, bytes_out, bytes_in, answered, labels } => {
+                let max_labels = self.max_labels.0;
                 let p = self.peers.entry(*peer).or_default();
-                p.requests += 1;
+                if let Some(labels) = labels {
+                    for_each_endpoint(&mut p.endpoints, max_labels, labels, *bytes_in, *bytes_out, |e| {
+                        e.aborted += !answered as u64;
+                        if let Some(ns) = upstream_ns {
+                            e.upstream.record(*ns);
+                        }
+                    });
+                }
+                p.requests += Labels::count(labels);
                 p.bytes_out += bytes_out;
                 p.bytes_in += bytes_in;
                 if !answered {
@@ -280,6 +331,15 @@ impl Stats {
         }
     }
 
+    /// `callee` with its label as its peer's endpoint table names it.
+    fn callee_as_known(&self, callee: &Callee) -> Callee {
+        let Some(label) = &callee.label else { return callee.clone() };
+        match self.peers.get(&callee.peer).map(|p| p.endpoints.name_of(label)) {
+            Some(OTHER) => Callee { peer: callee.peer, label: Some(OTHER.into()) },
+            _ => callee.clone(),
+        }
+    }
+
     /// Requests in all listeners.
     pub fn total_requests(&self) -> u64 {
         self.listeners.values().map(|l| l.requests).sum()
@@ -287,6 +347,43 @@ impl Stats {
 
     pub fn total_connections(&self) -> u64 {
         self.listeners.values().map(|l| l.connections).sum()
+    }
+}
+
+/// Counts an exchange's requests in the endpoints of their labels: each label its
+/// requests (pipelined ones each), its share of the bytes, and its status classes and
+/// errors; `then(endpoint)` is called once per distinct label, to record the exchange's
+/// times once for each.
+fn for_each_endpoint(
+    table: &mut Endpoints,
+    max_labels: usize,
+    labels: &Labels,
+    bytes_in: u64,
+    bytes_out: u64,
+    mut then: impl FnMut(&mut EndpointStats),
+) {
+    let n = labels.requests.len() as u64;
+    if n == 0 {
+        return;
+    }
+    let mut done: Vec<&str> = Vec::new();
+    for (i, label) in labels.requests.iter().enumerate() {
+        let e = table.entry(label, max_labels);
+        e.requests += 1;
+        // Bytes shared evenly between pipelined requests, the remainder to the first.
+        let share = |total: u64| total / n + if i == 0 { total % n } else { 0 };
+        e.bytes_in += share(bytes_in);
+        e.bytes_out += share(bytes_out);
+        if let Some(status) = labels.statuses.get(i) {
+            e.count_status(*status);
+        }
+        if i == 0 {
+            e.errors += labels.errors as u64;
+        }
+        if !done.contains(&label.as_str()) {
+            then(e);
+            done.push(label);
+        }
     }
 }
 

@@ -5,17 +5,22 @@
 //! starts no earlier than the moment accept() returned the connection, so a request
 //! queued during `accept_wait` is not counted twice.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use rustc_hash::FxHashMap;
 
 use tracer_common::{
-    flags, origin, Bind, ConnAddr, ConnClose, ConnOpen, Request, TlsDone, UpstreamConnect, UpstreamRequest,
+    flags, origin, side, Bind, ConnAddr, ConnClose, ConnOpen, Payload, Request, TlsDone, UpstreamConnect,
+    UpstreamRequest,
 };
 
 use crate::{
     events::Event,
-    upstream::{ConnectOutcome, RequestKey, Wait, Waits},
+    labels::{self, Decoder, Routes},
+    upstream::{Callee, ConnectOutcome, RequestKey, Wait, Waits},
 };
 
 /// The server-side phases, in the order they happen.
@@ -70,6 +75,37 @@ impl Outcome {
     }
 }
 
+/// What the first bytes of an exchange said (`--labels`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// One label per request of the exchange, in order (pipelined requests each).
+    pub requests: Vec<String>,
+    /// HTTP status codes of the responses, in order.
+    pub statuses: Vec<u16>,
+    /// Error responses (PostgreSQL ErrorResponse, Redis error replies).
+    pub errors: u32,
+}
+
+impl Labels {
+    /// Requests the exchange stands for: pipelined requests each, and at least one.
+    pub fn count(labels: &Option<Box<Labels>>) -> u64 {
+        labels.as_ref().map_or(1, |l| l.requests.len().max(1) as u64)
+    }
+}
+
+/// A connection's protocol, and what its current exchange's bytes said.
+#[derive(Default)]
+struct Labelling {
+    /// Set once the protocol is known; `None` while it is not (yet).
+    decoder: Option<Decoder>,
+    /// Request payloads looked at without recognising a protocol.
+    tries: u8,
+    current: Labels,
+}
+
+/// Request payloads of a connection looked at for its protocol before giving up.
+const DETECT_TRIES: u8 = 3;
+
 /// What a finished piece of a timeline contributes to the statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
@@ -96,8 +132,10 @@ pub enum Record {
         bytes_in: u64,
         bytes_out: u64,
         outcome: Outcome,
-        /// The part of think spent waiting on each upstream peer.
-        think_waits: Vec<(SocketAddr, u64)>,
+        /// The part of think spent waiting on each upstream peer (and label).
+        think_waits: Vec<(Callee, u64)>,
+        /// Labels on: what the exchange's bytes said.
+        labels: Option<Box<Labels>>,
     },
     Closed(ClosedConnection),
     /// A connect() by the traced process ended.
@@ -114,6 +152,8 @@ pub enum Record {
         bytes_out: u64,
         bytes_in: u64,
         answered: bool,
+        /// Labels on: what the request's bytes said.
+        labels: Option<Box<Labels>>,
     },
     /// A server connection's TLS handshake completed.
     Tls {
@@ -194,6 +234,9 @@ pub struct Timeline {
     conns: FxHashMap<u64, Conn>,
     clients: FxHashMap<u64, Client>,
     waits: Waits,
+    /// Labels on: the `--route` patterns, and per connection its protocol and labels.
+    routes: Option<Routes>,
+    labelling: FxHashMap<u64, Labelling>,
 }
 
 fn span(from: u64, to: u64) -> Option<u64> {
@@ -224,6 +267,11 @@ impl Timeline {
         Self::default()
     }
 
+    /// A timeline that labels requests from their payloads (`--labels`).
+    pub fn with_labels(routes: Routes) -> Self {
+        Self { routes: Some(routes), ..Self::default() }
+    }
+
     /// Connections opened and not yet closed.
     pub fn open_connections(&self) -> usize {
         self.conns.len()
@@ -240,6 +288,7 @@ impl Timeline {
             Event::UpstreamRequest(r) => self.upstream_request(r, out),
             Event::Bind(b) => self.bind(b, out),
             Event::TlsDone(t) => self.tls_done(t, out),
+            Event::Payload(p, data) => self.payload(p, data),
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
     }
@@ -248,6 +297,34 @@ impl Timeline {
     /// request never will be.
     pub fn finish(&mut self, out: &mut Vec<Record>) {
         out.extend(self.waits.drain_unbound().into_iter().map(|peer| Record::Unattributed { peer }));
+    }
+
+    /// The first bytes of a request or response: its labels, kept for the exchange's
+    /// event, which comes next.
+    fn payload(&mut self, p: &Payload, data: &[u8]) {
+        let Some(routes) = &self.routes else { return };
+        let l = self.labelling.entry(p.header.sock).or_default();
+        if side::is_request(p.side) {
+            if l.decoder.is_none() && l.tries < DETECT_TRIES {
+                l.tries += 1;
+                l.decoder = labels::detect(data).map(Decoder::new);
+            }
+            l.current = Labels::default();
+            if let Some(d) = &mut l.decoder {
+                l.current.requests = d.requests(data, p.len as u32 >= p.total, routes);
+            }
+        } else if let Some(d) = &mut l.decoder {
+            let r = d.responses(data);
+            l.current.statuses = r.statuses;
+            l.current.errors = r.errors;
+        }
+    }
+
+    /// The labels of connection `sock`'s exchange that just ended.
+    fn take_labels(&mut self, sock: u64) -> Option<Box<Labels>> {
+        self.routes.as_ref()?;
+        let current = std::mem::take(&mut self.labelling.get_mut(&sock)?.current);
+        (!current.requests.is_empty() || !current.statuses.is_empty() || current.errors != 0).then(|| Box::new(current))
     }
 
     fn opened(&mut self, open: &ConnOpen, out: &mut Vec<Record>) {
@@ -289,6 +366,7 @@ impl Timeline {
         } else {
             Outcome::Answered
         };
+        let labels = self.take_labels(req.header.sock);
         let key = RequestKey { sock: req.header.sock, first_read_ns: req.first_read_ns };
         let think_waits = if outcome == Outcome::Answered {
             self.waits.attribute(key, req.last_read_ns, req.first_write_ns)
@@ -324,6 +402,7 @@ impl Timeline {
             bytes_out: req.bytes_out,
             outcome,
             think_waits,
+            labels,
         });
     }
 
@@ -368,14 +447,16 @@ impl Timeline {
 
     fn upstream_request(&mut self, r: &UpstreamRequest, out: &mut Vec<Record>) {
         let (_, peer) = endpoints(&r.addr);
-        let client = self.clients.entry(r.header.sock).or_insert(Client { peer, bytes_in: 0 });
-        client.bytes_in += r.bytes_in;
+        self.clients.entry(r.header.sock).or_insert(Client { peer, bytes_in: 0 }).bytes_in += r.bytes_in;
         let answered = r.flags & flags::ABORTED == 0;
+        let labels = self.take_labels(r.header.sock);
+        let callee =
+            Callee { peer, label: labels.as_ref().and_then(|l| l.requests.first()).map(|l| Arc::from(l.as_str())) };
         // The last write's return, or (when the response came first) its start.
         let last_write_ns = if r.last_write_ns != 0 { r.last_write_ns } else { r.first_write_ns };
         if answered && r.first_read_ns != 0 {
             // The request was waited on from its last write until its response was read.
-            let wait = Wait { peer, begun_ns: r.first_write_ns, start_ns: last_write_ns, end_ns: r.first_read_ns };
+            let wait = Wait { callee, begun_ns: r.first_write_ns, start_ns: last_write_ns, end_ns: r.first_read_ns };
             let bound =
                 (r.bound_sock != 0).then_some(RequestKey { sock: r.bound_sock, first_read_ns: r.bound_first_read_ns });
             let given_up = self.waits.record(bound, r.header.tid, wait);
@@ -395,10 +476,12 @@ impl Timeline {
             bytes_out: r.bytes_out,
             bytes_in: r.bytes_in,
             answered,
+            labels,
         });
     }
 
     fn closed(&mut self, close: &ConnClose, out: &mut Vec<Record>) {
+        self.labelling.remove(&close.header.sock);
         if let Some(client) = self.clients.remove(&close.header.sock) {
             out.push(Record::UpstreamClosed {
                 peer: client.peer,

@@ -19,7 +19,7 @@
 //! `local` is think minus that union. Upstream requests that no rule ties to a server
 //! request are counted as `unattributed` per peer, never guessed.
 
-use std::{collections::VecDeque, net::SocketAddr};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -65,10 +65,32 @@ impl ConnectOutcome {
     }
 }
 
-/// One upstream request's wait: from its last write to the first read of its response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wait {
+/// Whom an upstream request went to: the peer, and with labels on, the request's label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Callee {
     pub peer: SocketAddr,
+    pub label: Option<Arc<str>>,
+}
+
+impl From<SocketAddr> for Callee {
+    fn from(peer: SocketAddr) -> Self {
+        Self { peer, label: None }
+    }
+}
+
+impl std::fmt::Display for Callee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.label {
+            Some(label) => write!(f, "{} {label}", self.peer),
+            None => write!(f, "{}", self.peer),
+        }
+    }
+}
+
+/// One upstream request's wait: from its last write to the first read of its response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait {
+    pub callee: Callee,
     /// When the upstream request was first written (when it was bound).
     pub begun_ns: u64,
     pub start_ns: u64,
@@ -119,11 +141,11 @@ impl Waits {
             Some(key) => self.bind_one(key, wait, &mut given_up),
             None => {
                 if self.unbound.len() >= THREADS && !self.unbound.contains_key(&tid) {
-                    given_up.extend(self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.peer));
+                    given_up.extend(self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.callee.peer));
                 }
                 let waits = self.unbound.entry(tid).or_default();
                 if waits.len() >= PER_THREAD {
-                    given_up.extend(waits.pop_front().map(|w| w.peer));
+                    given_up.extend(waits.pop_front().map(|w| w.callee.peer));
                 }
                 waits.push_back(wait);
             }
@@ -133,12 +155,12 @@ impl Waits {
 
     fn bind_one(&mut self, key: RequestKey, wait: Wait, given_up: &mut Vec<SocketAddr>) {
         if self.settled.contains(&key) {
-            given_up.push(wait.peer);
+            given_up.push(wait.callee.peer);
             return;
         }
         let waits = self.bound.entry(key).or_default();
         if waits.len() >= PER_REQUEST {
-            given_up.push(wait.peer);
+            given_up.push(wait.callee.peer);
             return;
         }
         if waits.is_empty() {
@@ -148,7 +170,7 @@ impl Waits {
         while self.bound.len() > BOUND {
             let Some(oldest) = self.order.pop_front() else { break };
             if let Some(waits) = self.bound.remove(&oldest) {
-                given_up.extend(waits.iter().map(|w| w.peer));
+                given_up.extend(waits.iter().map(|w| w.callee.peer));
             }
         }
         if self.order.len() > 2 * self.bound.len() + 1024 {
@@ -166,7 +188,7 @@ impl Waits {
             if wait.begun_ns >= since_ns {
                 self.bind_one(key, wait, &mut given_up);
             } else {
-                given_up.push(wait.peer);
+                given_up.push(wait.callee.peer);
             }
         }
         given_up
@@ -174,7 +196,7 @@ impl Waits {
 
     /// The waits of server request `key` inside its think `[from, to]`, per peer (in
     /// the order first charged); the request is settled.
-    pub fn attribute(&mut self, key: RequestKey, from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
+    pub fn attribute(&mut self, key: RequestKey, from: u64, to: u64) -> Vec<(Callee, u64)> {
         let charged = match self.bound.remove(&key) {
             Some(waits) => charge(&waits, from, to),
             None => Vec::new(),
@@ -203,29 +225,29 @@ impl Waits {
     /// The peers of every wait still waiting for a bind: at the end of tracing, these
     /// are unattributed.
     pub fn drain_unbound(&mut self) -> Vec<SocketAddr> {
-        self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.peer).collect()
+        self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.callee.peer).collect()
     }
 }
 
 /// The union of `waits` clipped to `[from, to]`, per peer: each stretch of time covered
 /// by several waits goes to the one that ends last.
-fn charge(waits: &[Wait], from: u64, to: u64) -> Vec<(SocketAddr, u64)> {
-    let clipped: Vec<(u64, u64, SocketAddr)> = waits
+fn charge(waits: &[Wait], from: u64, to: u64) -> Vec<(Callee, u64)> {
+    let clipped: Vec<(u64, u64, &Callee)> = waits
         .iter()
-        .map(|w| (w.start_ns.max(from), w.end_ns.min(to), w.peer))
+        .map(|w| (w.start_ns.max(from), w.end_ns.min(to), &w.callee))
         .filter(|(start, end, _)| end > start)
         .collect();
     let mut points: Vec<u64> = clipped.iter().flat_map(|(s, e, _)| [*s, *e]).collect();
     points.sort_unstable();
     points.dedup();
-    let mut out: Vec<(SocketAddr, u64)> = Vec::new();
+    let mut out: Vec<(Callee, u64)> = Vec::new();
     for stretch in points.windows(2) {
         let (a, b) = (stretch[0], stretch[1]);
         let waiting_on = clipped.iter().filter(|(s, e, _)| *s <= a && *e >= b).max_by_key(|(_, e, _)| *e);
-        let Some((_, _, peer)) = waiting_on else { continue };
-        match out.iter_mut().find(|(p, _)| p == peer) {
+        let Some((_, _, callee)) = waiting_on else { continue };
+        match out.iter_mut().find(|(c, _)| c == *callee) {
             Some((_, ns)) => *ns += b - a,
-            None => out.push((*peer, b - a)),
+            None => out.push(((*callee).clone(), b - a)),
         }
     }
     out
@@ -237,12 +259,16 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    fn callee(port: u16) -> Callee {
+        peer(port).into()
+    }
+
     fn peer(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 5], port))
     }
 
     fn wait(port: u16, start_ms: u64, end_ms: u64) -> Wait {
-        Wait { peer: peer(port), begun_ns: start_ms * MS, start_ns: start_ms * MS, end_ns: end_ms * MS }
+        Wait { callee: peer(port).into(), begun_ns: start_ms * MS, start_ns: start_ms * MS, end_ns: end_ms * MS }
     }
 
     fn key(sock: u64, first_read_ms: u64) -> RequestKey {
@@ -258,7 +284,7 @@ mod tests {
         w.record(Some(key(1, 90)), 7, wait(5432, 170, 190));
         // Another request's wait, on the same thread and at the same time, is not A's.
         w.record(Some(key(2, 95)), 7, wait(5432, 100, 200));
-        assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![(peer(5432), 60 * MS), (peer(6379), 10 * MS)]);
+        assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![(callee(5432), 60 * MS), (callee(6379), 10 * MS)]);
         // Taken once.
         assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![]);
     }
@@ -276,7 +302,7 @@ mod tests {
         for i in 0..4u64 {
             let think = (i + 1) * MS..(i + 82) * MS;
             let charged = w.attribute(key(10 + i, i), think.start, think.end);
-            assert_eq!(charged, vec![(peer(8080), 80 * MS)], "request {i}");
+            assert_eq!(charged, vec![(callee(8080), 80 * MS)], "request {i}");
         }
     }
 
@@ -287,14 +313,14 @@ mod tests {
         let mut w = Waits::default();
         w.record(Some(key(1, 0)), 7, wait(1, 10, 50));
         w.record(Some(key(1, 0)), 8, wait(2, 20, 80));
-        assert_eq!(w.attribute(key(1, 0), 0, 100 * MS), vec![(peer(1), 10 * MS), (peer(2), 60 * MS)]);
+        assert_eq!(w.attribute(key(1, 0), 0, 100 * MS), vec![(callee(1), 10 * MS), (callee(2), 60 * MS)]);
     }
 
     #[test]
     fn waits_are_clipped_to_think() {
         let mut w = Waits::default();
         w.record(Some(key(1, 0)), 7, wait(1, 90, 130));
-        assert_eq!(w.attribute(key(1, 0), 100 * MS, 200 * MS), vec![(peer(1), 30 * MS)]);
+        assert_eq!(w.attribute(key(1, 0), 100 * MS, 200 * MS), vec![(callee(1), 30 * MS)]);
     }
 
     #[test]
@@ -303,7 +329,7 @@ mod tests {
         // response (here 9) plays no part.
         let mut w = Waits::default();
         w.record(Some(key(1, 0)), 9, wait(1, 10, 50));
-        assert_eq!(w.attribute(key(1, 0), 5 * MS, 60 * MS), vec![(peer(1), 40 * MS)]);
+        assert_eq!(w.attribute(key(1, 0), 5 * MS, 60 * MS), vec![(callee(1), 40 * MS)]);
     }
 
     #[test]
@@ -318,8 +344,8 @@ mod tests {
         w.record(None, 20, wait(1, 52, 53));
         w.record(None, 20, wait(1, 60, 90));
         assert_eq!(w.bind(20, key(6, 55), 55 * MS), vec![peer(1)]);
-        assert_eq!(w.attribute(key(5, 0), 1 * MS, 55 * MS), vec![(peer(1), 40 * MS)]);
-        assert_eq!(w.attribute(key(6, 55), 56 * MS, 95 * MS), vec![(peer(1), 30 * MS)]);
+        assert_eq!(w.attribute(key(5, 0), 1 * MS, 55 * MS), vec![(callee(1), 40 * MS)]);
+        assert_eq!(w.attribute(key(6, 55), 56 * MS, 95 * MS), vec![(callee(1), 30 * MS)]);
         // Calls no bind ever ties are unattributed at the end.
         w.record(None, 21, wait(1, 100, 110));
         assert_eq!(w.drain_unbound(), vec![peer(1)]);

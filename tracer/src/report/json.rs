@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{Format, Slow, Snapshot};
 use crate::{
+    endpoints::{EndpointStats, Endpoints, Sketch, OTHER, STATUS_CLASSES},
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
 };
@@ -57,6 +58,28 @@ struct ListenerJson {
     /// Present when TLS handshakes were seen on the listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<TlsJson>,
+    /// Labels on: per request label, most total time first, `other` last.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    endpoints: Vec<EndpointJson>,
+}
+
+#[derive(Serialize)]
+struct EndpointJson {
+    label: String,
+    requests: u64,
+    /// Listeners: requests aborted; peers: requests unanswered.
+    aborted: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// HTTP responses per status class.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    statuses: BTreeMap<&'static str, u64>,
+    /// Error responses (PostgreSQL ErrorResponse, Redis error replies).
+    errors: u64,
+    /// `other` only: the distinct labels folded into it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    folded_labels: Option<usize>,
+    phases: BTreeMap<&'static str, PhaseJson>,
 }
 
 #[derive(Serialize)]
@@ -81,7 +104,16 @@ struct ThinkJson {
 #[derive(Serialize)]
 struct PeerWaitJson {
     peer: String,
+    /// Labels on: the upstream requests' label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
     wait_ns: u64,
+}
+
+impl PeerWaitJson {
+    fn new(callee: &crate::upstream::Callee, wait_ns: u64) -> Self {
+        Self { peer: callee.peer.to_string(), label: callee.label.as_deref().map(str::to_owned), wait_ns }
+    }
 }
 
 #[derive(Serialize)]
@@ -96,6 +128,8 @@ struct UpstreamJson {
     bytes_in: u64,
     bytes_out: u64,
     phases: BTreeMap<&'static str, serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    endpoints: Vec<EndpointJson>,
 }
 
 #[derive(Serialize)]
@@ -118,6 +152,42 @@ struct ReportJson {
     checks: Vec<CheckJson>,
 }
 
+/// A phase of an endpoint, from its compact histogram.
+fn sketch_json(s: &Sketch) -> PhaseJson {
+    PhaseJson {
+        count: s.len(),
+        mean_ns: s.mean().round() as u64,
+        p50_ns: s.quantile(0.5),
+        p90_ns: s.quantile(0.9),
+        p99_ns: s.quantile(0.99),
+        p999_ns: s.quantile(0.999),
+        max_ns: s.max(),
+    }
+}
+
+fn endpoints_json(table: &Endpoints, phases: &[&'static str]) -> Vec<EndpointJson> {
+    table
+        .ranked()
+        .into_iter()
+        .map(|(label, e): (&str, &EndpointStats)| EndpointJson {
+            label: label.to_owned(),
+            requests: e.requests,
+            aborted: e.aborted,
+            bytes_in: e.bytes_in,
+            bytes_out: e.bytes_out,
+            statuses: STATUS_CLASSES
+                .iter()
+                .zip(e.statuses)
+                .filter(|(_, n)| *n > 0)
+                .map(|(class, n)| (*class, n))
+                .collect(),
+            errors: e.errors,
+            folded_labels: (label == OTHER && table.folded() > 0).then(|| table.folded()),
+            phases: phases.iter().filter_map(|p| Some((*p, sketch_json(e.phase(p)?)))).collect(),
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct CheckJson {
     check: String,
@@ -135,6 +205,8 @@ struct SlowJson {
     listener: u16,
     pid: u32,
     remote: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
     total_ns: u64,
     largest: &'static str,
     phases: BTreeMap<&'static str, u64>,
@@ -188,11 +260,8 @@ fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static s
             think_ns: l.think_total_ns,
             local_ns: l.think_local_ns(),
             peers: {
-                let mut peers: Vec<_> = l
-                    .think_waits
-                    .iter()
-                    .map(|(peer, ns)| PeerWaitJson { peer: peer.to_string(), wait_ns: *ns })
-                    .collect();
+                let mut peers: Vec<_> =
+                    l.think_waits.iter().map(|(callee, ns)| PeerWaitJson::new(callee, *ns)).collect();
                 peers.sort_by(|a, b| b.wait_ns.cmp(&a.wait_ns));
                 peers
             },
@@ -202,6 +271,7 @@ fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static s
             connections: l.tls_connections,
             approximate,
         }),
+        endpoints: endpoints_json(&l.endpoints, &["time", "recv_wait", "think", "send", "delivery"]),
     }
 }
 
@@ -221,6 +291,7 @@ fn upstream_json(peer: &SocketAddr, p: &PeerStats, unavailable: &BTreeMap<&'stat
             ("tls", phase_value("tls", &p.tls, unavailable)),
             ("upstream", phase_value("upstream", &p.upstream, unavailable)),
         ]),
+        endpoints: endpoints_json(&p.endpoints, &["upstream"]),
     }
 }
 
@@ -250,14 +321,11 @@ impl Format for Json {
             listener: s.listener,
             pid: s.pid,
             remote: s.remote.map(|r| r.to_string()),
+            label: s.label.clone(),
             total_ns: s.total_ns,
             largest: s.largest,
             phases: s.phases.iter().copied().collect(),
-            think_waits: s
-                .think_waits
-                .iter()
-                .map(|(p, ns)| PeerWaitJson { peer: p.to_string(), wait_ns: *ns })
-                .collect(),
+            think_waits: s.think_waits.iter().map(|(callee, ns)| PeerWaitJson::new(callee, *ns)).collect(),
         })
         .expect("serializable")
             + "\n"

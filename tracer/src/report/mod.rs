@@ -9,6 +9,7 @@ use crate::{
     checks::Verdict,
     stats::Stats,
     timeline::{ClosedConnection, Outcome, Record},
+    upstream::Callee,
 };
 
 /// Why a report is printed.
@@ -44,18 +45,21 @@ pub struct Slow {
     pub listener: u16,
     pub pid: u32,
     pub remote: Option<SocketAddr>,
+    /// Labels on: the request's label (the first, when pipelined).
+    pub label: Option<String>,
     pub total_ns: u64,
     /// The phases that happened, in order.
     pub phases: Vec<(&'static str, u64)>,
     pub largest: &'static str,
     /// The part of think spent waiting on upstream peers.
-    pub think_waits: Vec<(SocketAddr, u64)>,
+    pub think_waits: Vec<(Callee, u64)>,
 }
 
 impl Slow {
     /// The slow request or connection setup in `record`, if it took longer than
     /// `threshold_ns`. Only answered requests are timed, so only they can be slow.
     pub fn from_record(record: &Record, threshold_ns: u64) -> Option<Slow> {
+        let mut label = None;
         let (what, listener, pid, remote, phases, think_waits) = match record {
             Record::Opened { listener, remote, pid, handshake_ns, accept_wait_ns, .. } => (
                 "connection",
@@ -78,6 +82,7 @@ impl Slow {
                 send_ns,
                 delivery_ns,
                 think_waits,
+                labels,
                 ..
             } => (
                 "request",
@@ -90,7 +95,10 @@ impl Slow {
                     ("send", *send_ns),
                     ("delivery", *delivery_ns),
                 ],
-                think_waits.clone(),
+                {
+                    label = labels.as_ref().and_then(|l| l.requests.first().cloned());
+                    think_waits.clone()
+                },
             ),
             _ => return None,
         };
@@ -100,7 +108,7 @@ impl Slow {
             return None;
         }
         let largest = phases.iter().max_by_key(|(_, v)| *v).map(|(n, _)| *n)?;
-        Some(Slow { what, listener, pid, remote, total_ns, phases, largest, think_waits })
+        Some(Slow { what, listener, pid, remote, label, total_ns, phases, largest, think_waits })
     }
 }
 
@@ -147,6 +155,7 @@ mod tests {
             bytes_out: 1,
             outcome: if aborted { Outcome::Aborted } else { Outcome::Answered },
             think_waits: vec![],
+            labels: None,
         }
     }
 

@@ -1,0 +1,128 @@
+//! Request labels (`--labels`): the first bytes of a request's first read and of its
+//! response's first write, on the traced connections only, copied to userspace, which
+//! derives the label (method and route, statement kind and table, command name) and keeps
+//! nothing else.
+//!
+//! The bytes are taken from the application's own buffer, found from the system call
+//! being made: the read and write hooks run inside `read`/`recvfrom`/`recvmsg`/`readv`
+//! (and their write twins), whose arguments are the task's saved user registers
+//! (`bpf_task_pt_regs`, 5.15+). That works the same from every hook implementation —
+//! tracepoints, trampolines, kprobes — and for a read the data is already in the buffer
+//! when the hook runs. Calls made another way (io_uring, sendfile, a TLS library's
+//! plaintext) give no bytes: their requests are unlabelled.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output, bpf_task_pt_regs,
+        },
+    },
+    macros::map,
+    maps::PerCpuArray,
+};
+use tracer_common::{counter, kind, side, Payload};
+
+use crate::{
+    conn::header,
+    maps::{bump, submit_flags, CONFIG, EVENTS},
+};
+
+/// Whether labels are on (a constant the verifier sees: with labels off the capture is
+/// dead code, never verified, so a kernel without `bpf_task_pt_regs` loads the hooks).
+#[inline(always)]
+pub fn labels() -> bool {
+    unsafe { core::ptr::read_volatile(&CONFIG.labels) != 0 }
+}
+
+/// The fixed part and the copied bytes, built per CPU (too big for the BPF stack) and
+/// output as one variable-length record.
+#[repr(C)]
+pub struct PayloadBuf {
+    pub head: Payload,
+    pub data: [u8; side::REQUEST_BYTES as usize],
+}
+
+#[map]
+static PAYLOAD: PerCpuArray<PayloadBuf> = PerCpuArray::with_max_entries(1, 0);
+
+// x86_64 `struct pt_regs`, as saved at system call entry.
+const REG_DX: u64 = 12 * 8;
+const REG_SI: u64 = 13 * 8;
+const REG_ORIG_AX: u64 = 15 * 8;
+
+// x86_64 system call numbers.
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+const SYS_SENDMSG: u64 = 46;
+const SYS_RECVMSG: u64 = 47;
+
+#[inline(always)]
+fn reg(regs: u64, at: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_kernel((regs + at) as *const u64) }.ok()
+}
+
+#[inline(always)]
+fn user_u64(at: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(at as *const u64) }.ok()
+}
+
+/// The first buffer of the system call the current task is making, and its length.
+#[inline(always)]
+fn syscall_buffer() -> Option<(u64, u64)> {
+    let task = unsafe { bpf_get_current_task_btf() };
+    let regs = unsafe { bpf_task_pt_regs(task) } as u64;
+    if regs == 0 {
+        return None;
+    }
+    let nr = reg(regs, REG_ORIG_AX)?;
+    let arg = reg(regs, REG_SI)?;
+    let iov = match nr {
+        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => return Some((arg, reg(regs, REG_DX)?)),
+        SYS_READV | SYS_WRITEV => arg,
+        // `struct user_msghdr`: msg_iov after the name and its length.
+        SYS_RECVMSG | SYS_SENDMSG => user_u64(arg + 16)?,
+        _ => return None,
+    };
+    Some((user_u64(iov)?, user_u64(iov + 8)?))
+}
+
+/// Copies the first bytes of what the current call reads or writes on `sk` (`done`: the
+/// bytes a read returned, `u64::MAX` for a write about to start) and sends them to
+/// userspace as a [`Payload`] of `which` side.
+// A subprogram of its own: the hooks' stack frames do not grow by its locals.
+#[inline(never)]
+pub fn capture(sk: u64, owner: u32, which: u16, done: u64) {
+    let Some((at, len)) = syscall_buffer() else { return };
+    let total = if done < len { done } else { len };
+    let limit = if side::is_request(which) { side::REQUEST_BYTES } else { side::RESPONSE_BYTES } as u64;
+    let mut n = if total < limit { total } else { limit };
+    if n == 0 {
+        return;
+    }
+    let Some(buf) = PAYLOAD.get_ptr_mut(0) else { return };
+    let buf = unsafe { &mut *buf };
+    // Bounds the verifier can see, whatever the compiler made of the comparisons above.
+    n &= (side::REQUEST_BYTES as u64 * 2) - 1;
+    if n > side::REQUEST_BYTES as u64 {
+        return;
+    }
+    if unsafe { probe_read_user_raw(buf.data.as_mut_ptr().cast(), n as u32, at as *const _) } != 0 {
+        return;
+    }
+    buf.head = Payload {
+        header: header(kind::PAYLOAD, owner, sk, 0),
+        side: which,
+        len: n as u16,
+        total: if total > u32::MAX as u64 { u32::MAX } else { total as u32 },
+    };
+    let size = size_of::<Payload>() as u64 + n;
+    let map = core::ptr::addr_of!(EVENTS) as *mut core::ffi::c_void;
+    if unsafe { bpf_ringbuf_output(map, (buf as *mut PayloadBuf).cast(), size, submit_flags()) } != 0 {
+        bump(counter::LOST_EVENTS);
+    }
+}
