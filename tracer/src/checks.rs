@@ -7,6 +7,13 @@
 //! statistics and a number for counters and `count`. Without a scope a phase merges all
 //! listeners (server phases) or all peers (`connect`, `upstream`), and a counter sums
 //! them.
+//!
+//! With `--labels`, a scope may also name a request label in double quotes, alone or
+//! after the listener or peer: `think[:8080 "GET /products"].p99<50ms`,
+//! `upstream[10.0.0.5:5432 "SELECT items"].p50<5ms`, `requests["GET /products"]>=10`.
+//! Labelled scopes take the per-request phases (`recv_wait`, `think`, `send`,
+//! `delivery`, `time` — their sum — and `upstream`) and the counters `requests`,
+//! `aborted`, `bytes_in`, `bytes_out`, `errors`, `upstream_requests` and `unanswered`.
 
 use std::{fmt, net::SocketAddr};
 
@@ -15,10 +22,27 @@ use hdrhistogram::Histogram;
 
 use crate::{
     cli::parse_duration,
+    endpoints::{EndpointStats, Endpoints},
     report::duration,
     stats::{new_histogram, ListenerStats, PeerStats, Stats},
     timeline::Phase,
 };
+
+/// A phase statistic of `hist`, or why it cannot be judged.
+fn judge(hist: &Histogram<u64>, name: &str, stat: &Stat, min_samples: u64) -> Result<f64, String> {
+    if *stat == Stat::Count {
+        return Ok(hist.len() as f64);
+    }
+    if hist.len() < min_samples {
+        return Err(format!("only {} samples of {name} (--min-samples {min_samples}): too few to judge", hist.len()));
+    }
+    Ok(match stat {
+        Stat::Count => unreachable!(),
+        Stat::Mean => hist.mean(),
+        Stat::Quantile(q) => hist.value_at_quantile(*q) as f64,
+        Stat::Max => hist.max() as f64,
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stat {
@@ -81,13 +105,22 @@ pub enum Subject {
     Phase {
         name: String,
         scope: Scope,
+        /// Only the requests with this label.
+        label: Option<String>,
         stat: Stat,
     },
     Counter {
         name: String,
         scope: Scope,
+        label: Option<String>,
     },
 }
+
+/// Phases a labelled scope has: the request's own, their sum, and the upstream wait.
+const LABELLED_PHASES: [&str; 6] = ["recv_wait", "think", "send", "delivery", "time", "upstream"];
+/// Counters a labelled scope has.
+const LABELLED_COUNTERS: [&str; 7] =
+    ["requests", "aborted", "bytes_in", "bytes_out", "errors", "upstream_requests", "unanswered"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
@@ -132,35 +165,58 @@ fn parse_scope(s: &str) -> Result<Scope> {
         .with_context(|| format!("'{s}' is neither a listening port (:8080) nor a peer (10.0.0.5:5432, [::1]:80)"))
 }
 
+/// A scope's listener or peer, and its label in double quotes.
+fn parse_labelled_scope(s: &str) -> Result<(Scope, Option<String>)> {
+    let Some(open) = s.find('"') else { return Ok((parse_scope(s)?, None)) };
+    let close = s.rfind('"').filter(|c| *c > open).context("a label in a scope needs its closing '\"'")?;
+    if !s[close + 1..].trim().is_empty() {
+        bail!("unexpected '{}' after the label", s[close + 1..].trim());
+    }
+    let label = s[open + 1..close].to_owned();
+    if label.is_empty() {
+        bail!("empty label in the scope");
+    }
+    let rest = s[..open].trim();
+    let scope = if rest.is_empty() { Scope::All } else { parse_scope(rest)? };
+    Ok((scope, Some(label)))
+}
+
 /// `NAME` or `NAME[SCOPE]`, and what follows.
-fn split_scope(s: &str) -> Result<(&str, Scope, &str)> {
+fn split_scope(s: &str) -> Result<(&str, Scope, Option<String>, &str)> {
     match s.find('[') {
-        None => Ok((s, Scope::All, "")),
+        None => Ok((s, Scope::All, None, "")),
         Some(open) => {
             // Matching bracket: an IPv6 peer brings its own ([[::1]:80]).
             let mut depth = 0;
+            let mut quoted = false;
             let close = s[open..]
                 .char_indices()
                 .find(|&(_, c)| {
-                    depth += match c {
-                        '[' => 1,
-                        ']' => -1,
+                    if c == '"' {
+                        quoted = !quoted;
+                    }
+                    depth += match (c, quoted) {
+                        ('[', false) => 1,
+                        (']', false) => -1,
                         _ => 0,
                     };
                     depth == 0
                 })
                 .map(|(i, _)| open + i)
                 .context("'[' without a closing ']'")?;
-            Ok((&s[..open], parse_scope(&s[open + 1..close])?, &s[close + 1..]))
+            let (scope, label) = parse_labelled_scope(&s[open + 1..close])?;
+            Ok((&s[..open], scope, label, &s[close + 1..]))
         }
     }
 }
 
 pub fn parse(text: &str) -> Result<Check> {
     let context = || format!("in --check '{text}'");
+    // The comparison comes after the scope, whose label may hold any character.
+    let after_scope = text.rfind(']').map_or(0, |i| i + 1);
     let (at, op_len, op) = ["<=", ">=", "==", "!=", "<", ">"]
         .iter()
-        .find_map(|op| text.find(op).map(|at| (at, op.len(), *op)))
+        .find_map(|op| text[after_scope..].find(op).map(|at| (after_scope + at, op.len(), *op)))
         .with_context(|| format!("no comparison (<, <=, >, >=, ==, !=) {}", context()))?;
     let op = match op {
         "<=" => Op::Le,
@@ -174,11 +230,14 @@ pub fn parse(text: &str) -> Result<Check> {
     if rhs.is_empty() {
         bail!("nothing to compare with after the operator {}", context());
     }
-    let (name, scope, rest) = split_scope(lhs).with_context(context)?;
+    let (name, scope, label, rest) = split_scope(lhs).with_context(context)?;
     let name = name.trim();
     let subject = if let Some(stat) = rest.strip_prefix('.').or_else(|| name.split_once('.').map(|(_, s)| s)) {
         let name = name.split_once('.').map_or(name, |(n, _)| n);
-        if !is_server_phase(name) && !CLIENT_PHASES.contains(&name) {
+        if label.is_some() && !LABELLED_PHASES.contains(&name) {
+            bail!("a labelled scope has the phases {} {}", LABELLED_PHASES.join(", "), context());
+        }
+        if !is_server_phase(name) && !CLIENT_PHASES.contains(&name) && label.is_none() {
             bail!(
                 "unknown phase '{name}' {}: use handshake, accept_wait, tls, recv_wait, think, send, delivery, connect or upstream",
                 context()
@@ -187,14 +246,19 @@ pub fn parse(text: &str) -> Result<Check> {
         let stat = Stat::parse(stat).with_context(|| {
             format!("unknown statistic '{stat}' {}: use count, mean, p50, p90, p99, p99.9 or max", context())
         })?;
-        Subject::Phase { name: name.to_owned(), scope, stat }
+        Subject::Phase { name: name.to_owned(), scope, label, stat }
     } else if !rest.trim().is_empty() {
         bail!("unexpected '{rest}' after the scope {}", context());
+    } else if label.is_some() {
+        if !LABELLED_COUNTERS.contains(&name) {
+            bail!("a labelled scope has the counters {} {}", LABELLED_COUNTERS.join(", "), context());
+        }
+        Subject::Counter { name: name.to_owned(), scope, label }
     } else if LISTENER_COUNTERS.contains(&name) || PEER_COUNTERS.contains(&name) || GLOBAL_COUNTERS.contains(&name) {
         if GLOBAL_COUNTERS.contains(&name) && scope != Scope::All {
             bail!("{name} is not per listener or peer {}", context());
         }
-        Subject::Counter { name: name.to_owned(), scope }
+        Subject::Counter { name: name.to_owned(), scope, label: None }
     } else if is_server_phase(name) || CLIENT_PHASES.contains(&name) {
         bail!("a phase needs a statistic, e.g. {name}.p99 {}", context());
     } else {
@@ -261,11 +325,42 @@ fn merged<'a>(hists: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u64>
     out
 }
 
+/// The endpoints labelled `label` in the listeners (or, for peer-side names, the peers)
+/// of `scope`.
+fn endpoints<'a>(
+    stats: &'a Stats,
+    scope: &Scope,
+    label: &str,
+    peer_side: bool,
+) -> Result<Vec<&'a EndpointStats>, String> {
+    let tables: Vec<&Endpoints> = if peer_side {
+        peers(stats, scope)?.into_iter().map(|p| &p.endpoints).collect()
+    } else {
+        listeners(stats, scope)?.into_iter().map(|l| &l.endpoints).collect()
+    };
+    let found: Vec<&EndpointStats> = tables.into_iter().filter_map(|t| t.get(label)).collect();
+    if found.is_empty() {
+        let scope = match scope {
+            Scope::All => String::new(),
+            Scope::Listener(port) => format!(" on :{port}"),
+            Scope::Peer(peer) => format!(" to {peer}"),
+        };
+        return Err(format!("no request labelled \"{label}\" was seen{scope} (is --labels on?)"));
+    }
+    Ok(found)
+}
+
 fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String> {
     match &check.subject {
-        Subject::Phase { name, scope, stat } => {
+        Subject::Phase { name, scope, stat, label } => {
             if let Some(why) = stats.unavailable.get(name.as_str()) {
                 return Err(format!("{name} is unavailable on this kernel: {why}"));
+            }
+            if let Some(label) = label {
+                let found = endpoints(stats, scope, label, name == "upstream")?;
+                let hists: Vec<Histogram<u64>> =
+                    found.iter().filter_map(|e| e.phase(name)).map(|s| s.to_histogram()).collect();
+                return judge(&merged(hists.iter()), name, stat, min_samples);
             }
             // `tls` is both: a listener's handshakes, or (scoped to a peer) the upstream
             // connections' to that peer.
@@ -280,23 +375,24 @@ fn measure(check: &Check, stats: &Stats, min_samples: u64) -> Result<f64, String
                     _ => &p.upstream,
                 }))
             };
-            if *stat == Stat::Count {
-                return Ok(hist.len() as f64);
-            }
-            if hist.len() < min_samples {
-                return Err(format!(
-                    "only {} samples of {name} (--min-samples {min_samples}): too few to judge",
-                    hist.len()
-                ));
-            }
-            Ok(match stat {
-                Stat::Count => unreachable!(),
-                Stat::Mean => hist.mean(),
-                Stat::Quantile(q) => hist.value_at_quantile(*q) as f64,
-                Stat::Max => hist.max() as f64,
-            })
+            judge(&hist, name, stat, min_samples)
         }
-        Subject::Counter { name, scope } => {
+        Subject::Counter { name, scope, label: Some(label) } => {
+            let peer_side =
+                matches!(name.as_str(), "upstream_requests" | "unanswered") || matches!(scope, Scope::Peer(_));
+            let found = endpoints(stats, scope, label, peer_side)?;
+            Ok(found
+                .iter()
+                .map(|e| match name.as_str() {
+                    "requests" | "upstream_requests" => e.requests,
+                    "aborted" | "unanswered" => e.aborted,
+                    "bytes_in" => e.bytes_in,
+                    "bytes_out" => e.bytes_out,
+                    _ => e.errors,
+                })
+                .sum::<u64>() as f64)
+        }
+        Subject::Counter { name, scope, label: None } => {
             let name = name.as_str();
             if let Some(i) = GLOBAL_COUNTERS.iter().position(|c| *c == name) {
                 return Ok([stats.lost_events, stats.state_full, stats.missed_setups][i] as f64);
@@ -369,7 +465,10 @@ mod tests {
     #[test]
     fn parses_the_documented_forms() {
         let c = parse("think.p99<50ms").unwrap();
-        assert_eq!(c.subject, Subject::Phase { name: "think".into(), scope: Scope::All, stat: Stat::Quantile(0.99) });
+        assert_eq!(
+            c.subject,
+            Subject::Phase { name: "think".into(), scope: Scope::All, label: None, stat: Stat::Quantile(0.99) }
+        );
         assert_eq!((c.op, c.limit), (Op::Lt, 50e6));
         let c = parse("accept_wait.max <= 10ms").unwrap();
         assert_eq!((c.op, c.limit), (Op::Le, 10e6));
@@ -379,13 +478,19 @@ mod tests {
             Subject::Phase {
                 name: "upstream".into(),
                 scope: Scope::Peer("127.0.0.1:5432".parse().unwrap()),
+                label: None,
                 stat: Stat::Quantile(0.5)
             }
         );
         let c = parse("think[:8080].p99.9<1s").unwrap();
         assert_eq!(
             c.subject,
-            Subject::Phase { name: "think".into(), scope: Scope::Listener(8080), stat: Stat::Quantile(0.999) }
+            Subject::Phase {
+                name: "think".into(),
+                scope: Scope::Listener(8080),
+                label: None,
+                stat: Stat::Quantile(0.999)
+            }
         );
         let c = parse("connect[[::1]:5432].max<1s").unwrap();
         assert_eq!(
@@ -393,12 +498,13 @@ mod tests {
             Subject::Phase {
                 name: "connect".into(),
                 scope: Scope::Peer("[::1]:5432".parse().unwrap()),
+                label: None,
                 stat: Stat::Max
             }
         );
         assert_eq!(
             parse("listen_drops==0").unwrap().subject,
-            Subject::Counter { name: "listen_drops".into(), scope: Scope::All }
+            Subject::Counter { name: "listen_drops".into(), scope: Scope::All, label: None }
         );
         assert_eq!(parse("requests[8080]>=100").unwrap().limit, 100.0);
         assert_eq!(parse("think.count>=20").unwrap().limit, 20.0);

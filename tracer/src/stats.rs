@@ -403,7 +403,8 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             outcome: Outcome::Answered,
-            think_waits: vec![(SocketAddr::from(([10, 0, 0, 5], 5432)), think_ms * 1_000_000 / 2)],
+            think_waits: vec![(SocketAddr::from(([10, 0, 0, 5], 5432)).into(), think_ms * 1_000_000 / 2)],
+            labels: None,
         }
     }
 

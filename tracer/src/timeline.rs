@@ -637,6 +637,7 @@ mod tests {
                 bytes_out: 10,
                 outcome: Outcome::Aborted,
                 think_waits: vec![],
+                labels: None,
             }
         );
     }
@@ -733,7 +734,7 @@ mod tests {
         out.iter()
             .filter_map(|r| match r {
                 Record::Exchange { think_ns, think_waits, .. } => {
-                    Some((*think_ns, think_waits.iter().map(|(p, ns)| (p.port(), *ns)).collect()))
+                    Some((*think_ns, think_waits.iter().map(|(c, ns)| (c.peer.port(), *ns)).collect()))
                 }
                 _ => None,
             })

@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 
 use super::{duration, Format, Slow, Snapshot};
 use crate::{
+    endpoints::{EndpointStats, Endpoints, Sketch, OTHER, STATUS_CLASSES},
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
 };
@@ -107,6 +108,99 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavaila
     if let Some(line) = think_attribution(l) {
         let _ = writeln!(out, "  {line}");
     }
+    endpoint_table(out, &l.endpoints, &["time", "think"], "out/req", |e| e.bytes_out);
+}
+
+/// Endpoints shown in the text report per listener or peer (JSON has them all).
+const TOP_ENDPOINTS: usize = 10;
+/// Columns of an endpoint's label in the text report.
+const LABEL_COLUMNS: usize = 26;
+
+/// `label` cut to `width` characters (the text report's column; JSON has it whole).
+fn fit(label: &str, width: usize) -> String {
+    if label.chars().count() <= width {
+        label.to_owned()
+    } else {
+        label.chars().take(width - 1).chain(['…']).collect()
+    }
+}
+
+/// Bytes, three significant digits: `320B`, `12.3kB`, `1.20MB`.
+pub fn bytes(n: f64) -> String {
+    let (value, unit) = match n {
+        n if n < 1e3 => return format!("{n:.0}B"),
+        n if n < 1e6 => (n / 1e3, "kB"),
+        n if n < 1e9 => (n / 1e6, "MB"),
+        n => (n / 1e9, "GB"),
+    };
+    if value >= 100.0 {
+        format!("{value:.0}{unit}")
+    } else if value >= 10.0 {
+        format!("{value:.1}{unit}")
+    } else {
+        format!("{value:.2}{unit}")
+    }
+}
+
+/// The endpoints of a listener or peer, most total time first: requests, p50 and p99
+/// of each of `phases`, and `per_request` bytes; then their status classes and errors.
+fn endpoint_table(
+    out: &mut String,
+    table: &Endpoints,
+    phases: &[&str],
+    per_request: &str,
+    bytes_of: impl Fn(&EndpointStats) -> u64,
+) {
+    if table.is_empty() {
+        return;
+    }
+    let ranked = table.ranked();
+    let mut head = format!("  {:<LABEL_COLUMNS$} {:>6}", "endpoint", "count");
+    for p in phases {
+        let p = if *p == "upstream" { "up" } else { p };
+        head += &format!(" {:>7} {:>7}", format!("{p} p50"), "p99");
+    }
+    let _ = writeln!(out, "{head} {per_request:>7}");
+    let row = |sketch: Option<&Sketch>, q: f64| match sketch {
+        Some(s) if !s.is_empty() => duration(s.quantile(q)),
+        _ => "-".to_owned(),
+    };
+    for (label, e) in ranked.iter().take(TOP_ENDPOINTS) {
+        let name = match *label {
+            OTHER => format!("{OTHER} ({} labels)", table.folded()),
+            l => l.to_owned(),
+        };
+        let mut line = format!("  {:<LABEL_COLUMNS$} {:>6}", fit(&name, LABEL_COLUMNS), e.requests);
+        for p in phases {
+            line += &format!(" {:>7} {:>7}", row(e.phase(p), 0.5), row(e.phase(p), 0.99));
+        }
+        let per = if e.requests == 0 { 0.0 } else { bytes_of(e) as f64 / e.requests as f64 };
+        let _ = writeln!(out, "{line} {:>7}", bytes(per));
+    }
+    if ranked.len() > TOP_ENDPOINTS {
+        let _ = writeln!(out, "  … {} more endpoints (all in --output json)", ranked.len() - TOP_ENDPOINTS);
+    }
+    let outcomes: Vec<String> = ranked
+        .iter()
+        .filter_map(|(label, e)| {
+            let mut parts: Vec<String> = STATUS_CLASSES
+                .iter()
+                .zip(e.statuses)
+                .filter(|(class, n)| *n > 0 && **class != "2xx")
+                .map(|(class, n)| format!("{class} {n}"))
+                .collect();
+            if e.errors > 0 {
+                parts.push(format!("errors {}", e.errors));
+            }
+            if e.aborted > 0 {
+                parts.push(format!("aborted {}", e.aborted));
+            }
+            (!parts.is_empty()).then(|| format!("{} {}", fit(label, LABEL_COLUMNS), parts.join(" ")))
+        })
+        .collect();
+    if !outcomes.is_empty() {
+        let _ = writeln!(out, "  {}", wrap("not 2xx: ", &outcomes));
+    }
 }
 
 fn header_row(out: &mut String) {
@@ -180,6 +274,7 @@ pub fn peer_section(out: &mut String, peer: &std::net::SocketAddr, p: &PeerStats
         phase_row(out, "tls", &p.tls, unavailable);
     }
     phase_row(out, "upstream", &p.upstream, unavailable);
+    endpoint_table(out, &p.endpoints, &["upstream"], "in/req", |e| e.bytes_in);
 }
 
 /// Where a typical connection's time goes: each phase's mean as a share of the sum of
@@ -235,9 +330,10 @@ impl Format for Text {
             })
             .collect();
         let mut line = format!(
-            "slow {} :{} <- {} pid {}: {} = {}",
+            "slow {} :{}{} <- {} pid {}: {} = {}",
             s.what,
             s.listener,
+            s.label.as_ref().map_or_else(String::new, |l| format!(" {l}")),
             s.remote.map_or_else(|| "?".to_owned(), |r| r.to_string()),
             s.pid,
             duration(s.total_ns),
@@ -343,8 +439,8 @@ mod tests {
         let mut l = ListenerStats::default();
         assert_eq!(think_attribution(&l), None);
         l.think_total_ns = 1_000;
-        l.think_waits.insert("10.0.0.5:5432".parse().unwrap(), 900);
-        l.think_waits.insert("10.0.0.6:5432".parse().unwrap(), 50);
+        l.think_waits.insert("10.0.0.5:5432".parse::<std::net::SocketAddr>().unwrap().into(), 900);
+        l.think_waits.insert("10.0.0.6:5432".parse::<std::net::SocketAddr>().unwrap().into(), 50);
         assert_eq!(think_attribution(&l).unwrap(), "think waits on: 90% 10.0.0.5:5432, 5% 10.0.0.6:5432, 5% local");
     }
 
@@ -359,7 +455,7 @@ mod tests {
         l.think_total_ns = 1_000_000;
         for (i, port) in [5432, 5433, 5434, 5435].into_iter().enumerate() {
             let peer = std::net::SocketAddr::from(([0xfe80, 0, 0, 0, 0, 0, 0, 1 + i as u16], port));
-            l.think_waits.insert(peer, 100_000);
+            l.think_waits.insert(peer.into(), 100_000);
         }
         let mut p = PeerStats::default();
         p.failures.insert(crate::upstream::ConnectOutcome::NetworkUnreachable, 12);
