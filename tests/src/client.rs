@@ -36,10 +36,14 @@ pub struct ClientOptions {
     /// Wait this long after connect() returns before sending the first request.
     #[arg(long, default_value_t = 0)]
     pub pause_after_connect_ms: u64,
+    /// Request these paths in order on each connection (repeat the option), instead of
+    /// --requests requests for --size bytes; the last one asks the server to close.
+    #[arg(long = "path")]
+    pub paths: Vec<String>,
 }
 
 /// What one connection sent and received, byte for byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnResult {
     pub local_port: u16,
     pub bytes_sent: u64,
@@ -48,10 +52,30 @@ pub struct ConnResult {
     /// How long connect() took.
     pub connect: Duration,
     pub elapsed: Duration,
+    /// Each request and its response, in order: what a per-endpoint figure of the
+    /// tracer's is compared with.
+    pub exchanges: Vec<Exchange>,
+}
+
+/// One request on a connection and its response, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The request target (with its query string, if any).
+    pub target: String,
+    pub status: u16,
+    /// The request's bytes.
+    pub bytes_sent: u64,
+    /// The response's bytes: status line, headers and body.
+    pub bytes_received: u64,
 }
 
 pub fn request_text(size: usize, close: bool) -> String {
-    format!("GET /?size={size} HTTP/1.1\r\nHost: lab\r\n{}\r\n", if close { "Connection: close\r\n" } else { "" })
+    target_request_text(&format!("/?size={size}"), close)
+}
+
+/// A `GET` of `target` (a path, with or without a query string).
+pub fn target_request_text(target: &str, close: bool) -> String {
+    format!("GET {target} HTTP/1.1\r\nHost: lab\r\n{}\r\n", if close { "Connection: close\r\n" } else { "" })
 }
 
 fn connect(opts: &ClientOptions) -> Result<TcpStream> {
@@ -93,8 +117,14 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// Reads one response (headers, then `Content-Length` body bytes, after waiting
 /// `read_delay_ms` between the two); the bytes read.
 pub fn read_response(reader: &mut impl BufRead, read_delay_ms: u64) -> Result<u64> {
+    Ok(read_response_status(reader, read_delay_ms)?.1)
+}
+
+/// [`read_response`], with the response's status code.
+pub fn read_response_status(reader: &mut impl BufRead, read_delay_ms: u64) -> Result<(u16, u64)> {
     let mut received = 0u64;
     let mut content_length = None;
+    let mut status = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
@@ -104,7 +134,10 @@ pub fn read_response(reader: &mut impl BufRead, read_delay_ms: u64) -> Result<u6
         if line == "\r\n" {
             break;
         }
-        if let Some(v) = line.strip_prefix("Content-Length: ") {
+        if status.is_none() {
+            let code = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+            status = Some(code.with_context(|| format!("no status code in {line:?}"))?);
+        } else if let Some(v) = line.strip_prefix("Content-Length: ") {
             content_length = Some(v.trim().parse::<usize>()?);
         }
     }
@@ -114,10 +147,11 @@ pub fn read_response(reader: &mut impl BufRead, read_delay_ms: u64) -> Result<u6
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body)?;
-    Ok(received + length as u64)
+    Ok((status.context("response without a status line")?, received + length as u64))
 }
 
-/// One connection: `requests` exchanges, the last with `Connection: close`.
+/// One connection: `requests` exchanges (or one per path of `paths`), the last with
+/// `Connection: close`.
 pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
     let start = Instant::now();
     let stream = connect(opts)?;
@@ -128,20 +162,29 @@ pub fn one_connection(opts: &ClientOptions) -> Result<ConnResult> {
     let local_port = stream.local_addr()?.port();
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
-    let (mut sent, mut received) = (0u64, 0u64);
-    for i in 0..opts.requests {
-        let text = request_text(opts.size, i + 1 == opts.requests);
+    let targets: Vec<String> =
+        if opts.paths.is_empty() { vec![format!("/?size={}", opts.size); opts.requests] } else { opts.paths.clone() };
+    let mut exchanges = Vec::with_capacity(targets.len());
+    for (i, target) in targets.iter().enumerate() {
+        let text = target_request_text(target, i + 1 == targets.len());
         writer.write_all(text.as_bytes())?;
-        sent += text.len() as u64;
-        received += read_response(&mut reader, opts.read_delay_ms)?;
+        let (status, received) = read_response_status(&mut reader, opts.read_delay_ms)
+            .with_context(|| format!("response to GET {target}"))?;
+        exchanges.push(Exchange {
+            target: target.clone(),
+            status,
+            bytes_sent: text.len() as u64,
+            bytes_received: received,
+        });
     }
     Ok(ConnResult {
         local_port,
-        bytes_sent: sent,
-        bytes_received: received,
-        requests: opts.requests,
+        bytes_sent: exchanges.iter().map(|e| e.bytes_sent).sum(),
+        bytes_received: exchanges.iter().map(|e| e.bytes_received).sum(),
+        requests: exchanges.len(),
         connect: connected,
         elapsed: start.elapsed(),
+        exchanges,
     })
 }
 

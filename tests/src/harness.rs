@@ -223,7 +223,8 @@ pub fn assert_near(what: &str, actual_ms: f64, expected_ms: f64, pct: f64, floor
     );
 }
 
-/// What `lab client` printed: one `key=value …` map per connection.
+/// What `lab client` printed: one `key=value …` map per connection (not its `exchange`
+/// lines).
 pub fn run_lab_client(netns: Option<&Netns>, args: &[&str]) -> Result<Vec<std::collections::HashMap<String, f64>>> {
     let out = lab_command(netns).arg("client").args(args).stderr(Stdio::inherit()).output()?;
     if !out.status.success() {
@@ -231,6 +232,7 @@ pub fn run_lab_client(netns: Option<&Netns>, args: &[&str]) -> Result<Vec<std::c
     }
     Ok(String::from_utf8(out.stdout)?
         .lines()
+        .filter(|line| !line.starts_with("exchange "))
         .map(|line| {
             line.split_whitespace()
                 .filter_map(|kv| kv.split_once('='))

@@ -6,6 +6,12 @@
 //! line; the response carries exactly N body bytes (`Content-Length: N`), after a sleep
 //! of MS milliseconds when `delay` is given. Connections are kept alive unless the
 //! request says `Connection: close`.
+//!
+//! The `shop` scenario routes by path instead (`size` is ignored, `delay` still
+//! applies): `GET /products` answers the whole product list (over a megabyte),
+//! `GET /productTypes` a short list, `GET /products/{n}` one product, anything else
+//! `404 Not Found`. `lab client --path P` (repeated) requests those paths in order on
+//! each connection and reports each response's status and bytes.
 
 pub mod backends;
 pub mod client;
@@ -16,6 +22,7 @@ pub mod load;
 pub mod netns;
 pub mod nginx;
 pub mod pg;
+pub mod redis;
 pub mod server;
 pub mod tls;
 // Not in the musl build of the binaries (see Cargo.toml).

@@ -43,6 +43,13 @@ pub enum Scenario {
     Database,
     /// Each request burns DELAY of CPU in the server itself: no upstream call.
     LocalWork,
+    /// A shop's JSON API, routed by path: `GET /products` lists every product (over a
+    /// megabyte, whatever `size` says), `GET /productTypes` the few product types,
+    /// `GET /products/{n}` one product; anything else is `404 Not Found`. A client that
+    /// fetches the whole list to filter it itself shows in `GET /products`'s bytes out,
+    /// `send` and `delivery`; one that reads the list D late blocks the server's writes
+    /// for about D (`send`: the list is far larger than the 128 KiB send buffer).
+    Shop,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -116,6 +123,9 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
 }
 
 struct Request {
+    method: String,
+    /// The request target without its query string.
+    path: String,
     size: usize,
     close: bool,
     /// `delay=MS` in the query: sleep this long before answering, on top of the
@@ -124,8 +134,9 @@ struct Request {
 }
 
 /// Reads one request's headers; `None` at end of stream.
-fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Result<Option<Request>> {
-    let mut request = Request { size: default_size, close: false, delay: Duration::ZERO };
+fn read_request(reader: &mut impl BufRead, default_size: usize) -> Result<Option<Request>> {
+    let mut request =
+        Request { method: String::new(), path: String::new(), size: default_size, close: false, delay: Duration::ZERO };
     let mut first = true;
     loop {
         let mut line = String::new();
@@ -134,13 +145,16 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
         }
         if first {
             first = false;
-            if let Some(q) = line.split_whitespace().nth(1).and_then(|p| p.split_once('?')).map(|(_, q)| q.to_owned()) {
-                for kv in q.split('&') {
-                    match kv.split_once('=') {
-                        Some(("size", v)) => request.size = v.parse().unwrap_or(default_size),
-                        Some(("delay", v)) => request.delay = Duration::from_millis(v.parse().unwrap_or(0)),
-                        _ => {}
-                    }
+            let mut words = line.split_whitespace();
+            request.method = words.next().unwrap_or_default().to_owned();
+            let target = words.next().unwrap_or_default();
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            request.path = path.to_owned();
+            for kv in query.split('&') {
+                match kv.split_once('=') {
+                    Some(("size", v)) => request.size = v.parse().unwrap_or(default_size),
+                    Some(("delay", v)) => request.delay = Duration::from_millis(v.parse().unwrap_or(0)),
+                    _ => {}
                 }
             }
         } else if line == "\r\n" || line == "\n" {
@@ -151,11 +165,94 @@ fn read_request(reader: &mut BufReader<TcpStream>, default_size: usize) -> Resul
     }
 }
 
+/// The status line and headers of every lab response.
+fn response_head(status: u16, reason: &str, length: usize, close: bool) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {length}\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    )
+    .into_bytes()
+}
+
+/// Products in the shop's list.
+pub const SHOP_PRODUCTS: u32 = 20_000;
+/// Product types (`GET /productTypes`).
+const SHOP_TYPES: [&str; 8] = ["books", "music", "games", "garden", "kitchen", "tools", "toys", "sports"];
+/// The shop's send buffer, far smaller than the list: a client that reads the list D
+/// late blocks the server's writes for about D (`GET /products`'s `send`), and the
+/// buffer's last bytes are delivered once it reads (`delivery`). Fixed rather than
+/// autotuned, and under the default `net.core.wmem_max` (212992) that caps it, so that the
+/// split between the two is the same on every machine.
+const SHOP_SNDBUF: i32 = 128 << 10;
+/// The size of each write of a shop response after the first.
+const SHOP_WRITE: usize = 64 << 10;
+
+/// A shop answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShopResponse {
+    pub status: u16,
+    pub reason: &'static str,
+    pub body: std::borrow::Cow<'static, [u8]>,
+}
+
+fn price(n: u64) -> String {
+    let cents = n.wrapping_mul(7919) % 100_000 + 99;
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+/// The shop's answer to `method path` (the path without its query string): the same
+/// bytes for the same request, every time.
+pub fn shop_route(method: &str, path: &str) -> ShopResponse {
+    use std::{borrow::Cow, sync::OnceLock};
+    static PRODUCTS: OnceLock<Vec<u8>> = OnceLock::new();
+    let ok = |body: Cow<'static, [u8]>| ShopResponse { status: 200, reason: "OK", body };
+    // `/products/{n}` for a number n; `/products/abc` is no product.
+    let product = path
+        .strip_prefix("/products/")
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok());
+    match (method, path, product) {
+        ("GET", "/products", _) => ok(Cow::Borrowed(PRODUCTS.get_or_init(|| {
+            // Built once: the list is what the shop has, not work each request pays for.
+            let items: Vec<String> = (1..=SHOP_PRODUCTS as u64)
+                .map(|n| {
+                    format!(
+                        r#"{{"id":{n},"name":"Product {n}","typeId":{},"price":{},"inStock":{}}}"#,
+                        n as usize % SHOP_TYPES.len() + 1,
+                        price(n),
+                        n % 7 != 0
+                    )
+                })
+                .collect();
+            format!("[{}]", items.join(",")).into_bytes()
+        }))),
+        ("GET", "/productTypes", _) => {
+            let types: Vec<String> =
+                SHOP_TYPES.iter().enumerate().map(|(i, t)| format!(r#"{{"id":{},"name":"{t}"}}"#, i + 1)).collect();
+            ok(Cow::Owned(format!("[{}]", types.join(",")).into_bytes()))
+        }
+        ("GET", _, Some(n)) => {
+            let kind = SHOP_TYPES[n as usize % SHOP_TYPES.len()];
+            ok(Cow::Owned(
+                format!(
+                    r#"{{"id":{n},"name":"Product {n}","typeId":{},"type":"{kind}","price":{},"inStock":{},"sku":"SKU-{n:08}","description":"Product {n}, from the {kind} range: sturdy, well reviewed and shipped within two working days. Its details, unlike the whole list, fit in a few hundred bytes."}}"#,
+                    n as usize % SHOP_TYPES.len() + 1,
+                    price(n),
+                    n % 7 != 0
+                )
+                .into_bytes(),
+            ))
+        }
+        _ => ShopResponse { status: 404, reason: "Not Found", body: Cow::Borrowed(b"not found\n") },
+    }
+}
+
 fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared>) -> Result<()> {
     let mut upstreams = Upstreams::new(Arc::clone(shared));
     match opts.scenario {
         Scenario::SlowReader => set_sockopt(&stream, libc::SO_SNDBUF, 4 << 20)?,
         Scenario::BlockedWrite => set_sndbuf(&stream, 16 << 10)?,
+        Scenario::Shop => set_sndbuf(&stream, SHOP_SNDBUF)?,
         _ => {}
     }
     if opts.abort_on_close {
@@ -175,20 +272,32 @@ fn serve_connection(stream: TcpStream, opts: &ServerOptions, shared: &Arc<Shared
         if !request.delay.is_zero() {
             thread::sleep(request.delay);
         }
-        let header = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n",
-            request.size,
-            if request.close { "Connection: close\r\n" } else { "" }
-        );
+        if opts.scenario == Scenario::Shop {
+            let response = shop_route(&request.method, &request.path);
+            let mut head = response_head(response.status, response.reason, response.body.len(), request.close);
+            // The list goes out in pieces, as a handler serializing it row by row would
+            // write it: the response's writes span its whole transfer (`send`).
+            let mut pieces = response.body.chunks(SHOP_WRITE);
+            head.extend_from_slice(pieces.next().unwrap_or_default());
+            writer.write_all(&head)?;
+            for piece in pieces {
+                writer.write_all(piece)?;
+            }
+            if request.close {
+                break;
+            }
+            continue;
+        }
+        let header = response_head(200, "OK", request.size, request.close);
         let body = vec![b'x'; request.size];
         if opts.scenario == Scenario::BodyStall && request.size > 1 {
-            let mut head = header.into_bytes();
+            let mut head = header;
             head.extend_from_slice(&body[..request.size - 1]);
             writer.write_all(&head)?;
             thread::sleep(delay);
             writer.write_all(&body[request.size - 1..])?;
         } else {
-            let mut all = header.into_bytes();
+            let mut all = header;
             all.extend_from_slice(&body);
             writer.write_all(&all)?;
         }
@@ -308,4 +417,112 @@ fn set_sockopt(stream: &TcpStream, option: i32, bytes: i32) -> Result<()> {
     };
     anyhow::ensure!(rc == 0, "setsockopt({option}): {}", std::io::Error::last_os_error());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerOptions,
+    }
+
+    #[derive(Parser)]
+    struct ClientCli {
+        #[command(flatten)]
+        client: crate::client::ClientOptions,
+    }
+
+    #[test]
+    fn shop_routes_by_path() {
+        let products = shop_route("GET", "/products");
+        assert_eq!((products.status, products.reason), (200, "OK"));
+        assert!(products.body.len() >= 1 << 20, "the list is {} bytes", products.body.len());
+        assert_eq!(products, shop_route("GET", "/products"), "the list is the same every time");
+        assert_eq!(products.body.iter().filter(|&&b| b == b'{').count(), SHOP_PRODUCTS as usize);
+
+        let types = shop_route("GET", "/productTypes");
+        assert_eq!(types.status, 200);
+        assert!(!types.body.is_empty() && types.body.len() < 1024, "{} bytes", types.body.len());
+
+        let one = shop_route("GET", "/products/42");
+        assert_eq!(one.status, 200);
+        assert!((200..1024).contains(&one.body.len()), "{} bytes", one.body.len());
+        assert_eq!(one, shop_route("GET", "/products/42"));
+        assert_ne!(one.body, shop_route("GET", "/products/43").body);
+
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/products/"),
+            ("GET", "/products/abc"),
+            ("GET", "/products/+1"),
+            ("GET", "/products/1/reviews"),
+            ("GET", "/productTypes/1"),
+            ("POST", "/products"),
+            ("HEAD", "/productTypes"),
+        ] {
+            let r = shop_route(method, path);
+            assert_eq!((r.status, r.reason), (404, "Not Found"), "{method} {path}");
+            assert!(r.body.len() < 64);
+        }
+    }
+
+    #[test]
+    fn requests_are_routed_without_their_query() {
+        let text = "GET /products?size=10&delay=5 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n";
+        let request = read_request(&mut text.as_bytes(), 100).unwrap().expect("a request");
+        assert_eq!((request.method.as_str(), request.path.as_str()), ("GET", "/products"));
+        assert_eq!((request.size, request.delay, request.close), (10, Duration::from_millis(5), true));
+        let request = read_request(&mut "GET /productTypes HTTP/1.1\r\n\r\n".as_bytes(), 100).unwrap().unwrap();
+        assert_eq!((request.path.as_str(), request.size, request.close), ("/productTypes", 100, false));
+    }
+
+    /// The shop over loopback: the lab's framing, byte for byte, on one kept-alive
+    /// connection per client run.
+    #[test]
+    fn shop_over_a_connection() {
+        let opts = Arc::new(Cli::parse_from(["lab", "--scenario", "shop"]).server);
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let shared = Arc::new(Shared {
+                backends: Vec::new(),
+                next: AtomicUsize::new(0),
+                primary: None,
+                replica: None,
+                replica_every: 1,
+            });
+            let (stream, _) = listener.accept().unwrap();
+            serve_connection(stream, &opts, &shared).unwrap();
+        });
+        let paths = ["/productTypes", "/products?size=10", "/products/7?delay=1", "/nope", "/products"];
+        let mut args = vec!["lab".to_owned(), "--server".to_owned(), addr.to_string()];
+        for p in paths {
+            args.extend(["--path".to_owned(), p.to_owned()]);
+        }
+        let client = ClientCli::parse_from(args).client;
+        let results = crate::client::run(&client).unwrap();
+        server.join().unwrap();
+
+        assert_eq!(results.len(), 1);
+        let r = &results[0];
+        assert_eq!(r.requests, paths.len());
+        let head = |status, reason, len, close| response_head(status, reason, len, close).len() as u64;
+        for (i, (e, target)) in r.exchanges.iter().zip(paths).enumerate() {
+            let route = shop_route("GET", target.split('?').next().unwrap());
+            let close = i + 1 == paths.len();
+            assert_eq!(e.target, target);
+            assert_eq!(e.status, route.status, "{target}");
+            assert_eq!(
+                e.bytes_received,
+                head(route.status, route.reason, route.body.len(), close) + route.body.len() as u64,
+                "{target}"
+            );
+            assert_eq!(e.bytes_sent, crate::client::target_request_text(target, close).len() as u64);
+        }
+        assert_eq!(r.bytes_received, r.exchanges.iter().map(|e| e.bytes_received).sum::<u64>());
+    }
 }

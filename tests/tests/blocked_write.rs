@@ -66,6 +66,7 @@ fn blocked_write_is_send_not_think() -> anyhow::Result<()> {
         read_delay_ms: D_MS,
         rcvbuf: 16 * 1024,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     })?;
     let own = server.join().expect("server thread")?;
     let lines = tracer.stop()?;

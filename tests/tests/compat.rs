@@ -24,6 +24,7 @@ fn client(server: SocketAddr) -> ClientOptions {
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     }
 }
 

@@ -28,6 +28,7 @@ fn nginx_requests_and_bytes_match_the_client() -> anyhow::Result<()> {
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     })?;
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;

@@ -18,6 +18,7 @@ fn client_opts(server: std::net::SocketAddr, requests: usize) -> ClientOptions {
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     }
 }
 

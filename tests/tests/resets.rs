@@ -96,6 +96,7 @@ fn abortive_server_close_is_a_reset_sent() -> anyhow::Result<()> {
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     };
     let _ = client::run(&opts);
     let lines = tracer.stop()?;

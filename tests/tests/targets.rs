@@ -22,6 +22,7 @@ fn opts(server: SocketAddr, connections: usize, requests: usize) -> ClientOption
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     }
 }
 

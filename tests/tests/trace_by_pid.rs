@@ -31,6 +31,7 @@ fn reports_exactly_the_traced_connections_with_their_bytes() -> anyhow::Result<(
             read_delay_ms: 0,
             rcvbuf: 0,
             pause_after_connect_ms: 0,
+            paths: Vec::new(),
         })
     });
     // Different sizes per connection, so a byte count cannot match by accident.
@@ -45,6 +46,7 @@ fn reports_exactly_the_traced_connections_with_their_bytes() -> anyhow::Result<(
             read_delay_ms: 0,
             rcvbuf: 0,
             pause_after_connect_ms: 0,
+            paths: Vec::new(),
         })?;
         expected.insert(r.local_port, r);
     }

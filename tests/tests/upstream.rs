@@ -25,6 +25,7 @@ fn client_opts(server: SocketAddr, connections: usize, requests: usize) -> Clien
         read_delay_ms: 0,
         rcvbuf: 0,
         pause_after_connect_ms: 0,
+        paths: Vec::new(),
     }
 }
 

@@ -25,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("postgresql", "/usr/share/doc/postgresql/copyright"),
     ("nodejs", "/usr/bin/node"),
     ("bsdutils", "/usr/bin/script"),
+    // The tests run their own servers on free ports (tests/src/redis.rs); none uses the
+    // instance the package may start on 6379.
+    ("redis-server", "/usr/bin/redis-server"),
+    ("redis-tools", "/usr/bin/redis-benchmark"),
 ];
 
 const NIGHTLY: &str = "nightly";

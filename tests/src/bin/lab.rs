@@ -13,7 +13,8 @@ struct Cli {
 enum Command {
     /// Serve a scenario; prints `listening on ADDR` when ready.
     Server(server::ServerOptions),
-    /// Drive a server; prints one line per connection with its byte counts.
+    /// Drive a server; prints one line per connection with its byte counts (with --path,
+    /// each followed by one `exchange …` line per request).
     Client(client::ClientOptions),
     /// Opens many connections (one request each), holds them until a line arrives on
     /// stdin, then closes them.
@@ -44,6 +45,14 @@ fn main() -> anyhow::Result<()> {
                     r.connect.as_secs_f64() * 1e3,
                     r.elapsed.as_secs_f64() * 1e3
                 );
+                if !opts.paths.is_empty() {
+                    for e in &r.exchanges {
+                        println!(
+                            "exchange port={} target={} status={} sent={} received={}",
+                            r.local_port, e.target, e.status, e.bytes_sent, e.bytes_received
+                        );
+                    }
+                }
             }
             Ok(())
         }
