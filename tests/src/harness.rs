@@ -497,3 +497,13 @@ pub fn http_server_verdicts(report: &Value, port: u16, total: u64, handling_ns: 
     v.extend(attribution_over_think(report));
     Ok(v)
 }
+
+/// The endpoint labelled `label` (`--labels`) of a listener's or an upstream peer's
+/// entry in the report.
+pub fn endpoint_of<'a>(entry: &'a Value, label: &str) -> Result<&'a Value> {
+    entry["endpoints"].as_array().into_iter().flatten().find(|e| e["label"] == label).with_context(|| {
+        let labels: Vec<&str> =
+            entry["endpoints"].as_array().into_iter().flatten().filter_map(|e| e["label"].as_str()).collect();
+        format!("no endpoint {label:?} among {labels:?}")
+    })
+}
