@@ -11,6 +11,9 @@ mod command;
 mod compat;
 mod doctor;
 mod events;
+// Not wired to `--labels` yet.
+#[allow(dead_code)]
+mod labels;
 mod listeners;
 mod offsets;
 mod probes;
