@@ -32,16 +32,6 @@ pub enum Protocol {
     Redis,
 }
 
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Postgres => "postgres",
-            Protocol::Redis => "redis",
-        }
-    }
-}
-
 /// The protocol of a connection from the first bytes its client sent (None: unknown,
 /// no labels). PostgreSQL's binary start is tried first; HTTP needs a method and a
 /// target, so Redis's inline `GET key` is not taken for HTTP.
@@ -88,14 +78,6 @@ impl Decoder {
             Protocol::Redis => State::Redis,
         };
         Decoder { state }
-    }
-
-    pub fn protocol(&self) -> Protocol {
-        match self.state {
-            State::Http => Protocol::Http,
-            State::Postgres(_) => Protocol::Postgres,
-            State::Redis => Protocol::Redis,
-        }
     }
 
     /// The requests that begin in `bytes` (the first bytes of what one read or write
@@ -159,14 +141,6 @@ mod tests {
         ] {
             assert_eq!(detect(first), None, "{first:?}");
         }
-    }
-
-    #[test]
-    fn names() {
-        assert_eq!(Protocol::Http.name(), "http");
-        assert_eq!(Protocol::Postgres.name(), "postgres");
-        assert_eq!(Protocol::Redis.name(), "redis");
-        assert_eq!(Decoder::new(Protocol::Redis).protocol(), Protocol::Redis);
     }
 
     #[test]
