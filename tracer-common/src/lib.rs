@@ -585,8 +585,10 @@ pub struct TlsCall {
     /// One of [`tls_op`].
     pub op: u32,
     pub _pad: u32,
+    /// Reads: the application's buffer the plaintext goes to (for labels).
+    pub buf: u64,
 }
-const _: () = assert!(size_of::<TlsCall>() == 32);
+const _: () = assert!(size_of::<TlsCall>() == 40);
 
 /// Per thread of a traced process (the `THREADS` map's value): the server request it
 /// read most recently, which its next upstream request is made for, and the upstream

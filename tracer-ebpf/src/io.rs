@@ -144,17 +144,20 @@ pub fn on_write_start(sk: u64, msg: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::begin_request(sk, st, ts);
+        upstream::begin_request(sk, st, ts, 0, u64::MAX);
     } else {
-        begin_response(sk, st, ts);
+        begin_response(sk, st, ts, 0, u64::MAX);
     }
 }
 
 /// The first write of a response.
 #[inline(always)]
-pub fn begin_response(sk: u64, st: &mut SockState, ts: u64) {
-    if labels() && st.tls == 0 {
-        capture(sk, st.owner, side::RESPONSE, u64::MAX);
+///
+/// `plain` (and its `len`): the plaintext a TLS connection's library is handed, or 0
+/// (the system call's buffer has the bytes).
+pub fn begin_response(sk: u64, st: &mut SockState, ts: u64, plain: u64, len: u64) {
+    if labels() && (st.tls == 0 || plain != 0) {
+        capture(sk, st.owner, side::RESPONSE, len, plain);
     }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
@@ -175,7 +178,7 @@ fn on_read(sk: u64, len: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::on_read(sk, st, len, ts);
+        upstream::on_read(sk, st, len, ts, 0);
         return;
     }
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
@@ -189,13 +192,13 @@ fn on_read(sk: u64, len: u64) {
             return;
         }
     }
-    read_request(sk, st, len, ts);
+    read_request(sk, st, len, ts, 0);
 }
 
 /// The server read `len` bytes of a request on `sk` (from the socket, or as plaintext
-/// from the TLS library).
+/// from the TLS library into `plain`; 0: the system call's buffer).
 #[inline(always)]
-pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64) {
+pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
     if st.dir != dir::READING {
         if st.dir == dir::WRITING {
             finish_request(sk, st, ts, 0);
@@ -212,8 +215,8 @@ pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64) {
         if st.arrival_ns == 0 {
             st.req_flags |= flags::ARRIVAL_UNKNOWN;
         }
-        if labels() && st.tls == 0 {
-            capture(sk, st.owner, side::REQUEST, len);
+        if labels() && (st.tls == 0 || plain != 0) {
+            capture(sk, st.owner, side::REQUEST, len, plain);
         }
     }
     st.pending_data_ns = 0;
@@ -255,7 +258,7 @@ fn on_write(sk: u64, len: u64) {
 #[inline(always)]
 pub fn write_response(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
-        begin_response(sk, st, ts);
+        begin_response(sk, st, ts, 0, u64::MAX);
     }
     st.req_out += len;
     st.total_out += len;

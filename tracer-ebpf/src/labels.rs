@@ -8,8 +8,9 @@
 //! (and their write twins), whose arguments are the task's saved user registers
 //! (`bpf_task_pt_regs`, 5.15+). That works the same from every hook implementation —
 //! tracepoints, trampolines, kprobes — and for a read the data is already in the buffer
-//! when the hook runs. Calls made another way (io_uring, sendfile, a TLS library's
-//! plaintext) give no bytes: their requests are unlabelled.
+//! when the hook runs. On TLS connections hooked in their library the bytes are the
+//! plaintext the application hands to it or gets from it (`plain`). Calls made another
+//! way (io_uring, sendfile) give no bytes: their requests are unlabelled.
 
 use aya_ebpf::{
     helpers::{
@@ -92,12 +93,13 @@ fn syscall_buffer() -> Option<(u64, u64)> {
 }
 
 /// Copies the first bytes of what the current call reads or writes on `sk` (`done`: the
-/// bytes a read returned, `u64::MAX` for a write about to start) and sends them to
-/// userspace as a [`Payload`] of `which` side.
+/// bytes a read returned, or the length of a write about to start; `plain`: where they
+/// are, 0 for the system call's buffer) and sends them to userspace as a [`Payload`] of
+/// `which` side.
 // A subprogram of its own: the hooks' stack frames do not grow by its locals.
 #[inline(never)]
-pub fn capture(sk: u64, owner: u32, which: u16, done: u64) {
-    let Some((at, len)) = syscall_buffer() else { return };
+pub fn capture(sk: u64, owner: u32, which: u16, done: u64, plain: u64) {
+    let Some((at, len)) = (if plain != 0 { Some((plain, done)) } else { syscall_buffer() }) else { return };
     let total = if done < len { done } else { len };
     let limit = if side::is_request(which) { side::REQUEST_BYTES } else { side::RESPONSE_BYTES } as u64;
     let mut n = if total < limit { total } else { limit };

@@ -47,23 +47,23 @@ fn caller_traced() -> bool {
 /// call, even when the library's objects and the sockets are reused at the same
 /// addresses).
 #[inline(always)]
-fn enter(ssl: u64, op: u32, count_ptr: u64) {
+fn enter(ssl: u64, op: u32, count_ptr: u64, buf: u64) {
     if ssl == 0 || !caller_traced() {
         return;
     }
-    let call = TlsCall { ssl, count_ptr, arrival_ns: 0, op, _pad: 0 };
+    let call = TlsCall { ssl, count_ptr, arrival_ns: 0, op, _pad: 0, buf };
     let _ = TLS_CALLS.insert(&current_tid(), &call, 0);
 }
 
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), tls_op::READ, 0);
+    enter(ctx.arg(0).unwrap_or(0), tls_op::READ, 0, ctx.arg(1).unwrap_or(0));
     0
 }
 
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), tls_op::READ_EX, ctx.arg(3).unwrap_or(0));
+    enter(ctx.arg(0).unwrap_or(0), tls_op::READ_EX, ctx.arg(3).unwrap_or(0), ctx.arg(1).unwrap_or(0));
     0
 }
 
@@ -71,14 +71,14 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
     if caller_traced() {
-        write_begins(ctx.arg(0).unwrap_or(0));
+        write_begins(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0), ctx.arg(2).unwrap_or(0));
     }
     0
 }
 
 #[uprobe]
 pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
-    enter(ctx.arg(0).unwrap_or(0), tls_op::HANDSHAKE, 0);
+    enter(ctx.arg(0).unwrap_or(0), tls_op::HANDSHAKE, 0, 0);
     0
 }
 
@@ -131,9 +131,10 @@ fn adopt(ssl: u64) -> Option<(u64, &'static mut SockState)> {
 }
 
 /// The application hands plaintext to write: the server has finished thinking, the
-/// client begins its request (unless the handshake still has to run first).
+/// client begins its request (unless the handshake still has to run first). `buf` and
+/// `len`: the plaintext.
 #[inline(always)]
-fn write_begins(ssl: u64) {
+fn write_begins(ssl: u64, buf: u64, len: u64) {
     if ssl == 0 {
         return;
     }
@@ -143,9 +144,9 @@ fn write_begins(ssl: u64) {
     }
     let ts = now();
     if origin::is_client(st.origin) {
-        upstream::begin_request(sk, st, ts);
+        upstream::begin_request(sk, st, ts, buf, len);
     } else {
-        io::begin_response(sk, st, ts);
+        io::begin_response(sk, st, ts, buf, len);
     }
 }
 
@@ -185,13 +186,13 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     }
     st.tls_read_ns = 0;
     if origin::is_client(st.origin) {
-        upstream::on_read(sk, st, bytes, ts);
+        upstream::on_read(sk, st, bytes, ts, call.buf);
         return 0;
     }
     if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
         return 0;
     }
-    io::read_request(sk, st, bytes, ts);
+    io::read_request(sk, st, bytes, ts, call.buf);
     0
 }
 

@@ -77,9 +77,11 @@ pub fn on_connect_closed(sk: u64) {
 /// The first write of a request (from the write's start, or its return when the start
 /// was not seen).
 #[inline(always)]
-pub fn begin_request(sk: u64, st: &mut SockState, ts: u64) {
-    if labels() && st.tls == 0 {
-        capture(sk, st.owner, side::UPSTREAM_REQUEST, u64::MAX);
+///
+/// `plain` (and its `len`): the plaintext a TLS connection's library is handed, or 0.
+pub fn begin_request(sk: u64, st: &mut SockState, ts: u64, plain: u64, len: u64) {
+    if labels() && (st.tls == 0 || plain != 0) {
+        capture(sk, st.owner, side::UPSTREAM_REQUEST, len, plain);
     }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
@@ -95,7 +97,7 @@ pub fn begin_request(sk: u64, st: &mut SockState, ts: u64) {
 #[inline(always)]
 pub fn on_write(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
-        begin_request(sk, st, ts);
+        begin_request(sk, st, ts, 0, u64::MAX);
     }
     st.last_write_ns = ts;
     st.tid = current_tid();
@@ -104,12 +106,12 @@ pub fn on_write(sk: u64, st: &mut SockState, len: u64, ts: u64) {
 }
 
 #[inline(always)]
-pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64) {
+pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
     if st.dir == dir::WRITING {
         st.first_read_ns = ts;
-        if labels() && st.tls == 0 {
+        if labels() && (st.tls == 0 || plain != 0) {
             // Before the request's event, which takes what it says.
-            capture(sk, st.owner, side::UPSTREAM_RESPONSE, len);
+            capture(sk, st.owner, side::UPSTREAM_RESPONSE, len, plain);
         }
         emit_request(sk, st, 0);
         st.dir = dir::READING;

@@ -572,4 +572,56 @@ mod tests {
         let v = evaluate(&parse("think[:9090].p50<1s").unwrap(), &stats, 1);
         assert!(!v.passed && v.message.contains("no listener :9090"), "{v}");
     }
+
+    #[test]
+    fn labels_scope_checks_in_double_quotes() {
+        let c = parse(r#"think[:8080 "GET /products"].p99<50ms"#).unwrap();
+        assert_eq!(
+            c.subject,
+            Subject::Phase {
+                name: "think".into(),
+                scope: Scope::Listener(8080),
+                label: Some("GET /products".into()),
+                stat: Stat::Quantile(0.99)
+            }
+        );
+        // The label may hold what would otherwise end the scope or compare.
+        let c = parse(r#"requests["GET /a]<b>"]>=10"#).unwrap();
+        assert_eq!(
+            c.subject,
+            Subject::Counter { name: "requests".into(), scope: Scope::All, label: Some("GET /a]<b>".into()) }
+        );
+        assert_eq!((c.op, c.limit), (Op::Ge, 10.0));
+        let c = parse(r#"upstream[127.0.0.1:5432 "SELECT items"].p50<5ms"#).unwrap();
+        assert!(matches!(c.subject, Subject::Phase { scope: Scope::Peer(_), label: Some(_), .. }));
+        assert!(parse(r#"time["GET /"].p50<5ms"#).is_ok());
+        for bad in [
+            r#"handshake["GET /"].p50<1ms"#,
+            r#"listen_drops["GET /"]==0"#,
+            r#"think[:80 "x].p50<1ms"#,
+            r#"think[""].p50<1ms"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labelled_checks_judge_that_endpoint_only() {
+        let mut stats = Stats::default();
+        let l = stats.listener(8080);
+        for (label, ms) in [("GET /products", 200u64), ("GET /productTypes", 2)] {
+            let e = l.endpoints.entry(label, 10);
+            for _ in 0..20 {
+                e.requests += 1;
+                e.think.record(ms * 1_000_000);
+            }
+        }
+        let judge = |text: &str| evaluate(&parse(text).unwrap(), &stats, 10);
+        assert!(!judge(r#"think[:8080 "GET /products"].p99<50ms"#).passed);
+        let v = judge(r#"think[:8080 "GET /productTypes"].p99<50ms"#);
+        assert!(v.passed, "{v}");
+        assert_eq!(judge(r#"requests["GET /products"]==20"#).value, Some(20.0));
+        let missing = judge(r#"think[:8080 "GET /nope"].p50<1s"#);
+        assert!(!missing.passed && missing.message.contains("no request labelled"), "{missing}");
+    }
 }

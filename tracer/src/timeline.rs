@@ -974,4 +974,95 @@ mod tests {
         // A handshake on a connection never seen is ignored, not misfiled.
         assert!(run(&[tls_done(999, MS, 2 * MS)]).is_empty());
     }
+
+    fn payload(which: u16, bytes: &[u8], total: u32) -> Event {
+        Event::Payload(
+            Payload {
+                header: header(kind::PAYLOAD, 0),
+                side: which,
+                len: bytes.len() as u16,
+                total,
+                ..Default::default()
+            },
+            bytes.to_vec(),
+        )
+    }
+
+    fn labelled(events: &[Event]) -> (Vec<Record>, crate::stats::Stats) {
+        let mut timeline = Timeline::with_labels(Routes::default());
+        let mut out = Vec::new();
+        for e in events {
+            timeline.apply(e, &mut out);
+        }
+        let mut stats = crate::stats::Stats::default();
+        for r in &out {
+            stats.apply(r);
+        }
+        (out, stats)
+    }
+
+    #[test]
+    fn an_exchange_takes_the_labels_of_its_request_and_response() {
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let mut events = vec![open(MS, 2 * MS, 3 * MS)];
+        for (i, (path, status)) in
+            [("/products/1", "200 OK"), ("/products/2", "200 OK"), ("/nope", "404 Not Found")].into_iter().enumerate()
+        {
+            let t = 10 * MS * (i as u64 + 1);
+            let asked = get(path);
+            events.push(payload(side::REQUEST, &asked, asked.len() as u32));
+            let response = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").into_bytes();
+            events.push(payload(side::RESPONSE, &response, response.len() as u32));
+            events.push(request([t, t + MS, t + MS, t + 2 * MS, t + 3 * MS, t + 4 * MS], 0, i as u32));
+        }
+        let (out, stats) = labelled(&events);
+        let labels: Vec<Vec<String>> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Exchange { labels, .. } => Some(labels.as_ref().map_or(vec![], |l| l.requests.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(labels, [vec!["GET /products/{id}"], vec!["GET /products/{id}"], vec!["GET /nope"]]);
+        let l = &stats.listeners[&8080];
+        let ranked = l.endpoints.ranked();
+        assert_eq!(ranked.len(), 2);
+        let products = l.endpoints.get("GET /products/{id}").unwrap();
+        assert_eq!((products.requests, products.statuses[1], products.think.len()), (2, 2, 2));
+        assert_eq!(products.bytes_in, 200);
+        assert_eq!(l.endpoints.get("GET /nope").unwrap().statuses[3], 1);
+        // Labels gone with the connection: a reused socket address starts afresh.
+        let (_, stats) = labelled(&[payload(side::RESPONSE, b"HTTP/1.1 200 OK\r\n\r\n", 19)]);
+        assert!(stats.listeners.is_empty());
+    }
+
+    #[test]
+    fn pipelined_requests_count_each() {
+        let mut batch = Vec::new();
+        for _ in 0..16 {
+            batch.extend_from_slice(b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n");
+        }
+        let events = [
+            open(MS, 2 * MS, 3 * MS),
+            payload(side::REQUEST, &batch, batch.len() as u32),
+            request([4 * MS, 5 * MS, 5 * MS, 6 * MS, 6 * MS, 7 * MS], 0, 0),
+        ];
+        let (_, stats) = labelled(&events);
+        let l = &stats.listeners[&8080];
+        assert_eq!(l.requests, 16);
+        let get = l.endpoints.get("GET").unwrap();
+        assert_eq!((get.requests, get.think.len()), (16, 1), "one exchange, timed once");
+        // Without labels the same exchange is one request.
+        let (_, plain) = {
+            let mut t = Timeline::new();
+            let mut out = Vec::new();
+            for e in &events {
+                t.apply(e, &mut out);
+            }
+            let mut stats = crate::stats::Stats::default();
+            out.iter().for_each(|r| stats.apply(r));
+            (out, stats)
+        };
+        assert_eq!(plain.listeners[&8080].requests, 1);
+    }
 }

@@ -124,6 +124,7 @@ impl Workload {
         match config {
             Config::Proxy => self.is_nginx(),
             Config::TracerNoUprobes => self.is_https(),
+            Config::TracerLabels => self == Workload::NginxKeepAlive,
             _ => true,
         }
     }
@@ -136,6 +137,8 @@ enum Config {
     /// The tracer with `--skip-hook-kind uprobe`: TLS followed from its records alone,
     /// no uprobes on OpenSSL (HTTPS only): the kernel hooks' cost without them.
     TracerNoUprobes,
+    /// The tracer with `--labels` (plain nginx keep-alive): what labels add.
+    TracerLabels,
     /// The build given with --compare.
     Compared,
     Capture,
@@ -149,7 +152,7 @@ enum Config {
 
 impl Config {
     fn is_tracer(self) -> bool {
-        matches!(self, Config::Tracer | Config::TracerNoUprobes | Config::Compared)
+        matches!(self, Config::Tracer | Config::TracerNoUprobes | Config::TracerLabels | Config::Compared)
     }
 
     fn is_untraced(self) -> bool {
@@ -161,6 +164,7 @@ impl Config {
             Config::Untraced => "untraced",
             Config::Tracer => "tracer (all phases)",
             Config::TracerNoUprobes => "tracer, --skip-hook-kind uprobe",
+            Config::TracerLabels => "tracer --labels",
             Config::Compared => "tracer, compared build",
             Config::Capture => "tcpdump -w (capture)",
             Config::Bpftrace => "bpftrace (think only)",
@@ -562,7 +566,7 @@ fn start_observer(
 ) -> Result<Option<Observer>> {
     Ok(Some(match config {
         Config::Untraced | Config::UntracedAgain => return Ok(None),
-        Config::Tracer | Config::TracerNoUprobes | Config::Compared => {
+        Config::Tracer | Config::TracerNoUprobes | Config::TracerLabels | Config::Compared => {
             let bin = if config == Config::Compared {
                 opts.compare.clone().context("no --compare build")?
             } else {
@@ -572,6 +576,9 @@ fn start_observer(
             cmd.args(["--pid", &server_pid.to_string(), "--output", "json"]).stdout(Stdio::piped());
             if config == Config::TracerNoUprobes {
                 cmd.args(["--skip-hook-kind", "uprobe"]);
+            }
+            if config == Config::TracerLabels {
+                cmd.arg("--labels");
             }
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
@@ -883,6 +890,61 @@ fn uprobe_programs(s: &Sample) -> (f64, f64) {
         .fold((0.0, 0.0), |(runs, ns), (_, &(t, n))| (runs + n / s.requests, ns + t / s.requests))
 }
 
+/// A figure of two configurations' runs round by round (`f` of each pair): its median
+/// and range.
+fn paired(a: &[Sample], b: &[Sample], f: &dyn Fn(&Sample, &Sample) -> Option<f64>) -> (f64, (f64, f64)) {
+    let v: Vec<f64> = a.iter().zip(b).filter_map(|(x, y)| f(x, y)).collect();
+    (median(v.clone()), range(&v))
+}
+
+/// A paired ratio as a percentage with its rounds' range.
+fn pct((m, (lo, hi)): (f64, (f64, f64))) -> String {
+    format!("{:.1}% (rounds: {:.1}–{:.1}%)", 100.0 * m, 100.0 * lo, 100.0 * hi)
+}
+
+/// A paired difference in µs with its rounds' range.
+fn us((m, (lo, hi)): (f64, (f64, f64))) -> String {
+    format!("{m:+.2} µs (rounds: {lo:+.2} to {hi:+.2})")
+}
+
+/// The median of the server's own CPU per request over `runs`.
+fn server_median(runs: &[Sample]) -> f64 {
+    median(runs.iter().filter_map(|s| Some(s.server_per_request_us()?.0)).collect())
+}
+
+/// What labels cost the traced server: the tracer with `--labels` against the tracer
+/// without in the same rounds.
+fn labels_cost(out: &mut String, samples: &BTreeMap<Config, Vec<Sample>>) {
+    let (Some(base), Some(on), Some(off)) =
+        (samples.get(&Config::Untraced), samples.get(&Config::TracerLabels), samples.get(&Config::Tracer))
+    else {
+        return;
+    };
+    let server = |s: &Sample| s.server_per_request_us();
+    let bpf_us = |s: &Sample| s.bpf_ns / s.requests / 1e3;
+    let _ = writeln!(
+        out,
+        "What labels cost (`--labels`, the first bytes of each request and response copied):
+"
+    );
+    let _ = writeln!(
+        out,
+        "- The server's own CPU per request: {:.2} µs traced, {:.2} µs traced with labels: labels add {} \
+         per request (system part {}); the programs' run time {} per request (the aim: ≤ +0.3 µs).",
+        server_median(off),
+        server_median(on),
+        us(paired(on, off, &|x, y| Some(server(x)?.0 - server(y)?.0))),
+        us(paired(on, off, &|x, y| Some(server(x)?.1 - server(y)?.1))),
+        us(paired(on, off, &|x, y| Some(bpf_us(x) - bpf_us(y)))),
+    );
+    let _ = writeln!(
+        out,
+        "- Throughput with labels {} of the tracer without them in the same rounds ({} of untraced).\n",
+        pct(paired(on, off, &|x, y| Some(x.rps / y.rps))),
+        pct(paired(on, base, &|x, y| Some(x.rps / y.rps))),
+    );
+}
+
 /// What the uprobes cost the traced server: the tracer with them against the tracer
 /// without them (`--skip-hook-kind uprobe`) in the same rounds, beside untraced.
 fn uprobe_cost(out: &mut String, samples: &BTreeMap<Config, Vec<Sample>>, connections: usize) {
@@ -892,15 +954,7 @@ fn uprobe_cost(out: &mut String, samples: &BTreeMap<Config, Vec<Sample>>, connec
         return;
     };
     let server = |s: &Sample| s.server_per_request_us();
-    let paired = |a: &[Sample], b: &[Sample], f: &dyn Fn(&Sample, &Sample) -> Option<f64>| {
-        let v: Vec<f64> = a.iter().zip(b).filter_map(|(x, y)| f(x, y)).collect();
-        (median(v.clone()), range(&v))
-    };
     let ratio = |a: &[Sample]| paired(a, base, &|x, y| Some(x.rps / y.rps));
-    let pct =
-        |(m, (lo, hi)): (f64, (f64, f64))| format!("{:.1}% (rounds: {:.1}–{:.1}%)", 100.0 * m, 100.0 * lo, 100.0 * hi);
-    let us = |(m, (lo, hi)): (f64, (f64, f64))| format!("{m:+.2} µs (rounds: {lo:+.2} to {hi:+.2})");
-    let server_median = |runs: &[Sample]| median(runs.iter().filter_map(|s| Some(server(s)?.0)).collect());
     let added = paired(on, off, &|x, y| Some(server(x)?.0 - server(y)?.0));
     let added_sys = paired(on, off, &|x, y| Some(server(x)?.1 - server(y)?.1));
     let (runs_on, ns_on) = (
@@ -1190,7 +1244,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     setup::debian_packages(BENCH_PACKAGES)?;
     // Each workload runs those that apply to it (`Workload::runs`).
-    let mut configs = vec![Config::Untraced, Config::Tracer, Config::TracerNoUprobes];
+    let mut configs = vec![Config::Untraced, Config::Tracer, Config::TracerNoUprobes, Config::TracerLabels];
     if opts.compare.is_some() {
         configs.push(Config::Compared);
     }
@@ -1315,7 +1369,7 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
-        let tracers = [Config::Tracer, Config::TracerNoUprobes, Config::Compared];
+        let tracers = [Config::Tracer, Config::TracerNoUprobes, Config::TracerLabels, Config::Compared];
         let several = tracers.iter().filter(|c| samples.contains_key(c)).count() > 1;
         for config in tracers {
             if let Some(runs) = samples.get(&config) {
@@ -1326,6 +1380,7 @@ fn render(
             }
         }
         uprobe_cost(&mut out, samples, opts.connections);
+        labels_cost(&mut out, samples);
         tables.push((*workload, rows));
     }
     let _ = writeln!(

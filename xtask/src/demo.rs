@@ -62,11 +62,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let (_slow, slow_addr) = lab_server(&["--scenario", "slow-think", "--delay-ms", "30"])?;
     let (balancer, balancer_addr) =
         lab_server(&["--scenario", "balancer", "--backend", &fast_addr, "--backend", &slow_addr])?;
+    let (shop, shop_addr) = lab_server(&["--scenario", "shop"])?;
     println!("lab: slow-think (40 ms) on {think_addr}, body-stall (120 ms) on {stall_addr}, slow-accept (25 ms) on {accept_addr}");
     println!("lab: balancer on {balancer_addr} over {fast_addr} and {slow_addr} (30 ms slower)");
+    println!("lab: shop on {shop_addr}: a client fetching the whole /products list (1.5 MB) to filter it itself");
 
+    // Labels on: the report says which endpoint spends the time.
     let mut tracer = Command::new(bin("tracer"));
-    for server in [&think, &stall, &accept, &balancer] {
+    tracer.arg("--labels");
+    for server in [&think, &stall, &accept, &balancer, &shop] {
         tracer.args(["--pid", &server.0.id().to_string()]);
     }
     let mut tracer = Killed(tracer.args(&opts.tracer_args).stderr(Stdio::piped()).spawn()?);
@@ -87,6 +91,30 @@ pub fn run(opts: &Options) -> Result<()> {
         (stall_addr.clone(), vec!["--connections", "2", "--requests", "8", "--parallel"]),
         (accept_addr.clone(), vec!["--connections", "30", "--parallel"]),
         (balancer_addr.clone(), vec!["--connections", "2", "--requests", "10", "--parallel"]),
+        (
+            shop_addr.clone(),
+            vec![
+                "--connections",
+                "2",
+                "--parallel",
+                "--read-delay-ms",
+                "50",
+                "--path",
+                "/products",
+                "--path",
+                "/productTypes",
+                "--path",
+                "/products/7",
+                "--path",
+                "/products",
+                "--path",
+                "/products/12",
+                "--path",
+                "/productTypes",
+                "--path",
+                "/basket",
+            ],
+        ),
     ];
     let handles: Vec<_> =
         clients.into_iter().map(|(addr, args)| thread::spawn(move || lab_client(&addr, &args))).collect();

@@ -251,6 +251,8 @@ fn init_script() -> String {
         let _ = write!(s, "echo '=== doctor {pass}'\ntracer doctor {options}\necho \"=== doctor-exit {pass} $?\"\n");
         for sc in SCENARIOS {
             let (name, server, client) = (sc.name, sc.server, sc.client);
+            // Labels on where they are checked (see `labels_check`).
+            let options = if name == LABELLED { format!("{options} --labels") } else { options.to_string() };
             // The previous scenario's files go first: a background job opens its own
             // only once it runs, and the old ones' lines (`tracer: tracing`) must not
             // be taken for this one's.
@@ -574,6 +576,9 @@ fn judge(series: &str, console: &str) -> Outcome {
             if sc.name == "slow-think" {
                 checks.push(socket_reads(&lines));
             }
+            if sc.name == LABELLED {
+                checks.push(labels_check(&kernel, &doctor, &report, sc));
+            }
         }
         let records = records_only(options);
         checks.push(doctor_tls(&doctor, records));
@@ -581,6 +586,52 @@ fn judge(series: &str, console: &str) -> Outcome {
         passes.push(PassOutcome { name: pass, hooks, checks });
     }
     Outcome { kernel, passes }
+}
+
+/// The scenario traced with `--labels`: the lab client's requests (`GET /?size=…`) make
+/// one endpoint.
+const LABELLED: &str = "slow-think";
+
+/// Whether `kernel` (a release such as `6.1.0-47-cloud-amd64`) is at least `major.minor`.
+fn at_least(kernel: &str, major: u32, minor: u32) -> bool {
+    let mut parts = kernel.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Labels in the labelled scenario: where the doctor says they can be read (every kernel
+/// from 5.15 on must), the lab's requests make one endpoint `GET /` with every request
+/// and its think; where not, the doctor says why and the report has no endpoints.
+fn labels_check(kernel: &str, doctor: &[&str], report: &serde_json::Value, sc: &Scenario) -> (String, bool, String) {
+    let line = doctor.iter().find_map(|l| l.strip_prefix("request labels (--labels): ")).unwrap_or("(no doctor line)");
+    let endpoints = report["listeners"][0]["endpoints"].as_array().cloned().unwrap_or_default();
+    if !line.starts_with("available") {
+        let what = "labels: unavailable, said so, none reported".to_owned();
+        let ok = !at_least(kernel, 5, 15) && line.starts_with("unavailable") && endpoints.is_empty();
+        return (what, ok, format!("doctor: {line}; {} endpoints", endpoints.len()));
+    }
+    let what = format!("labels: endpoint GET / with {} requests, think p50 ≈ {} ms", sc.samples, sc.delay_ms);
+    let Some(e) = endpoints.iter().find(|e| e["label"] == "GET /") else {
+        let labels: Vec<String> = endpoints.iter().map(|e| e["label"].to_string()).collect();
+        return (what, false, format!("no endpoint GET / among [{}]", labels.join(", ")));
+    };
+    let think = &e["phases"]["think"];
+    let p50 = think["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e6;
+    let ok = endpoints.len() == 1
+        && e["requests"] == sc.samples
+        && e["statuses"]["2xx"] == sc.samples
+        && think["count"] == sc.samples
+        && (p50 - sc.delay_ms).abs() <= sc.delay_ms * 0.15;
+    (
+        what,
+        ok,
+        format!(
+            "{} endpoint(s); GET /: {} requests, 2xx {}, think p50 {p50:.2} ms over {}",
+            endpoints.len(),
+            e["requests"],
+            e["statuses"]["2xx"],
+            think["count"]
+        ),
+    )
 }
 
 /// The doctor's TLS line must say that uprobes work.
