@@ -23,6 +23,8 @@ fn doctor_reports_hooks_and_phases() -> anyhow::Result<()> {
             "{phase}: {text}"
         );
     }
+    // This kernel has bpf_task_pt_regs: the hooks load with their label paths.
+    assert!(text.lines().any(|l| l.starts_with("request labels (--labels): available")), "{text}");
 
     let out = Command::new(tracer_bin()).args(["doctor", "--disable-hook", "tcp_probe"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -32,6 +34,11 @@ fn doctor_reports_hooks_and_phases() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(text.lines().any(|l| l.contains("think") && l.ends_with("available")), "{text}");
+
+    // Without the receive hook no request's first bytes can be read.
+    let out = Command::new(tracer_bin()).args(["doctor", "--disable-hook", "sock_recv_length"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("request labels (--labels): unavailable")), "{text}");
 
     let out = Command::new(tracer_bin()).args(["doctor", "--bogus"]).output()?;
     assert_eq!(out.status.code(), Some(2));
