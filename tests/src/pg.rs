@@ -47,6 +47,26 @@ fn free_port() -> Result<u16> {
 }
 
 impl Cluster {
+    /// pgbench against the cluster; its standard output. Without SSL or GSS negotiation,
+    /// so that a connection's start-up is one exchange: StartupMessage, answered by
+    /// AuthenticationOk … ReadyForQuery.
+    pub fn pgbench(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(self.program("pgbench"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .env("PGSSLMODE", "disable")
+            .env("PGGSSENCMODE", "disable")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pgbench {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
     /// A new cluster with table `items (k int, v text)` of `rows` rows; with an index on
     /// `k` when `indexed`.
     pub fn start(rows: u32, indexed: bool) -> Result<Self> {

@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    process::Command,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -339,45 +338,23 @@ fn postgres_labels_behind_the_lab() -> Result<()> {
 const PGBENCH_CLIENTS: usize = 4;
 const PGBENCH_TRANSACTIONS: usize = 500;
 
-/// pgbench against `cluster`; its standard output. Without SSL or GSS negotiation, so
-/// that a connection's start-up is one exchange.
-fn pgbench(cluster: &Cluster, args: &[&str]) -> Result<String> {
-    let out = Command::new(cluster.program("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg("postgres")
-        .env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// One traced pgbench run (`-S`, the built-in select-only script, in query `mode`) on
 /// the postmaster; the failed verdicts.
 fn pgbench_run(cluster: &Cluster, mode: &str) -> Result<Vec<String>> {
     let log_start = log_len(cluster)?;
     let tracer = start_tracer(&labelled(cluster.postmaster_pid()?))?;
-    let output = pgbench(
-        cluster,
-        &[
-            "-n",
-            "-S",
-            "-M",
-            mode,
-            "-c",
-            &PGBENCH_CLIENTS.to_string(),
-            "-j",
-            "2",
-            "-t",
-            &PGBENCH_TRANSACTIONS.to_string(),
-        ],
-    )?;
+    let output = cluster.pgbench(&[
+        "-n",
+        "-S",
+        "-M",
+        mode,
+        "-c",
+        &PGBENCH_CLIENTS.to_string(),
+        "-j",
+        "2",
+        "-t",
+        &PGBENCH_TRANSACTIONS.to_string(),
+    ])?;
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
 
@@ -470,7 +447,7 @@ fn postgres_labels_under_pgbench() -> Result<()> {
         return Ok(());
     }
     let cluster = Cluster::start(0, false)?;
-    pgbench(&cluster, &["-i", "-q", "-s", "1"])?;
+    cluster.pgbench(&["-i", "-q", "-s", "1"])?;
     log_every_statement(&cluster)?;
     let mut v = Verdicts::default();
     for mode in ["simple", "prepared"] {

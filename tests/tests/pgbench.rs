@@ -4,32 +4,10 @@
 //! by the peer, not an aborted request. The truth is pgbench's own count of
 //! transactions and the server's log of every connection and statement.
 
-use std::process::Command;
-
 use tracer_tests::{harness::*, pg::Cluster};
 
 const CLIENTS: usize = 4;
 const TRANSACTIONS: usize = 500;
-
-/// pgbench against `cluster`; its standard output. Without SSL or GSS negotiation, so
-/// that a connection's start-up is one exchange: StartupMessage, answered by
-/// AuthenticationOk … ReadyForQuery.
-fn pgbench(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cluster.program("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg("postgres")
-        .env("PGSSLMODE", "disable")
-        .env("PGGSSENCMODE", "disable")
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 #[test]
 fn pgbench_clean_closes_and_counts() -> anyhow::Result<()> {
@@ -53,14 +31,14 @@ fn pgbench_clean_closes_and_counts() -> anyhow::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(reloaded, "the server did not take log_statement = all");
-    pgbench(&cluster, &["-i", "-q", "-s", "1"])?;
+    cluster.pgbench(&["-i", "-q", "-s", "1"])?;
     let log_start = std::fs::metadata(cluster.log_path())?.len() as usize;
 
     let tracer = start_tracer(&["--pid".into(), cluster.postmaster_pid()?.to_string()])?;
     // Select-only: each transaction is one statement, one request and its response.
     // No vacuum first (-n): pgbench's own first connection only reads the scale.
     let output =
-        pgbench(&cluster, &["-n", "-S", "-c", &CLIENTS.to_string(), "-j", "2", "-t", &TRANSACTIONS.to_string()])?;
+        &cluster.pgbench(&["-n", "-S", "-c", &CLIENTS.to_string(), "-j", "2", "-t", &TRANSACTIONS.to_string()])?;
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
 
