@@ -36,7 +36,7 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
         &format!("ssl_protocols {version};\nlocation / {{ proxy_pass http://lab; }}\n"),
         Some(&cert),
     )?;
-    let mut args = vec!["--pid".into(), nginx.pid().to_string(), "--connections".into()];
+    let mut args = vec!["--pid".into(), nginx.pid().to_string(), "--connections".into(), "--labels".into()];
     if !uprobes {
         args.extend(["--skip-hook-kind".into(), "uprobe".into()]);
     }
@@ -139,6 +139,25 @@ fn https(version: &str, uprobes: bool) -> anyhow::Result<()> {
     let mut expected = vec![1; REQUESTS];
     expected.push(REQUESTS as u64);
     v.eq("requests per connection", per_connection, expected);
+    // Labels: through the library, from the plaintext (nginx's responses, and the
+    // requests of its plain-HTTP upstream); from the records alone the server side is
+    // ciphertext, unlabelled.
+    let endpoints: Vec<(String, u64, u64)> = l["endpoints"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(u64::MAX);
+                    (e["label"].as_str().unwrap_or("?").to_owned(), n(&e["requests"]), n(&e["statuses"]["2xx"]))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let n = entries.len() as u64;
+    let expected: Vec<(String, u64, u64)> = if uprobes { vec![("GET /".into(), n, n)] } else { vec![] };
+    v.eq("endpoints (label, requests, 2xx)", endpoints, expected);
+    let upstream = upstream_peer(report, &lab.to_string())?;
+    v.eq("the upstream's endpoint GET /", endpoint_of(upstream, "GET /")?["requests"].as_u64(), Some(n));
     v.finish();
     Ok(())
 }
