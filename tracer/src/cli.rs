@@ -15,6 +15,8 @@ Examples:
   tracer --pid 1234 --connections             also one line per connection as it closes
   tracer --pid 1234 --output json > out.json  JSON lines (see README for the fields)
   tracer --pid 1234 --slow 200ms              one line per request slower than 200 ms
+  tracer --pid 1234 --labels                  per endpoint, query or command (HTTP route,
+                                              SQL statement and table, Redis command)
   tracer doctor                               what this kernel offers: hooks and phases
   tracer --duration 60s --check 'think.p99<50ms' --check 'listen_drops==0' -- ./server
                                               run ./server traced for 60 s; exit 1 if a
@@ -22,6 +24,7 @@ Examples:
 
 Checks: PHASE.STAT OP DURATION or COUNTER OP NUMBER, optionally scoped:
   think[:8080].p99<50ms  upstream[10.0.0.5:5432].p50<5ms  lost_events==0
+  with --labels: think[:8080 \"GET /products\"].p99<50ms  requests[\"GET /products\"]>=10
   STAT: count mean p50 p90 p99 p99.9 max; OP: < <= > >= == !=
 Exit status: 0 all checks hold, 1 a check failed (or the traced command did),
 2 usage or set-up error.
