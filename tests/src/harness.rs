@@ -67,6 +67,24 @@ pub fn start_lab_server(args: &[&str]) -> Result<(Proc, SocketAddr)> {
 }
 
 /// The lab binary, run inside `netns` when given.
+/// The lab server's database scenario: each request looks up a row on `primary`, one in
+/// four on `replica`.
+pub fn start_database_backend(
+    primary: &crate::pg::Cluster,
+    replica: &crate::pg::Cluster,
+) -> Result<(Proc, SocketAddr)> {
+    start_lab_server(&[
+        "--scenario",
+        "database",
+        "--primary",
+        &primary.url(),
+        "--replica",
+        &replica.url(),
+        "--replica-every",
+        "4",
+    ])
+}
+
 pub fn lab_command(netns: Option<&Netns>) -> Command {
     match netns {
         Some(ns) => ns.command(lab_bin()),

@@ -254,16 +254,7 @@ fn postgres_labels_behind_the_lab() -> Result<()> {
     }
     log_every_statement(&replica)?;
     let log_start = log_len(&replica)?;
-    let (backend, addr) = start_lab_server(&[
-        "--scenario",
-        "database",
-        "--primary",
-        &primary.url(),
-        "--replica",
-        &replica.url(),
-        "--replica-every",
-        "4",
-    ])?;
+    let (backend, addr) = start_database_backend(&primary, &replica)?;
     let tracer = start_tracer(&labelled(backend.pid()))?;
     client::run(&ClientOptions {
         server: addr,

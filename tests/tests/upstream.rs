@@ -183,16 +183,7 @@ fn slow_replica_is_found_behind_the_backend() -> anyhow::Result<()> {
     }
     let primary = Cluster::start(1_000_000, true)?;
     let replica = Cluster::start(1_000_000, false)?;
-    let (backend, addr) = start_lab_server(&[
-        "--scenario",
-        "database",
-        "--primary",
-        &primary.url(),
-        "--replica",
-        &replica.url(),
-        "--replica-every",
-        "4",
-    ])?;
+    let (backend, addr) = start_database_backend(&primary, &replica)?;
     let tracer = start_tracer(&["--pid".into(), backend.pid().to_string()])?;
     client::run(&client_opts(addr, 1, 40))?;
     let lines = tracer.stop()?;

@@ -104,6 +104,20 @@ impl Decoder {
     }
 }
 
+/// Random test bytes, the same every run: `len` of them, each picked from `alphabet` by
+/// a xorshift generator started at `seed` (which moves on).
+#[cfg(test)]
+pub fn garbage(seed: &mut u64, alphabet: &[u8], len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            alphabet[(*seed % alphabet.len() as u64) as usize]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,12 +201,7 @@ mod tests {
     #[test]
     fn garbage_gives_safe_labels_for_every_protocol() {
         let mut state = 0x0123_4567_89AB_CDEFu64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let every_byte: Vec<u8> = (0..=255).collect();
         let routes = Routes::default();
         for protocol in [Protocol::Http, Protocol::Postgres, Protocol::Redis] {
             let mut decoder = Decoder::new(protocol);
@@ -203,7 +212,7 @@ mod tests {
                     Protocol::Postgres => b"Q\0\0\x01\0SELECT * FROM ",
                     Protocol::Redis => b"*2\r\n$40\r\n",
                 };
-                let garbage: Vec<u8> = (0..round % 200).map(|_| next() as u8).collect();
+                let garbage = super::garbage(&mut state, &every_byte, round % 200);
                 let bytes = [start, &garbage].concat();
                 assert_safe(&decoder.requests(&bytes, round % 3 == 0, &routes));
                 decoder.responses(&garbage);

@@ -484,15 +484,8 @@ mod tests {
         let mut s = Session::default();
         for round in 0..3000 {
             let len = round % 80;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    // Small lengths and type letters often enough to walk some messages.
-                    [0, 0, 0, 5, 8, b'Q', b'P', b'B', b'S', b'E', b'C', b'D', (state >> 8) as u8][(state % 13) as usize]
-                })
-                .collect();
+            // Small lengths and type letters often enough to walk some messages.
+            let bytes = crate::labels::garbage(&mut state, b"\0\0\0\x05\x08QPBSECD\xff", len);
             s.requests(&bytes, round % 2 == 0);
             responses(&bytes);
         }

@@ -366,14 +366,7 @@ mod tests {
         let alphabet = b"*$+-:!%~>|_,#(=0123\r\n\r\nx";
         for round in 0..3000 {
             let len = round % 70;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    alphabet[(state % alphabet.len() as u64) as usize]
-                })
-                .collect();
+            let bytes = crate::labels::garbage(&mut state, alphabet, len);
             requests(&bytes);
             responses(&bytes);
         }

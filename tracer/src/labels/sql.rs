@@ -570,14 +570,7 @@ mod tests {
         let alphabet = b"SELECT FROM from ( ) . ; \" ' $ $$ $a$ -- /* */ E' \\ 1 a _ \n \xff";
         for round in 0..3000 {
             let len = round % 64;
-            let sql: Vec<u8> = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    alphabet[(state % alphabet.len() as u64) as usize]
-                })
-                .collect();
+            let sql = crate::labels::garbage(&mut state, alphabet, len);
             label(&sql, round % 2 == 0);
         }
     }
