@@ -148,6 +148,31 @@ pub fn start_tracer(args: &[String]) -> Result<Tracer> {
     }
 }
 
+/// Starts the tracer with `args` plus `--output FORMAT` (`text` or `json`) and waits until
+/// it is attached; for output read byte for byte with [`Tracer::stop_raw`].
+pub fn start_tracer_output(args: &[String], format: &str) -> Result<Tracer> {
+    let mut child = Command::new(tracer_bin())
+        .args(args)
+        .args(["--output", format])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", tracer_bin().display()))?;
+    let stderr: ChildStderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[tracer] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let tracer = Tracer { proc: Proc { child }, stderr_lines: rx };
+    tracer.wait_for_line("tracer: tracing", Duration::from_secs(60))?;
+    Ok(tracer)
+}
+
 impl Tracer {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
@@ -189,6 +214,17 @@ impl Tracer {
         thread::sleep(Duration::from_millis(300));
         unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
         self.wait_with_code()
+    }
+
+    /// SIGINT, then the exit code and everything it printed on its standard output, byte
+    /// for byte (text output, or JSON to check before parsing).
+    pub fn stop_raw(mut self) -> Result<(i32, Vec<u8>)> {
+        thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.pid() as i32, libc::SIGINT) };
+        let mut out = Vec::new();
+        self.proc.child.stdout.take().expect("piped stdout").read_to_end(&mut out)?;
+        let status = self.proc.child.wait()?;
+        Ok((status.code().with_context(|| format!("tracer killed: {status}"))?, out))
     }
 
     /// Waits for the tracer to exit; its exit code and JSON lines.
