@@ -339,6 +339,10 @@ struct TlsWatch {
     hooked: HashMap<u32, HashSet<(u64, u64)>>,
     /// Library names already announced, and failures already said.
     announced: HashSet<String>,
+    /// Files (device, inode) read and found without OpenSSL's functions: an executable
+    /// is a candidate on every scan, and reading it again each second took its whole
+    /// size in memory each time (tens of MB for a debug build).
+    without_tls: HashSet<(u64, u64)>,
     last_scan: Option<Instant>,
 }
 
@@ -392,7 +396,7 @@ impl TlsWatch {
         for pid in pids {
             let key = if port_mode { 0 } else { pid };
             let known = self.hooked.entry(key).or_default();
-            for lib in tls::libraries(pid, known) {
+            for lib in tls::libraries(pid, known, &mut self.without_tls) {
                 known.insert(lib.id);
                 match probes.hook_tls(&lib, (!port_mode).then_some(pid)) {
                     Ok(()) => {
@@ -442,6 +446,7 @@ async fn trace(
         records: tls::cgroup2_root().is_some(),
         hooked: HashMap::new(),
         announced: HashSet::new(),
+        without_tls: HashSet::new(),
         last_scan: None,
     };
     tls_watch.scan(&mut probes, &session.live, port_mode);

@@ -92,18 +92,21 @@ fn candidate(path: &str, exe: Option<&str>) -> bool {
     base.starts_with("libssl.so") || base.starts_with("libssl-") || Some(path) == exe
 }
 
-/// The TLS libraries process `pid` has mapped now, except those in `known` (by id).
-pub fn libraries(pid: u32, known: &HashSet<(u64, u64)>) -> Vec<Library> {
+/// The TLS libraries process `pid` has mapped now, except those in `known` (by id);
+/// files found without TLS functions go in `without`, and are not read again.
+pub fn libraries(pid: u32, known: &HashSet<(u64, u64)>, without: &mut HashSet<(u64, u64)>) -> Vec<Library> {
     let exe = fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
     let mut out = Vec::new();
     for (id, name) in mapped_files(pid) {
-        if known.contains(&id) || !candidate(&name, exe.as_deref()) {
+        if known.contains(&id) || without.contains(&id) || !candidate(&name, exe.as_deref()) {
             continue;
         }
         let path = Path::new(&format!("/proc/{pid}/root")).join(name.trim_start_matches('/'));
         match symbol_offsets(&path) {
             Ok(Some(offsets)) => out.push(Library { id, name, path, offsets }),
-            Ok(None) => {}
+            Ok(None) => {
+                without.insert(id);
+            }
             Err(e) => log::debug!("{name}: {e:#}"),
         }
     }
