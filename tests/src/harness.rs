@@ -121,31 +121,7 @@ pub struct Tracer {
 
 /// Starts the tracer with `args` (plus `--output json`) and waits until it is attached.
 pub fn start_tracer(args: &[String]) -> Result<Tracer> {
-    let mut child = Command::new(tracer_bin())
-        .args(args)
-        .args(["--output", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", tracer_bin().display()))?;
-    let stderr: ChildStderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[tracer] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let tracer = Tracer { proc: Proc { child }, stderr_lines: rx };
-    loop {
-        match tracer.stderr_lines.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.starts_with("tracer: tracing") => return Ok(tracer),
-            Ok(_) => {}
-            Err(_) => bail!("the tracer did not attach within 60 s"),
-        }
-    }
+    start_tracer_output(args, "json")
 }
 
 /// Starts the tracer with `args` plus `--output FORMAT` (`text` or `json`) and waits until
@@ -169,7 +145,7 @@ pub fn start_tracer_output(args: &[String], format: &str) -> Result<Tracer> {
         }
     });
     let tracer = Tracer { proc: Proc { child }, stderr_lines: rx };
-    tracer.wait_for_line("tracer: tracing", Duration::from_secs(60))?;
+    tracer.wait_for_line("tracer: tracing", Duration::from_secs(60)).context("the tracer did not attach")?;
     Ok(tracer)
 }
 
