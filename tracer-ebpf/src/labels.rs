@@ -47,10 +47,16 @@ pub struct PayloadBuf {
 #[map]
 static PAYLOAD: PerCpuArray<PayloadBuf> = PerCpuArray::with_max_entries(1, 0);
 
-// x86_64 `struct pt_regs`, as saved at system call entry.
-const REG_DX: u64 = 12 * 8;
-const REG_SI: u64 = 13 * 8;
-const REG_ORIG_AX: u64 = 15 * 8;
+/// The part of x86_64's `struct pt_regs` (as saved at system call entry) that says which
+/// call it is and where its buffer is, read in one go: `dx`, `si`, `di`, `orig_ax`.
+#[repr(C)]
+struct SyscallRegs {
+    dx: u64,
+    si: u64,
+    _di: u64,
+    orig_ax: u64,
+}
+const REGS_AT: u64 = 12 * 8;
 
 // x86_64 system call numbers.
 const SYS_READ: u64 = 0;
@@ -61,11 +67,6 @@ const SYS_SENDTO: u64 = 44;
 const SYS_RECVFROM: u64 = 45;
 const SYS_SENDMSG: u64 = 46;
 const SYS_RECVMSG: u64 = 47;
-
-#[inline(always)]
-fn reg(regs: u64, at: u64) -> Option<u64> {
-    unsafe { bpf_probe_read_kernel((regs + at) as *const u64) }.ok()
-}
 
 #[inline(always)]
 fn user_u64(at: u64) -> Option<u64> {
@@ -80,13 +81,12 @@ fn syscall_buffer() -> Option<(u64, u64)> {
     if regs == 0 {
         return None;
     }
-    let nr = reg(regs, REG_ORIG_AX)?;
-    let arg = reg(regs, REG_SI)?;
-    let iov = match nr {
-        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => return Some((arg, reg(regs, REG_DX)?)),
-        SYS_READV | SYS_WRITEV => arg,
+    let r: SyscallRegs = unsafe { bpf_probe_read_kernel((regs + REGS_AT) as *const SyscallRegs) }.ok()?;
+    let iov = match r.orig_ax {
+        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => return Some((r.si, r.dx)),
+        SYS_READV | SYS_WRITEV => r.si,
         // `struct user_msghdr`: msg_iov after the name and its length.
-        SYS_RECVMSG | SYS_SENDMSG => user_u64(arg + 16)?,
+        SYS_RECVMSG | SYS_SENDMSG => user_u64(r.si + 16)?,
         _ => return None,
     };
     Some((user_u64(iov)?, user_u64(iov + 8)?))

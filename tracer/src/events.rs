@@ -33,6 +33,17 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// A payload record (`kind::PAYLOAD`) and its bytes, borrowed from the ring: the tracer
+/// takes them in place, with no copy.
+pub fn payload(bytes: &[u8]) -> Result<(Payload, &[u8])> {
+    let p: Payload = read(bytes)?;
+    let data = &bytes[size_of::<Payload>()..];
+    if data.len() < p.len as usize {
+        bail!("payload record holds {} bytes, not the {} it says", data.len(), p.len);
+    }
+    Ok((p, &data[..p.len as usize]))
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Event> {
     let header: EventHeader = read(bytes)?;
     Ok(match header.kind {
@@ -49,12 +60,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::BIND => Event::Bind(read(bytes)?),
         kind::TLS_DONE => Event::TlsDone(read(bytes)?),
         kind::PAYLOAD => {
-            let p: Payload = read(bytes)?;
-            let data = &bytes[size_of::<Payload>()..];
-            if data.len() < p.len as usize {
-                bail!("payload record holds {} bytes, not the {} it says", data.len(), p.len);
-            }
-            Event::Payload(p, data[..p.len as usize].to_vec())
+            let (p, data) = payload(bytes)?;
+            Event::Payload(p, data.to_vec())
         }
         other => bail!("unknown event kind {other}"),
     })

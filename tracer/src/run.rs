@@ -85,6 +85,14 @@ struct Session {
 
 impl Session {
     fn handle(&mut self, bytes: &[u8]) -> Result<()> {
+        // The first bytes of a request or response: taken in place (they make no record).
+        if bytes.get(..2) == Some(&tracer_common::kind::PAYLOAD.to_ne_bytes()[..]) {
+            if let Ok((p, data)) = events::payload(bytes) {
+                self.stats.events += 1;
+                self.timeline.payload(&p, data);
+                return Ok(());
+            }
+        }
         let event = match events::decode(bytes) {
             Ok(e) => e,
             Err(e) => {

@@ -301,7 +301,7 @@ impl Timeline {
 
     /// The first bytes of a request or response: its labels, kept for the exchange's
     /// event, which comes next.
-    fn payload(&mut self, p: &Payload, data: &[u8]) {
+    pub fn payload(&mut self, p: &Payload, data: &[u8]) {
         let Some(routes) = &self.routes else { return };
         let l = self.labelling.entry(p.header.sock).or_default();
         if side::is_request(p.side) {

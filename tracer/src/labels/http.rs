@@ -207,6 +207,13 @@ fn status(bytes: &[u8]) -> Option<u16> {
 /// The headers of the message whose start line begins at `start`: where they end (after
 /// the empty line) and what they say of the body. None when the bytes end first.
 fn head(bytes: &[u8], start: usize) -> Option<Head> {
+    // Found in one pass first: the headers are read only when a message follows them
+    // (pipelining), which is rare; the usual request or response ends with them or is
+    // cut by the end of the bytes.
+    let end = head_end(bytes, start)?;
+    if end >= bytes.len() {
+        return Some(Head { end, body: Body::Empty });
+    }
     let mut lines = Lines { bytes, pos: start };
     lines.next()?; // the start line
     let mut body = Body::Empty;
@@ -216,6 +223,20 @@ fn head(bytes: &[u8], start: usize) -> Option<Head> {
             return Some(Head { end: lines.pos, body });
         }
         body = merge(body, header_body(line));
+    }
+}
+
+/// Just past the empty line that ends the headers of the message starting at `start`.
+fn head_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut at = start;
+    loop {
+        at += bytes.get(at..)?.iter().position(|&b| b == b'\n')? + 1;
+        match (bytes.get(at), bytes.get(at + 1)) {
+            (Some(b'\n'), _) => return Some(at + 1),
+            (Some(b'\r'), Some(b'\n')) => return Some(at + 2),
+            (None, _) => return None,
+            _ => {}
+        }
     }
 }
 
@@ -391,6 +412,9 @@ mod tests {
     #[test]
     fn bare_line_feeds_end_lines() {
         assert_eq!(labels(b"GET /a HTTP/1.1\nHost: x\n\nGET /b HTTP/1.1\n\n"), ["GET /a", "GET /b"]);
+        assert_eq!(head_end(b"GET /a HTTP/1.1\n\n", 0), Some(17));
+        assert_eq!(head_end(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", 0), Some(28));
+        assert_eq!(head_end(b"GET /a HTTP/1.1\r\nHost: x\r\n\r", 0), None);
     }
 
     #[test]
