@@ -919,6 +919,25 @@ mod tests {
     ];
 
     #[test]
+    fn labels_are_required_from_5_15_and_said_unavailable_before() {
+        assert!(at_least("6.1.0-50-cloud-amd64", 5, 15) && at_least("5.15.0", 5, 15));
+        assert!(!at_least("5.10.0-32-cloud-amd64", 5, 15));
+        let sc = SCENARIOS.iter().find(|s| s.name == LABELLED).expect("labelled scenario");
+        let endpoint = |requests: u64, p50_ms: f64| {
+            serde_json::json!({"listeners": [{"endpoints": [{"label": "GET /", "requests": requests,
+                "statuses": {"2xx": requests}, "phases": {"think": {"count": requests, "p50_ns": p50_ms * 1e6}}}]}]})
+        };
+        let available = ["request labels (--labels): available: yes"];
+        assert!(labels_check("6.1.0", &available, &endpoint(sc.samples, sc.delay_ms), sc).1);
+        assert!(!labels_check("6.1.0", &available, &endpoint(sc.samples - 1, sc.delay_ms), sc).1);
+        assert!(!labels_check("6.1.0", &available, &endpoint(sc.samples, 2.0 * sc.delay_ms), sc).1);
+        let unavailable = ["request labels (--labels): unavailable: no helper"];
+        let none = serde_json::json!({"listeners": [{}]});
+        assert!(labels_check("5.10.0", &unavailable, &none, sc).1);
+        assert!(!labels_check("6.1.0", &unavailable, &none, sc).1, "5.15 and later must label");
+    }
+
+    #[test]
     fn the_clients_time_per_exchange_is_the_median() {
         assert!((client_exchange_ms(CLIENT) - 104.0).abs() < 1e-9);
         assert!(client_exchange_ms(&[]).is_nan());
