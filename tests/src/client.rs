@@ -42,6 +42,24 @@ pub struct ClientOptions {
     pub paths: Vec<String>,
 }
 
+impl ClientOptions {
+    /// The options' defaults against `server` (one connection, one request of 100 bytes),
+    /// to be changed field by field: `ClientOptions { requests: 10, ..ClientOptions::to(addr) }`.
+    pub fn to(server: SocketAddr) -> Self {
+        Self {
+            server,
+            connections: 1,
+            requests: 1,
+            size: 100,
+            parallel: false,
+            read_delay_ms: 0,
+            rcvbuf: 0,
+            pause_after_connect_ms: 0,
+            paths: Vec::new(),
+        }
+    }
+}
+
 /// What one connection sent and received, byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnResult {

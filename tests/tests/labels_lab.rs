@@ -33,15 +33,10 @@ const SLOW_RCVBUF: i32 = 64 << 10;
 /// [`SLOW_RCVBUF`].
 fn shop_client(server: SocketAddr, paths: Vec<String>, read_delay_ms: u64) -> ClientOptions {
     ClientOptions {
-        server,
-        connections: 1,
-        requests: 1,
-        size: 100,
-        parallel: false,
         read_delay_ms,
         rcvbuf: if read_delay_ms > 0 { SLOW_RCVBUF } else { 0 },
-        pause_after_connect_ms: 0,
         paths,
+        ..ClientOptions::to(server)
     }
 }
 

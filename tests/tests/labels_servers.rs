@@ -256,17 +256,7 @@ fn postgres_labels_behind_the_lab() -> Result<()> {
     let log_start = log_len(&replica)?;
     let (backend, addr) = start_database_backend(&primary, &replica)?;
     let tracer = start_tracer(&labelled(backend.pid()))?;
-    client::run(&ClientOptions {
-        server: addr,
-        connections: 1,
-        requests: REQUESTS as usize,
-        size: 100,
-        parallel: false,
-        read_delay_ms: 0,
-        rcvbuf: 0,
-        pause_after_connect_ms: 0,
-        paths: Vec::new(),
-    })?;
+    client::run(&ClientOptions { requests: REQUESTS as usize, ..ClientOptions::to(addr) })?;
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
 

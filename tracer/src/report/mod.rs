@@ -127,6 +127,11 @@ pub fn duration(ns: u64) -> String {
         1_000_000..1_000_000_000 => (ns as f64 / 1e6, "ms"),
         _ => (ns as f64 / 1e9, "s"),
     };
+    three_digits(value, unit)
+}
+
+/// `value` with three significant digits (it is at least 1), and its unit.
+pub fn three_digits(value: f64, unit: &str) -> String {
     if value >= 100.0 {
         format!("{value:.0}{unit}")
     } else if value >= 10.0 {

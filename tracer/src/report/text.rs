@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use super::{duration, Format, Slow, Snapshot};
+use super::{duration, three_digits, Format, Slow, Snapshot};
 use crate::{
     endpoints::{EndpointStats, Endpoints, Sketch, OTHER, STATUS_CLASSES},
     stats::{ListenerStats, PeerStats},
@@ -133,13 +133,7 @@ pub fn bytes(n: f64) -> String {
         n if n < 1e9 => (n / 1e6, "MB"),
         n => (n / 1e9, "GB"),
     };
-    if value >= 100.0 {
-        format!("{value:.0}{unit}")
-    } else if value >= 10.0 {
-        format!("{value:.1}{unit}")
-    } else {
-        format!("{value:.2}{unit}")
-    }
+    three_digits(value, unit)
 }
 
 /// The endpoints of a listener or peer, most total time first: requests, p50 and p99
