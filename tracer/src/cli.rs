@@ -162,6 +162,9 @@ impl Args {
         if self.pids.is_empty() && self.ports.is_empty() && self.command.is_empty() {
             bail!("nothing to trace: give --pid PID, --port PORT or -- COMMAND (see --help)");
         }
+        if self.ports.contains(&0) {
+            bail!("--port 0: no socket ever listens on port 0; give the port your server listens on");
+        }
         if !self.pids.is_empty() && !self.ports.is_empty() {
             bail!("--pid and --port are alternatives: give one of them");
         }

@@ -55,6 +55,17 @@ fn malformed_checks_point_at_the_error() {
 fn bad_targets_are_set_up_errors() {
     tracer().assert().code(2).stderr(predicate::str::contains("nothing to trace"));
     tracer().args(["--pid", "1", "--port", "80"]).assert().code(2).stderr(predicate::str::contains("alternatives"));
+    tracer()
+        .args(["--port", "0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no socket ever listens on port 0"));
+    tracer().args(["--pid", "1", "--route", "products"]).assert().code(2).stderr(predicate::str::contains("--route"));
+    tracer()
+        .args(["--pid", "1", "--max-labels", "0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--max-labels"));
     tracer().args(["--pid", "1", "--", "true"]).assert().code(2).stderr(predicate::str::contains("leave out --pid"));
     tracer()
         .args(["--pid", "4000000000"])

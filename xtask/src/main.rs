@@ -1,7 +1,8 @@
-//! Project automation: `cargo xtask setup | test | demo | bench | vm-test`.
+//! Project automation: `cargo xtask setup | test | demo | bench | vm-test | dist`.
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod test;
 mod vmtest;
@@ -33,6 +34,9 @@ enum Cmd {
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run `tracer doctor` and
     /// an accuracy subset inside each.
     VmTest(vmtest::Options),
+    /// Build the release: a static x86_64 binary in target/dist/tracer-VERSION-x86_64-
+    /// linux-musl.tar.gz with its SHA-256, checked as a user without Rust would run it.
+    Dist,
 }
 
 fn main() {
@@ -42,6 +46,7 @@ fn main() {
         Cmd::Demo(opts) => demo::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::VmTest(opts) => vmtest::run(&opts),
+        Cmd::Dist => dist::run(),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

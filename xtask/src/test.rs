@@ -1,10 +1,10 @@
 //! `cargo xtask test`: the whole suite, as CI runs it: the source layout (rustfmt), unit
-//! tests, the privileged integration tests on this kernel, then the kernel matrix under
-//! qemu (`vm-test`).
+//! tests, the privileged integration tests on this kernel, the release tarball checked
+//! as a user would run it (`dist`), then the kernel matrix under qemu (`vm-test`).
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, exec, is_root, setup, vmtest};
+use crate::{cargo, dist, exec, is_root, setup, vmtest};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -33,9 +33,11 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     exec(&mut cmd)?;
     if opts.filter.is_some() || opts.skip_vm {
-        eprintln!("xtask: kernel matrix skipped");
+        eprintln!("xtask: release and kernel matrix skipped");
         return Ok(());
     }
-    // The same binary on the other kernels the tracer supports.
+    // The release as a user gets it, then the same static binary on the other kernels
+    // the tracer supports.
+    dist::run()?;
     vmtest::run(&vmtest::Options::default())
 }

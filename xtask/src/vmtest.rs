@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cargo, exec, setup, workspace_root};
+use crate::{exec, setup, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -51,7 +51,7 @@ const VM_PACKAGES: &[(&str, &str)] = &[
     ("cpio", "/usr/bin/cpio"),
 ];
 
-const MUSL: &str = "x86_64-unknown-linux-musl";
+use crate::dist::MUSL;
 
 /// One accuracy scenario: the lab server's and client's arguments, the phase the
 /// injected delay must land in, the delay, and how many samples of it there must be.
@@ -837,21 +837,7 @@ fn socket_reads(lines: &[&str]) -> (String, bool, String) {
 pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     setup::debian_packages(VM_PACKAGES)?;
-    let targets = String::from_utf8(Command::new("rustup").args(["target", "list", "--installed"]).output()?.stdout)?;
-    if !targets.lines().any(|t| t == MUSL) {
-        exec(Command::new("rustup").args(["target", "add", MUSL]))?;
-    }
-    exec(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        MUSL,
-        "--package",
-        "tracer",
-        "--package",
-        "tracer-tests",
-        "--bins",
-    ]))?;
+    crate::dist::build_static(&["tracer", "tracer-tests"])?;
     apt_lists()?;
     let initrd = initramfs()?;
     let series: Vec<String> = if opts.kernels.is_empty() {
