@@ -109,6 +109,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::endpoints::DEFAULT_MAX_LABELS)]
     pub max_labels: usize,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing (e.g.
+    /// 127.0.0.1:9464): histograms of every phase and the counters (see README).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, kprobe,
     /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
     /// implementation, as on a kernel without that kind, and without uprobes TLS is

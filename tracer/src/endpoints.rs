@@ -117,6 +117,12 @@ impl Sketch {
         self.max
     }
 
+    /// Samples of at most `v` (to the bucket: within its 1/128).
+    pub fn count_at_most(&self, v: u64) -> u64 {
+        let last = bucket(v);
+        self.buckets().take_while(|(i, _)| *i <= last).map(|(_, n)| n).sum()
+    }
+
     /// The same samples in a full histogram (for checks, which judge histograms).
     pub fn to_histogram(&self) -> Histogram<u64> {
         let mut h = new_histogram();

@@ -14,6 +14,7 @@ mod endpoints;
 mod events;
 mod labels;
 mod listeners;
+mod metrics;
 mod offsets;
 mod probes;
 mod procs;

@@ -24,7 +24,7 @@ use crate::{
     events::{self, Event},
     labels::Routes,
     listeners::ListenerWatch,
-    offsets,
+    metrics, offsets,
     probes::{LoadOptions, Probes},
     procs,
     report::{json::Json, text::Text, Format, ReportKind, Slow, Snapshot},
@@ -458,6 +458,17 @@ async fn trace(
         last_scan: None,
     };
     tls_watch.scan(&mut probes, &session.live, port_mode);
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let page = metrics::Page::default();
+            page.update(&session.stats);
+            let bound = metrics::serve(addr, page.clone())?;
+            say!("tracer: Prometheus metrics at http://{bound}/metrics");
+            Some(page)
+        }
+        None => None,
+    };
+    let mut rendered = tokio::time::Instant::now();
     say!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
     if let Some(l) = launched.as_mut() {
@@ -528,6 +539,11 @@ async fn trace(
             }
             _ = tick.tick() => {
                 session.poll_counters(&probes);
+                if let Some(page) = metrics.as_ref().filter(|_| rendered.elapsed() >= metrics::RENDER_EVERY) {
+                    session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
+                    page.update(&session.stats);
+                    rendered = tokio::time::Instant::now();
+                }
                 if let Some(l) = launched.as_mut() {
                     if let Some(status) = l.try_wait() {
                         break format!("the command exited with status {status}");
@@ -564,6 +580,9 @@ async fn trace(
     let verdicts: Vec<Verdict> =
         args.checks.iter().map(|c| checks::evaluate(c, &session.stats, args.min_samples)).collect();
     session.report(ReportKind::Final, &verdicts)?;
+    if let Some(page) = &metrics {
+        page.update(&session.stats);
+    }
     drop(probes);
     let failed_checks = verdicts.iter().filter(|v| !v.passed).count();
     if failed_checks > 0 {

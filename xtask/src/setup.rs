@@ -29,6 +29,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // instance the package may start on 6379.
     ("redis-server", "/usr/bin/redis-server"),
     ("redis-tools", "/usr/bin/redis-benchmark"),
+    // A real Prometheus scrapes `--metrics-addr` in the tests (its own, on a free port).
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 const NIGHTLY: &str = "nightly";

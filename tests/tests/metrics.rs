@@ -1,0 +1,202 @@
+//! Prometheus scraping the tracer (`--metrics-addr`): Debian's Prometheus, started on a
+//! free loopback port with a scrape interval of one second, scrapes the tracer while a
+//! lab server that thinks a known 20 ms serves 240 requests. Prometheus's own
+//! `histogram_quantile` over the think histogram must land in the bucket that holds
+//! 20 ms, the request counter it stored must equal the tracer's final report exactly,
+//! and the target must be up with no scrape error.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+use tracer_tests::harness::*;
+
+const DELAY_MS: u64 = 20;
+const CONNECTIONS: usize = 4;
+const REQUESTS: usize = 60;
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A Prometheus of the test's own: its configuration and storage in a directory of
+/// its own, stopped and removed on drop.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )?;
+        let port = free_port()?;
+        let child = Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("prometheus.log"))?)
+            .spawn()
+            .context("starting /usr/bin/prometheus (installed by `cargo xtask setup`)")?;
+        let prometheus = Self { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while prometheus.get("/-/ready").is_err() {
+            if Instant::now() > deadline {
+                bail!("Prometheus not ready within 60 s: {}", prometheus.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(prometheus)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET path` from Prometheus's web API; the body.
+    fn get(&self, path: &str) -> Result<String> {
+        let out = Command::new("curl").args(["-sSf", &format!("http://127.0.0.1:{}{path}", self.port)]).output()?;
+        if !out.status.success() {
+            bail!("GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The value of an instant PromQL query with one result; None when it has none.
+    fn query(&self, promql: &str) -> Result<Option<f64>> {
+        let out = Command::new("curl")
+            .args(["-sSfG", &format!("http://127.0.0.1:{}/api/v1/query", self.port), "--data-urlencode"])
+            .arg(format!("query={promql}"))
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("query {promql}"))?;
+        if v["status"] != "success" {
+            bail!("query {promql}: {v}");
+        }
+        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        match result.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(one["value"][1].as_str().and_then(|s| s.parse().ok())),
+            _ => bail!("query {promql}: {} results: {v}", result.len()),
+        }
+    }
+
+    /// Waits until `promql` gives a value for which `done` holds (within `timeout`).
+    fn wait_for(&self, promql: &str, timeout: Duration, done: impl Fn(f64) -> bool) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.query(promql)?;
+            if let Some(v) = value.filter(|v| done(*v)) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("{promql} is {value:?} after {timeout:?}; Prometheus said: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_phases_and_counts() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (server, addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", &DELAY_MS.to_string()])?;
+    let metrics_port = free_port()?;
+    let tracer = start_tracer(&[
+        "--pid".into(),
+        server.pid().to_string(),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ])?;
+    let prometheus = Prometheus::start(metrics_port)?;
+    prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
+
+    run_lab_client(
+        None,
+        &[
+            "--server",
+            &addr.to_string(),
+            "--connections",
+            &CONNECTIONS.to_string(),
+            "--requests",
+            &REQUESTS.to_string(),
+            "--parallel",
+        ],
+    )?;
+    let sent = (CONNECTIONS * REQUESTS) as f64;
+    let requests = format!("tracer_requests_total{{listener=\":{}\"}}", addr.port());
+    prometheus.wait_for(&requests, Duration::from_secs(30), |v| v >= sent)?;
+    // One more scrape after the last request was counted, then the tracer stops.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let stored = prometheus.query(&requests)?.context("no request counter stored")?;
+    let quantile = prometheus
+        .query(&format!(
+            "histogram_quantile(0.5, sum by (le) (tracer_request_phase_seconds_bucket{{listener=\":{}\",phase=\"think\"}}))",
+            addr.port()
+        ))?
+        .context("no think histogram stored")?;
+    let targets: Value = serde_json::from_str(&prometheus.get("/api/v1/targets")?)?;
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    let l = listener(report, addr.port())?;
+    eprintln!(
+        "{}Prometheus: requests {stored}, think p50 {:.2} ms (histogram_quantile); targets {}",
+        describe(report),
+        quantile * 1e3,
+        targets["data"]["activeTargets"]
+    );
+
+    let mut v = Verdicts::default();
+    v.eq("requests in the final report", l["requests"].as_f64(), Some(sent));
+    v.eq("requests Prometheus stored against the final report", Some(stored), l["requests"].as_f64());
+    // The bucket of BUCKETS_S that holds 20 ms: (10 ms, 25 ms].
+    v.check(quantile > 0.010 && quantile <= 0.025, || {
+        format!("histogram_quantile(0.5) of think {quantile} s, not in the bucket (0.01, 0.025] holding {DELAY_MS} ms")
+    });
+    let target = &targets["data"]["activeTargets"][0];
+    v.eq("the target's health", target["health"].as_str(), Some("up"));
+    v.eq("the target's last scrape error", target["lastError"].as_str(), Some(""));
+    v.finish();
+    Ok(())
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_set_up_error() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let out = Command::new(tracer_bin())
+        .args(["--pid", &std::process::id().to_string(), "--duration", "1s", "--metrics-addr"])
+        .arg(taken.local_addr()?.to_string())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--metrics-addr"), "{stderr}");
+    Ok(())
+}
