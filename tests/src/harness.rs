@@ -66,7 +66,6 @@ pub fn start_lab_server(args: &[&str]) -> Result<(Proc, SocketAddr)> {
     start_lab_server_in(None, args)
 }
 
-/// The lab binary, run inside `netns` when given.
 /// The lab server's database scenario: each request looks up a row on `primary`, one in
 /// four on `replica`.
 pub fn start_database_backend(
@@ -85,6 +84,7 @@ pub fn start_database_backend(
     ])
 }
 
+/// The lab binary, run inside `netns` when given.
 pub fn lab_command(netns: Option<&Netns>) -> Command {
     match netns {
         Some(ns) => ns.command(lab_bin()),
@@ -95,13 +95,15 @@ pub fn lab_command(netns: Option<&Netns>) -> Command {
 /// Starts `lab server ARGS` (inside `netns`, when given: `ip netns exec` execs the server,
 /// so the child's PID is the server's) and waits until it listens.
 pub fn start_lab_server_in(netns: Option<&Netns>, args: &[&str]) -> Result<(Proc, SocketAddr)> {
-    let mut child = lab_command(netns)
-        .arg("server")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", lab_bin().display()))?;
+    let mut cmd = lab_command(netns);
+    cmd.arg("server").args(args);
+    start_listening(cmd)
+}
+
+/// Starts `cmd`, a lab server however wrapped, and waits until it says where it listens.
+pub fn start_listening(mut cmd: Command) -> Result<(Proc, SocketAddr)> {
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {cmd:?}"))?;
     let stdout = child.stdout.take().expect("piped stdout");
     let proc = Proc { child };
     let mut line = String::new();

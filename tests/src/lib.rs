@@ -14,6 +14,7 @@
 //! each connection and reports each response's status and bytes.
 
 pub mod backends;
+pub mod cgroup;
 pub mod client;
 pub mod handoff;
 pub mod harness;

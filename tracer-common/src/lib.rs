@@ -834,8 +834,12 @@ pub struct ProgramConfig {
     /// Non-zero when request labels are on (`--labels`): the first bytes of requests and
     /// responses are copied to userspace ([`Payload`]).
     pub labels: u32,
+    /// Non-zero (`--cgroup`): a process is traced when it runs in one of the cgroups of
+    /// `CGROUPS` (by cgroup v2 id) as it accepts, connects or reads, or is in `PIDS`.
+    pub filter_by_cgroup: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ProgramConfig>() == 24);
+const _: () = assert!(size_of::<ProgramConfig>() == 32);
 
 /// Indexes of the per-CPU `COUNTERS` array.
 pub mod counter {

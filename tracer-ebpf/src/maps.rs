@@ -63,6 +63,8 @@ pub static CONFIG: ProgramConfig = ProgramConfig {
     tls_hooks: 0,
     tls_records: 0,
     labels: 0,
+    filter_by_cgroup: 0,
+    _pad: 0,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
@@ -289,8 +291,42 @@ pub fn known_untraced(tgid: u32) -> bool {
     remembered_untraced(tgid, pids_generation())
 }
 
+/// Traced cgroups (v2 id → 1) with `--cgroup`, filled by userspace (each with its
+/// descendants).
+#[map]
+pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn filter_by_cgroup() -> bool {
+    unsafe { core::ptr::read_volatile(&CONFIG.filter_by_cgroup) != 0 }
+}
+
+/// With `--cgroup`: whether `tgid` is traced — known, or the calling process itself
+/// running in a traced cgroup now (a process started there, or moved there, after
+/// tracing began), which makes it known.
+#[inline(always)]
+fn traced_by_cgroup(tgid: u32) -> bool {
+    if PIDS.get_ptr(tgid).is_some() {
+        return true;
+    }
+    if (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 != tgid {
+        return false;
+    }
+    let id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    if CGROUPS.get_ptr(&id).is_none() {
+        return false;
+    }
+    trace_tgid(tgid);
+    true
+}
+
 #[inline(always)]
 pub fn is_traced_tgid(tgid: u32) -> bool {
+    if filter_by_cgroup() {
+        // No memory of untraced processes here: a process moved into a traced cgroup
+        // is traced from its next accept or connect.
+        return traced_by_cgroup(tgid);
+    }
     // Read before the lookup: an insert racing with it bumps the generation after, so
     // a miss remembered here is forgotten at once.
     let generation = pids_generation();

@@ -12,6 +12,8 @@ Examples:
   tracer --pid $(pgrep -o nginx)              trace nginx and its workers until Ctrl-C
   tracer --pid 1234 --duration 30s            30 seconds, then print the report
   tracer --port 8080 --interval 10s           whoever accepts on port 8080, a report every 10 s
+  tracer --cgroup /system.slice/app.service   every process of a cgroup, now and later
+  tracer --pid 1234 --metrics-addr 127.0.0.1:9464   Prometheus metrics at /metrics
   tracer --pid 1234 --connections             also one line per connection as it closes
   tracer --pid 1234 --output json > out.json  JSON lines (see README for the fields)
   tracer --pid 1234 --slow 200ms              one line per request slower than 200 ms
@@ -51,6 +53,12 @@ pub struct Args {
     /// Trace connections accepted on this local port, by any process (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+
+    /// Trace the processes of this cgroup (v2) and of the cgroups below it, now and
+    /// later, including processes moved into it (repeatable): a directory of the
+    /// cgroup hierarchy, or a path as /proc/PID/cgroup shows it.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
 
     /// Stop after this long (e.g. 30s, 500ms, 2m) and print the final report.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -161,11 +169,14 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 
 impl Args {
     pub fn validate(&self) -> Result<()> {
-        if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty()) {
-            bail!("-- COMMAND traces the command it starts: leave out --pid and --port");
+        if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty() || !self.cgroups.is_empty()) {
+            bail!("-- COMMAND traces the command it starts: leave out --pid, --port and --cgroup");
         }
-        if self.pids.is_empty() && self.ports.is_empty() && self.command.is_empty() {
-            bail!("nothing to trace: give --pid PID, --port PORT or -- COMMAND (see --help)");
+        if self.pids.is_empty() && self.ports.is_empty() && self.cgroups.is_empty() && self.command.is_empty() {
+            bail!("nothing to trace: give --pid PID, --port PORT, --cgroup PATH or -- COMMAND (see --help)");
+        }
+        if !self.cgroups.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty()) {
+            bail!("--cgroup, --pid and --port are alternatives: give one of them");
         }
         if self.ports.contains(&0) {
             bail!("--port 0: no socket ever listens on port 0; give the port your server listens on");

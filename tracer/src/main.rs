@@ -5,6 +5,7 @@
 //! `report` (text or JSON). `run` wires them together.
 
 mod btf;
+mod cgroups;
 mod checks;
 mod cli;
 mod command;

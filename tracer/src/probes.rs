@@ -290,6 +290,13 @@ impl Probes {
         map.insert(key, 1, 0).context("registering an open upstream connection")
     }
 
+    /// A traced cgroup (`--cgroup`), by its id.
+    pub fn add_cgroup(&mut self, id: u64) -> Result<()> {
+        let mut cgroups: BpfHashMap<&mut MapData, u64, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("CGROUPS").context("CGROUPS map missing")?)?;
+        cgroups.insert(id, 1, 0).with_context(|| format!("adding cgroup {id}"))
+    }
+
     pub fn add_port(&mut self, port: u16) -> Result<()> {
         let mut ports: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("PORTS").context("PORTS map missing")?)?;

@@ -17,6 +17,7 @@ use tokio::{
 use tracer_common::{counter, ProgramConfig};
 
 use crate::{
+    cgroups::Cgroup,
     checks::{self, Verdict},
     cli::{Args, OutputFormat},
     command::Launched,
@@ -81,6 +82,9 @@ struct Session {
     synacks_pending: BTreeMap<u16, u64>,
     /// `--slow`, in nanoseconds.
     slow_ns: Option<u64>,
+    /// `--cgroup`: the traced cgroups, and the ids the programs know.
+    cgroups: Vec<Cgroup>,
+    cgroup_ids: HashSet<u64>,
 }
 
 impl Session {
@@ -135,6 +139,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// `--cgroup`: cgroups created below the traced ones since, and processes started
+    /// or moved there (the programs trace these on their own; this is for what userspace
+    /// looks at per process: listeners, TLS libraries).
+    fn follow_cgroups(&mut self, probes: &mut Probes) {
+        for cg in &self.cgroups {
+            for id in cg.ids() {
+                if !self.cgroup_ids.contains(&id) && probes.add_cgroup(id).is_ok() {
+                    self.cgroup_ids.insert(id);
+                }
+            }
+            for pid in cg.processes() {
+                if self.live.insert(pid) {
+                    let _ = probes.add_pid(pid);
+                }
+            }
+        }
     }
 
     /// Upstream requests still waiting to be tied to a server request never will be.
@@ -239,6 +261,7 @@ pub fn run(args: Args) -> Result<i32> {
         Some(l) => vec![l.pid],
         None => args.pids.clone(),
     };
+    let cgroups: Vec<Cgroup> = args.cgroups.iter().map(|p| Cgroup::resolve(p)).collect::<Result<_>>()?;
     let labels_on = args.labels_on() && kernel.labels_unavailable.is_none();
     if let (true, Some(why)) = (args.labels_on(), kernel.labels_unavailable) {
         say!("tracer: --labels: {why}; requests are unlabelled");
@@ -254,6 +277,7 @@ pub fn run(args: Args) -> Result<i32> {
             tls_hooks: !args.skip_hook_kind.contains(&Kind::UProbe) as u32,
             tls_records: tls::cgroup2_root().is_some() as u32,
             labels: labels_on as u32,
+            filter_by_cgroup: !cgroups.is_empty() as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
@@ -267,7 +291,20 @@ pub fn run(args: Args) -> Result<i32> {
     for &pid in &roots {
         probes.add_pid(pid)?;
     }
-    for pid in procs::with_descendants(&roots) {
+    let mut cgroup_ids = HashSet::new();
+    for cg in &cgroups {
+        for id in cg.ids() {
+            if cgroup_ids.insert(id) {
+                probes.add_cgroup(id)?;
+            }
+        }
+    }
+    let initial: Vec<u32> = if cgroups.is_empty() {
+        procs::with_descendants(&roots)
+    } else {
+        cgroups.iter().flat_map(Cgroup::processes).collect()
+    };
+    for pid in initial {
         probes.add_pid(pid)?;
         live.insert(pid);
         // Connections it opened before tracing started (pools of database connections).
@@ -332,6 +369,8 @@ pub fn run(args: Args) -> Result<i32> {
         listeners: ListenerWatch::new(&args.ports),
         synacks_pending: BTreeMap::new(),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
+        cgroups,
+        cgroup_ids,
     };
     runtime.block_on(trace(args, probes, ring, session, launched.as_mut()))
 }
@@ -436,6 +475,8 @@ async fn trace(
 ) -> Result<i32> {
     let what = if let Some(l) = &launched {
         format!("command {:?} (PID {})", args.command.join(" "), l.pid)
+    } else if !args.cgroups.is_empty() {
+        format!("cgroup(s) {:?} ({} process(es) now)", args.cgroups, session.live.len())
     } else if args.pids.is_empty() {
         format!("port(s) {:?}", args.ports)
     } else {
@@ -538,6 +579,7 @@ async fn trace(
                 session.report(ReportKind::Interval, &[])?;
             }
             _ = tick.tick() => {
+                session.follow_cgroups(&mut probes);
                 session.poll_counters(&probes);
                 if let Some(page) = metrics.as_ref().filter(|_| rendered.elapsed() >= metrics::RENDER_EVERY) {
                     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
