@@ -38,6 +38,13 @@ impl TestCgroup {
         Ok(Self { dir, path: format!("/{name}") })
     }
 
+    /// A cgroup named `name` inside this one (drop it first).
+    pub fn child(&self, name: &str) -> Result<Self> {
+        let dir = self.dir.join(name);
+        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self { dir, path: format!("{}/{name}", self.path) })
+    }
+
     /// Moves process `pid` into the cgroup.
     pub fn add(&self, pid: u32) -> Result<()> {
         fs::write(self.dir.join("cgroup.procs"), pid.to_string())

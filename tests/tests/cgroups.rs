@@ -112,3 +112,27 @@ fn a_server_in_its_own_pid_and_network_namespace_is_traced_by_its_cgroup() -> Re
     }
     Ok(())
 }
+
+#[test]
+fn a_container_is_found_by_its_id() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    // A Docker container's cgroup as the systemd driver names it, under a parent of the
+    // test's own (no container runtime runs here).
+    let id = format!("{:016x}{}", std::process::id(), "0123456789abcdef".repeat(3));
+    let parent = TestCgroup::new()?;
+    let scope = parent.child(&format!("docker-{id}.scope"))?;
+    let (server, addr) = start_lab_server(&[])?;
+    let (_outside, other) = start_lab_server(&[])?;
+    scope.add(server.pid())?;
+    let tracer = start_tracer(&["--container".into(), id[..12].to_owned()])?;
+    requests(&addr, 6)?;
+    requests(&other, 2)?;
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    assert_eq!(listeners(report), vec![(addr.port() as u64, 6)]);
+    drop(server);
+    drop(scope);
+    Ok(())
+}

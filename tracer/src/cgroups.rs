@@ -33,6 +33,49 @@ impl Cgroup {
         Ok(Self { dir })
     }
 
+    /// The cgroup of container `id` (its full ID or an unambiguous prefix of 12 or more
+    /// characters), found by the names container runtimes give their cgroups: Docker's
+    /// `docker-ID.scope` (systemd) or `docker/ID` (cgroupfs), containerd's
+    /// `cri-containerd-ID.scope`, CRI-O's `crio-ID.scope`, Podman's `libpod-ID.scope`,
+    /// and a bare ID directory (cgroupfs drivers, Kubernetes pods' containers).
+    pub fn container(id: &str) -> Result<Self> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() < 12 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("--container {id}: a container ID is 12 to 64 hexadecimal characters");
+        }
+        let root = cgroup2_root().context("--container: no cgroup v2 hierarchy is mounted")?;
+        let mut found = Vec::new();
+        let mut queue = vec![(root, 0)];
+        let mut seen = 0;
+        while let Some((dir, depth)) = queue.pop() {
+            seen += 1;
+            if seen > 200_000 {
+                break;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+                let name = e.file_name();
+                if container_id_of(&name.to_string_lossy()).is_some_and(|full| full.starts_with(&id)) {
+                    found.push(e.path());
+                } else if depth < 12 {
+                    queue.push((e.path(), depth + 1));
+                }
+            }
+        }
+        match found.as_slice() {
+            [one] => Ok(Self { dir: one.clone() }),
+            [] => bail!(
+                "--container {id}: no cgroup of that container (looked for docker-ID.scope, docker/ID, \
+                 cri-containerd-ID.scope, crio-ID.scope, libpod-ID.scope and ID directories); is it running here?"
+            ),
+            many => bail!(
+                "--container {id}: {} cgroups match ({}); give more of the ID",
+                many.len(),
+                many.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
     /// The directories of the cgroup and of every cgroup below it.
     fn tree(&self) -> Vec<PathBuf> {
         let mut out = vec![self.dir.clone()];
@@ -61,9 +104,49 @@ impl Cgroup {
     }
 }
 
+/// The container ID a cgroup directory's name carries, if it is a container's: a
+/// runtime's prefix and `.scope`, or the bare 64-character ID. A runtime's monitor
+/// (`crio-conmon-ID`, `libpod-conmon-ID`) is not the container.
+fn container_id_of(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".scope").unwrap_or(name);
+    ["docker-", "cri-containerd-", "crio-", "libpod-", ""].iter().find_map(|prefix| {
+        let id = stem.strip_prefix(prefix)?;
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(id)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_cgroups_are_named_by_their_runtimes() {
+        let id = &"0123456789abcdef".repeat(4);
+        for name in [
+            format!("docker-{id}.scope"),
+            id.clone(),
+            format!("cri-containerd-{id}.scope"),
+            format!("crio-{id}.scope"),
+            format!("libpod-{id}.scope"),
+        ] {
+            assert_eq!(container_id_of(&name), Some(id.as_str()), "{name}");
+        }
+        for name in [
+            format!("crio-conmon-{id}.scope"),
+            format!("libpod-conmon-{id}.scope"),
+            "system.slice".to_owned(),
+            format!("docker-{}.scope", &id[..12]),
+        ] {
+            assert_eq!(container_id_of(&name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_container_id_is_hexadecimal_and_long_enough() {
+        for bad in ["abc", "not-an-id-at-all", "zzzzzzzzzzzzzzzz"] {
+            assert!(format!("{:#}", Cgroup::container(bad).unwrap_err()).contains("12 to 64 hexadecimal"), "{bad}");
+        }
+    }
 
     #[test]
     fn a_path_outside_the_hierarchy_is_refused() {

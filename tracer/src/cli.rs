@@ -60,6 +60,12 @@ pub struct Args {
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<String>,
 
+    /// Trace the processes of this container (repeatable): its ID or a prefix of 12 or
+    /// more characters; its cgroup is found as Docker, containerd, CRI-O and Podman name
+    /// theirs.
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
+
     /// Stop after this long (e.g. 30s, 500ms, 2m) and print the final report.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -169,14 +175,15 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 
 impl Args {
     pub fn validate(&self) -> Result<()> {
-        if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty() || !self.cgroups.is_empty()) {
-            bail!("-- COMMAND traces the command it starts: leave out --pid, --port and --cgroup");
+        let by_cgroup = !self.cgroups.is_empty() || !self.containers.is_empty();
+        if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty() || by_cgroup) {
+            bail!("-- COMMAND traces the command it starts: leave out --pid, --port, --cgroup and --container");
         }
-        if self.pids.is_empty() && self.ports.is_empty() && self.cgroups.is_empty() && self.command.is_empty() {
-            bail!("nothing to trace: give --pid PID, --port PORT, --cgroup PATH or -- COMMAND (see --help)");
+        if self.pids.is_empty() && self.ports.is_empty() && !by_cgroup && self.command.is_empty() {
+            bail!("nothing to trace: give --pid PID, --port PORT, --cgroup PATH, --container ID or -- COMMAND (see --help)");
         }
-        if !self.cgroups.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty()) {
-            bail!("--cgroup, --pid and --port are alternatives: give one of them");
+        if by_cgroup && (!self.pids.is_empty() || !self.ports.is_empty()) {
+            bail!("--cgroup (or --container), --pid and --port are alternatives: give one of them");
         }
         if self.ports.contains(&0) {
             bail!("--port 0: no socket ever listens on port 0; give the port your server listens on");

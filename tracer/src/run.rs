@@ -261,7 +261,12 @@ pub fn run(args: Args) -> Result<i32> {
         Some(l) => vec![l.pid],
         None => args.pids.clone(),
     };
-    let cgroups: Vec<Cgroup> = args.cgroups.iter().map(|p| Cgroup::resolve(p)).collect::<Result<_>>()?;
+    let mut cgroups: Vec<Cgroup> = args.cgroups.iter().map(|p| Cgroup::resolve(p)).collect::<Result<_>>()?;
+    for id in &args.containers {
+        let cg = Cgroup::container(id)?;
+        say!("tracer: container {id}: cgroup {}", cg.dir.display());
+        cgroups.push(cg);
+    }
     let labels_on = args.labels_on() && kernel.labels_unavailable.is_none();
     if let (true, Some(why)) = (args.labels_on(), kernel.labels_unavailable) {
         say!("tracer: --labels: {why}; requests are unlabelled");
@@ -475,8 +480,9 @@ async fn trace(
 ) -> Result<i32> {
     let what = if let Some(l) = &launched {
         format!("command {:?} (PID {})", args.command.join(" "), l.pid)
-    } else if !args.cgroups.is_empty() {
-        format!("cgroup(s) {:?} ({} process(es) now)", args.cgroups, session.live.len())
+    } else if !session.cgroups.is_empty() {
+        let dirs: Vec<String> = session.cgroups.iter().map(|c| c.dir.display().to_string()).collect();
+        format!("cgroup(s) {dirs:?} ({} process(es) now)", session.live.len())
     } else if args.pids.is_empty() {
         format!("port(s) {:?}", args.ports)
     } else {
