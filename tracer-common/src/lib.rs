@@ -837,7 +837,8 @@ pub struct ProgramConfig {
     /// Non-zero (`--cgroup`): a process is traced when it runs in one of the cgroups of
     /// `CGROUPS` (by cgroup v2 id) as it accepts, connects or reads, or is in `PIDS`.
     pub filter_by_cgroup: u32,
-    pub _pad: u32,
+    /// Non-zero (`--all`, with `filter_by_port`): every port is traced, whoever accepts.
+    pub all_ports: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 32);
 

@@ -64,7 +64,7 @@ pub static CONFIG: ProgramConfig = ProgramConfig {
     tls_records: 0,
     labels: 0,
     filter_by_cgroup: 0,
-    _pad: 0,
+    all_ports: 0,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser
@@ -358,5 +358,6 @@ pub fn trace_tgid(tgid: u32) {
 
 #[inline(always)]
 pub fn is_traced_port(port: u16) -> bool {
-    PORTS.get_ptr(port as u32).is_some()
+    let all = unsafe { core::ptr::read_volatile(&CONFIG.all_ports) != 0 };
+    all || PORTS.get_ptr(port as u32).is_some()
 }

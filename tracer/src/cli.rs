@@ -54,6 +54,12 @@ pub struct Args {
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
 
+    /// Trace every process that accepts TCP connections on this host (the network
+    /// namespace the tracer runs in), each listener reported with its processes: the
+    /// mode of a node agent.
+    #[arg(long)]
+    pub all: bool,
+
     /// Trace the processes of this cgroup (v2) and of the cgroups below it, now and
     /// later, including processes moved into it (repeatable): a directory of the
     /// cgroup hierarchy, or a path as /proc/PID/cgroup shows it.
@@ -176,10 +182,13 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 impl Args {
     pub fn validate(&self) -> Result<()> {
         let by_cgroup = !self.cgroups.is_empty() || !self.containers.is_empty();
+        if self.all && (by_cgroup || !self.pids.is_empty() || !self.ports.is_empty() || !self.command.is_empty()) {
+            bail!("--all traces every server here: leave out --pid, --port, --cgroup, --container and the command");
+        }
         if !self.command.is_empty() && (!self.pids.is_empty() || !self.ports.is_empty() || by_cgroup) {
             bail!("-- COMMAND traces the command it starts: leave out --pid, --port, --cgroup and --container");
         }
-        if self.pids.is_empty() && self.ports.is_empty() && !by_cgroup && self.command.is_empty() {
+        if self.pids.is_empty() && self.ports.is_empty() && !by_cgroup && self.command.is_empty() && !self.all {
             bail!("nothing to trace: give --pid PID, --port PORT, --cgroup PATH, --container ID or -- COMMAND (see --help)");
         }
         if by_cgroup && (!self.pids.is_empty() || !self.ports.is_empty()) {

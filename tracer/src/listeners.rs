@@ -213,6 +213,8 @@ impl Tracked {
 pub struct ListenerWatch {
     /// Port mode: listeners on these ports are traced, whoever owns them.
     ports: Vec<u16>,
+    /// `--all`: every listener of the tracer's network namespace.
+    all: bool,
     sockets: HashMap<u64, DiagSocket>,
     tracked: HashMap<(u64, u64), Tracked>,
     not_ours: HashSet<(u64, u32)>,
@@ -221,9 +223,10 @@ pub struct ListenerWatch {
 }
 
 impl ListenerWatch {
-    pub fn new(ports: &[u16]) -> Self {
+    pub fn new(ports: &[u16], all: bool) -> Self {
         Self {
             ports: ports.to_vec(),
+            all,
             sockets: HashMap::new(),
             tracked: HashMap::new(),
             not_ours: HashSet::new(),
@@ -249,7 +252,7 @@ impl ListenerWatch {
     fn try_refresh(&mut self, pids: &HashSet<u32>, overflows: &dyn Fn(u64) -> u64) -> Result<()> {
         // Network namespace → the traced processes in it.
         let mut namespaces: HashMap<u64, (PathBuf, Vec<u32>)> = HashMap::new();
-        if self.ports.is_empty() {
+        if self.ports.is_empty() && !self.all {
             for &pid in pids {
                 if let Some((ino, path)) = netns_of(Some(pid)) {
                     namespaces.entry(ino).or_insert_with(|| (path, Vec::new())).1.push(pid);
@@ -284,7 +287,9 @@ impl ListenerWatch {
                 if self.not_ours.contains(&(ns, l.inode)) {
                     continue;
                 }
-                let ours = if self.ports.is_empty() {
+                let ours = if self.all {
+                    true
+                } else if self.ports.is_empty() {
                     owned
                         .get_or_insert_with(|| ns_pids.iter().flat_map(|&p| procs::socket_inodes(p)).collect())
                         .contains(&(l.inode as u64))

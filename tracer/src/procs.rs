@@ -57,6 +57,24 @@ pub fn all() -> Vec<u32> {
 }
 
 /// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
+/// What a report says of a process: its command name and its cgroup (v2 path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub command: String,
+    pub cgroup: Option<String>,
+}
+
+/// Process `pid` as it is now (`?` for a name that cannot be read: gone already).
+pub fn info(pid: u32) -> ProcessInfo {
+    let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().chars().filter(|c| !c.is_control()).collect())
+        .unwrap_or_else(|_| "?".to_owned());
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+    ProcessInfo { command, cgroup }
+}
+
 pub fn is_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
     let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());

@@ -277,7 +277,8 @@ pub fn run(args: Args) -> Result<i32> {
         recvmsg_flags_arg: kernel.recvmsg_flags_arg,
         offsets: kernel.offsets,
         config: ProgramConfig {
-            filter_by_port: (!args.ports.is_empty()) as u32,
+            filter_by_port: (!args.ports.is_empty() || args.all) as u32,
+            all_ports: args.all as u32,
             drop_reason_listen_overflow: kernel.drop_reason_listen_overflow.unwrap_or(u32::MAX),
             tls_hooks: !args.skip_hook_kind.contains(&Kind::UProbe) as u32,
             tls_records: tls::cgroup2_root().is_some() as u32,
@@ -371,7 +372,7 @@ pub fn run(args: Args) -> Result<i32> {
         live,
         started: Instant::now(),
         decode_errors: 0,
-        listeners: ListenerWatch::new(&args.ports),
+        listeners: ListenerWatch::new(&args.ports, args.all),
         synacks_pending: BTreeMap::new(),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
         cgroups,
@@ -483,6 +484,8 @@ async fn trace(
     } else if !session.cgroups.is_empty() {
         let dirs: Vec<String> = session.cgroups.iter().map(|c| c.dir.display().to_string()).collect();
         format!("cgroup(s) {dirs:?} ({} process(es) now)", session.live.len())
+    } else if args.all {
+        "every process that accepts TCP connections here (--all)".to_owned()
     } else if args.pids.is_empty() {
         format!("port(s) {:?}", args.ports)
     } else {
@@ -495,7 +498,8 @@ async fn trace(
     let mut sigterm = signal(SignalKind::terminate())?;
     // The listeners' counters as they are now: listen drops count from here.
     session.poll_counters(&probes);
-    let port_mode = !args.ports.is_empty();
+    // `--all` is port mode on every port.
+    let port_mode = !args.ports.is_empty() || args.all;
     let mut tls_watch = TlsWatch {
         uprobes: !args.skip_hook_kind.contains(&Kind::UProbe),
         records: tls::cgroup2_root().is_some(),

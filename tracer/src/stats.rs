@@ -69,7 +69,13 @@ pub struct ListenerStats {
     pub tls_methods: u32,
     /// Labels on: per request label.
     pub endpoints: Endpoints,
+    /// The processes that accepted its connections (at most [`PROCESSES_KEPT`]), as
+    /// they were when first seen.
+    pub processes: BTreeMap<u32, crate::procs::ProcessInfo>,
 }
+
+/// Processes kept per listener (a pre-forking server has one per worker).
+pub const PROCESSES_KEPT: usize = 64;
 
 impl ListenerStats {
     /// How the listener's TLS connections are followed, and what is approximate with
@@ -162,6 +168,7 @@ impl Default for ListenerStats {
             tls_connections: 0,
             tls_methods: 0,
             endpoints: Endpoints::default(),
+            processes: BTreeMap::new(),
         }
     }
 }
@@ -214,9 +221,12 @@ impl Stats {
 
     pub fn apply(&mut self, record: &Record) {
         match record {
-            Record::Opened { listener, handshake_ns, accept_wait_ns, synack_retransmits, .. } => {
+            Record::Opened { listener, handshake_ns, accept_wait_ns, synack_retransmits, pid, .. } => {
                 let l = self.listener(*listener);
                 l.connections += 1;
+                if *pid != 0 && l.processes.len() < PROCESSES_KEPT && !l.processes.contains_key(pid) {
+                    l.processes.insert(*pid, crate::procs::info(*pid));
+                }
                 l.record(Phase::Handshake, *handshake_ns);
                 l.record(Phase::AcceptWait, *accept_wait_ns);
                 let _ = synack_retransmits; // counted from the retransmit events themselves

@@ -61,6 +61,15 @@ struct ListenerJson {
     /// Labels on: per request label, most total time first, `other` last.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     endpoints: Vec<EndpointJson>,
+    /// The processes that accepted its connections.
+    processes: Vec<ProcessJson>,
+}
+
+#[derive(Serialize)]
+struct ProcessJson {
+    pid: u32,
+    command: String,
+    cgroup: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -272,6 +281,11 @@ fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static s
             approximate,
         }),
         endpoints: endpoints_json(&l.endpoints, &["time", "recv_wait", "think", "send", "delivery"]),
+        processes: l
+            .processes
+            .iter()
+            .map(|(pid, p)| ProcessJson { pid: *pid, command: p.command.clone(), cgroup: p.cgroup.clone() })
+            .collect(),
     }
 }
 

@@ -85,6 +85,10 @@ pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavaila
         "  synack_retransmits {}  listen_drops {}  resets sent {} received {}",
         l.synack_retransmits, l.listen_drops, l.resets_sent, l.resets_received
     );
+    if !l.processes.is_empty() {
+        let names: Vec<String> = l.processes.iter().map(|(pid, p)| format!("{} ({pid})", p.command)).collect();
+        let _ = writeln!(out, "  {}", wrap("processes: ", &names));
+    }
     if l.closed_by_peer != 0 {
         let _ = writeln!(out, "  closed_by_peer {} (last messages before the peer's orderly close)", l.closed_by_peer);
     }
