@@ -2,7 +2,10 @@
 //! inside it) with the README, in a tarball beside its SHA-256; then the tarball is
 //! checked as a user would get it: unpacked in a directory of its own, its checksum
 //! verified, and the binary run with an empty environment (no PATH, no toolchain),
-//! `--version` and, as root, `tracer doctor`.
+//! `--version` and, as root, `tracer doctor`. Then `deploy/`: the container image built
+//! from `deploy/Containerfile` with buildah (saved as an OCI archive beside the
+//! tarball) and the binary run inside it, and the DaemonSet manifest validated against
+//! the Kubernetes schema (`kubernetes-validate`, from PyPI into `target/deploy/venv`).
 
 use std::{
     fs,
@@ -40,7 +43,76 @@ pub fn build_static(packages: &[&str]) -> Result<PathBuf> {
 pub fn run() -> Result<()> {
     setup::run()?;
     let tarball = package()?;
-    check(&tarball)
+    check(&tarball)?;
+    image(&tarball)?;
+    manifest()
+}
+
+/// The container image of `deploy/Containerfile` with the tarball's binary, built with
+/// buildah (vfs storage, chroot isolation: no daemon, no overlay mounts), the binary run
+/// inside it, the image saved as an OCI archive beside the tarball.
+fn image(tarball: &Path) -> Result<()> {
+    let version = env!("CARGO_PKG_VERSION");
+    let name = format!("tracer-{version}-x86_64-linux-musl");
+    let context = workspace_root().join("target/deploy/context");
+    let _ = fs::remove_dir_all(&context);
+    fs::create_dir_all(&context)?;
+    exec(
+        Command::new("tar")
+            .current_dir(&context)
+            .arg("-xzf")
+            .arg(tarball)
+            .args(["--strip-components=1", &format!("{name}/tracer")]),
+    )?;
+    fs::copy(workspace_root().join("deploy/Containerfile"), context.join("Containerfile"))?;
+    let tag = format!("localhost/tracer:{version}");
+    let buildah = || {
+        let mut cmd = Command::new("buildah");
+        cmd.args(["--storage-driver", "vfs"]);
+        cmd
+    };
+    exec(buildah().current_dir(&context).args([
+        "bud",
+        "--isolation",
+        "chroot",
+        "--quiet",
+        "-t",
+        &tag,
+        "-f",
+        "Containerfile",
+        ".",
+    ]))?;
+    let container = String::from_utf8(buildah().args(["from", &tag]).output()?.stdout)?.trim().to_owned();
+    let said = buildah().args(["run", "--isolation", "chroot", &container, "--", "/tracer", "--version"]).output();
+    let _ = buildah().args(["rm", &container]).output();
+    let said = said?;
+    let text = String::from_utf8_lossy(&said.stdout);
+    if !said.status.success() || !text.contains(version) {
+        bail!("`/tracer --version` in the image said {text:?} ({})", said.status);
+    }
+    let archive = workspace_root().join(format!("target/dist/tracer-{version}-image.oci.tar"));
+    let _ = fs::remove_file(&archive);
+    exec(buildah().arg("push").arg("--quiet").arg(&tag).arg(format!("oci-archive:{}:{tag}", archive.display())))?;
+    let _ = buildah().args(["rmi", &tag]).output();
+    eprintln!("dist: image {tag} (deploy/Containerfile) runs the binary; saved as {}", archive.display());
+    Ok(())
+}
+
+/// The DaemonSet manifest against the Kubernetes schema of two releases, strictly
+/// (unknown fields refused).
+fn manifest() -> Result<()> {
+    let venv = workspace_root().join("target/deploy/venv");
+    let validate = venv.join("bin/kubernetes-validate");
+    if !validate.exists() {
+        exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        exec(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "kubernetes-validate"]))?;
+    }
+    let daemonset = workspace_root().join("deploy/daemonset.yaml");
+    for version in ["1.29.0", "1.33.0"] {
+        exec(Command::new(&validate).args(["--strict", "-k", version]).arg(&daemonset))
+            .with_context(|| format!("deploy/daemonset.yaml against Kubernetes {version}"))?;
+    }
+    Ok(())
 }
 
 /// Builds the tarball and its checksum file; the tarball's path.

@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-tools", "/usr/bin/redis-benchmark"),
     // A real Prometheus scrapes `--metrics-addr` in the tests (its own, on a free port).
     ("prometheus", "/usr/bin/prometheus"),
+    // `cargo xtask dist`: the container image (deploy/Containerfile) and a virtual
+    // environment for the Kubernetes manifest's validator.
+    ("buildah", "/usr/bin/buildah"),
+    ("python3-venv", "/usr/share/doc/python3-venv"),
 ];
 
 const NIGHTLY: &str = "nightly";
