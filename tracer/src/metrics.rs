@@ -9,6 +9,7 @@
 //! waits live in microseconds where the usual web defaults start at 5 ms.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{Arc, Mutex},
@@ -178,7 +179,23 @@ struct Snapshot {
 
 impl Snapshot {
     fn of(stats: &Stats) -> Self {
-        let listener = |port: &u16| vec![("listener", format!(":{port}"))];
+        // A listener's labels: its port, and the command names and cgroup of the
+        // processes that accepted its connections (a pre-forking server's workers share
+        // theirs; the cgroup only when all share it).
+        let listener = |port: &u16| {
+            let mut labels = vec![("listener", format!(":{port}"))];
+            if let Some(l) = stats.listeners.get(port) {
+                let commands: BTreeSet<&str> = l.processes.values().map(|p| p.command.as_str()).collect();
+                let cgroups: BTreeSet<Option<&str>> = l.processes.values().map(|p| p.cgroup.as_deref()).collect();
+                if !commands.is_empty() {
+                    labels.push(("process", escape(&commands.into_iter().collect::<Vec<_>>().join(","))));
+                }
+                if let [Some(cgroup)] = cgroups.into_iter().collect::<Vec<_>>().as_slice() {
+                    labels.push(("cgroup", escape(cgroup)));
+                }
+            }
+            labels
+        };
         let mut phases = Vec::new();
         let mut endpoint_phases = Vec::new();
         for (port, l) in &stats.listeners {
