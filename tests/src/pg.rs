@@ -47,6 +47,16 @@ fn free_port() -> Result<u16> {
 }
 
 impl Cluster {
+    /// The transactions pgbench says it processed ("number of transactions actually
+    /// processed: 2000/2000") in its standard output.
+    pub fn pgbench_transactions(output: &str) -> Result<u64> {
+        output
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next()?.trim().parse().ok())
+            .with_context(|| format!("no transaction count in pgbench's output:\n{output}"))
+    }
+
     /// pgbench against the cluster; its standard output. Without SSL or GSS negotiation,
     /// so that a connection's start-up is one exchange: StartupMessage, answered by
     /// AuthenticationOk … ReadyForQuery.

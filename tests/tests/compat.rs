@@ -15,17 +15,7 @@ use tracer_tests::{
 const RAW: &str = "--skip-hook-kind=tp_btf";
 
 fn client(server: SocketAddr) -> ClientOptions {
-    ClientOptions {
-        server,
-        connections: 1,
-        requests: 1,
-        size: 100,
-        parallel: false,
-        read_delay_ms: 0,
-        rcvbuf: 0,
-        pause_after_connect_ms: 0,
-        paths: Vec::new(),
-    }
+    ClientOptions::to(server)
 }
 
 /// The lab server with `server_args`, traced through raw tracepoints with

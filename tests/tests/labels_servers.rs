@@ -339,12 +339,8 @@ fn pgbench_run(cluster: &Cluster, mode: &str) -> Result<Vec<String>> {
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
 
-    // pgbench's word: "number of transactions actually processed: 2000/2000".
-    let processed: u64 = output
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next()?.trim().parse().ok())
-        .with_context(|| format!("no transaction count in pgbench's output:\n{output}"))?;
+    // pgbench's word.
+    let processed = Cluster::pgbench_transactions(&output)?;
     // The server's word: connections, statements run (simple queries and executions of
     // prepared ones), and statements prepared (Parse).
     let log = log_since(cluster, log_start)?;

@@ -42,12 +42,8 @@ fn pgbench_clean_closes_and_counts() -> anyhow::Result<()> {
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
 
-    // pgbench's word: "number of transactions actually processed: 2000/2000".
-    let processed: u64 = output
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next()?.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no transaction count in pgbench's output:\n{output}"))?;
+    // pgbench's word.
+    let processed = Cluster::pgbench_transactions(output)?;
     // The server's word: its log since tracing started.
     let log = std::fs::read(cluster.log_path())?;
     let log = String::from_utf8_lossy(&log[log_start..]);

@@ -10,17 +10,7 @@ use tracer_tests::{
 };
 
 fn client(server: SocketAddr) -> ClientOptions {
-    ClientOptions {
-        server,
-        connections: 1,
-        requests: 1,
-        size: 100,
-        parallel: false,
-        read_delay_ms: 0,
-        rcvbuf: 0,
-        pause_after_connect_ms: 0,
-        paths: Vec::new(),
-    }
+    ClientOptions::to(server)
 }
 
 /// Starts a lab server with `args`, traces it, runs `drive`, and returns its listener's

@@ -9,17 +9,7 @@ use tracer_tests::{
 };
 
 fn client_opts(server: std::net::SocketAddr, requests: usize) -> ClientOptions {
-    ClientOptions {
-        server,
-        connections: 1,
-        requests,
-        size: 100,
-        parallel: false,
-        read_delay_ms: 0,
-        rcvbuf: 0,
-        pause_after_connect_ms: 0,
-        paths: Vec::new(),
-    }
+    ClientOptions { requests, ..ClientOptions::to(server) }
 }
 
 /// `--interval 1s --duration 3500ms`: three interval reports, then the final one, each

@@ -14,17 +14,7 @@ use tracer_tests::{
 };
 
 fn client_opts(server: SocketAddr, connections: usize, requests: usize) -> ClientOptions {
-    ClientOptions {
-        server,
-        connections,
-        requests,
-        size: 100,
-        parallel: false,
-        read_delay_ms: 0,
-        rcvbuf: 0,
-        pause_after_connect_ms: 0,
-        paths: Vec::new(),
-    }
+    ClientOptions { connections, requests, ..ClientOptions::to(server) }
 }
 
 /// Traces a slow-think (100 ms) server through 12 requests with `checks`: the exit code

@@ -1790,7 +1790,12 @@ mod render_tests {
             compare: None,
             workload: vec![],
         };
-        let text = render(&opts, &results, &SyscallCost { untraced_ns: 100.0, traced_ns: 110.0 }, None);
+        let text = render(
+            &opts,
+            &results,
+            &SyscallCost { untraced_ns: 100.0, traced_ns: 110.0, read_untraced_ns: 170.0, read_all_ns: 190.0 },
+            None,
+        );
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(
             &"- Throughput ≥ 98% of untraced with keep-alive: 85.0% (rounds: 80.0–90.0%) — **not met**; \
