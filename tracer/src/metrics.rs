@@ -311,26 +311,13 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeline::{Outcome, Record};
+    use crate::timeline::Record;
 
     #[test]
     fn the_page_holds_cumulative_buckets_and_totals() {
         let mut stats = Stats::default();
         for think_ms in [1u64, 3, 20, 20, 40] {
-            stats.apply(&Record::Exchange {
-                listener: 8080,
-                remote: None,
-                pid: 1,
-                recv_wait_ns: Some(5_000),
-                think_ns: Some(think_ms * 1_000_000),
-                send_ns: Some(0),
-                delivery_ns: None,
-                bytes_in: 10,
-                bytes_out: 20,
-                outcome: Outcome::Answered,
-                think_waits: vec![],
-                labels: None,
-            });
+            stats.apply(&Record::answered(8080, think_ms * 1_000_000));
         }
         let page = Page::default();
         page.update(&stats);

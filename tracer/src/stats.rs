@@ -402,20 +402,11 @@ mod tests {
     use super::*;
 
     fn exchange(think_ms: u64) -> Record {
-        Record::Exchange {
-            listener: 80,
-            remote: None,
-            pid: 1,
-            recv_wait_ns: Some(1_000),
-            think_ns: Some(think_ms * 1_000_000),
-            send_ns: Some(0),
-            delivery_ns: None,
-            bytes_in: 10,
-            bytes_out: 20,
-            outcome: Outcome::Answered,
-            think_waits: vec![(SocketAddr::from(([10, 0, 0, 5], 5432)).into(), think_ms * 1_000_000 / 2)],
-            labels: None,
+        let mut r = Record::answered(80, think_ms * 1_000_000);
+        if let Record::Exchange { think_waits, .. } = &mut r {
+            *think_waits = vec![(SocketAddr::from(([10, 0, 0, 5], 5432)).into(), think_ms * 1_000_000 / 2)];
         }
+        r
     }
 
     #[test]

@@ -196,6 +196,28 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// An answered exchange on `listener` that thought `think_ns` (recv_wait 1 µs, send
+    /// 0, 10 bytes in, 20 out), for the statistics' and reports' tests.
+    #[cfg(test)]
+    pub fn answered(listener: u16, think_ns: u64) -> Record {
+        Record::Exchange {
+            listener,
+            remote: None,
+            pid: 1,
+            recv_wait_ns: Some(1_000),
+            think_ns: Some(think_ns),
+            send_ns: Some(0),
+            delivery_ns: None,
+            bytes_in: 10,
+            bytes_out: 20,
+            outcome: Outcome::Answered,
+            think_waits: vec![],
+            labels: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosedConnection {
     pub listener: u16,
