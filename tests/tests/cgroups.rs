@@ -3,7 +3,10 @@
 //! the listeners of the cgroups it was given, with their exact request counts; a server
 //! moved into the cgroup after the tracer started is traced from its next connection;
 //! a server in its own PID and network namespace (as a container's) is traced by its
-//! cgroup, with the addresses its client saw.
+//! cgroup, with the addresses its client saw; two servers on one port in two network
+//! namespaces (two containers' `:8080`) are two listeners.
+
+use std::os::unix::fs::MetadataExt as _;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -135,4 +138,76 @@ fn a_container_is_found_by_its_id() -> Result<()> {
     drop(server);
     drop(scope);
     Ok(())
+}
+
+/// Two "containers": lab servers on the same port, each in a network namespace of its
+/// own, traced at once by their cgroup (and then with `--all`). Each must be a listener
+/// of its own, named by its namespace, with its own exact request count, its bound
+/// address, and a check scoped to it.
+#[test]
+fn one_port_in_two_network_namespaces_is_two_listeners() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let cg = TestCgroup::new()?;
+    let (one, two) = (Netns::new()?, Netns::new()?);
+    let (server_one, addr) = start_lab_server_in(Some(&one), &[])?;
+    let listen = addr.to_string();
+    let (server_two, addr_two) = start_lab_server_in(Some(&two), &["--listen", &listen])?;
+    assert_eq!(addr, addr_two);
+    // `ip netns exec` runs the server as its child: the namespace is the server's own.
+    let netns_of = |pid: u32| -> Result<u64> {
+        let server = procs_children(pid).into_iter().next().unwrap_or(pid);
+        Ok(std::fs::metadata(format!("/proc/{server}/ns/net"))?.ino())
+    };
+    let expected = [(netns_of(server_one.pid())?, 5u64), (netns_of(server_two.pid())?, 8u64)];
+    cg.add(server_one.pid())?;
+    cg.add(server_two.pid())?;
+    for children in [procs_children(server_one.pid()), procs_children(server_two.pid())] {
+        for pid in children {
+            cg.add(pid)?;
+        }
+    }
+    for selection in [vec!["--cgroup".to_owned(), cg.path.clone()], vec!["--all".to_owned()]] {
+        let mut args = selection.clone();
+        for (netns, n) in expected {
+            args.push("--check".into());
+            args.push(format!("requests[:{}@{netns}]=={n}", addr.port()));
+        }
+        args.push("--check".into());
+        args.push(format!("requests[:{}]=={}", addr.port(), expected[0].1 + expected[1].1));
+        let tracer = start_tracer(&args)?;
+        run_lab_client(Some(&one), &["--server", &listen, "--requests", "5"])?;
+        run_lab_client(Some(&two), &["--server", &listen, "--requests", "8"])?;
+        let lines = tracer.stop()?;
+        let report = final_report(&lines)?;
+        eprintln!("{selection:?}: {}", describe(report));
+        let mut seen: Vec<(u64, u64)> = report["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["port"] == addr.port())
+            .map(|l| {
+                assert_eq!(l["addresses"], serde_json::json!([listen]), "{l}");
+                assert_eq!(l["other_netns"], true, "{l}");
+                (l["netns"].as_u64().unwrap_or(0), l["requests"].as_u64().unwrap_or(0))
+            })
+            .collect();
+        seen.sort();
+        let mut want = expected.to_vec();
+        want.sort();
+        assert_eq!(seen, want, "{selection:?}: (netns, requests) of the listeners on {listen}");
+        let checks = &report["checks"];
+        assert!(checks.as_array().is_some_and(|c| c.len() == 3 && c.iter().all(|v| v["passed"] == true)), "{checks}");
+    }
+    Ok(())
+}
+
+/// The children of `pid` (from /proc/PID/task/*/children).
+fn procs_children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }

@@ -149,15 +149,15 @@ fn prometheus_scrapes_the_phases_and_counts() -> Result<()> {
         ],
     )?;
     let sent = (CONNECTIONS * REQUESTS) as f64;
-    let requests = format!("tracer_requests_total{{listener=\":{}\"}}", addr.port());
+    // A listener is named by the address its socket is bound to.
+    let requests = format!("tracer_requests_total{{listener=\"{addr}\"}}");
     prometheus.wait_for(&requests, Duration::from_secs(30), |v| v >= sent)?;
     // One more scrape after the last request was counted, then the tracer stops.
     std::thread::sleep(Duration::from_millis(2_500));
     let stored = prometheus.query(&requests)?.context("no request counter stored")?;
     let quantile = prometheus
         .query(&format!(
-            "histogram_quantile(0.5, sum by (le) (tracer_request_phase_seconds_bucket{{listener=\":{}\",phase=\"think\"}}))",
-            addr.port()
+            "histogram_quantile(0.5, sum by (le) (tracer_request_phase_seconds_bucket{{listener=\"{addr}\",phase=\"think\"}}))"
         ))?
         .context("no think histogram stored")?;
     let targets: Value = serde_json::from_str(&prometheus.get("/api/v1/targets")?)?;

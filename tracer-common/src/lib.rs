@@ -338,10 +338,15 @@ pub struct ConnAddr {
     /// Remote port, host byte order.
     pub remote_port: u16,
     pub _pad: u16,
+    /// The inode number of the socket's network namespace (as `/proc/PID/ns/net` shows
+    /// it), where the event needs it (a server connection's open, a SYN-ACK retransmit,
+    /// a reset after close); 0 where it was not read.
+    pub netns: u32,
+    pub _pad1: u32,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
 }
-const _: () = assert!(size_of::<ConnAddr>() == 40);
+const _: () = assert!(size_of::<ConnAddr>() == 48);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -361,7 +366,7 @@ pub struct ConnOpen {
     /// First data queued on the socket before the application first read (0 if none).
     pub first_data_ns: u64,
 }
-const _: () = assert!(size_of::<ConnOpen>() == 112);
+const _: () = assert!(size_of::<ConnOpen>() == 120);
 
 /// One exchange: a request read by the server, then its response written and delivered.
 /// Timestamps are CLOCK_MONOTONIC nanoseconds; 0 means "did not happen / unknown".
@@ -462,7 +467,7 @@ pub struct ConnClose {
     /// Bits of [`flags`].
     pub flags: u32,
 }
-const _: () = assert!(size_of::<ConnClose>() == 96);
+const _: () = assert!(size_of::<ConnClose>() == 104);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -470,7 +475,7 @@ pub struct SynAckRetransmit {
     pub header: EventHeader,
     pub addr: ConnAddr,
 }
-const _: () = assert!(size_of::<SynAckRetransmit>() == 72);
+const _: () = assert!(size_of::<SynAckRetransmit>() == 80);
 
 /// A connect() by a traced process ended. `header.tid` is the connecting thread.
 #[repr(C)]
@@ -489,7 +494,7 @@ pub struct UpstreamConnect {
     /// before the connect completed (a connect timeout of its own).
     pub error: i32,
 }
-const _: () = assert!(size_of::<UpstreamConnect>() == 96);
+const _: () = assert!(size_of::<UpstreamConnect>() == 104);
 
 /// [`UpstreamConnect::error`] of a connect the application gave up on.
 pub const CONNECT_ABANDONED: i32 = -1;
@@ -522,7 +527,7 @@ pub struct UpstreamRequest {
     pub bound_sock: u64,
     pub bound_first_read_ns: u64,
 }
-const _: () = assert!(size_of::<UpstreamRequest>() == 144);
+const _: () = assert!(size_of::<UpstreamRequest>() == 152);
 
 /// Thread `header.tid` began writing the response of the server request on
 /// `header.sock` that was first read at `first_read_ns`; upstream requests the thread
@@ -618,7 +623,7 @@ pub struct ResetSent {
     pub header: EventHeader,
     pub addr: ConnAddr,
 }
-const _: () = assert!(size_of::<ResetSent>() == 72);
+const _: () = assert!(size_of::<ResetSent>() == 80);
 
 /// Process lifecycle: `header.tgid` is the process; for a fork, `child` is the new one.
 #[repr(C)]
@@ -711,8 +716,12 @@ pub struct KernelOffsets {
     pub iter_type_mask: u32,
     /// struct iov_iter.count: the bytes the write carries
     pub iov_iter_count: u32,
+    /// struct sock_common.skc_net (a pointer to the socket's struct net), and the inode
+    /// number of that namespace (struct net.ns.inum)
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 160);
+const _: () = assert!(size_of::<KernelOffsets>() == 168);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {

@@ -75,6 +75,7 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
     unsafe {
         (*e).header = header(kind::CONN_OPEN, st.owner, sk, ts);
         (*e).addr = *addr;
+        (*e).addr.netns = crate::kernel::netns_of(sk);
         (*e).origin = st.origin;
         (*e).synack_retransmits = st.synack_retransmits;
         (*e).synack_ns = st.synack_ns;

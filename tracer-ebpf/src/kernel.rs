@@ -46,8 +46,28 @@ pub fn conn_addr(sk: u64) -> ConnAddr {
         local_port: read::<u16>(sk, off!(skc_num)).unwrap_or(0),
         remote_port: u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
         _pad: 0,
+        netns: 0,
+        _pad1: 0,
         local_addr,
         remote_addr,
+    }
+}
+
+/// [`conn_addr`] with the socket's network namespace: for the events that name a
+/// listener (the same port in two namespaces is two listeners).
+#[inline(always)]
+pub fn conn_addr_in_netns(sk: u64) -> ConnAddr {
+    let mut addr = conn_addr(sk);
+    addr.netns = netns_of(sk);
+    addr
+}
+
+/// The inode number of `sk`'s network namespace (0 if unreadable).
+#[inline(always)]
+pub fn netns_of(sk: u64) -> u32 {
+    match read::<u64>(sk, off!(skc_net)) {
+        Some(net) if net != 0 => read::<u32>(net, off!(net_ns_inum)).unwrap_or(0),
+        _ => 0,
     }
 }
 

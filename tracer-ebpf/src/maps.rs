@@ -53,6 +53,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     iter_iovec: 0,
     iter_type_mask: 0,
     iov_iter_count: 0,
+    skc_net: 0,
+    net_ns_inum: 0,
 };
 
 #[unsafe(no_mangle)]

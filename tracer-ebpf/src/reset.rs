@@ -7,7 +7,7 @@ use tracer_common::{flags, kind, EventHeader, ResetSent};
 
 use crate::{
     conn::{now, state_mut},
-    kernel::{conn_addr, read},
+    kernel::{conn_addr_in_netns, read},
     maps::{reserve, RECENTLY_CLOSED},
     off,
 };
@@ -40,7 +40,7 @@ tracepoint_hook! {
                 sock: sk,
                 ..EventHeader::default()
             };
-            (*e).addr = conn_addr(sk);
+            (*e).addr = conn_addr_in_netns(sk);
             (*e).addr.local_port = closed.local_port as u16;
         }
         slot.submit();

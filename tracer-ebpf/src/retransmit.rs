@@ -1,11 +1,11 @@
 //! SYN-ACK retransmits: remember when the first SYN-ACK of the handshake went out, so
 //! `handshake` covers the retransmits and the final ACKs dropped on a full accept queue.
 
-use tracer_common::{kind, EventHeader, SynAckRetransmit};
+use tracer_common::{kind, ConnAddr, EventHeader, SynAckRetransmit};
 
 use crate::{
     conn::now,
-    kernel::{conn_addr, read, tuple_key},
+    kernel::{conn_addr, netns_of, read, tuple_key},
     maps::{filter_by_port, is_traced_port, reserve, SynAckInfo, SYNACKS},
     off,
 };
@@ -39,7 +39,7 @@ tracepoint_hook! {
                     sock: req,
                     ..EventHeader::default()
                 },
-                addr,
+                addr: ConnAddr { netns: netns_of(req), ..addr },
             });
             slot.submit();
         }

@@ -93,8 +93,19 @@ impl Op {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
     All,
-    Listener(u16),
+    /// A port: its listeners in every network namespace, merged; or the one in the
+    /// namespace given (`:8080@4026532301`, as the reports name it).
+    Listener(u16, Option<u32>),
     Peer(SocketAddr),
+}
+
+impl Scope {
+    fn listener_name(port: u16, netns: Option<u32>) -> String {
+        match netns {
+            Some(ns) => format!(":{port}@{ns}"),
+            None => format!(":{port}"),
+        }
+    }
 }
 
 /// What a check measures.
@@ -155,10 +166,20 @@ fn is_server_phase(name: &str) -> bool {
 fn parse_scope(s: &str) -> Result<Scope> {
     let s = s.trim();
     if let Some(port) = s.strip_prefix(':') {
-        return Ok(Scope::Listener(port.parse().with_context(|| format!("'{s}' is not a listening port like :8080"))?));
+        let (port, netns) = match port.split_once('@') {
+            Some((port, ns)) => (
+                port,
+                Some(ns.parse().with_context(|| {
+                    format!("'{s}': after '@' comes a network namespace's inode number, like :8080@4026532301")
+                })?),
+            ),
+            None => (port, None),
+        };
+        let port = port.parse().with_context(|| format!("'{s}' is not a listening port like :8080"))?;
+        return Ok(Scope::Listener(port, netns));
     }
     if let Ok(port) = s.parse::<u16>() {
-        return Ok(Scope::Listener(port));
+        return Ok(Scope::Listener(port, None));
     }
     s.parse::<SocketAddr>()
         .map(Scope::Peer)
@@ -300,8 +321,16 @@ impl fmt::Display for Verdict {
 fn listeners<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a ListenerStats>, String> {
     match scope {
         Scope::All => Ok(stats.listeners.values().collect()),
-        Scope::Listener(port) => {
-            stats.listeners.get(port).map(|l| vec![l]).ok_or_else(|| format!("no listener :{port} was traced"))
+        Scope::Listener(port, netns) => {
+            let found: Vec<&ListenerStats> = stats
+                .listeners_on(*port)
+                .filter(|(id, _)| netns.is_none_or(|ns| ns == id.netns))
+                .map(|(_, l)| l)
+                .collect();
+            if found.is_empty() {
+                return Err(format!("no listener {} was traced", Scope::listener_name(*port, *netns)));
+            }
+            Ok(found)
         }
         Scope::Peer(p) => Err(format!("{p} is a peer; this check is per listener (use :PORT)")),
     }
@@ -313,7 +342,10 @@ fn peers<'a>(stats: &'a Stats, scope: &Scope) -> Result<Vec<&'a PeerStats>, Stri
         Scope::Peer(addr) => {
             stats.peers.get(addr).map(|p| vec![p]).ok_or_else(|| format!("no upstream peer {addr} was seen"))
         }
-        Scope::Listener(port) => Err(format!(":{port} is a listener; this check is per upstream peer (use ADDR:PORT)")),
+        Scope::Listener(port, netns) => Err(format!(
+            "{} is a listener; this check is per upstream peer (use ADDR:PORT)",
+            Scope::listener_name(*port, *netns)
+        )),
     }
 }
 
@@ -342,7 +374,7 @@ fn endpoints<'a>(
     if found.is_empty() {
         let scope = match scope {
             Scope::All => String::new(),
-            Scope::Listener(port) => format!(" on :{port}"),
+            Scope::Listener(port, netns) => format!(" on {}", Scope::listener_name(*port, *netns)),
             Scope::Peer(peer) => format!(" to {peer}"),
         };
         return Err(format!("no request labelled \"{label}\" was seen{scope} (is --labels on?)"));
@@ -451,10 +483,11 @@ pub fn evaluate(check: &Check, stats: &Stats, min_samples: u64) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listeners::ListenerId;
 
     fn stats_with_think(samples_ms: &[u64]) -> Stats {
         let mut stats = Stats::default();
-        let l = stats.listener(8080);
+        let l = stats.listener(ListenerId::new(8080, 0));
         for ms in samples_ms {
             l.phases[&Phase::Think].record(ms * 1_000_000).unwrap();
         }
@@ -487,7 +520,7 @@ mod tests {
             c.subject,
             Subject::Phase {
                 name: "think".into(),
-                scope: Scope::Listener(8080),
+                scope: Scope::Listener(8080, None),
                 label: None,
                 stat: Stat::Quantile(0.999)
             }
@@ -514,7 +547,7 @@ mod tests {
     fn tls_is_checked_per_listener_or_per_peer() {
         let mut stats = Stats::default();
         for _ in 0..10 {
-            stats.listener(8443).phases[&Phase::Tls].record(3_000_000).unwrap();
+            stats.listener(ListenerId::new(8443, 0)).phases[&Phase::Tls].record(3_000_000).unwrap();
         }
         let peer: SocketAddr = "10.0.0.5:443".parse().unwrap();
         for _ in 0..10 {
@@ -525,6 +558,24 @@ mod tests {
         assert!(judge("tls.p99<5ms"), "unscoped: the listeners'");
         assert!(!judge("tls[10.0.0.5:443].p50<5ms"));
         assert!(judge("tls[10.0.0.5:443].p50<40ms"));
+    }
+
+    #[test]
+    fn a_port_scope_takes_every_namespace_and_a_qualified_one_takes_one() {
+        let mut stats = Stats::default();
+        for (netns, requests) in [(4026532301, 7), (4026532302, 5)] {
+            stats.listener(ListenerId::new(8080, netns)).requests = requests;
+        }
+        let judge = |text: &str| evaluate(&parse(text).unwrap(), &stats, 1);
+        assert!(judge("requests[:8080]==12").passed);
+        assert!(judge("requests[:8080@4026532301]==7").passed);
+        assert!(judge("requests[:8080@4026532302]==5").passed);
+        let missing = judge("requests[:8080@1]>0");
+        assert!(!missing.passed && missing.message.contains("no listener :8080@1"), "{missing}");
+        assert!(parse("requests[:8080@net]>0")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err()
+            .contains("network namespace"));
     }
 
     #[test]
@@ -580,7 +631,7 @@ mod tests {
             c.subject,
             Subject::Phase {
                 name: "think".into(),
-                scope: Scope::Listener(8080),
+                scope: Scope::Listener(8080, None),
                 label: Some("GET /products".into()),
                 stat: Stat::Quantile(0.99)
             }
@@ -608,7 +659,7 @@ mod tests {
     #[test]
     fn labelled_checks_judge_that_endpoint_only() {
         let mut stats = Stats::default();
-        let l = stats.listener(8080);
+        let l = stats.listener(ListenerId::new(8080, 0));
         for (label, ms) in [("GET /products", 200u64), ("GET /productTypes", 2)] {
             let e = l.endpoints.entry(label, 10);
             for _ in 0..20 {

@@ -14,16 +14,23 @@
 //! namespace (a netlink socket opened inside each traced process's namespace) and are the
 //! traced processes' when one of their file descriptors is the listening socket (PID
 //! mode) or when their port is traced (port mode).
+//!
+//! A listener is a port in a network namespace ([`ListenerId`]): every container that
+//! listens on 8080 does so in its own. The addresses its sockets are bound to (0.0.0.0
+//! and `::` for a dual-stack server) are shown with it, not part of its identity.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fmt,
     fs::{self, File},
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -38,9 +45,47 @@ const SK_MEMINFO_DROPS: usize = 8;
 const NLMSG_HDR_LEN: usize = 16;
 const INET_DIAG_MSG_LEN: usize = 72;
 
+/// A listener: a local port in a network namespace (the namespace's inode number, as
+/// `/proc/PID/ns/net` shows it; 0 when unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenerId {
+    pub port: u16,
+    pub netns: u32,
+}
+
+impl ListenerId {
+    pub fn new(port: u16, netns: u32) -> Self {
+        Self { port, netns }
+    }
+
+    /// Whether the listener is in another network namespace than the tracer's (a
+    /// container's): its port alone does not name it.
+    pub fn elsewhere(&self) -> bool {
+        self.netns != 0 && self.netns != own_netns()
+    }
+}
+
+/// `:8080` in the tracer's own network namespace, `:8080@4026532301` in another.
+impl fmt::Display for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, ":{}", self.port)?;
+        if self.elsewhere() {
+            write!(f, "@{}", self.netns)?;
+        }
+        Ok(())
+    }
+}
+
+/// The inode number of the tracer's own network namespace (0 if unreadable).
+pub fn own_netns() -> u32 {
+    static OWN: OnceLock<u32> = OnceLock::new();
+    *OWN.get_or_init(|| netns_of(None).map_or(0, |(ino, _)| ino as u32))
+}
+
 /// One listening socket as sock_diag reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listening {
+    pub addr: IpAddr,
     pub port: u16,
     pub inode: u32,
     pub cookie: u64,
@@ -168,6 +213,12 @@ fn parse_listener(body: &[u8]) -> Option<Listening> {
         return None;
     }
     let port = u16::from_be_bytes([body[4], body[5]]);
+    let src: [u8; 16] = body[8..24].try_into().expect("16 bytes");
+    let addr = if body[0] == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(src))
+    };
     let cookie = u32_ne(body, 44) as u64 | (u32_ne(body, 48) as u64) << 32;
     let inode = u32_ne(body, 68);
     let mut drops = None;
@@ -182,7 +233,7 @@ fn parse_listener(body: &[u8]) -> Option<Listening> {
         }
         attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
     }
-    Some(Listening { port, inode, cookie, drops: drops? })
+    Some(Listening { addr, port, inode, cookie, drops: drops? })
 }
 
 fn netns_of(pid: Option<u32>) -> Option<(u64, PathBuf)> {
@@ -195,7 +246,8 @@ fn netns_of(pid: Option<u32>) -> Option<(u64, PathBuf)> {
 }
 
 struct Tracked {
-    port: u16,
+    id: ListenerId,
+    addr: SocketAddr,
     drops_base: u32,
     drops: u32,
     overflows_base: u64,
@@ -250,16 +302,18 @@ impl ListenerWatch {
     }
 
     fn try_refresh(&mut self, pids: &HashSet<u32>, overflows: &dyn Fn(u64) -> u64) -> Result<()> {
-        // Network namespace → the traced processes in it.
+        // Network namespace → the traced processes in it. In port mode and with
+        // `--all`, the tracer's own namespace and those of the processes seen serving.
         let mut namespaces: HashMap<u64, (PathBuf, Vec<u32>)> = HashMap::new();
-        if self.ports.is_empty() && !self.all {
-            for &pid in pids {
-                if let Some((ino, path)) = netns_of(Some(pid)) {
-                    namespaces.entry(ino).or_insert_with(|| (path, Vec::new())).1.push(pid);
-                }
+        for &pid in pids {
+            if let Some((ino, path)) = netns_of(Some(pid)) {
+                namespaces.entry(ino).or_insert_with(|| (path, Vec::new())).1.push(pid);
             }
-        } else if let Some((ino, path)) = netns_of(None) {
-            namespaces.insert(ino, (path, Vec::new()));
+        }
+        if !self.ports.is_empty() || self.all {
+            if let Some((ino, path)) = netns_of(None) {
+                namespaces.entry(ino).or_insert_with(|| (path, Vec::new()));
+            }
         }
         for (ns, (path, ns_pids)) in namespaces {
             if !self.sockets.contains_key(&ns) {
@@ -276,8 +330,8 @@ impl ListenerWatch {
                     t.overflows = overflows(l.cookie);
                     if t.drops != t.drops_base {
                         debug!(
-                            "listener :{}: drop counter +{}, overflowed handshake ACKs +{}",
-                            t.port,
+                            "listener {}: drop counter +{}, overflowed handshake ACKs +{}",
+                            t.id,
                             t.drops.wrapping_sub(t.drops_base),
                             t.overflows - t.overflows_base
                         );
@@ -300,14 +354,15 @@ impl ListenerWatch {
                     self.not_ours.insert((ns, l.inode));
                     continue;
                 }
-                debug!("traced listener :{} (inode {}, netns {ns})", l.port, l.inode);
+                debug!("traced listener {}:{} (inode {}, netns {ns})", l.addr, l.port, l.inode);
                 // Listeners present when tracing started count from then; later ones
                 // from their creation.
                 let (drops_base, overflows_base) = if self.refreshed { (0, 0) } else { (l.drops, overflows(l.cookie)) };
                 self.tracked.insert(
                     (ns, l.cookie),
                     Tracked {
-                        port: l.port,
+                        id: ListenerId::new(l.port, ns as u32),
+                        addr: SocketAddr::new(l.addr, l.port),
                         drops_base,
                         drops: l.drops,
                         overflows_base,
@@ -319,11 +374,20 @@ impl ListenerWatch {
         Ok(())
     }
 
-    /// Listen drops since tracing started, per listening port.
-    pub fn drops_by_port(&self) -> BTreeMap<u16, u64> {
+    /// Listen drops since tracing started, per listener.
+    pub fn drops(&self) -> BTreeMap<ListenerId, u64> {
         let mut out = BTreeMap::new();
         for t in self.tracked.values() {
-            *out.entry(t.port).or_default() += t.listen_drops();
+            *out.entry(t.id).or_default() += t.listen_drops();
+        }
+        out
+    }
+
+    /// The addresses the listeners' sockets are bound to.
+    pub fn addresses(&self) -> BTreeMap<ListenerId, BTreeSet<SocketAddr>> {
+        let mut out: BTreeMap<ListenerId, BTreeSet<SocketAddr>> = BTreeMap::new();
+        for t in self.tracked.values() {
+            out.entry(t.id).or_default().insert(t.addr);
         }
         out
     }
@@ -353,6 +417,7 @@ mod tests {
         b[0] = libc::AF_INET as u8;
         b[1] = TCP_LISTEN as u8;
         b[4..6].copy_from_slice(&port.to_be_bytes());
+        b[8..12].copy_from_slice(&[127, 0, 0, (port % 200) as u8]);
         b[44..48].copy_from_slice(&(cookie as u32).to_ne_bytes());
         b[48..52].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
         b[68..72].copy_from_slice(&inode.to_ne_bytes());
@@ -377,8 +442,8 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Listening { port: 8080, inode: 4242, cookie: 0x1_0000_0002, drops: 5 },
-                Listening { port: 443, inode: 17, cookie: 9, drops: 0 },
+                Listening { addr: [127, 0, 0, 80].into(), port: 8080, inode: 4242, cookie: 0x1_0000_0002, drops: 5 },
+                Listening { addr: [127, 0, 0, 43].into(), port: 443, inode: 17, cookie: 9, drops: 0 },
             ]
         );
         assert!(parse_reply(&message(libc::NLMSG_DONE as u16, 7, &[0; 4]), 7, &mut out).unwrap());
@@ -396,10 +461,11 @@ mod tests {
     #[test]
     fn overflowed_acks_are_not_counted_twice() {
         // 3 SYNs dropped (counted once each) and 2 overflowed ACKs (twice each) since start.
-        let t = Tracked { port: 80, drops_base: 10, drops: 10 + 3 + 2 * 2, overflows_base: 1, overflows: 3 };
+        let (id, addr) = (ListenerId::new(80, 1), "0.0.0.0:80".parse().unwrap());
+        let t = Tracked { id, addr, drops_base: 10, drops: 10 + 3 + 2 * 2, overflows_base: 1, overflows: 3 };
         assert_eq!(t.listen_drops(), 5);
         // Counter wrap-around.
-        let t = Tracked { port: 80, drops_base: u32::MAX, drops: 1, overflows_base: 0, overflows: 0 };
+        let t = Tracked { id, addr, drops_base: u32::MAX, drops: 1, overflows_base: 0, overflows: 0 };
         assert_eq!(t.listen_drops(), 2);
     }
 }

@@ -25,7 +25,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{endpoints::Sketch, stats::Stats, timeline::Phase};
+use crate::{endpoints::Sketch, listeners::ListenerId, stats::Stats, timeline::Phase};
 
 /// Upper bounds of the histogram buckets, seconds (`+Inf` is implied).
 pub const BUCKETS_S: [f64; 22] = [
@@ -179,12 +179,16 @@ struct Snapshot {
 
 impl Snapshot {
     fn of(stats: &Stats) -> Self {
-        // A listener's labels: its port, and the command names and cgroup of the
-        // processes that accepted its connections (a pre-forking server's workers share
-        // theirs; the cgroup only when all share it).
-        let listener = |port: &u16| {
-            let mut labels = vec![("listener", format!(":{port}"))];
-            if let Some(l) = stats.listeners.get(port) {
+        // A listener's labels: the addresses its sockets are bound to (`:PORT` until
+        // they are known), its network namespace, and the command names and cgroup of
+        // the processes that accepted its connections (a pre-forking server's workers
+        // share theirs; the cgroup only when all share it).
+        let listener = |id: &ListenerId| {
+            let mut labels = Vec::new();
+            if let Some(l) = stats.listeners.get(id) {
+                let bound = l.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+                labels.push(("listener", if bound.is_empty() { format!(":{}", id.port) } else { bound }));
+                labels.push(("netns", id.netns.to_string()));
                 let commands: BTreeSet<&str> = l.processes.values().map(|p| p.command.as_str()).collect();
                 let cgroups: BTreeSet<Option<&str>> = l.processes.values().map(|p| p.cgroup.as_deref()).collect();
                 if !commands.is_empty() {
@@ -198,19 +202,19 @@ impl Snapshot {
         };
         let mut phases = Vec::new();
         let mut endpoint_phases = Vec::new();
-        for (port, l) in &stats.listeners {
+        for (id, l) in &stats.listeners {
             for phase in Phase::ALL {
                 if stats.unavailable.contains_key(phase.name()) {
                     continue;
                 }
-                let mut labels = listener(port);
+                let mut labels = listener(id);
                 labels.push(("phase", phase.name().to_owned()));
                 phases.push(Series::of_histogram(labels, &l.phases[&phase]));
             }
             for (label, e) in l.endpoints.ranked() {
                 for phase in ["recv_wait", "think", "send", "delivery"] {
                     let Some(sketch) = e.phase(phase) else { continue };
-                    let mut labels = listener(port);
+                    let mut labels = listener(id);
                     labels.push(("endpoint", escape(label)));
                     labels.push(("phase", phase.to_owned()));
                     endpoint_phases.push(Series::of_sketch(labels, sketch));
@@ -231,7 +235,7 @@ impl Snapshot {
             }
         }
         let per_listener = |f: fn(&crate::stats::ListenerStats) -> u64| -> Vec<(Labels, u64)> {
-            stats.listeners.iter().map(|(port, l)| (listener(port), f(l))).collect()
+            stats.listeners.iter().map(|(id, l)| (listener(id), f(l))).collect()
         };
         let per_peer = |f: fn(&crate::stats::PeerStats) -> u64| -> Vec<(Labels, u64)> {
             stats.peers.iter().map(|(peer, p)| (vec![("peer", peer.to_string())], f(p))).collect()
@@ -321,16 +325,23 @@ mod tests {
         }
         let page = Page::default();
         page.update(&stats);
+        let netns = crate::listeners::own_netns();
+        assert!(page.text().contains(&format!("tracer_requests_total{{listener=\":8080\",netns=\"{netns}\"}} 5")));
+        // Once its sockets' addresses are known, they name it.
+        let l = stats.listener(ListenerId::new(8080, 0));
+        l.addresses.extend(["0.0.0.0:8080".parse::<std::net::SocketAddr>().unwrap(), "[::]:8080".parse().unwrap()]);
+        page.update(&stats);
         let text = page.text();
+        let listener = format!("listener=\"0.0.0.0:8080,[::]:8080\",netns=\"{netns}\"");
         assert!(text.contains("# TYPE tracer_request_phase_seconds histogram"), "{text}");
         let bucket = |le: &str| {
-            let key = format!("tracer_request_phase_seconds_bucket{{le=\"{le}\",listener=\":8080\",phase=\"think\"}} ");
+            let key = format!("tracer_request_phase_seconds_bucket{{le=\"{le}\",{listener},phase=\"think\"}} ");
             text.lines().find_map(|l| l.strip_prefix(key.as_str())).map(|v| v.parse::<u64>().unwrap())
         };
         assert_eq!(bucket("0.0025"), Some(1));
         assert_eq!(bucket("0.025"), Some(4));
         assert_eq!(bucket("+Inf"), Some(5));
-        assert!(text.contains("tracer_requests_total{listener=\":8080\"} 5"), "{text}");
+        assert!(text.contains(&format!("tracer_requests_total{{{listener}}} 5")), "{text}");
         assert!(text.contains("tracer_lost_events_total 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }

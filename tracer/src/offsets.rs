@@ -69,6 +69,10 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         iter_iovec: btf.enumerator("ITER_IOVEC").context("enum iter_type has no ITER_IOVEC")? as u32,
         iter_type_mask: if btf.field("iov_iter", "iter_type").is_ok() { 0xff } else { 0xfe },
         iov_iter_count: byte("iov_iter", "count", 8)?,
+        // `possible_net_t`: a struct holding the pointer (kernels built without network
+        // namespaces have no pointer: there is one namespace, and no BTF field either).
+        skc_net: byte("sock_common", "skc_net", 8)?,
+        net_ns_inum: byte("net", "ns.inum", 4)?,
     };
     Ok(offsets)
 }

@@ -24,7 +24,7 @@ use crate::{
     compat::Kind,
     events::{self, Event},
     labels::Routes,
-    listeners::ListenerWatch,
+    listeners::{ListenerId, ListenerWatch},
     metrics, offsets,
     probes::{LoadOptions, Probes},
     procs,
@@ -79,7 +79,7 @@ struct Session {
     /// the kernel programs see every listener's handshakes (a request socket does not
     /// say which process listens), so they count only once the port is found among the
     /// traced processes' listeners or connections.
-    synacks_pending: BTreeMap<u16, u64>,
+    synacks_pending: BTreeMap<ListenerId, u64>,
     /// `--slow`, in nanoseconds.
     slow_ns: Option<u64>,
     /// `--cgroup`: the traced cgroups, and the ids the programs know.
@@ -173,12 +173,20 @@ impl Session {
     fn poll_counters(&mut self, probes: &Probes) {
         self.stats.lost_events = probes.lost_events();
         self.stats.missed_setups = probes.counter(counter::MISSED_SETUPS).unwrap_or(0);
-        self.listeners.refresh(&self.live, |cookie| probes.ack_overflows(cookie));
-        for (port, drops) in self.listeners.drops_by_port() {
-            self.stats.listener(port).listen_drops = drops;
+        // In port mode and with `--all` the processes serving are known from their
+        // connections: their network namespaces hold listeners too (containers').
+        let mut pids = self.live.clone();
+        pids.extend(self.stats.listeners.values().flat_map(|l| l.processes.keys().copied()));
+        pids.retain(|&pid| procs::is_alive(pid));
+        self.listeners.refresh(&pids, |cookie| probes.ack_overflows(cookie));
+        for (id, drops) in self.listeners.drops() {
+            self.stats.listener(id).listen_drops = drops;
+        }
+        for (id, addresses) in self.listeners.addresses() {
+            self.stats.listener(id).addresses = addresses;
         }
         let stats = &mut self.stats;
-        self.synacks_pending.retain(|port, count| match stats.listeners.get_mut(port) {
+        self.synacks_pending.retain(|id, count| match stats.listeners.get_mut(id) {
             Some(l) => {
                 l.synack_retransmits += *count;
                 false

@@ -1,11 +1,15 @@
 //! Statistics: one HDR histogram per listener and phase, plus counters.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use hdrhistogram::Histogram;
 
 use crate::{
     endpoints::{EndpointStats, Endpoints, OTHER},
+    listeners::{own_netns, ListenerId},
     timeline::{Labels, Outcome, Phase, Record},
     upstream::{Callee, ConnectOutcome},
 };
@@ -72,6 +76,9 @@ pub struct ListenerStats {
     /// The processes that accepted its connections (at most [`PROCESSES_KEPT`]), as
     /// they were when first seen.
     pub processes: BTreeMap<u32, crate::procs::ProcessInfo>,
+    /// The addresses its listening sockets are bound to (from sock_diag; empty until
+    /// they were read).
+    pub addresses: BTreeSet<SocketAddr>,
 }
 
 /// Processes kept per listener (a pre-forking server has one per worker).
@@ -169,6 +176,7 @@ impl Default for ListenerStats {
             tls_methods: 0,
             endpoints: Endpoints::default(),
             processes: BTreeMap::new(),
+            addresses: BTreeSet::new(),
         }
     }
 }
@@ -184,8 +192,8 @@ impl ListenerStats {
 /// Everything the reports show.
 #[derive(Clone, Default)]
 pub struct Stats {
-    /// Keyed by local listening port.
-    pub listeners: BTreeMap<u16, ListenerStats>,
+    /// Keyed by local port and network namespace.
+    pub listeners: BTreeMap<ListenerId, ListenerStats>,
     /// Upstream peers, keyed by remote address and port.
     pub peers: BTreeMap<SocketAddr, PeerStats>,
     pub events: u64,
@@ -215,8 +223,30 @@ impl Default for MaxLabels {
 }
 
 impl Stats {
-    pub fn listener(&mut self, port: u16) -> &mut ListenerStats {
-        self.listeners.entry(port).or_default()
+    /// The listener `id`. One whose namespace is unknown (its connection's open event
+    /// was lost) is the listener on its port that is already known, else the tracer's
+    /// namespace's.
+    pub fn listener(&mut self, id: ListenerId) -> &mut ListenerStats {
+        let id = if id.netns != 0 {
+            id
+        } else {
+            self.listeners.keys().find(|k| k.port == id.port).copied().unwrap_or(ListenerId::new(id.port, own_netns()))
+        };
+        self.listeners.entry(id).or_default()
+    }
+
+    /// The one listener on `port` (tests).
+    #[cfg(test)]
+    pub fn on_port(&self, port: u16) -> &ListenerStats {
+        let mut on = self.listeners_on(port);
+        let (_, l) = on.next().unwrap_or_else(|| panic!("no listener :{port}"));
+        assert!(on.next().is_none(), "more than one listener :{port}");
+        l
+    }
+
+    /// The listeners on `port`, in every namespace.
+    pub fn listeners_on(&self, port: u16) -> impl Iterator<Item = (&ListenerId, &ListenerStats)> {
+        self.listeners.range(ListenerId::new(port, 0)..=ListenerId::new(port, u32::MAX))
     }
 
     pub fn apply(&mut self, record: &Record) {
@@ -415,7 +445,7 @@ mod tests {
         for ms in 1..=100 {
             stats.apply(&exchange(ms));
         }
-        let l = &stats.listeners[&80];
+        let l = &stats.on_port(80);
         assert_eq!(l.requests, 100);
         assert_eq!((l.bytes_in, l.bytes_out), (1000, 2000));
         let think = &l.phases[&Phase::Think];

@@ -20,6 +20,7 @@ use tracer_common::{
 use crate::{
     events::Event,
     labels::{self, Decoder, Routes},
+    listeners::ListenerId,
     upstream::{Callee, ConnectOutcome, RequestKey, Wait, Waits},
 };
 
@@ -111,7 +112,7 @@ const DETECT_TRIES: u8 = 3;
 pub enum Record {
     /// A connection was accepted (or first seen) by the traced process.
     Opened {
-        listener: u16,
+        listener: ListenerId,
         /// The client, and the traced process that accepted it.
         remote: SocketAddr,
         pid: u32,
@@ -121,7 +122,7 @@ pub enum Record {
     },
     /// One request/response exchange.
     Exchange {
-        listener: u16,
+        listener: ListenerId,
         /// The client (unknown when the connection's open event was lost).
         remote: Option<SocketAddr>,
         pid: u32,
@@ -157,7 +158,7 @@ pub enum Record {
     },
     /// A server connection's TLS handshake completed.
     Tls {
-        listener: u16,
+        listener: ListenerId,
         /// The client, and the traced process that accepted it.
         remote: SocketAddr,
         pid: u32,
@@ -169,7 +170,7 @@ pub enum Record {
     /// A server connection's TLS is followed another way from now on (an application
     /// feeding OpenSSL from buffers of its own: hooked after its handshake).
     TlsFollowed {
-        listener: u16,
+        listener: ListenerId,
         method: u32,
     },
     /// The TLS handshake of a connection the traced process opened completed.
@@ -188,11 +189,11 @@ pub enum Record {
         bytes_in: u64,
     },
     SynAckRetransmit {
-        listener: u16,
+        listener: ListenerId,
     },
     /// The server reset a connection as it closed it (abortive close).
     ResetAfterClose {
-        listener: u16,
+        listener: ListenerId,
     },
 }
 
@@ -200,9 +201,9 @@ impl Record {
     /// An answered exchange on `listener` that thought `think_ns` (recv_wait 1 µs, send
     /// 0, 10 bytes in, 20 out), for the statistics' and reports' tests.
     #[cfg(test)]
-    pub fn answered(listener: u16, think_ns: u64) -> Record {
+    pub fn answered(port: u16, think_ns: u64) -> Record {
         Record::Exchange {
-            listener,
+            listener: ListenerId::new(port, 0),
             remote: None,
             pid: 1,
             recv_wait_ns: Some(1_000),
@@ -220,7 +221,7 @@ impl Record {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClosedConnection {
-    pub listener: u16,
+    pub listener: ListenerId,
     pub tgid: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -235,7 +236,7 @@ pub struct ClosedConnection {
 }
 
 struct Conn {
-    listener: u16,
+    listener: ListenerId,
     local: SocketAddr,
     remote: SocketAddr,
     seen_ns: u64,
@@ -304,8 +305,12 @@ impl Timeline {
             Event::Open(open) => self.opened(open, out),
             Event::Request(req) => self.exchange(req, out),
             Event::Close(close) => self.closed(close, out),
-            Event::SynAckRetransmit(r) => out.push(Record::SynAckRetransmit { listener: r.addr.local_port }),
-            Event::ResetSent(r) => out.push(Record::ResetAfterClose { listener: r.addr.local_port }),
+            Event::SynAckRetransmit(r) => {
+                out.push(Record::SynAckRetransmit { listener: ListenerId::new(r.addr.local_port, r.addr.netns) })
+            }
+            Event::ResetSent(r) => {
+                out.push(Record::ResetAfterClose { listener: ListenerId::new(r.addr.local_port, r.addr.netns) })
+            }
             Event::UpstreamConnect(c) => self.connected(c, out),
             Event::UpstreamRequest(r) => self.upstream_request(r, out),
             Event::Bind(b) => self.bind(b, out),
@@ -352,10 +357,11 @@ impl Timeline {
     fn opened(&mut self, open: &ConnOpen, out: &mut Vec<Record>) {
         let accepted = open.origin == origin::ACCEPTED;
         let (local, remote) = endpoints(&open.addr);
+        let listener = ListenerId::new(open.addr.local_port, open.addr.netns);
         self.conns.insert(
             open.header.sock,
             Conn {
-                listener: open.addr.local_port,
+                listener,
                 local,
                 remote,
                 seen_ns: open.header.ts_ns,
@@ -364,7 +370,7 @@ impl Timeline {
             },
         );
         out.push(Record::Opened {
-            listener: open.addr.local_port,
+            listener,
             remote,
             pid: open.header.tgid,
             handshake_ns: if accepted { span(open.synack_ns, open.established_ns) } else { None },
@@ -377,7 +383,7 @@ impl Timeline {
         let (listener, accepted_ns, remote, pid) = match self.conns.get(&req.header.sock) {
             Some(c) => (c.listener, c.accepted_ns, Some(c.remote), c.pid),
             // The open event was lost: the exchange still counts, under an unknown listener.
-            None => (0, 0, None, 0),
+            None => (ListenerId::default(), 0, None, 0),
         };
         let outcome = if req.flags & flags::CLOSED_BY_PEER != 0 {
             Outcome::ClosedByPeer
@@ -519,7 +525,8 @@ impl Timeline {
             None => endpoints(&close.addr),
         };
         out.push(Record::Closed(ClosedConnection {
-            listener: conn.as_ref().map_or(local.port(), |c| c.listener),
+            // Its open was lost: the namespace is unknown (0).
+            listener: conn.as_ref().map_or(ListenerId::new(local.port(), 0), |c| c.listener),
             tgid: close.header.tgid,
             local,
             remote,
@@ -549,9 +556,9 @@ mod tests {
             family: AF_INET,
             local_port: 8080,
             remote_port: 40000,
-            _pad: 0,
             local_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1],
             remote_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2],
+            ..ConnAddr::default()
         }
     }
 
@@ -605,7 +612,7 @@ mod tests {
         assert_eq!(
             out[0],
             Record::Opened {
-                listener: 8080,
+                listener: ListenerId::new(8080, 0),
                 remote: "127.0.0.2:40000".parse().unwrap(),
                 pid: 7,
                 handshake_ns: Some(2 * MS),
@@ -648,7 +655,7 @@ mod tests {
         assert_eq!(
             out[1],
             Record::Exchange {
-                listener: 8080,
+                listener: ListenerId::new(8080, 0),
                 remote: Some("127.0.0.2:40000".parse().unwrap()),
                 pid: 7,
                 recv_wait_ns: None,
@@ -887,7 +894,7 @@ mod tests {
         for r in &out {
             stats.apply(r);
         }
-        let l = &stats.listeners[&8080];
+        let l = &stats.on_port(8080);
         assert_eq!((l.requests, l.aborted, l.closed_by_peer), (2, 1, 1));
         assert_eq!(l.requests, l.phases[&Phase::Think].len() + l.aborted);
         // (Histograms keep three significant digits.)
@@ -964,14 +971,17 @@ mod tests {
         ]);
         let tls: Vec<_> = out.iter().filter(|r| matches!(r, Record::Tls { .. })).collect();
         let remote = endpoints(&addr()).1;
-        assert_eq!(tls, [&Record::Tls { listener: 8080, remote, pid: 7, tls_ns: Some(4 * MS), method: 3 }]);
+        assert_eq!(
+            tls,
+            [&Record::Tls { listener: ListenerId::new(8080, 0), remote, pid: 7, tls_ns: Some(4 * MS), method: 3 }]
+        );
         let exchanges = out.iter().filter(|r| matches!(r, Record::Exchange { .. })).count();
         assert_eq!(exchanges, 1);
         let mut stats = crate::stats::Stats::default();
         for r in &out {
             stats.apply(r);
         }
-        let l = &stats.listeners[&8080];
+        let l = &stats.on_port(8080);
         assert_eq!((l.requests, l.tls_connections), (1, 1));
         assert_eq!(l.phases[&Phase::Tls].len(), 1);
         assert_eq!(l.tls_method(), Some(("OpenSSL uprobes", None)));
@@ -1046,7 +1056,7 @@ mod tests {
             })
             .collect();
         assert_eq!(labels, [vec!["GET /products/{id}"], vec!["GET /products/{id}"], vec!["GET /nope"]]);
-        let l = &stats.listeners[&8080];
+        let l = &stats.on_port(8080);
         let ranked = l.endpoints.ranked();
         assert_eq!(ranked.len(), 2);
         let products = l.endpoints.get("GET /products/{id}").unwrap();
@@ -1070,7 +1080,7 @@ mod tests {
             request([4 * MS, 5 * MS, 5 * MS, 6 * MS, 6 * MS, 7 * MS], 0, 0),
         ];
         let (_, stats) = labelled(&events);
-        let l = &stats.listeners[&8080];
+        let l = &stats.on_port(8080);
         assert_eq!(l.requests, 16);
         let get = l.endpoints.get("GET").unwrap();
         assert_eq!((get.requests, get.think.len()), (16, 1), "one exchange, timed once");
@@ -1085,6 +1095,6 @@ mod tests {
             out.iter().for_each(|r| stats.apply(r));
             (out, stats)
         };
-        assert_eq!(plain.listeners[&8080].requests, 1);
+        assert_eq!(plain.on_port(8080).requests, 1);
     }
 }

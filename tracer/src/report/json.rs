@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::{Format, Slow, Snapshot};
 use crate::{
     endpoints::{EndpointStats, Endpoints, Sketch, OTHER, STATUS_CLASSES},
+    listeners::ListenerId,
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
 };
@@ -43,6 +44,12 @@ pub struct PhaseJson {
 #[derive(Serialize)]
 struct ListenerJson {
     port: u16,
+    /// The inode number of its network namespace (`/proc/PID/ns/net`), and whether that
+    /// is another than the tracer's (a container's).
+    netns: u32,
+    other_netns: bool,
+    /// The addresses its listening sockets are bound to.
+    addresses: Vec<String>,
     connections: u64,
     requests: u64,
     aborted: u64,
@@ -211,7 +218,9 @@ struct CheckJson {
 struct SlowJson {
     r#type: &'static str,
     what: &'static str,
+    /// The listener's port, and its network namespace's inode number.
     listener: u16,
+    netns: u32,
     pid: u32,
     remote: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -247,13 +256,16 @@ fn phase_value(
     }
 }
 
-fn listener_json(port: u16, l: &ListenerStats, unavailable: &BTreeMap<&'static str, String>) -> ListenerJson {
+fn listener_json(id: ListenerId, l: &ListenerStats, unavailable: &BTreeMap<&'static str, String>) -> ListenerJson {
     let phases = Phase::ALL
         .into_iter()
         .map(|p| (p.name().to_owned(), phase_value(p.name(), &l.phases[&p], unavailable)))
         .collect();
     ListenerJson {
-        port,
+        port: id.port,
+        netns: id.netns,
+        other_netns: id.elsewhere(),
+        addresses: l.addresses.iter().map(|a| a.to_string()).collect(),
         connections: l.connections,
         requests: l.requests,
         aborted: l.aborted,
@@ -332,7 +344,8 @@ impl Format for Json {
         serde_json::to_string(&SlowJson {
             r#type: "slow",
             what: s.what,
-            listener: s.listener,
+            listener: s.listener.port,
+            netns: s.listener.netns,
             pid: s.pid,
             remote: s.remote.map(|r| r.to_string()),
             label: s.label.clone(),
@@ -357,7 +370,7 @@ impl Format for Json {
             incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0 || s.stats.missed_setups > 0,
             tracked_sockets: s.stats.tracked_sockets,
             unavailable_phases: s.stats.unavailable.clone(),
-            listeners: s.stats.listeners.iter().map(|(p, l)| listener_json(*p, l, &s.stats.unavailable)).collect(),
+            listeners: s.stats.listeners.iter().map(|(id, l)| listener_json(*id, l, &s.stats.unavailable)).collect(),
             upstreams: s.stats.peers.iter().map(|(peer, p)| upstream_json(peer, p, &s.stats.unavailable)).collect(),
             checks: s
                 .checks

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use crate::{
     checks::Verdict,
+    listeners::ListenerId,
     stats::Stats,
     timeline::{ClosedConnection, Outcome, Record},
     upstream::Callee,
@@ -42,7 +43,7 @@ pub struct Snapshot<'a> {
 pub struct Slow {
     /// "request" or "connection".
     pub what: &'static str,
-    pub listener: u16,
+    pub listener: ListenerId,
     pub pid: u32,
     pub remote: Option<SocketAddr>,
     /// Labels on: the request's label (the first, when pipelined).
@@ -149,7 +150,7 @@ mod tests {
 
     fn exchange(think_ms: u64, aborted: bool) -> Record {
         Record::Exchange {
-            listener: 8080,
+            listener: ListenerId::new(8080, 0),
             remote: Some("10.1.2.3:40000".parse().unwrap()),
             pid: 42,
             recv_wait_ns: Some(MS),
@@ -173,7 +174,7 @@ mod tests {
         assert_eq!(slow.phases, vec![("recv_wait", MS), ("think", 100 * MS), ("send", 2 * MS)]);
         assert_eq!(Slow::from_record(&exchange(100, true), 50 * MS), None);
         let setup = Record::Opened {
-            listener: 8080,
+            listener: ListenerId::new(8080, 0),
             remote: "10.1.2.3:40000".parse().unwrap(),
             pid: 42,
             handshake_ns: Some(MS),

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use super::{duration, three_digits, Format, Slow, Snapshot};
 use crate::{
     endpoints::{EndpointStats, Endpoints, Sketch, OTHER, STATUS_CLASSES},
+    listeners::ListenerId,
     stats::{ListenerStats, PeerStats},
     timeline::{ClosedConnection, Phase},
 };
@@ -74,12 +75,25 @@ fn phase_row(out: &mut String, name: &str, hist: &Histogram<u64>, unavailable: &
     );
 }
 
-pub fn listener_section(out: &mut String, port: u16, l: &ListenerStats, unavailable: &Unavailable) {
+pub fn listener_section(out: &mut String, id: ListenerId, l: &ListenerStats, unavailable: &Unavailable) {
     let _ = writeln!(
         out,
-        "listener :{port}  connections {}  requests {}  aborted {}  in {}B  out {}B",
+        "listener {id}  connections {}  requests {}  aborted {}  in {}B  out {}B",
         l.connections, l.requests, l.aborted, l.bytes_in, l.bytes_out
     );
+    // Where it listens: its sockets' addresses, and its network namespace when that is
+    // not the tracer's (a container's).
+    let mut on: Vec<String> = l.addresses.iter().map(|a| a.to_string()).collect();
+    if id.elsewhere() {
+        let netns = format!("in network namespace {}", id.netns);
+        match on.last_mut() {
+            Some(last) => *last = format!("{last} {netns}"),
+            None => on.push(netns),
+        }
+    }
+    if !on.is_empty() {
+        let _ = writeln!(out, "  {}", wrap("on ", &on));
+    }
     let _ = writeln!(
         out,
         "  synack_retransmits {}  listen_drops {}  resets sent {} received {}",
@@ -328,7 +342,7 @@ impl Format for Text {
             })
             .collect();
         let mut line = format!(
-            "slow {} :{}{} <- {} pid {}: {} = {}",
+            "slow {} {}{} <- {} pid {}: {} = {}",
             s.what,
             s.listener,
             s.label.as_ref().map_or_else(String::new, |l| format!(" {l}")),
@@ -387,8 +401,8 @@ impl Format for Text {
         if s.stats.listeners.is_empty() {
             let _ = writeln!(out, "no connections seen");
         }
-        for (port, l) in &s.stats.listeners {
-            listener_section(&mut out, *port, l, &s.stats.unavailable);
+        for (id, l) in &s.stats.listeners {
+            listener_section(&mut out, *id, l, &s.stats.unavailable);
         }
         for (peer, p) in &s.stats.peers {
             peer_section(&mut out, peer, p, &s.stats.unavailable);
@@ -464,7 +478,7 @@ mod tests {
             "delivery",
             "the acknowledgements hook (tcp_probe) is unavailable: a long reason that goes on and on".to_owned(),
         )]);
-        listener_section(&mut out, 65535, &l, &unavailable);
+        listener_section(&mut out, ListenerId::new(65535, 0), &l, &unavailable);
         peer_section(&mut out, &"[fe80::1]:65535".parse().unwrap(), &p, &unavailable);
         assert!(out.contains("  delivery    unavailable: the acknowledgements hook"), "{out}");
         for line in out.lines() {
