@@ -54,8 +54,8 @@ pub struct Args {
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
 
-    /// Trace every process that accepts TCP connections on this host (the network
-    /// namespace the tracer runs in), each listener reported with its processes: the
+    /// Trace every process that accepts TCP connections on this host, in every network
+    /// namespace (containers' too), each listener reported with its processes: the
     /// mode of a node agent.
     #[arg(long)]
     pub all: bool,

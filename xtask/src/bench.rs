@@ -1328,14 +1328,20 @@ pub fn run(opts: &Options) -> Result<()> {
     drop(lab);
     drop(nginx);
     let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    // The long run's section (`cargo xtask soak`) is kept as it is.
+    let soak = fs::read_to_string(&path).ok().and_then(|old| crate::soak::section_of(&old).map(str::to_owned));
+    let keep_soak = |text: String| match &soak {
+        Some(section) => crate::soak::with_section(&text, section),
+        None => text,
+    };
     // Written now, and again with the scale run: a failing scale run loses nothing.
-    fs::write(&path, render(opts, &results, &syscalls, None))?;
+    fs::write(&path, keep_soak(render(opts, &results, &syscalls, None)))?;
     let scale = if opts.scale_open > 0 || opts.scale_short > 0 {
         Some(scale(opts).map_err(|e| format!("{e:#}")))
     } else {
         None
     };
-    let text = render(opts, &results, &syscalls, scale.as_ref());
+    let text = keep_soak(render(opts, &results, &syscalls, scale.as_ref()));
     fs::write(&path, &text)?;
     println!("{text}");
     eprintln!("bench: written to {}", path.display());

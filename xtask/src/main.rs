@@ -1,9 +1,10 @@
-//! Project automation: `cargo xtask setup | test | demo | bench | vm-test | dist`.
+//! Project automation: `cargo xtask setup | test | demo | bench | soak | vm-test | dist`.
 
 mod bench;
 mod demo;
 mod dist;
 mod setup;
+mod soak;
 mod test;
 mod vmtest;
 
@@ -31,6 +32,10 @@ enum Cmd {
     /// Measure the tracer's overhead side by side with a packet capture, bpftrace and a
     /// proxy, then at scale; writes BENCHMARKS.md.
     Bench(bench::Options),
+    /// Run the tracer as a service for a long time (metrics scraped every second, labels
+    /// on, a steady rate of short connections) and record its memory; writes its section
+    /// of BENCHMARKS.md.
+    Soak(soak::Options),
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run `tracer doctor` and
     /// an accuracy subset inside each.
     VmTest(vmtest::Options),
@@ -45,6 +50,7 @@ fn main() {
         Cmd::Test(opts) => test::run(&opts),
         Cmd::Demo(opts) => demo::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::Soak(opts) => soak::run(&opts),
         Cmd::VmTest(opts) => vmtest::run(&opts),
         Cmd::Dist => dist::run(),
     };
