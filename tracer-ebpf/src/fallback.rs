@@ -2,7 +2,8 @@
 //! tracepoints (before 6.3/6.4), and for accept without the syscall tracepoints'
 //! descriptor walk:
 //!
-//! - BPF trampolines: fexit on `tcp_sendmsg`/`tcp_recvmsg`/`inet_csk_accept`;
+//! - BPF trampolines: fexit on `tcp_sendmsg`/`tcp_recvmsg`/`inet_csk_accept`, and the
+//!   BPF LSM's `sock_graft` hook for accept;
 //! - kprobes, where trampolines are missing or not permitted: the same functions, with a
 //!   kprobe at entry keeping the arguments the return probe needs, per thread.
 //!
@@ -11,9 +12,9 @@
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
-    macros::{fentry, fexit, kprobe, kretprobe, map},
+    macros::{fentry, fexit, kprobe, kretprobe, lsm, map},
     maps::HashMap,
-    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, LsmContext, ProbeContext, RetProbeContext},
 };
 
 use crate::{
@@ -58,6 +59,19 @@ pub fn tcp_recvmsg_exit(ctx: FExitContext) -> i32 {
 #[fexit]
 pub fn tcp_recvmsg_exit_nonblock(ctx: FExitContext) -> i32 {
     on_recv_return(ctx.arg(0), ctx.arg(6), ctx.arg(4));
+    0
+}
+
+/// The BPF LSM's `sock_graft(struct sock *sk, struct socket *parent)`: accept() gives the
+/// connection `sk` its socket, in the accepting task (the same hook on every kernel, and
+/// only accepts pay for it). Other families' accepts pass too: only sockets in the state
+/// map are taken.
+#[lsm(hook = "sock_graft")]
+pub fn sock_graft(ctx: LsmContext) -> i32 {
+    let sk: u64 = unsafe { ctx.arg(0) };
+    if sk != 0 {
+        on_accepted(sk);
+    }
     0
 }
 

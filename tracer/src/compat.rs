@@ -27,6 +27,8 @@ pub enum Kind {
     TracePoint,
     /// BPF trampoline on a function's entry or return.
     FEntry,
+    /// A BPF LSM hook (a trampoline too; the `bpf` LSM must be active).
+    Lsm,
     /// Kernel probe on a function's entry or return.
     KProbe,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
@@ -35,7 +37,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::KProbe, Kind::UProbe];
+    pub const ALL: [Kind; 7] =
+        [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::Lsm, Kind::KProbe, Kind::UProbe];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,6 +46,7 @@ impl Kind {
             Kind::RawTp => "raw_tp",
             Kind::TracePoint => "tracepoint",
             Kind::FEntry => "fentry",
+            Kind::Lsm => "lsm",
             Kind::KProbe => "kprobe",
             Kind::UProbe => "uprobe",
         }
@@ -88,6 +92,8 @@ pub enum Attach {
     KProbe(&'static str),
     /// Probe on a kernel function's return (return value only).
     KRetProbe(&'static str),
+    /// BPF LSM hook, by hook name.
+    Lsm(&'static str),
 }
 
 impl Attach {
@@ -98,6 +104,7 @@ impl Attach {
             Attach::TracePoint(..) => Kind::TracePoint,
             Attach::FEntry(_) | Attach::FExit(_) => Kind::FEntry,
             Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
+            Attach::Lsm(_) => Kind::Lsm,
         }
     }
 }
@@ -112,6 +119,7 @@ impl fmt::Display for Attach {
             Attach::FExit(name) => write!(f, "fexit/{name}"),
             Attach::KProbe(name) => write!(f, "kprobe/{name}"),
             Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
+            Attach::Lsm(name) => write!(f, "lsm/{name}"),
         }
     }
 }
@@ -231,17 +239,13 @@ pub const HOOKS: &[Hook] = &[
         needed_for: "every phase",
         required: true,
         phases: &[],
+        // Hooks that only accepts pay for first: while a syscall tracepoint is enabled,
+        // every system call of every process on the machine takes the kernel's slower
+        // tracing path, so those come last.
         implementations: &[
             Implementation {
-                programs: &[
-                    one("sys_exit_accept4", Attach::TracePoint("syscalls", "sys_exit_accept4")),
-                    Program {
-                        name: "sys_exit_accept",
-                        attach: Attach::TracePoint("syscalls", "sys_exit_accept"),
-                        optional: true,
-                    },
-                ],
-                needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs",
+                programs: &[one("sock_graft", Attach::Lsm("sock_graft"))],
+                needs: "BPF trampolines and the BPF LSM active (CONFIG_BPF_LSM, `bpf` in lsm=)",
             },
             // The return value is the accepted socket: no descriptor table walk. The
             // longer, older argument list first (see receive).
@@ -256,6 +260,17 @@ pub const HOOKS: &[Hook] = &[
             Implementation {
                 programs: &[one("inet_csk_accept_return", Attach::KRetProbe("inet_csk_accept"))],
                 needs: "kprobes (CONFIG_KPROBES)",
+            },
+            Implementation {
+                programs: &[
+                    one("sys_exit_accept4", Attach::TracePoint("syscalls", "sys_exit_accept4")),
+                    Program {
+                        name: "sys_exit_accept",
+                        attach: Attach::TracePoint("syscalls", "sys_exit_accept"),
+                        optional: true,
+                    },
+                ],
+                needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs",
             },
         ],
         precondition: always,
@@ -421,7 +436,14 @@ mod tests {
     #[test]
     fn implementations_are_in_preference_order() {
         for hook in HOOKS {
-            let kinds: Vec<Kind> = hook.implementations.iter().map(Implementation::kind).collect();
+            let mut kinds: Vec<Kind> = hook.implementations.iter().map(Implementation::kind).collect();
+            if hook.name == "accept" {
+                // Ordered by what other processes pay: the LSM hook first, the syscall
+                // tracepoints (a tax on every system call) last.
+                assert_eq!(kinds.first(), Some(&Kind::Lsm));
+                assert_eq!(kinds.last(), Some(&Kind::TracePoint));
+                kinds = kinds[1..kinds.len() - 1].to_vec();
+            }
             assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{}: {kinds:?}", hook.name);
             for i in hook.implementations {
                 assert!(i.programs.iter().all(|p| p.attach.kind() == i.kind()), "{}: {i}", hook.name);

@@ -77,7 +77,8 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
             Some(why) => out += &format!("  {phase:<12} unavailable: {why}\n"),
         }
     }
-    out += &format!("\nTLS: {}\n", uprobes(&mut probes, skip_uprobes));
+    out += &format!("\nsystem calls: {}\n", syscall_tax(&probes));
+    out += &format!("TLS: {}\n", uprobes(&mut probes, skip_uprobes));
     out += &format!("TLS without a library hook: {}\n", record_layer(&mut probes));
     out += &format!("request labels (--labels): {}\n", labels(&probes, kernel.labels_unavailable));
     if let Err(e) = probes.tracing_possible() {
@@ -91,6 +92,28 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
     } else {
         1
     })
+}
+
+/// Whether the hooks chosen tax other processes' system calls: while a syscall
+/// tracepoint is enabled, every system call on the machine takes the kernel's slower
+/// tracing path.
+fn syscall_tax(probes: &Probes) -> String {
+    let taxing: Vec<&str> = probes
+        .hooks
+        .iter()
+        .filter(|h| h.implementation.as_deref().is_some_and(|i| i.contains("tracepoint/syscalls/")))
+        .map(|h| h.hook)
+        .collect();
+    if taxing.is_empty() {
+        "untaxed: no syscall tracepoint is attached (other processes' system calls pay nothing)".into()
+    } else {
+        format!(
+            "taxed: {} from the syscall tracepoints, so every system call of every process takes \
+             the kernel's tracing path while the tracer runs (no hook that only accepts pay for \
+             loads here)",
+            taxing.join(", ")
+        )
+    }
 }
 
 /// Whether uprobes on the TLS library work here: tried on the first OpenSSL found on

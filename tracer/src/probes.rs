@@ -11,7 +11,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeLinkId, UProbeScope},
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, RawTracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, Lsm, RawTracePoint,
         TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
@@ -473,6 +473,7 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::FEntry(_) => <&mut FEntry>::try_from(program).and_then(|p| p.unload()),
         Attach::FExit(_) => <&mut FExit>::try_from(program).and_then(|p| p.unload()),
         Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).and_then(|p| p.unload()),
+        Attach::Lsm(_) => <&mut Lsm>::try_from(program).and_then(|p| p.unload()),
     };
     if let Err(e) = result {
         debug!("unloading {name}: {e}");
@@ -516,8 +517,38 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
             p.load()?;
             p.attach(function, 0)?;
         }
+        Attach::Lsm(hook) => {
+            // A BPF LSM program attaches wherever the kernel has the hook, and then never
+            // runs unless the `bpf` LSM is among the active ones.
+            let active = active_lsms()?;
+            if !active.split(',').any(|m| m == "bpf") {
+                return Err(anyhow!(
+                    "the BPF LSM is not active (active: {active}; it needs `bpf` in the lsm= boot option)"
+                ));
+            }
+            let p: &mut Lsm = program.try_into()?;
+            p.load(hook, btf)?;
+            p.attach()?;
+        }
     }
     Ok(())
+}
+
+/// The active LSMs, as `/sys/kernel/security/lsm` lists them (securityfs is mounted when
+/// it is not).
+fn active_lsms() -> Result<String> {
+    const LIST: &str = "/sys/kernel/security/lsm";
+    if !Path::new(LIST).exists() {
+        let (source, target, fstype) = (c"securityfs", c"/sys/kernel/security", c"securityfs");
+        let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(anyhow!(
+                "cannot mount securityfs to read the active LSMs: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(std::fs::read_to_string(LIST).with_context(|| format!("reading {LIST}"))?.trim().to_owned())
 }
 
 #[cfg(test)]

@@ -125,15 +125,17 @@ const TLS_DIR: &str = "/etc/tracer-vm";
 /// paths (the dynamic loader too).
 const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nginx", "/usr/bin/curl"];
 
-/// Ways to run the tracer on each kernel: a name and the options. The kinds skipped
-/// make each hook take its next implementation: raw tracepoints and trampolines (accept
-/// from inet_csk_accept), then kprobes (send and receive on kernels
-/// without their tracepoints; accept from a return probe). The last pass also skips the
-/// uprobes: TLS is followed from its records alone there.
+/// Ways to run the tracer on each kernel: a name and the options. By default accept
+/// comes from the BPF LSM's sock_graft where that LSM is active (6.1, 6.12; not 5.10's
+/// default boot); the kinds skipped make each hook take its next implementation: raw
+/// tracepoints and trampolines (accept from inet_csk_accept), then kprobes (send and
+/// receive on kernels without their tracepoints; accept from a return probe). The last
+/// pass also skips the uprobes: TLS is followed from its records alone there. No pass
+/// takes accept from the syscall tracepoints (the host's tests do).
 const PASSES: &[(&str, &str)] = &[
     ("default", ""),
-    ("raw_tp+fexit", "--skip-hook-kind tp_btf,tracepoint"),
-    ("kprobe+records", "--skip-hook-kind fentry,tracepoint,uprobe"),
+    ("raw_tp+fexit", "--skip-hook-kind tp_btf,tracepoint,lsm"),
+    ("kprobe+records", "--skip-hook-kind fentry,lsm,tracepoint,uprobe"),
 ];
 
 /// Whether a pass's options leave TLS to the record layer.
@@ -581,6 +583,7 @@ fn judge(series: &str, console: &str) -> Outcome {
             }
         }
         let records = records_only(options);
+        checks.push(doctor_syscalls(&doctor));
         checks.push(doctor_tls(&doctor, records));
         checks.extend(https_checks(console, pass, records));
         passes.push(PassOutcome { name: pass, hooks, checks });
@@ -632,6 +635,16 @@ fn labels_check(kernel: &str, doctor: &[&str], report: &serde_json::Value, sc: &
             think["count"]
         ),
     )
+}
+
+/// Every pass takes accept from a hook that only accepts pay for (the BPF LSM, fexit or a
+/// return probe): the doctor must say that other processes' system calls are untaxed.
+fn doctor_syscalls(doctor: &[&str]) -> (String, bool, String) {
+    let what = "doctor: system calls untaxed (no syscall tracepoint)".to_owned();
+    match doctor.iter().find_map(|l| l.strip_prefix("system calls: ")) {
+        Some(line) => (what, line.starts_with("untaxed"), line.to_owned()),
+        None => (what, false, "no \"system calls: \" line in the doctor's output".to_owned()),
+    }
 }
 
 /// The doctor's TLS line must say that uprobes work.
@@ -1052,7 +1065,20 @@ mod tests {
     fn default_checks(console: &str) -> Vec<(String, bool, String)> {
         let outcome = judge("6.12", console);
         let pass = outcome.passes.into_iter().find(|p| p.name == "default").expect("default pass");
-        pass.checks.into_iter().filter(|c| c.0.starts_with("https") || c.0.starts_with("doctor")).collect()
+        pass.checks
+            .into_iter()
+            .filter(|c| c.0.starts_with("https") || (c.0.starts_with("doctor") && !c.0.contains("system calls")))
+            .collect()
+    }
+
+    #[test]
+    fn a_pass_with_a_syscall_tracepoint_fails_the_doctor_check() {
+        let untaxed = ["system calls: untaxed: no syscall tracepoint is attached (…)"];
+        assert!(doctor_syscalls(&untaxed).1);
+        let taxed = ["hooks:", "system calls: taxed: accept from the syscall tracepoints, so (…)"];
+        let (_, ok, detail) = doctor_syscalls(&taxed);
+        assert!(!ok && detail.starts_with("taxed: accept"), "{detail}");
+        assert!(!doctor_syscalls(&["hooks:"]).1);
     }
 
     #[test]
