@@ -6,6 +6,9 @@
 //! observer's own CPU time, which are stable on a shared machine where throughput is not.
 //! Then a scale run: 100,000 open connections and 1,000,000 short ones.
 
+#[allow(dead_code)] // used by the fixed-rate runs, next
+mod paced;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
