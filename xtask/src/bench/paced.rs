@@ -221,7 +221,7 @@ mod tests {
                     let mut writer = stream.try_clone().unwrap();
                     let mut reader = BufReader::new(stream);
                     let mut line = String::new();
-                    while reader.read_line(&mut line).map_or(false, |n| n > 0) {
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
                         if line == "\r\n" {
                             let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc");
                         }
