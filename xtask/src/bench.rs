@@ -1018,7 +1018,10 @@ fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
     );
     let difference = fixed.paired(Config::Tracer, Config::Bpftrace, |x, y| x - y);
     let verdict = match difference {
-        None => "bpftrace was not measured in this run (--only-tracer) — no verdict".to_owned(),
+        None => {
+            line.push_str("; bpftrace was not measured in this run (--only-tracer)");
+            "no verdict".to_owned()
+        }
         Some(d) => {
             let _ = write!(line, ", bpftrace {}; tracer − bpftrace {}", describe(Config::Bpftrace), us(d));
             let behind = fixed.rounds_behind(Config::Tracer) + fixed.rounds_behind(Config::Bpftrace);
@@ -2033,7 +2036,10 @@ mod render_tests {
         only.remove(&Config::Bpftrace);
         let mut out = String::new();
         true_cpu_target(&mut out, "nginx keep-alive", &FixedRate::new(&only).unwrap());
-        assert!(out.contains("bpftrace was not measured in this run (--only-tracer) — no verdict"), "{out}");
+        assert!(
+            out.ends_with("untraced); bpftrace was not measured in this run (--only-tracer) — no verdict\n"),
+            "{out}"
+        );
         // A run that fell behind the rate is no verdict either.
         samples.insert(Config::Tracer, vec![run(21.0), fixed_run(23.5, 150_000)]);
         let fixed = FixedRate::new(&samples).unwrap();
