@@ -971,9 +971,9 @@ fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
     let _ = writeln!(out, "Machine CPU/request at {:.0} req/s (fixed rate):\n", fixed.rate);
     let _ = writeln!(
         out,
-        "| configuration | machine CPU/request (rounds' range) | added vs untraced, same round (rounds' range) | req/s served | errors |"
+        "| configuration | machine CPU/request (rounds' range) | added vs untraced, same round (rounds' range) | req/s served | CPUs busy | errors |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
     for &config in fixed.samples.keys() {
         let cpu: Vec<f64> = fixed.cpu(config).into_iter().flatten().collect();
         let runs: Vec<&paced::PacedRun> = fixed.runs(config).into_iter().flatten().collect();
@@ -984,7 +984,7 @@ fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
         let behind = fixed.rounds_behind(config);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0}{} | {} |",
+            "| {} | {} | {} | {:.0}{} | {:.0}% | {} |",
             config.name(),
             if cpu.is_empty() { "–".to_owned() } else { format!("{:.2} µs ({low:.2}–{high:.2})", median(cpu)) },
             match fixed.added(config) {
@@ -995,6 +995,7 @@ fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
             },
             median(runs.iter().map(|r| r.served_rps()).collect()),
             if behind > 0 { format!(" (behind the rate in {behind} of {} rounds)", runs.len()) } else { String::new() },
+            100.0 * median(runs.iter().map(|r| r.busy_share()).collect()),
             runs.iter().map(|r| r.errors).sum::<u64>(),
         );
     }
@@ -1608,7 +1609,8 @@ fn render(
          server's throughput in the first round, the same rate for every configuration in \
          every round, below saturation; the busy time of all CPUs (/proc/stat's `cpu` line: \
          user, nice, system, irq, softirq and steal) over the run is divided by the requests \
-         answered. It holds the server, the load generator, the kernel on both sides, the \
+         answered; CPUs busy is that time's share of all CPUs' time (near 100%, the rate \
+         was not below saturation). It holds the server, the load generator, the kernel on both sides, the \
          observer's programs and process, and whatever else runs on the machine, alike in \
          every run; added is the median of its per-round difference from the untraced run \
          of the same round: what the observer adds per request. The control is the untraced \
@@ -2001,6 +2003,7 @@ mod render_tests {
             errors: 200_000 - answered,
             seconds: 4.0,
             busy_ns: cpu_us * answered as f64 * 1e3,
+            cpus: 2.0,
         };
         Sample { rps: 100_000.0, requests: 400_000.0, fixed: Some(fixed), ..Sample::default() }
     }
@@ -2018,10 +2021,10 @@ mod render_tests {
         fixed_rate_table(&mut out, &fixed);
         assert!(out.contains("Machine CPU/request at 50000 req/s (fixed rate):"), "{out}");
         assert!(
-            out.contains("| tracer (all phases) | 22.25 µs (21.00–23.50) | +1.25 µs (+1.00–+1.50) | 50000 | 0 |"),
+            out.contains("| tracer (all phases) | 22.25 µs (21.00–23.50) | +1.25 µs (+1.00–+1.50) | 50000 | 56% | 0 |"),
             "{out}"
         );
-        assert!(out.contains("| untraced | 21.00 µs (20.00–22.00) | – | 50000 | 0 |"), "{out}");
+        assert!(out.contains("| untraced | 21.00 µs (20.00–22.00) | – | 50000 | 52% | 0 |"), "{out}");
         assert!(out.contains("100.0% (rounds: 99.1–101.0%) — within ±5%"), "{out}");
         let mut out = String::new();
         true_cpu_target(&mut out, "nginx keep-alive", &fixed);
@@ -2047,7 +2050,7 @@ mod render_tests {
         true_cpu_target(&mut out, "nginx keep-alive", &fixed);
         assert!(out.ends_with("— no verdict: 1 runs fell behind the rate\n"), "{out}");
         fixed_rate_table(&mut out, &fixed);
-        assert!(out.contains("(behind the rate in 1 of 2 rounds) | 50000 |"), "{out}");
+        assert!(out.contains("| 43750 (behind the rate in 1 of 2 rounds) | 48% | 50000 |"), "{out}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct PacedRun {
     /// Busy CPU time of all CPUs over the run, ns (/proc/stat: everything but idle and
     /// iowait).
     pub busy_ns: f64,
+    /// CPUs online: what `busy_ns` is a share of.
+    pub cpus: f64,
 }
 
 impl PacedRun {
@@ -37,6 +39,12 @@ impl PacedRun {
     /// behind measured a saturated machine, not the rate.
     pub fn held(&self) -> bool {
         self.served_rps() >= 0.95 * self.rate
+    }
+
+    /// How busy the machine's CPUs were over the run, 0 to 1: near 1, the rate was not
+    /// below saturation whatever was served.
+    pub fn busy_share(&self) -> f64 {
+        self.busy_ns / (self.seconds * 1e9 * self.cpus)
     }
 
     /// The machine's busy CPU per answered request, µs.
@@ -89,7 +97,9 @@ pub fn run(port: u16, rate: f64, seconds: u64, lanes: usize, close: bool) -> Res
     let seconds = start.elapsed().as_secs_f64();
     let busy_ns = machine_busy_ns()? - busy_before;
     let (answered, errors) = counts.iter().fold((0, 0), |(a, e), (la, le)| (a + la, e + le));
-    Ok(PacedRun { rate, answered, errors, seconds, busy_ns })
+    // SAFETY: sysconf has no side effects.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as f64;
+    Ok(PacedRun { rate, answered, errors, seconds, busy_ns, cpus })
 }
 
 /// One lane's requests: (answered, errors).
@@ -195,10 +205,11 @@ mod tests {
 
     #[test]
     fn a_run_that_falls_behind_does_not_hold_its_rate() {
-        let run = |answered| PacedRun { rate: 1000.0, answered, errors: 0, seconds: 4.0, busy_ns: 8e9 };
+        let run = |answered| PacedRun { rate: 1000.0, answered, errors: 0, seconds: 4.0, busy_ns: 4e9, cpus: 2.0 };
         assert!(run(3900).held());
         assert!(!run(3700).held());
-        assert_eq!(run(4000).cpu_per_request_us(), Some(2000.0));
+        assert_eq!(run(4000).cpu_per_request_us(), Some(1000.0));
+        assert_eq!(run(4000).busy_share(), 0.5);
         assert_eq!(run(0).cpu_per_request_us(), None);
     }
 
