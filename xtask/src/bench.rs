@@ -898,6 +898,11 @@ fn table(out: &mut String, rows: &[Row]) {
 /// before a run can no longer judge the differences between observers.
 const CONTROL_TOLERANCE: f64 = 0.05;
 
+/// A fixed-rate run whose CPUs were this busy was not below saturation: other work on
+/// the machine takes up the idle time, and the machine's CPU per request then measures
+/// its capacity, not the cost.
+const SATURATED: f64 = 0.95;
+
 /// A workload's runs at a fixed rate, configuration by configuration, round by round.
 struct FixedRate<'a> {
     rate: f64,
@@ -944,6 +949,11 @@ impl<'a> FixedRate<'a> {
     /// Rounds in which a configuration's run fell behind the rate (or has none).
     fn rounds_behind(&self, config: Config) -> usize {
         self.runs(config).iter().filter(|r| !r.is_some_and(paced::PacedRun::held)).count()
+    }
+
+    /// Rounds in which the machine's CPUs were saturated during a configuration's run.
+    fn rounds_saturated(&self, config: Config) -> usize {
+        self.runs(config).iter().filter(|r| r.is_some_and(|r| r.busy_share() >= SATURATED)).count()
     }
 
     /// What the control says, as a sentence.
@@ -1000,6 +1010,16 @@ fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
         );
     }
     let _ = writeln!(out, "\n{}\n", fixed.control_sentence());
+    let saturated: usize = fixed.samples.keys().map(|&c| fixed.rounds_saturated(c)).sum();
+    if saturated > 0 {
+        let _ = writeln!(
+            out,
+            "**In {saturated} runs the CPUs were {:.0}% busy or more**: not below saturation (other work on \
+             the machine takes up the idle time); there machine CPU per request measures the machine's \
+             capacity, not the cost, and the Targets claim no verdict from them.\n",
+            100.0 * SATURATED
+        );
+    }
 }
 
 /// The target: the tracer's machine CPU per request at the fixed rate no more than
@@ -1026,6 +1046,10 @@ fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
         Some(d) => {
             let _ = write!(line, ", bpftrace {}; tracer − bpftrace {}", describe(Config::Bpftrace), us(d));
             let behind = fixed.rounds_behind(Config::Tracer) + fixed.rounds_behind(Config::Bpftrace);
+            let saturated: usize = [Config::Untraced, Config::Tracer, Config::Bpftrace, Config::UntracedAgain]
+                .iter()
+                .map(|&c| fixed.rounds_saturated(c))
+                .sum();
             if !fixed.judges() {
                 format!(
                     "no verdict: the control is {}, beyond ±{:.0}%",
@@ -1034,6 +1058,8 @@ fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
                 )
             } else if behind > 0 {
                 format!("no verdict: {behind} runs fell behind the rate")
+            } else if saturated > 0 {
+                format!("no verdict: in {saturated} runs the CPUs were {:.0}% busy or more", 100.0 * SATURATED)
             } else if d.0 <= 0.0 {
                 "**met**".to_owned()
             } else {
@@ -1609,14 +1635,16 @@ fn render(
          server's throughput in the first round, the same rate for every configuration in \
          every round, below saturation; the busy time of all CPUs (/proc/stat's `cpu` line: \
          user, nice, system, irq, softirq and steal) over the run is divided by the requests \
-         answered; CPUs busy is that time's share of all CPUs' time (near 100%, the rate \
-         was not below saturation). It holds the server, the load generator, the kernel on both sides, the \
+         answered; CPUs busy is that time's share of all CPUs' time: from {:.0}% on, the run \
+         was not below saturation (other work on the machine takes up the idle time) and \
+         says nothing of the cost. It holds the server, the load generator, the kernel on both sides, the \
          observer's programs and process, and whatever else runs on the machine, alike in \
          every run; added is the median of its per-round difference from the untraced run \
          of the same round: what the observer adds per request. The control is the untraced \
          server again over the round's first untraced run: beyond ±{:.0}% in median, the run \
          says that it cannot judge, and the Targets claim no verdict from it.\n",
         opts.connections,
+        100.0 * SATURATED,
         100.0 * CONTROL_TOLERANCE
     );
     // Each workload's rows, for the targets after the tables.
@@ -2051,6 +2079,15 @@ mod render_tests {
         assert!(out.ends_with("— no verdict: 1 runs fell behind the rate\n"), "{out}");
         fixed_rate_table(&mut out, &fixed);
         assert!(out.contains("| 43750 (behind the rate in 1 of 2 rounds) | 48% | 50000 |"), "{out}");
+        assert!(!out.contains("busy or more"), "{out}");
+        // A machine whose CPUs were saturated (by other work too) says nothing of the cost.
+        samples.insert(Config::Tracer, vec![run(21.0), run(38.5)]);
+        let fixed = FixedRate::new(&samples).unwrap();
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        assert!(out.ends_with("— no verdict: in 1 runs the CPUs were 95% busy or more\n"), "{out}");
+        fixed_rate_table(&mut out, &fixed);
+        assert!(out.contains("**In 1 runs the CPUs were 95% busy or more**"), "{out}");
     }
 
     #[test]
