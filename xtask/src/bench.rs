@@ -4,7 +4,13 @@
 //! interleaved (every configuration once per round, several rounds) and medians are
 //! reported; CPU per request comes from the kernel's BPF run-time statistics and the
 //! observer's own CPU time, which are stable on a shared machine where throughput is not.
+//! Each observer also serves a fixed rate (half of the untraced server's throughput in
+//! the first round, held by a paced load generator, `paced`) while the whole machine's
+//! busy CPU time is read from /proc/stat: machine CPU per request, everything the
+//! observer causes wherever it runs, set against the untraced run of the same round.
 //! Then a scale run: 100,000 open connections and 1,000,000 short ones.
+
+mod paced;
 
 use std::{
     collections::BTreeMap,
@@ -204,6 +210,9 @@ struct Sample {
     counted_requests: Option<f64>,
     /// How the tracer says it followed TLS, and the handshakes it saw complete.
     tls: Option<(String, f64)>,
+    /// The run at a fixed rate, with the machine's busy CPU over it (plain HTTP only:
+    /// the paced load generator speaks no TLS).
+    fixed: Option<paced::PacedRun>,
 }
 
 impl Sample {
@@ -655,7 +664,35 @@ impl Observer {
     }
 }
 
-fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts: &Options) -> Result<Sample> {
+/// The run at a fixed rate, `rate` or (the round's first untraced run, before the rate
+/// is known) half of `max_rps`; with the BPF statistics off, as in use, since their clock
+/// reads would be in the machine's CPU. None over HTTPS.
+fn fixed_rate_run(
+    workload: Workload,
+    target: u16,
+    rate: Option<f64>,
+    max_rps: f64,
+    opts: &Options,
+) -> Result<Option<paced::PacedRun>> {
+    if workload.is_https() {
+        return Ok(None);
+    }
+    let _off = Sysctl::set(BPF_STATS, "0")?;
+    let rate = rate.unwrap_or(max_rps / 2.0);
+    Ok(Some(paced::run(target, rate, opts.seconds, opts.connections, workload.closes())?))
+}
+
+/// One configuration's runs of a round: the load at full speed (twice for the observers
+/// that run BPF programs), then at the fixed `rate` (None: this is the first untraced
+/// run, whose throughput sets it).
+fn measure(
+    config: Config,
+    workload: Workload,
+    server: &Killed,
+    port: u16,
+    rate: Option<f64>,
+    opts: &Options,
+) -> Result<Sample> {
     let observer = start_observer(config, server.0.id(), port, workload.is_https(), opts)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
@@ -693,6 +730,8 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
             sample.errors += plain.errors;
             sample.requests_observed += plain.requests;
         }
+        sample.fixed = fixed_rate_run(workload, target, rate, sample.rps, opts)?;
+        sample.requests_observed += sample.fixed.as_ref().map_or(0.0, |f| f.answered as f64);
         if let Some(report) = obs.stop()? {
             sample.events = report["events"].as_f64();
             sample.lost = report["lost_events"].as_f64();
@@ -702,6 +741,8 @@ fn measure(config: Config, workload: Workload, server: &Killed, port: u16, opts:
                 .iter()
                 .find_map(|l| Some((l["tls"]["method"].as_str()?.to_owned(), l["tls"]["connections"].as_f64()?)));
         }
+    } else {
+        sample.fixed = fixed_rate_run(workload, target, rate, sample.rps, opts)?;
     }
     Ok(sample)
 }
@@ -847,6 +888,186 @@ fn table(out: &mut String, rows: &[Row]) {
             r.errors,
         );
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Machine CPU per request at a fixed rate.
+
+/// How far the control (the untraced server again against the round's first untraced
+/// run: the median of the rounds' ratios of machine CPU per request) may stray from 100%
+/// before a run can no longer judge the differences between observers.
+const CONTROL_TOLERANCE: f64 = 0.05;
+
+/// A fixed-rate run whose CPUs were this busy was not below saturation: other work on
+/// the machine takes up the idle time, and the machine's CPU per request then measures
+/// its capacity, not the cost.
+const SATURATED: f64 = 0.95;
+
+/// A workload's runs at a fixed rate, configuration by configuration, round by round.
+struct FixedRate<'a> {
+    rate: f64,
+    samples: &'a BTreeMap<Config, Vec<Sample>>,
+}
+
+impl<'a> FixedRate<'a> {
+    /// None where the workload has no fixed-rate runs (HTTPS).
+    fn new(samples: &'a BTreeMap<Config, Vec<Sample>>) -> Option<Self> {
+        let rate = samples.get(&Config::Untraced)?.first()?.fixed.as_ref()?.rate;
+        Some(Self { rate, samples })
+    }
+
+    fn runs(&self, config: Config) -> Vec<Option<&paced::PacedRun>> {
+        self.samples.get(&config).map_or_else(Vec::new, |runs| runs.iter().map(|s| s.fixed.as_ref()).collect())
+    }
+
+    /// Machine CPU per request (µs) in each round.
+    fn cpu(&self, config: Config) -> Vec<Option<f64>> {
+        self.runs(config).into_iter().map(|r| r?.cpu_per_request_us()).collect()
+    }
+
+    /// `f` of two configurations' machine CPU per request round by round: median and range.
+    fn paired(&self, a: Config, b: Config, f: fn(f64, f64) -> f64) -> Option<(f64, (f64, f64))> {
+        let v: Vec<f64> = self.cpu(a).into_iter().zip(self.cpu(b)).filter_map(|(x, y)| Some(f(x?, y?))).collect();
+        (!v.is_empty()).then(|| (median(v.clone()), range(&v)))
+    }
+
+    /// What a configuration adds per request to the untraced run of the same round, µs.
+    fn added(&self, config: Config) -> Option<(f64, (f64, f64))> {
+        self.paired(config, Config::Untraced, |x, y| x - y)
+    }
+
+    /// The untraced server again over the round's first untraced run.
+    fn control(&self) -> Option<(f64, (f64, f64))> {
+        self.paired(Config::UntracedAgain, Config::Untraced, |x, y| x / y)
+    }
+
+    /// Whether the control stayed within ±5%: only then are differences judged.
+    fn judges(&self) -> bool {
+        self.control().is_some_and(|(m, _)| (m - 1.0).abs() <= CONTROL_TOLERANCE)
+    }
+
+    /// Rounds in which a configuration's run fell behind the rate (or has none).
+    fn rounds_behind(&self, config: Config) -> usize {
+        self.runs(config).iter().filter(|r| !r.is_some_and(paced::PacedRun::held)).count()
+    }
+
+    /// Rounds in which the machine's CPUs were saturated during a configuration's run.
+    fn rounds_saturated(&self, config: Config) -> usize {
+        self.runs(config).iter().filter(|r| r.is_some_and(|r| r.busy_share() >= SATURATED)).count()
+    }
+
+    /// What the control says, as a sentence.
+    fn control_sentence(&self) -> String {
+        match self.control() {
+            None => "No control: the untraced server did not run again.".to_owned(),
+            Some(c) if self.judges() => format!(
+                "The control, the untraced server again against the round's first untraced run: {} — within ±{:.0}%.",
+                pct(c),
+                100.0 * CONTROL_TOLERANCE
+            ),
+            Some(c) => format!(
+                "**This run cannot judge machine CPU per request**: the control, the untraced server again \
+                 against the round's first untraced run, is {}, beyond ±{:.0}% — the machine moved more than \
+                 the differences between observers.",
+                pct(c),
+                100.0 * CONTROL_TOLERANCE
+            ),
+        }
+    }
+}
+
+/// A workload's machine CPU per request at the fixed rate, one row per configuration.
+fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
+    let _ = writeln!(out, "Machine CPU/request at {:.0} req/s (fixed rate):\n", fixed.rate);
+    let _ = writeln!(
+        out,
+        "| configuration | machine CPU/request (rounds' range) | added vs untraced, same round (rounds' range) | req/s served | CPUs busy | errors |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    for &config in fixed.samples.keys() {
+        let cpu: Vec<f64> = fixed.cpu(config).into_iter().flatten().collect();
+        let runs: Vec<&paced::PacedRun> = fixed.runs(config).into_iter().flatten().collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let (low, high) = range(&cpu);
+        let behind = fixed.rounds_behind(config);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0}{} | {:.0}% | {} |",
+            config.name(),
+            if cpu.is_empty() { "–".to_owned() } else { format!("{:.2} µs ({low:.2}–{high:.2})", median(cpu)) },
+            match fixed.added(config) {
+                Some((added, (low, high))) if config != Config::Untraced => {
+                    format!("{added:+.2} µs ({low:+.2}–{high:+.2})")
+                }
+                _ => "–".to_owned(),
+            },
+            median(runs.iter().map(|r| r.served_rps()).collect()),
+            if behind > 0 { format!(" (behind the rate in {behind} of {} rounds)", runs.len()) } else { String::new() },
+            100.0 * median(runs.iter().map(|r| r.busy_share()).collect()),
+            runs.iter().map(|r| r.errors).sum::<u64>(),
+        );
+    }
+    let _ = writeln!(out, "\n{}\n", fixed.control_sentence());
+    let saturated: usize = fixed.samples.keys().map(|&c| fixed.rounds_saturated(c)).sum();
+    if saturated > 0 {
+        let _ = writeln!(
+            out,
+            "**In {saturated} runs the CPUs were {:.0}% busy or more**: not below saturation (other work on \
+             the machine takes up the idle time); there machine CPU per request measures the machine's \
+             capacity, not the cost, and the Targets claim no verdict from them.\n",
+            100.0 * SATURATED
+        );
+    }
+}
+
+/// The target: the tracer's machine CPU per request at the fixed rate no more than
+/// bpftrace's (think time alone) in the same rounds — judged only when the control holds.
+fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
+    let describe = |config: Config| {
+        let cpu = median(fixed.cpu(config).into_iter().flatten().collect());
+        fixed
+            .added(config)
+            .map_or_else(|| format!("{cpu:.2} µs"), |(added, _)| format!("{cpu:.2} µs ({added:+.2} µs over untraced)"))
+    };
+    let mut line = format!(
+        "- True CPU per request (fixed rate) ≤ bpftrace think-only's in the same rounds, {label} at {:.0} req/s: \
+         tracer {}",
+        fixed.rate,
+        describe(Config::Tracer)
+    );
+    let difference = fixed.paired(Config::Tracer, Config::Bpftrace, |x, y| x - y);
+    let verdict = match difference {
+        None => {
+            line.push_str("; bpftrace was not measured in this run (--only-tracer)");
+            "no verdict".to_owned()
+        }
+        Some(d) => {
+            let _ = write!(line, ", bpftrace {}; tracer − bpftrace {}", describe(Config::Bpftrace), us(d));
+            let behind = fixed.rounds_behind(Config::Tracer) + fixed.rounds_behind(Config::Bpftrace);
+            let saturated: usize = [Config::Untraced, Config::Tracer, Config::Bpftrace, Config::UntracedAgain]
+                .iter()
+                .map(|&c| fixed.rounds_saturated(c))
+                .sum();
+            if !fixed.judges() {
+                format!(
+                    "no verdict: the control is {}, beyond ±{:.0}%",
+                    fixed.control().map_or_else(|| "missing".to_owned(), pct),
+                    100.0 * CONTROL_TOLERANCE
+                )
+            } else if behind > 0 {
+                format!("no verdict: {behind} runs fell behind the rate")
+            } else if saturated > 0 {
+                format!("no verdict: in {saturated} runs the CPUs were {:.0}% busy or more", 100.0 * SATURATED)
+            } else if d.0 <= 0.0 {
+                "**met**".to_owned()
+            } else {
+                "**not met**".to_owned()
+            }
+        }
+    };
+    let _ = writeln!(out, "{line} — {verdict}");
 }
 
 /// The tracer's cost per program: which hook the CPU per request goes to.
@@ -1297,6 +1518,8 @@ pub fn run(opts: &Options) -> Result<()> {
         false => None,
     };
     let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
+    // Each workload's fixed rate: half of the first untraced run's throughput.
+    let mut rates: BTreeMap<Workload, f64> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for &workload in &workloads {
             let (server, port) = match (workload, &https) {
@@ -1309,11 +1532,20 @@ pub fn run(opts: &Options) -> Result<()> {
                     continue;
                 }
                 eprintln!("bench: round {round}/{}: {:?} / {}", opts.rounds, workload, config.name());
-                let sample = measure(config, workload, server, port, opts)
+                let sample = measure(config, workload, server, port, rates.get(&workload).copied(), opts)
                     .with_context(|| format!("{:?} with {}", workload, config.name()))?;
                 // Every run's figures in the log: the spread behind the medians.
+                let fixed = sample.fixed.as_ref().map_or(String::new(), |f| {
+                    rates.entry(workload).or_insert(f.rate);
+                    format!(
+                        "; at {:.0} req/s: {:.0} served, machine CPU {} µs/request",
+                        f.rate,
+                        f.served_rps(),
+                        opt(f.cpu_per_request_us(), 2)
+                    )
+                });
                 eprintln!(
-                    "bench:   {:.0} req/s, p99 {:.0} µs, CPU {:.2} µs/request",
+                    "bench:   {:.0} req/s, p99 {:.0} µs, CPU {:.2} µs/request{fixed}",
                     sample.rps,
                     sample.p99_us,
                     sample.cpu_per_request_us()
@@ -1400,6 +1632,27 @@ fn render(
          the tracer's count of requests (its report's listeners) over the requests wrk \
          completed while it was attached.\n"
     );
+    let _ = writeln!(
+        out,
+        "Machine CPU/request (fixed rate) is the true cost, everything an observer causes \
+         wherever it runs: after the loads above, with the observer still attached and the \
+         BPF statistics off, a paced load generator (threads of one request in flight each, \
+         {} of them, on a fixed schedule; over plain HTTP only) holds half of the untraced \
+         server's throughput in the first round, the same rate for every configuration in \
+         every round, below saturation; the busy time of all CPUs (/proc/stat's `cpu` line: \
+         user, nice, system, irq, softirq and steal) over the run is divided by the requests \
+         answered; CPUs busy is that time's share of all CPUs' time: from {:.0}% on, the run \
+         was not below saturation (other work on the machine takes up the idle time) and \
+         says nothing of the cost. It holds the server, the load generator, the kernel on both sides, the \
+         observer's programs and process, and whatever else runs on the machine, alike in \
+         every run; added is the median of its per-round difference from the untraced run \
+         of the same round: what the observer adds per request. The control is the untraced \
+         server again over the round's first untraced run: beyond ±{:.0}% in median, the run \
+         says that it cannot judge, and the Targets claim no verdict from it.\n",
+        opts.connections,
+        100.0 * SATURATED,
+        100.0 * CONTROL_TOLERANCE
+    );
     // Each workload's rows, for the targets after the tables.
     let mut tables = Vec::new();
     for (workload, samples) in results {
@@ -1407,6 +1660,10 @@ fn render(
         let rows = rows(samples);
         table(&mut out, &rows);
         let _ = writeln!(out);
+        let fixed = FixedRate::new(samples);
+        if let Some(fixed) = &fixed {
+            fixed_rate_table(&mut out, fixed);
+        }
         let tracers = [Config::Tracer, Config::TracerNoUprobes, Config::TracerLabels, Config::Compared];
         let several = tracers.iter().filter(|c| samples.contains_key(c)).count() > 1;
         for config in tracers {
@@ -1419,7 +1676,7 @@ fn render(
         }
         uprobe_cost(&mut out, samples, opts.connections);
         labels_cost(&mut out, samples);
-        tables.push((*workload, rows));
+        tables.push((*workload, rows, fixed));
     }
     let _ = writeln!(
         out,
@@ -1444,7 +1701,7 @@ fn render(
     );
     let _ = writeln!(out, "## Targets\n");
     let verdict = |ok: bool| if ok { "**met**" } else { "**not met**" };
-    for (workload, rows) in &tables {
+    for (workload, rows, fixed) in &tables {
         let find = |config: Config| rows.iter().find(|r| r.config == config);
         let Some(t) = find(Config::Tracer) else { continue };
         let spread = find(Config::UntracedAgain).map_or(String::new(), |r| {
@@ -1469,6 +1726,9 @@ fn render(
                     throughput_with_range(t),
                     verdict(t.throughput_ratio >= 0.98)
                 );
+                if let Some(fixed) = fixed {
+                    true_cpu_target(&mut out, "nginx keep-alive", fixed);
+                }
             }
             Workload::NginxClose => {
                 let _ = writeln!(
@@ -1478,7 +1738,12 @@ fn render(
                     verdict(t.throughput_ratio >= 0.97)
                 );
             }
-            Workload::LabKeepAlive | Workload::NginxHttpsKeepAlive => {}
+            Workload::LabKeepAlive => {
+                if let Some(fixed) = fixed {
+                    true_cpu_target(&mut out, "lab keep-alive", fixed);
+                }
+            }
+            Workload::NginxHttpsKeepAlive => {}
         }
         if let Some(lost) = t.lost {
             let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
@@ -1761,6 +2026,115 @@ mod render_tests {
         let mut out = String::new();
         uprobe_cost(&mut out, &samples, 16);
         assert!(out.contains("**Not without uprobes**"), "{out}");
+    }
+
+    /// A run at 50,000 req/s whose machine spent `cpu_us` per request; `answered` of the
+    /// 200,000 requests due.
+    fn fixed_run(cpu_us: f64, answered: u64) -> Sample {
+        let fixed = paced::PacedRun {
+            rate: 50_000.0,
+            answered,
+            errors: 200_000 - answered,
+            seconds: 4.0,
+            busy_ns: cpu_us * answered as f64 * 1e3,
+            cpus: 2.0,
+        };
+        Sample { rps: 100_000.0, requests: 400_000.0, fixed: Some(fixed), ..Sample::default() }
+    }
+
+    #[test]
+    fn machine_cpu_at_a_fixed_rate_is_set_against_untraced_in_the_same_round() {
+        let run = |cpu_us| fixed_run(cpu_us, 200_000);
+        let mut samples = BTreeMap::new();
+        samples.insert(Config::Untraced, vec![run(20.0), run(22.0)]);
+        samples.insert(Config::Tracer, vec![run(21.0), run(23.5)]);
+        samples.insert(Config::Bpftrace, vec![run(21.5), run(24.0)]);
+        samples.insert(Config::UntracedAgain, vec![run(20.2), run(21.8)]);
+        let fixed = FixedRate::new(&samples).unwrap();
+        let mut out = String::new();
+        fixed_rate_table(&mut out, &fixed);
+        assert!(out.contains("Machine CPU/request at 50000 req/s (fixed rate):"), "{out}");
+        assert!(
+            out.contains("| tracer (all phases) | 22.25 µs (21.00–23.50) | +1.25 µs (+1.00–+1.50) | 50000 | 56% | 0 |"),
+            "{out}"
+        );
+        assert!(out.contains("| untraced | 21.00 µs (20.00–22.00) | – | 50000 | 52% | 0 |"), "{out}");
+        assert!(out.contains("100.0% (rounds: 99.1–101.0%) — within ±5%"), "{out}");
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        assert_eq!(
+            out.trim_end(),
+            "- True CPU per request (fixed rate) ≤ bpftrace think-only's in the same rounds, nginx keep-alive at \
+             50000 req/s: tracer 22.25 µs (+1.25 µs over untraced), bpftrace 22.75 µs (+1.75 µs over untraced); \
+             tracer − bpftrace -0.50 µs (rounds: -0.50 to -0.50) — **met**"
+        );
+        // Without bpftrace (--only-tracer) there is nothing to judge against.
+        let mut only = samples.clone();
+        only.remove(&Config::Bpftrace);
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &FixedRate::new(&only).unwrap());
+        assert!(
+            out.ends_with("untraced); bpftrace was not measured in this run (--only-tracer) — no verdict\n"),
+            "{out}"
+        );
+        // A run that fell behind the rate is no verdict either.
+        samples.insert(Config::Tracer, vec![run(21.0), fixed_run(23.5, 150_000)]);
+        let fixed = FixedRate::new(&samples).unwrap();
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        assert!(out.ends_with("— no verdict: 1 runs fell behind the rate\n"), "{out}");
+        fixed_rate_table(&mut out, &fixed);
+        assert!(out.contains("| 43750 (behind the rate in 1 of 2 rounds) | 48% | 50000 |"), "{out}");
+        assert!(!out.contains("busy or more"), "{out}");
+        // A machine whose CPUs were saturated (by other work too) says nothing of the cost.
+        samples.insert(Config::Tracer, vec![run(21.0), run(38.5)]);
+        let fixed = FixedRate::new(&samples).unwrap();
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        assert!(out.ends_with("— no verdict: in 1 runs the CPUs were 95% busy or more\n"), "{out}");
+        fixed_rate_table(&mut out, &fixed);
+        assert!(out.contains("**In 1 runs the CPUs were 95% busy or more**"), "{out}");
+    }
+
+    #[test]
+    fn a_control_beyond_five_percent_claims_no_verdict() {
+        let run = |cpu_us| fixed_run(cpu_us, 200_000);
+        let mut samples = BTreeMap::new();
+        samples.insert(Config::Untraced, vec![run(20.0), run(22.0)]);
+        samples.insert(Config::Tracer, vec![run(21.0), run(23.5)]);
+        samples.insert(Config::Bpftrace, vec![run(21.5), run(24.0)]);
+        samples.insert(Config::UntracedAgain, vec![run(22.0), run(24.0)]);
+        let fixed = FixedRate::new(&samples).unwrap();
+        assert!(!fixed.judges());
+        let mut out = String::new();
+        fixed_rate_table(&mut out, &fixed);
+        assert!(out.contains("**This run cannot judge machine CPU per request**"), "{out}");
+        let mut out = String::new();
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        assert!(out.ends_with("— no verdict: the control is 109.5% (rounds: 109.1–110.0%), beyond ±5%\n"), "{out}");
+        assert!(!out.contains("met**"), "{out}");
+        // The rendered Targets carry the same: no met, no not met, for this target.
+        let mut results = BTreeMap::new();
+        results.insert(Workload::NginxKeepAlive, samples);
+        let text = render(
+            &Options {
+                rounds: 2,
+                seconds: 4,
+                connections: 16,
+                scale_open: 0,
+                scale_short: 0,
+                only_tracer: false,
+                out: None,
+                tracer: None,
+                compare: None,
+                workload: vec![],
+            },
+            &results,
+            &SyscallCost { untraced_ns: 100.0, traced_ns: 110.0, read_untraced_ns: 170.0, read_all_ns: 190.0 },
+            None,
+        );
+        let target = text.lines().find(|l| l.starts_with("- True CPU per request (fixed rate)")).unwrap();
+        assert!(target.ends_with("beyond ±5%"), "{target}");
     }
 
     #[test]
