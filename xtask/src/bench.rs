@@ -61,7 +61,7 @@ pub struct Options {
     #[arg(long)]
     pub compare: Option<PathBuf>,
     /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive,
-    /// nginx-https-keep-alive.
+    /// nginx-https-keep-alive, nginx-bystander.
     #[arg(long, value_delimiter = ',')]
     pub workload: Vec<Workload>,
 }
@@ -95,11 +95,20 @@ pub enum Workload {
     /// The same nginx and file over TLS 1.3: the tracer follows it with uprobes on
     /// OpenSSL, measured with and without them.
     NginxHttpsKeepAlive,
+    /// The nginx of the keep-alive workload, untraced, while the tracer traces another
+    /// (idle) nginx on the same machine: what a server it does not trace pays, its
+    /// programs running for every socket all the same.
+    NginxBystander,
 }
 
 impl Workload {
-    const ALL: [Workload; 4] =
-        [Workload::NginxKeepAlive, Workload::NginxClose, Workload::LabKeepAlive, Workload::NginxHttpsKeepAlive];
+    const ALL: [Workload; 5] = [
+        Workload::NginxKeepAlive,
+        Workload::NginxClose,
+        Workload::LabKeepAlive,
+        Workload::NginxHttpsKeepAlive,
+        Workload::NginxBystander,
+    ];
 
     fn title(self) -> &'static str {
         match self {
@@ -108,6 +117,9 @@ impl Workload {
             Workload::LabKeepAlive => "lab server (thread per connection), keep-alive",
             Workload::NginxHttpsKeepAlive => {
                 "nginx (1 worker), small static file over HTTPS (TLS 1.3, EC P-256), keep-alive"
+            }
+            Workload::NginxBystander => {
+                "a bystander: nginx (1 worker), keep-alive, untraced, while the tracer traces another nginx"
             }
         }
     }
@@ -127,6 +139,9 @@ impl Workload {
     /// Whether `config` applies: the proxy in front of nginx only, the tracer without
     /// uprobes where there is TLS to hook.
     fn runs(self, config: Config) -> bool {
+        if self == Workload::NginxBystander {
+            return matches!(config, Config::Untraced | Config::Tracer | Config::UntracedAgain);
+        }
         match config {
             Config::Proxy => self.is_nginx(),
             Config::TracerNoUprobes => self.is_https(),
@@ -685,15 +700,17 @@ fn fixed_rate_run(
 /// One configuration's runs of a round: the load at full speed (twice for the observers
 /// that run BPF programs), then at the fixed `rate` (None: this is the first untraced
 /// run, whose throughput sets it).
+/// One run of `config` with `workload` on `server`; the observer watches `observed`
+/// (`server` but for a bystander).
 fn measure(
     config: Config,
     workload: Workload,
-    server: &Killed,
+    (server, observed): (&Killed, &Killed),
     port: u16,
     rate: Option<f64>,
     opts: &Options,
 ) -> Result<Sample> {
-    let observer = start_observer(config, server.0.id(), port, workload.is_https(), opts)?;
+    let observer = start_observer(config, observed.0.id(), port, workload.is_https(), opts)?;
     let target = observer.as_ref().map_or(port, |o| o.target);
     let before = observer.as_ref().map(Observer::cpu).unwrap_or_default();
     let programs_before = match &observer {
@@ -1517,6 +1534,11 @@ pub fn run(opts: &Options) -> Result<()> {
         true => Some(start_nginx("nginx-https", false, true)?),
         false => None,
     };
+    // The nginx the tracer traces while the load goes to the other: idle.
+    let traced_idle = match workloads.contains(&Workload::NginxBystander) {
+        true => Some(start_nginx("nginx-idle", false, false)?.0),
+        false => None,
+    };
     let mut results: BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>> = BTreeMap::new();
     // Each workload's fixed rate: half of the first untraced run's throughput.
     let mut rates: BTreeMap<Workload, f64> = BTreeMap::new();
@@ -1527,12 +1549,16 @@ pub fn run(opts: &Options) -> Result<()> {
                 (Workload::LabKeepAlive, _) => (&lab, lab_port),
                 _ => (&nginx, nginx_port),
             };
+            let observed = match (workload, &traced_idle) {
+                (Workload::NginxBystander, Some(idle)) => idle,
+                _ => server,
+            };
             for &config in &configs {
                 if !workload.runs(config) {
                     continue;
                 }
                 eprintln!("bench: round {round}/{}: {:?} / {}", opts.rounds, workload, config.name());
-                let sample = measure(config, workload, server, port, rates.get(&workload).copied(), opts)
+                let sample = measure(config, workload, (server, observed), port, rates.get(&workload).copied(), opts)
                     .with_context(|| format!("{:?} with {}", workload, config.name()))?;
                 // Every run's figures in the log: the spread behind the medians.
                 let fixed = sample.fixed.as_ref().map_or(String::new(), |f| {
@@ -1557,6 +1583,7 @@ pub fn run(opts: &Options) -> Result<()> {
     eprintln!("bench: the cost of a system call, untraced and traced");
     let syscalls = syscall_cost(nginx.0.id(), nginx_port, opts)?;
     drop(https);
+    drop(traced_idle);
     drop(lab);
     drop(nginx);
     let path = opts.out.clone().unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
@@ -1676,7 +1703,7 @@ fn render(
         }
         uprobe_cost(&mut out, samples, opts.connections);
         labels_cost(&mut out, samples);
-        tables.push((*workload, rows, fixed));
+        tables.push((*workload, rows, fixed, samples));
     }
     let _ = writeln!(
         out,
@@ -1701,41 +1728,90 @@ fn render(
     );
     let _ = writeln!(out, "## Targets\n");
     let verdict = |ok: bool| if ok { "**met**" } else { "**not met**" };
-    for (workload, rows, fixed) in &tables {
+    for (workload, rows, fixed, samples) in &tables {
         let find = |config: Config| rows.iter().find(|r| r.config == config);
         let Some(t) = find(Config::Tracer) else { continue };
-        let spread = find(Config::UntracedAgain).map_or(String::new(), |r| {
-            format!("; the untraced server against itself in the same rounds: {}", throughput_with_range(r))
-        });
+        // A throughput verdict needs a control (the untraced server against itself)
+        // within ±5%.
+        let control = find(Config::UntracedAgain);
+        let throughput = |at_least: f64, what: &str| {
+            let judged = match control {
+                None => "no verdict: no control run".to_owned(),
+                Some(c) if (c.throughput_ratio - 1.0).abs() > CONTROL_TOLERANCE => format!(
+                    "no verdict: the untraced server against itself was {}, beyond ±{:.0}%",
+                    throughput_with_range(c),
+                    100.0 * CONTROL_TOLERANCE
+                ),
+                Some(c) => format!(
+                    "{} (the untraced server against itself: {})",
+                    verdict(t.throughput_ratio >= at_least),
+                    throughput_with_range(c)
+                ),
+            };
+            format!(
+                "- Throughput ≥ {:.0}% of untraced, {what}: {} — {judged}",
+                100.0 * at_least,
+                throughput_with_range(t)
+            )
+        };
         match workload {
             Workload::NginxKeepAlive => {
-                let (cpu_low, cpu_high) = t.cpu_range;
-                let _ = writeln!(
-                    out,
-                    "- CPU per request ≤ 1 µs on nginx keep-alive: {:.2} µs (rounds: {cpu_low:.2}–{cpu_high:.2}) — {}{}",
-                    t.cpu_per_request_us,
-                    verdict(t.cpu_per_request_us <= 1.0),
-                    find(Config::Bpftrace).map_or(String::new(), |b| format!(
-                        " (bpftrace computing think time alone: {:.2} µs)",
-                        b.cpu_per_request_us
-                    ))
-                );
-                let _ = writeln!(
-                    out,
-                    "- Throughput ≥ 98% of untraced with keep-alive: {} — {}{spread}",
-                    throughput_with_range(t),
-                    verdict(t.throughput_ratio >= 0.98)
-                );
+                let _ = writeln!(out, "{}", throughput(0.95, "nginx keep-alive"));
                 if let Some(fixed) = fixed {
                     true_cpu_target(&mut out, "nginx keep-alive", fixed);
                 }
+                match find(Config::Bpftrace) {
+                    Some(b) => {
+                        let _ = writeln!(
+                            out,
+                            "- The programs' CPU per request ≤ 0.8 × bpftrace think-only's, nginx keep-alive: \
+                             {:.2} µs against {:.2} µs ({:.2}×) — {}",
+                            t.bpf_per_request_us,
+                            b.bpf_per_request_us,
+                            t.bpf_per_request_us / b.bpf_per_request_us,
+                            verdict(t.bpf_per_request_us <= 0.8 * b.bpf_per_request_us)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "- The programs' CPU per request ≤ 0.8 × bpftrace think-only's: {:.2} µs; bpftrace not \
+                             measured in this run (--only-tracer) — no verdict",
+                            t.bpf_per_request_us
+                        );
+                    }
+                }
+                if let (Some(on), Some(off)) = (samples.get(&Config::TracerLabels), samples.get(&Config::Tracer)) {
+                    let bpf_us = |s: &Sample| s.bpf_ns / s.requests / 1e3;
+                    let added = paired(on, off, &|x, y| Some(bpf_us(x) - bpf_us(y)));
+                    let _ = writeln!(
+                        out,
+                        "- Labels on ≤ +0.3 µs per request over labels off (the programs' run time): {} — {}",
+                        us(added),
+                        verdict(added.0 <= 0.3)
+                    );
+                }
             }
             Workload::NginxClose => {
+                let _ = writeln!(out, "{}", throughput(0.95, "a new connection per request"));
+                let capture = find(Config::Capture);
                 let _ = writeln!(
                     out,
-                    "- Throughput ≥ 97% of untraced with a new connection per request: {} — {}{spread}",
-                    throughput_with_range(t),
-                    verdict(t.throughput_ratio >= 0.97)
+                    "- CPU per request ≤ tcpdump -w's in the same rounds and ≤ 2.5 µs, a new connection per \
+                     request: {:.2} µs (rounds: {:.2}–{:.2}){} — {}",
+                    t.cpu_per_request_us,
+                    t.cpu_range.0,
+                    t.cpu_range.1,
+                    capture.map_or_else(
+                        || "; tcpdump not measured in this run (--only-tracer)".to_owned(),
+                        |c| format!(", tcpdump -w {:.2} µs (a lower bound, see above)", c.cpu_per_request_us)
+                    ),
+                    match capture {
+                        Some(c) => verdict(t.cpu_per_request_us <= c.cpu_per_request_us && t.cpu_per_request_us <= 2.5)
+                            .to_owned(),
+                        None =>
+                            format!("{} for ≤ 2.5 µs; no verdict against tcpdump", verdict(t.cpu_per_request_us <= 2.5)),
+                    }
                 );
             }
             Workload::LabKeepAlive => {
@@ -1743,12 +1819,55 @@ fn render(
                     true_cpu_target(&mut out, "lab keep-alive", fixed);
                 }
             }
-            Workload::NginxHttpsKeepAlive => {}
+            Workload::NginxHttpsKeepAlive => {
+                if let (Some(on), Some(off)) = (samples.get(&Config::Tracer), samples.get(&Config::TracerNoUprobes)) {
+                    let server = |s: &Sample| s.server_per_request_us();
+                    let _ = writeln!(
+                        out,
+                        "- TLS uprobes, stated per HTTPS request: the server's own CPU {} with them over without \
+                         (see \"What the uprobes cost\" above)",
+                        us(paired(on, off, &|x, y| Some(server(x)?.0 - server(y)?.0)))
+                    );
+                }
+            }
+            Workload::NginxBystander => {
+                // Within its own control: no lower than the lowest round of the untraced
+                // server against itself.
+                let judged = match control {
+                    Some(c) => format!(
+                        "{} (the untraced server against itself: {})",
+                        verdict(t.throughput_ratio >= c.throughput_range.0.min(1.0)),
+                        throughput_with_range(c)
+                    ),
+                    None => "no verdict: no control run".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "- A bystander server's throughput within its own control: {} — {judged}",
+                    throughput_with_range(t)
+                );
+                let _ = writeln!(
+                    out,
+                    "- The programs' time on a bystander's sockets ≤ 0.2 µs per request: {:.2} µs — {}; the \
+                     tracer counted {} of its requests",
+                    t.bpf_per_request_us,
+                    verdict(t.bpf_per_request_us <= 0.2),
+                    t.counted_per_request.map_or("–".to_owned(), |c| format!("{:.0}%", 100.0 * c))
+                );
+            }
         }
         if let Some(lost) = t.lost {
             let _ = writeln!(out, "- Zero lost events ({:?}): {lost:.0} lost — {}", workload, verdict(lost == 0.0));
         }
     }
+    let _ = writeln!(
+        out,
+        "- System-call tax while attached: {:+.1} ns per system call here, where accept is hooked on the \
+         syscall tracepoints because no other accept hook loads (the BPF LSM and fexit are refused: BPF \
+         trampolines are not permitted; no kprobes); 0 ns where one does — `cargo xtask vm-test` checks \
+         that the doctor says so on Debian's 5.10, 6.1 and 6.12",
+        syscalls.traced_ns - syscalls.untraced_ns
+    );
     let _ = writeln!(out, "{READING}");
     if let Some(Err(e)) = scale {
         let _ = writeln!(out, "\n## Scale\n\nThe scale run failed: {e}");
@@ -2177,15 +2296,20 @@ mod render_tests {
             None,
         );
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines.contains(
-            &"- Throughput ≥ 98% of untraced with keep-alive: 85.0% (rounds: 80.0–90.0%) — **not met**; \
-              the untraced server against itself in the same rounds: 100.0% (rounds: 95.0–105.0%)"
-        ));
-        assert!(lines.contains(
-            &"- CPU per request ≤ 1 µs on nginx keep-alive: 0.95 µs (rounds: 0.90–1.00) — **met** \
-              (bpftrace computing think time alone: 1.10 µs)"
-        ));
-        assert!(lines.contains(&"- Zero lost events (LabKeepAlive): 0 lost — **met**"));
+        let has = |line: &str| assert!(lines.contains(&line), "no line {line:?} in:\n{text}");
+        has("- Throughput ≥ 95% of untraced, nginx keep-alive: 85.0% (rounds: 80.0–90.0%) — **not met** \
+             (the untraced server against itself: 100.0% (rounds: 95.0–105.0%))");
+        has("- The programs' CPU per request ≤ 0.8 × bpftrace think-only's, nginx keep-alive: 0.76 µs \
+             against 0.88 µs (0.86×) — **not met**");
+        has("- CPU per request ≤ tcpdump -w's in the same rounds and ≤ 2.5 µs, a new connection per request: \
+             0.95 µs (rounds: 0.90–1.00); tcpdump not measured in this run (--only-tracer) — **met** for ≤ 2.5 µs; \
+             no verdict against tcpdump");
+        has("- A bystander server's throughput within its own control: 85.0% (rounds: 80.0–90.0%) — **not met** \
+             (the untraced server against itself: 100.0% (rounds: 95.0–105.0%))");
+        has("- The programs' time on a bystander's sockets ≤ 0.2 µs per request: 0.76 µs — **not met**; the \
+             tracer counted – of its requests");
+        has("- Zero lost events (LabKeepAlive): 0 lost — **met**");
+        assert!(text.contains("System-call tax while attached: +10.0 ns per system call here"));
         assert!(text.contains("took 100.0 ns untraced and 110.0 ns with it attached: +10.0 ns"));
     }
 }
