@@ -134,7 +134,7 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, kprobe,
+    /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, lsm, kprobe,
     /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
     /// implementation, as on a kernel without that kind, and without uprobes TLS is
     /// followed from its records alone (`tracer doctor` takes it too).
