@@ -23,6 +23,19 @@ fn doctor_reports_hooks_and_phases() -> anyhow::Result<()> {
             "{phase}: {text}"
         );
     }
+    // Whether other processes' system calls are taxed follows from the accept hook the
+    // doctor chose: the syscall tracepoints tax them, any other does not.
+    let accept = text.lines().find(|l| l.trim_start().starts_with("accept ")).unwrap_or_default();
+    let tax = text.lines().find_map(|l| l.strip_prefix("system calls: ")).unwrap_or_default();
+    if accept.contains("tracepoint/syscalls/sys_exit_accept") {
+        assert!(tax.starts_with("taxed: accept from the syscall tracepoints"), "{text}");
+        // Every hook that would spare them was tried first, and said why not.
+        for better in ["lsm/sock_graft", "fexit/inet_csk_accept", "kretprobe/inet_csk_accept"] {
+            assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("not {better}: "))), "{better}: {text}");
+        }
+    } else {
+        assert!(tax.starts_with("untaxed"), "{text}");
+    }
     // This kernel has bpf_task_pt_regs: the hooks load with their label paths.
     assert!(text.lines().any(|l| l.starts_with("request labels (--labels): available")), "{text}");
 
