@@ -68,7 +68,7 @@ pub fn tcp_recvmsg_exit_nonblock(ctx: FExitContext) -> i32 {
 /// map are taken.
 #[lsm(hook = "sock_graft")]
 pub fn sock_graft(ctx: LsmContext) -> i32 {
-    let sk: u64 = unsafe { ctx.arg(0) };
+    let sk: u64 = ctx.arg(0);
     if sk != 0 {
         on_accepted(sk);
     }
