@@ -64,7 +64,7 @@ pub fn note_handled(sk: u64) {
 
 tracepoint_hook! {
     /// SYN_RECV → ESTABLISHED again, for when the state hook itself was skipped.
-    fn inet_sock_set_state_setup / raw_inet_sock_set_state_setup (ctx) {
+    fn setup_state_change / raw_setup_state_change (ctx) {
         if let Some(first) = ATTACHED_JIFFIES.get_ptr_mut(0) {
             if unsafe { *first } == 0 {
                 unsafe { *first = bpf_jiffies64() };

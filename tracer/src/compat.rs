@@ -220,14 +220,14 @@ pub const HOOKS: &[Hook] = &[
             Implementation {
                 programs: &[
                     one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state")),
-                    one("inet_sock_set_state_setup", Attach::TpBtf("inet_sock_set_state")),
+                    one("setup_state_change", Attach::TpBtf("inet_sock_set_state")),
                 ],
                 needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
             },
             Implementation {
                 programs: &[
                     one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state")),
-                    one("raw_inet_sock_set_state_setup", Attach::RawTp("inet_sock_set_state")),
+                    one("raw_setup_state_change", Attach::RawTp("inet_sock_set_state")),
                 ],
                 needs: "the tracepoint inet_sock_set_state (4.16+)",
             },
