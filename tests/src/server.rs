@@ -357,6 +357,9 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         }
         let (stream, _) = listener.accept()?;
         served += 1;
+        // The threads of connections already served let go: a handle kept to a finished
+        // thread keeps its stack mapped (a long run of short connections would run out).
+        handles.retain(|h| !h.is_finished());
         match &workers {
             Some(tx) => tx.send(stream).expect("workers alive"),
             None => {
