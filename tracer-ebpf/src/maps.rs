@@ -214,6 +214,28 @@ pub static LAST_RECORDS_READ: LruHashMap<u32, u64> = LruHashMap::with_max_entrie
 #[map]
 pub static RECORDS: LruHashMap<u64, RecordState> = LruHashMap::with_max_entries(16384, 0);
 
+/// The local ports of every connection ever followed from its records, a byte per port
+/// (eight to an entry): the segment program, which sees every segment the machine
+/// receives, looks a segment's socket up only when its port is marked. A byte store
+/// marks a port without racing a mark of its neighbours; marks are never cleared.
+#[map]
+pub static RECORD_PORTS: Array<[u8; 8]> = Array::with_max_entries(8192, 0);
+
+/// Marks the local port of `sk` (about to be followed from its records).
+#[inline(always)]
+pub fn mark_record_port(sk: u64) {
+    let port = crate::kernel::read::<u16>(sk, crate::off!(skc_num)).unwrap_or(0);
+    if let Some(ports) = RECORD_PORTS.get_ptr_mut((port >> 3) as u32) {
+        unsafe { core::ptr::write_volatile(&mut (*ports)[(port & 7) as usize], 1) };
+    }
+}
+
+/// Whether a connection on local port `port` may be followed from its records.
+#[inline(always)]
+pub fn record_port_marked(port: u16) -> bool {
+    RECORD_PORTS.get((port >> 3) as u32).is_some_and(|ports| ports[(port & 7) as usize] != 0)
+}
+
 /// Upstream connections the traced processes had open when tracing started, by tuple:
 /// filled by userspace from /proc, consumed when the connection is first used.
 #[map]

@@ -26,7 +26,7 @@ use tracer_common::{origin, record, tls, RecordRead, RecordState};
 use crate::{
     conn::{current_tid, dir, now, SockState},
     kernel::read,
-    maps::{tls_hooks, LAST_RECORDS_READ, RECORDS},
+    maps::{mark_record_port, record_port_marked, tls_hooks, LAST_RECORDS_READ, RECORDS},
     off,
     tls::{handshake_done, queue_empty},
 };
@@ -41,6 +41,11 @@ pub fn tls_records(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn follow(ctx: &SkBuffContext) -> Option<()> {
+    // Most segments are of connections never followed so: one array read, no lookup.
+    let port = unsafe { (*ctx.skb.skb).local_port };
+    if !record_port_marked(port as u16) {
+        return None;
+    }
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
@@ -122,6 +127,7 @@ pub fn client_write(sk: u64, st: &mut SockState, msg: u64) -> bool {
         let Some(seq) = read::<u32>(sk, off!(tcp_write_seq)) else { return false };
         st.tls = tls::RECORDS;
         st.tls_start_ns = now();
+        mark_record_port(sk);
         let _ = RECORDS.insert(&sk, &RecordState::at(seq), 0);
     }
     let Some(rs) = RECORDS.get_ptr_mut(&sk) else {
@@ -183,6 +189,7 @@ pub fn detect(sk: u64, st: &mut SockState, msg: u64) -> bool {
     for field in [&mut st.arrival_ns, &mut st.first_read_ns, &mut st.last_read_ns, &mut st.req_in] {
         unsafe { core::ptr::write_volatile(field, 0) };
     }
+    mark_record_port(sk);
     let _ = RECORDS.insert(&sk, &RecordState::at(rcv_nxt), 0);
     true
 }
