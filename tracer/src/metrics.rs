@@ -119,12 +119,6 @@ fn answer(stream: TcpStream, page: &Page) -> std::io::Result<()> {
     stream.flush()
 }
 
-/// A label value as the text format wants it: backslash, double quote and line feed
-/// escaped (labels are sanitized already; this keeps the page well-formed regardless).
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 type Labels = Vec<(&'static str, String)>;
 
 /// One histogram series: labels, sum (seconds), count, cumulative bucket counts.
@@ -150,9 +144,8 @@ impl Series {
     }
 }
 
-/// The samples of each bucket of [`BUCKETS_S`] and the rest (`+Inf`, as `f64::MAX`), as
-/// the encoder wants them (it makes them cumulative), from the count of samples at most
-/// each bound.
+/// The samples of each bucket of [`BUCKETS_S`] and the rest (`+Inf`), as the encoder
+/// wants them (it makes them cumulative), from the count of samples at most each bound.
 fn buckets(count: u64, at_most: impl Fn(u64) -> u64) -> Vec<(f64, u64)> {
     let mut below = 0;
     let mut out: Vec<(f64, u64)> = BUCKETS_S
@@ -164,7 +157,7 @@ fn buckets(count: u64, at_most: impl Fn(u64) -> u64) -> Vec<(f64, u64)> {
             (le, n)
         })
         .collect();
-    out.push((f64::MAX, count.saturating_sub(below)));
+    out.push((f64::INFINITY, count.saturating_sub(below)));
     out
 }
 
@@ -192,10 +185,10 @@ impl Snapshot {
                 let commands: BTreeSet<&str> = l.processes.values().map(|p| p.command.as_str()).collect();
                 let cgroups: BTreeSet<Option<&str>> = l.processes.values().map(|p| p.cgroup.as_deref()).collect();
                 if !commands.is_empty() {
-                    labels.push(("process", escape(&commands.into_iter().collect::<Vec<_>>().join(","))));
+                    labels.push(("process", commands.into_iter().collect::<Vec<_>>().join(",")));
                 }
                 if let [Some(cgroup)] = cgroups.into_iter().collect::<Vec<_>>().as_slice() {
-                    labels.push(("cgroup", escape(cgroup)));
+                    labels.push(("cgroup", cgroup.to_string()));
                 }
             }
             labels
@@ -215,7 +208,7 @@ impl Snapshot {
                 for phase in ["recv_wait", "think", "send", "delivery"] {
                     let Some(sketch) = e.phase(phase) else { continue };
                     let mut labels = listener(id);
-                    labels.push(("endpoint", escape(label)));
+                    labels.push(("endpoint", label.to_string()));
                     labels.push(("phase", phase.to_owned()));
                     endpoint_phases.push(Series::of_sketch(labels, sketch));
                 }
@@ -229,7 +222,7 @@ impl Snapshot {
             }
             for (label, e) in p.endpoints.ranked() {
                 upstream_endpoints.push(Series::of_sketch(
-                    vec![("peer", peer.to_string()), ("endpoint", escape(label))],
+                    vec![("peer", peer.to_string()), ("endpoint", label.to_string())],
                     &e.upstream,
                 ));
             }
@@ -347,8 +340,13 @@ mod tests {
     }
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
-        assert_eq!(escape("a\nb"), "a\\nb");
+    fn label_values_are_escaped_once_in_the_text() {
+        let mut stats = Stats::default();
+        stats.apply(&Record::answered(8080, 1_000_000));
+        let l = stats.listener(ListenerId::new(8080, 0));
+        l.processes.insert(1, crate::procs::ProcessInfo { command: "a\"b\\c\nd".into(), cgroup: None });
+        let page = Page::default();
+        page.update(&stats);
+        assert!(page.text().contains(r#"process="a\"b\\c\nd""#), "{}", page.text());
     }
 }
