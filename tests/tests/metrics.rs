@@ -3,7 +3,10 @@
 //! lab server that thinks a known 20 ms serves 240 requests. Prometheus's own
 //! `histogram_quantile` over the think histogram must land in the bucket that holds
 //! 20 ms, the request counter it stored must equal the tracer's final report exactly,
-//! and the target must be up with no scrape error.
+//! and the target must be up with no scrape error. With native histograms on at both
+//! ends (`--native-histograms`, `--enable-feature=native-histograms`), Prometheus
+//! scrapes the protobuf format, and its quantile over the native think histogram must
+//! land in the native bucket that holds the think time.
 
 use std::{
     fs,
@@ -33,7 +36,8 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: u16) -> Result<Self> {
+    /// Scraping `target` every second, with these `--enable-feature`s.
+    fn start(target: u16, features: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("tracer-prometheus-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -50,6 +54,7 @@ impl Prometheus {
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(features.iter().map(|f| format!("--enable-feature={f}")))
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("prometheus.log"))?)
             .spawn()
@@ -133,7 +138,7 @@ fn prometheus_scrapes_the_phases_and_counts() -> Result<()> {
         "--metrics-addr".into(),
         format!("127.0.0.1:{metrics_port}"),
     ])?;
-    let prometheus = Prometheus::start(metrics_port)?;
+    let prometheus = Prometheus::start(metrics_port, &[])?;
     prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
 
     run_lab_client(
@@ -178,6 +183,104 @@ fn prometheus_scrapes_the_phases_and_counts() -> Result<()> {
     v.check(quantile > 0.010 && quantile <= 0.025, || {
         format!("histogram_quantile(0.5) of think {quantile} s, not in the bucket (0.01, 0.025] holding {DELAY_MS} ms")
     });
+    let target = &targets["data"]["activeTargets"][0];
+    v.eq("the target's health", target["health"].as_str(), Some("up"));
+    v.eq("the target's last scrape error", target["lastError"].as_str(), Some(""));
+    v.finish();
+    Ok(())
+}
+
+/// The think delay of the native histograms' test: 21 ms sits in the native bucket
+/// (2^(-44/8), 2^(-43/8)] = (20.26 ms, 22.10 ms], with a millisecond above it for the
+/// scheduling a sleep adds (20 ms itself would be 0.26 ms under that bucket's floor).
+const NATIVE_DELAY_MS: u64 = 21;
+
+/// The native bucket (schema 3) holding `seconds`: its index.
+fn native_bucket(seconds: f64) -> i32 {
+    (seconds.log2() * 8.0).ceil() as i32
+}
+
+#[test]
+fn prometheus_scrapes_native_histograms() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (server, addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", &NATIVE_DELAY_MS.to_string()])?;
+    let metrics_port = free_port()?;
+    let tracer = start_tracer(&[
+        "--pid".into(),
+        server.pid().to_string(),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{metrics_port}"),
+        "--native-histograms".into(),
+    ])?;
+    let prometheus = Prometheus::start(metrics_port, &["native-histograms"])?;
+    prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
+
+    run_lab_client(
+        None,
+        &[
+            "--server",
+            &addr.to_string(),
+            "--connections",
+            &CONNECTIONS.to_string(),
+            "--requests",
+            &REQUESTS.to_string(),
+            "--parallel",
+        ],
+    )?;
+    let sent = (CONNECTIONS * REQUESTS) as f64;
+    let requests = format!("tracer_requests_total{{listener=\"{addr}\"}}");
+    prometheus.wait_for(&requests, Duration::from_secs(30), |v| v >= sent)?;
+    std::thread::sleep(Duration::from_millis(2_500));
+    let stored = prometheus.query(&requests)?.context("no request counter stored")?;
+    // The native form: the histogram itself, no `_bucket` series (Prometheus stores only
+    // the native buckets of a histogram that has them).
+    let think = format!("tracer_request_phase_seconds{{listener=\"{addr}\",phase=\"think\"}}");
+    let quantile = prometheus
+        .query(&format!("histogram_quantile(0.5, sum(rate({think}[1m])))"))?
+        .context("no native think histogram stored (did Prometheus get the protobuf format?)")?;
+    let count = prometheus.query(&format!("histogram_count({think})"))?.context("no native think count")?;
+    let classic = prometheus.query(&format!("count(tracer_request_phase_seconds_bucket{{listener=\"{addr}\"}})"))?;
+    let targets: Value = serde_json::from_str(&prometheus.get("/api/v1/targets")?)?;
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    let l = listener(report, addr.port())?;
+    let p50_ms = phase_ms(l, "think", "p50_ns");
+    eprintln!(
+        "{}Prometheus: requests {stored}, think count {count}, think p50 {:.3} ms (histogram_quantile over native \
+         buckets, bucket {}), the tracer's p50 {p50_ms:.3} ms (bucket {}); classic bucket series {classic:?}; targets {}",
+        describe(report),
+        quantile * 1e3,
+        native_bucket(quantile),
+        native_bucket(p50_ms / 1e3),
+        targets["data"]["activeTargets"]
+    );
+
+    let mut v = Verdicts::default();
+    v.eq("requests in the final report", l["requests"].as_f64(), Some(sent));
+    v.eq("requests Prometheus stored against the final report", Some(stored), l["requests"].as_f64());
+    v.eq(
+        "think samples in the native histogram against the final report",
+        Some(count),
+        Some(phase_count(l, "think") as f64),
+    );
+    let expected = native_bucket(NATIVE_DELAY_MS as f64 / 1e3);
+    let (low, high) = (2f64.powf((expected - 1) as f64 / 8.0), 2f64.powf(expected as f64 / 8.0));
+    v.check(quantile > low && quantile <= high, || {
+        format!(
+            "histogram_quantile(0.5) of think {:.3} ms, not in the native bucket ({:.3}, {:.3}] ms holding \
+             {NATIVE_DELAY_MS} ms (the tracer's p50: {p50_ms:.3} ms)",
+            quantile * 1e3,
+            low * 1e3,
+            high * 1e3
+        )
+    });
+    v.eq(
+        "the native bucket of Prometheus's p50 against the tracer's",
+        Some(native_bucket(quantile)),
+        Some(native_bucket(p50_ms / 1e3)),
+    );
     let target = &targets["data"]["activeTargets"][0];
     v.eq("the target's health", target["health"].as_str(), Some("up"));
     v.eq("the target's last scrape error", target["lastError"].as_str(), Some(""));

@@ -134,6 +134,13 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
+    /// With --metrics-addr: offer native histograms too. A scraper that asks for the
+    /// Prometheus protobuf format (Prometheus with --enable-feature=native-histograms)
+    /// gets each histogram with native buckets (8 per power of two, ~9% wide) beside the
+    /// classic ones; any other still gets the text format.
+    #[arg(long, requires = "metrics_addr")]
+    pub native_histograms: bool,
+
     /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, lsm, kprobe,
     /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
     /// implementation, as on a kernel without that kind, and without uprobes TLS is

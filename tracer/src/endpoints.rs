@@ -80,6 +80,12 @@ impl Sketch {
         })
     }
 
+    /// Every non-empty bucket as (its highest value, never above the largest sample;
+    /// its samples), lowest first: the samples to the bucket (within its 1/128).
+    pub fn values(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.buckets().map(|(i, n)| (bucket_top(i).min(self.max), n))
+    }
+
     pub fn len(&self) -> u64 {
         self.count
     }

@@ -519,7 +519,7 @@ async fn trace(
     tls_watch.scan(&mut probes, &session.live, port_mode);
     let metrics = match args.metrics_addr {
         Some(addr) => {
-            let page = metrics::Page::default();
+            let page = metrics::Page::new(args.native_histograms);
             page.update(&session.stats);
             let bound = metrics::serve(addr, page.clone())?;
             say!("tracer: Prometheus metrics at http://{bound}/metrics");
