@@ -4,9 +4,11 @@
 //! Prometheus does with its native histograms on) gets that instead, each histogram with
 //! native buckets ([`NATIVE_SCHEMA`]) beside the classic ones.
 //!
-//! The tracer's event loop renders the page from its statistics now and then
-//! ([`RENDER_EVERY`]) and at the end; a thread of its own answers the scrapes from the
-//! last rendering, so a scrape never waits on (or slows) the event loop. Histograms are
+//! A thread of its own answers the scrapes. The page is rendered when asked for: a
+//! scrape asks, and the tracer's event loop, which looks every 50 ms, renders the
+//! statistics of that moment and hands them over (the scrape waits at most
+//! [`SCRAPE_WAIT`] for it, then gets the last rendering); a tracer nobody scrapes spends
+//! nothing on rendering. Histograms are
 //! cumulative since the tracer started, as Prometheus expects of them; their buckets
 //! ([`BUCKETS_S`]) go from a microsecond to ten seconds, because accept and receive
 //! waits live in microseconds where the usual web defaults start at 5 ms.
@@ -15,7 +17,10 @@ use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -67,8 +72,8 @@ pub const NATIVE_SCHEMA: i32 = 3;
 /// exactly the 0 ns samples and a 1 ns one has a bucket of its own.
 pub const NATIVE_ZERO_THRESHOLD: f64 = 1.0 / (1u64 << 30) as f64;
 
-/// How often the event loop renders the page.
-pub const RENDER_EVERY: Duration = Duration::from_millis(500);
+/// How long a scrape waits for its rendering before it takes the last one.
+pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
 
 /// The OpenMetrics text format's content type.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -81,7 +86,16 @@ const PROTOBUF_CONTENT_TYPE: &str =
 #[derive(Clone, Default)]
 pub struct Page {
     native_histograms: bool,
-    rendered: Arc<Mutex<Rendered>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    rendered: Mutex<Rendered>,
+    /// Scrapes asked for so far.
+    asked: AtomicU64,
+    /// Signalled at each rendering.
+    done: Condvar,
 }
 
 /// The last rendering: the text, and the protobuf with native histograms when they are on.
@@ -89,6 +103,8 @@ pub struct Page {
 struct Rendered {
     text: String,
     protobuf: Option<Vec<u8>>,
+    /// The scrapes asked for before it began: they are answered.
+    answers: u64,
 }
 
 impl Page {
@@ -97,8 +113,28 @@ impl Page {
         Self { native_histograms, ..Self::default() }
     }
 
+    /// Whether a scrape waits for a rendering.
+    pub fn wanted(&self) -> bool {
+        self.shared.asked.load(Ordering::SeqCst) > self.lock().answers
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Rendered> {
+        self.shared.rendered.lock().expect("not poisoned")
+    }
+
+    /// A scrape: asks for a rendering and waits for it (at most [`SCRAPE_WAIT`]; then
+    /// the last one).
+    fn fresh(&self) -> MutexGuard<'_, Rendered> {
+        let ticket = self.shared.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let guard = self.lock();
+        let (guard, _) =
+            self.shared.done.wait_timeout_while(guard, SCRAPE_WAIT, |r| r.answers < ticket).expect("not poisoned");
+        guard
+    }
+
     /// Renders `stats` as the page.
     pub fn update(&self, stats: &Stats) {
+        let asked = self.shared.asked.load(Ordering::SeqCst);
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Snapshot::of(stats, self.native_histograms)));
         let mut text = String::new();
@@ -113,15 +149,18 @@ impl Page {
         } else {
             None
         };
-        *self.rendered.lock().expect("not poisoned") = Rendered { text, protobuf };
+        *self.lock() = Rendered { text, protobuf, answers: asked };
+        self.shared.done.notify_all();
     }
 
+    #[cfg(test)]
     fn text(&self) -> String {
-        self.rendered.lock().expect("not poisoned").text.clone()
+        self.lock().text.clone()
     }
 
+    #[cfg(test)]
     fn protobuf(&self) -> Option<Vec<u8>> {
-        self.rendered.lock().expect("not poisoned").protobuf.clone()
+        self.lock().protobuf.clone()
     }
 }
 
@@ -162,10 +201,13 @@ fn answer(stream: TcpStream, page: &Page) -> std::io::Result<()> {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => match page.protobuf().filter(|_| prefers_protobuf(&accept)) {
-            Some(bytes) => ("200 OK", PROTOBUF_CONTENT_TYPE, bytes),
-            None => ("200 OK", CONTENT_TYPE, page.text().into_bytes()),
-        },
+        ("GET", "/metrics") => {
+            let rendered = page.fresh();
+            match rendered.protobuf.as_ref().filter(|_| prefers_protobuf(&accept)) {
+                Some(bytes) => ("200 OK", PROTOBUF_CONTENT_TYPE, bytes.clone()),
+                None => ("200 OK", CONTENT_TYPE, rendered.text.clone().into_bytes()),
+            }
+        }
         _ => ("404 Not Found", "text/plain; charset=utf-8", b"only /metrics here\n".to_vec()),
     };
     let mut stream = stream;
@@ -762,14 +804,39 @@ mod tests {
         let mut stats = Stats::default();
         stats.apply(&Record::answered(8080, 20_000_000));
         let page = Page::new(true);
-        page.update(&stats);
-        let addr = serve("127.0.0.1:0".parse().unwrap(), page).unwrap();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), page.clone()).unwrap();
+        // The event loop's part: render when a scrape waits, the statistics of then.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renderer = {
+            let (page, stop) = (page.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut renderings = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    if page.wanted() {
+                        stats.apply(&Record::answered(8080, 20_000_000));
+                        page.update(&stats);
+                        renderings += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                renderings
+            })
+        };
+        let started = std::time::Instant::now();
         let (content_type, body) =
             scrape(addr, "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited");
         assert_eq!(content_type, PROTOBUF_CONTENT_TYPE);
         assert!(decode(&body).iter().any(|f| f.name == "tracer_request_phase_seconds"));
         let (content_type, body) = scrape(addr, "application/openmetrics-text;version=1.0.0,*/*;q=0.1");
         assert_eq!(content_type, CONTENT_TYPE);
-        assert!(String::from_utf8(body).unwrap().ends_with("# EOF\n"));
+        // Each scrape got a rendering of its own, made after it asked: the second saw
+        // three requests (the first, and one more before each rendering).
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("tracer_requests_total{listener=\":8080\""), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("tracer_requests_total") && l.ends_with(" 3")), "{text}");
+        assert!(started.elapsed() < SCRAPE_WAIT, "a scrape waited for the timeout");
+        stop.store(true, Ordering::SeqCst);
+        assert_eq!(renderer.join().unwrap(), 2, "one rendering per scrape, none unasked");
     }
 }

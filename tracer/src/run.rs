@@ -527,7 +527,6 @@ async fn trace(
         }
         None => None,
     };
-    let mut rendered = tokio::time::Instant::now();
     say!("tracer: tracing {what}; Ctrl-C to stop");
     info!("attached");
     if let Some(l) = launched.as_mut() {
@@ -567,6 +566,12 @@ async fn trace(
                 if tls_watch.due(session.started, port_mode) {
                     tls_watch.scan(&mut probes, &session.live, port_mode);
                 }
+                // A scrape waits: the statistics of now, with the counters.
+                if let Some(page) = metrics.as_ref().filter(|p| p.wanted()) {
+                    session.poll_counters(&probes);
+                    session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
+                    page.update(&session.stats);
+                }
             }
             _ = sigint.recv() => {
                 if let Some(l) = launched.as_mut() {
@@ -599,11 +604,6 @@ async fn trace(
             _ = tick.tick() => {
                 session.follow_cgroups(&mut probes);
                 session.poll_counters(&probes);
-                if let Some(page) = metrics.as_ref().filter(|_| rendered.elapsed() >= metrics::RENDER_EVERY) {
-                    session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
-                    page.update(&session.stats);
-                    rendered = tokio::time::Instant::now();
-                }
                 if let Some(l) = launched.as_mut() {
                     if let Some(status) = l.try_wait() {
                         break format!("the command exited with status {status}");
