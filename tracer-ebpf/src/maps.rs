@@ -280,20 +280,28 @@ pub fn bump(index: u32) {
 #[map]
 pub static PIDS_GEN: Array<u64> = Array::with_max_entries(2, 0);
 
-/// Per CPU, the last thread group found not traced and the `PIDS_GEN` sum then. The
-/// load generator of a benchmark (or any busy untraced process on the machine) asks
-/// about the same thread group on every send and receive: an array read answers
-/// instead of a hash lookup. Only "not traced" is remembered, so a thread group that
-/// exits (and leaves `PIDS`) is never wrongly taken for traced.
+/// Per CPU, the last few thread groups found not traced and the `PIDS_GEN` sum then.
+/// The busy untraced processes of the machine (a benchmark's load generator, a server
+/// that is not traced beside one that is) ask about the same few thread groups on
+/// every send and receive: an array read answers instead of a hash lookup. Only "not
+/// traced" is remembered, so a thread group that exits (and leaves `PIDS`) is never
+/// wrongly taken for traced.
 #[map]
 pub static UNTRACED: PerCpuArray<UntracedMemo> = PerCpuArray::with_max_entries(1, 0);
+
+/// Thread groups remembered per CPU: a traced server's clients and untraced servers
+/// alternate on a CPU, one entry would be taken by each in turn.
+const UNTRACED_KEPT: usize = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UntracedMemo {
-    pub tgid: u32,
-    pub _pad: u32,
+    /// 0: empty (thread group 0, the idle task, is never traced anyway).
+    pub tgids: [u32; UNTRACED_KEPT],
     pub generation: u64,
+    /// The entry the next one takes (round robin).
+    pub next: u32,
+    pub _pad: u32,
 }
 
 #[inline(always)]
@@ -305,7 +313,10 @@ fn pids_generation() -> u64 {
 
 #[inline(always)]
 fn remembered_untraced(tgid: u32, generation: u64) -> bool {
-    UNTRACED.get(0).is_some_and(|m| m.tgid == tgid && m.generation == generation)
+    UNTRACED.get(0).is_some_and(|m| {
+        m.generation == generation
+            && (m.tgids[0] == tgid || m.tgids[1] == tgid || m.tgids[2] == tgid || m.tgids[3] == tgid)
+    })
 }
 
 /// Whether this CPU remembers `tgid` as not traced (no hash lookup: a cheap first test;
@@ -361,10 +372,14 @@ pub fn is_traced_tgid(tgid: u32) -> bool {
         return true;
     }
     if let Some(m) = UNTRACED.get_ptr_mut(0) {
-        unsafe {
-            (*m).tgid = tgid;
-            (*m).generation = generation;
+        let m = unsafe { &mut *m };
+        if m.generation != generation {
+            // What it remembered may be traced now.
+            m.tgids = [0; UNTRACED_KEPT];
+            m.generation = generation;
         }
+        m.tgids[(m.next as usize) % UNTRACED_KEPT] = tgid;
+        m.next = m.next.wrapping_add(1);
     }
     false
 }
