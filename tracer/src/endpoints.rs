@@ -4,7 +4,7 @@
 //! A listener's full histograms (HDR, 1 ns to 1 hour at three digits) take 256 KiB each;
 //! two hundred endpoints with five of them would take a quarter of a gigabyte. An
 //! endpoint's [`Sketch`] keeps only the powers of two its samples fell in, at 1/128
-//! relative precision (under 0.8%): 1 KiB per power of two a phase spans.
+//! relative precision (under 0.8%): 512 bytes per power of two its samples fell in.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,18 +19,49 @@ use crate::stats::new_histogram;
 const MANTISSA_BITS: u32 = 7;
 
 /// A histogram that stores only the powers of two its samples fell in: each as 128
-/// buckets (1 KiB), allocated when its first sample comes. Recording is an index, with
-/// no search.
+/// buckets (512 bytes), allocated when its first sample comes. Recording is an index,
+/// with no search.
 #[derive(Clone, Debug, Default)]
 pub struct Sketch {
     /// Per power of two (the bucket index's high bits), its 128 buckets' counts.
-    chunks: Vec<Option<Box<[u64; BUCKETS_PER_CHUNK]>>>,
+    chunks: Vec<Option<Chunk>>,
     count: u64,
     sum: u128,
     max: u64,
 }
 
 const BUCKETS_PER_CHUNK: usize = 1 << MANTISSA_BITS;
+
+/// The counts of one power of two: 32 bits each until one would overflow (four billion
+/// samples in one bucket), then 64.
+#[derive(Clone, Debug)]
+enum Chunk {
+    Narrow(Box<[u32; BUCKETS_PER_CHUNK]>),
+    Wide(Box<[u64; BUCKETS_PER_CHUNK]>),
+}
+
+impl Chunk {
+    fn add(&mut self, slot: usize) {
+        match self {
+            Chunk::Narrow(counts) => match counts[slot].checked_add(1) {
+                Some(n) => counts[slot] = n,
+                None => {
+                    let mut wide = Box::new(std::array::from_fn(|i| counts[i] as u64));
+                    wide[slot] += 1;
+                    *self = Chunk::Wide(wide);
+                }
+            },
+            Chunk::Wide(counts) => counts[slot] += 1,
+        }
+    }
+
+    fn get(&self, slot: usize) -> u64 {
+        match self {
+            Chunk::Narrow(counts) => counts[slot] as u64,
+            Chunk::Wide(counts) => counts[slot],
+        }
+    }
+}
 
 /// The bucket of `v`: values below 2^7 are their own bucket; above, 128 buckets per
 /// power of two.
@@ -63,7 +94,7 @@ impl Sketch {
         if self.chunks.len() <= chunk {
             self.chunks.resize(chunk + 1, None);
         }
-        self.chunks[chunk].get_or_insert_with(|| Box::new([0; BUCKETS_PER_CHUNK]))[slot] += 1;
+        self.chunks[chunk].get_or_insert_with(|| Chunk::Narrow(Box::new([0; BUCKETS_PER_CHUNK]))).add(slot);
         self.count += 1;
         self.sum += v as u128;
         self.max = self.max.max(v);
@@ -72,11 +103,10 @@ impl Sketch {
     /// Every non-empty bucket (index, count), lowest first.
     fn buckets(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
         self.chunks.iter().enumerate().filter_map(|(c, chunk)| Some((c, chunk.as_ref()?))).flat_map(|(c, counts)| {
-            counts
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .map(move |(i, n)| ((c * BUCKETS_PER_CHUNK + i) as u16, *n))
+            (0..BUCKETS_PER_CHUNK)
+                .map(move |i| (i, counts.get(i)))
+                .filter(|(_, n)| *n > 0)
+                .map(move |(i, n)| ((c * BUCKETS_PER_CHUNK + i) as u16, n))
         })
     }
 
@@ -199,7 +229,9 @@ pub const OTHER: &str = "other";
 pub const DEFAULT_MAX_LABELS: usize = 200;
 /// Distinct folded labels remembered (by hash) to count them; beyond this the count
 /// stops growing and is shown as a lower bound.
-const FOLDED_REMEMBERED: usize = 1 << 20;
+/// (64 Ki hashes, some 1 MiB per table at most: a scan of random paths must not grow
+/// the tracer without end.)
+pub const FOLDED_REMEMBERED: usize = 1 << 16;
 
 /// A listener's or peer's endpoints: at most `max` labels, the rest folded into
 /// [`OTHER`], whose distinct labels are counted.
@@ -307,6 +339,25 @@ mod tests {
         s.record(0);
         s.record(u64::MAX);
         assert_eq!((s.quantile(0.0), s.max()), (0, u64::MAX));
+    }
+
+    #[test]
+    fn a_bucket_past_four_billion_samples_widens_its_chunk() {
+        let mut s = Sketch::default();
+        s.record(5_000);
+        s.record(5_000);
+        s.record(9_000);
+        let (b, c) = ((bucket(5_000) as usize) >> MANTISSA_BITS, bucket(5_000) as usize % BUCKETS_PER_CHUNK);
+        match s.chunks[b].as_mut() {
+            Some(Chunk::Narrow(counts)) => counts[c] = u32::MAX - 1,
+            other => panic!("a first chunk is narrow: {other:?}"),
+        }
+        s.record(5_000);
+        assert!(matches!(s.chunks[b], Some(Chunk::Narrow(_))));
+        s.record(5_000);
+        assert!(matches!(s.chunks[b], Some(Chunk::Wide(_))));
+        let counts: Vec<(u16, u64)> = s.buckets().collect();
+        assert_eq!(counts, vec![(bucket(5_000), u32::MAX as u64 + 1), (bucket(9_000), 1)]);
     }
 
     #[test]

@@ -179,6 +179,9 @@ fn endpoint_table(
     };
     for (label, e) in ranked.iter().take(TOP_ENDPOINTS) {
         let name = match *label {
+            OTHER if table.folded() >= crate::endpoints::FOLDED_REMEMBERED => {
+                format!("{OTHER} ({}+ labels)", table.folded())
+            }
             OTHER => format!("{OTHER} ({} labels)", table.folded()),
             l => l.to_owned(),
         };
