@@ -125,41 +125,47 @@ impl Drop for Prometheus {
     }
 }
 
+/// A lab server thinking `delay_ms` per request, traced with `--metrics-addr` (and
+/// `tracer_args`), scraped by a Prometheus with `features`, through
+/// CONNECTIONS × REQUESTS requests and one more scrape after them.
+struct Scraped {
+    _server: Proc,
+    addr: std::net::SocketAddr,
+    tracer: Tracer,
+    prometheus: Prometheus,
+    /// The requests sent, and the request counter Prometheus stored.
+    sent: f64,
+    stored: f64,
+}
+
+fn scraped(delay_ms: u64, tracer_args: &[&str], features: &[&str]) -> Result<Scraped> {
+    let (server, addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", &delay_ms.to_string()])?;
+    let metrics_port = free_port()?;
+    let mut args = vec!["--pid".into(), server.pid().to_string(), "--metrics-addr".into()];
+    args.push(format!("127.0.0.1:{metrics_port}"));
+    args.extend(tracer_args.iter().map(|a| a.to_string()));
+    let tracer = start_tracer(&args)?;
+    let prometheus = Prometheus::start(metrics_port, features)?;
+    prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
+    let (connections, requests) = (CONNECTIONS.to_string(), REQUESTS.to_string());
+    let client = ["--server", &addr.to_string(), "--connections", &connections, "--requests", &requests, "--parallel"];
+    run_lab_client(None, &client)?;
+    let sent = (CONNECTIONS * REQUESTS) as f64;
+    // A listener is named by the address its socket is bound to.
+    let counter = format!("tracer_requests_total{{listener=\"{addr}\"}}");
+    prometheus.wait_for(&counter, Duration::from_secs(30), |v| v >= sent)?;
+    // One more scrape after the last request was counted, then the tracer stops.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let stored = prometheus.query(&counter)?.context("no request counter stored")?;
+    Ok(Scraped { _server: server, addr, tracer, prometheus, sent, stored })
+}
+
 #[test]
 fn prometheus_scrapes_the_phases_and_counts() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let (server, addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", &DELAY_MS.to_string()])?;
-    let metrics_port = free_port()?;
-    let tracer = start_tracer(&[
-        "--pid".into(),
-        server.pid().to_string(),
-        "--metrics-addr".into(),
-        format!("127.0.0.1:{metrics_port}"),
-    ])?;
-    let prometheus = Prometheus::start(metrics_port, &[])?;
-    prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
-
-    run_lab_client(
-        None,
-        &[
-            "--server",
-            &addr.to_string(),
-            "--connections",
-            &CONNECTIONS.to_string(),
-            "--requests",
-            &REQUESTS.to_string(),
-            "--parallel",
-        ],
-    )?;
-    let sent = (CONNECTIONS * REQUESTS) as f64;
-    // A listener is named by the address its socket is bound to.
-    let requests = format!("tracer_requests_total{{listener=\"{addr}\"}}");
-    prometheus.wait_for(&requests, Duration::from_secs(30), |v| v >= sent)?;
-    // One more scrape after the last request was counted, then the tracer stops.
-    std::thread::sleep(Duration::from_millis(2_500));
-    let stored = prometheus.query(&requests)?.context("no request counter stored")?;
+    let Scraped { _server, addr, tracer, prometheus, sent, stored } = scraped(DELAY_MS, &[], &[])?;
     let quantile = prometheus
         .query(&format!(
             "histogram_quantile(0.5, sum by (le) (tracer_request_phase_seconds_bucket{{listener=\"{addr}\",phase=\"think\"}}))"
@@ -205,35 +211,8 @@ fn prometheus_scrapes_native_histograms() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let (server, addr) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", &NATIVE_DELAY_MS.to_string()])?;
-    let metrics_port = free_port()?;
-    let tracer = start_tracer(&[
-        "--pid".into(),
-        server.pid().to_string(),
-        "--metrics-addr".into(),
-        format!("127.0.0.1:{metrics_port}"),
-        "--native-histograms".into(),
-    ])?;
-    let prometheus = Prometheus::start(metrics_port, &["native-histograms"])?;
-    prometheus.wait_for("up{job=\"tracer\"}", Duration::from_secs(30), |v| v == 1.0)?;
-
-    run_lab_client(
-        None,
-        &[
-            "--server",
-            &addr.to_string(),
-            "--connections",
-            &CONNECTIONS.to_string(),
-            "--requests",
-            &REQUESTS.to_string(),
-            "--parallel",
-        ],
-    )?;
-    let sent = (CONNECTIONS * REQUESTS) as f64;
-    let requests = format!("tracer_requests_total{{listener=\"{addr}\"}}");
-    prometheus.wait_for(&requests, Duration::from_secs(30), |v| v >= sent)?;
-    std::thread::sleep(Duration::from_millis(2_500));
-    let stored = prometheus.query(&requests)?.context("no request counter stored")?;
+    let Scraped { _server, addr, tracer, prometheus, sent, stored } =
+        scraped(NATIVE_DELAY_MS, &["--native-histograms"], &["native-histograms"])?;
     // The native form: the histogram itself, no `_bucket` series (Prometheus stores only
     // the native buckets of a histogram that has them).
     let think = format!("tracer_request_phase_seconds{{listener=\"{addr}\",phase=\"think\"}}");

@@ -2098,6 +2098,26 @@ Transfer/sec:     25.00MB
 mod render_tests {
     use super::*;
 
+    /// BENCHMARKS.md for `results`, two rounds of the default options, a system call
+    /// 10 ns dearer with the tracer.
+    fn rendered(results: &BTreeMap<Workload, BTreeMap<Config, Vec<Sample>>>) -> String {
+        let opts = Options {
+            rounds: 2,
+            seconds: 4,
+            connections: 16,
+            scale_open: 0,
+            scale_short: 0,
+            only_tracer: false,
+            out: None,
+            tracer: None,
+            compare: None,
+            workload: vec![],
+        };
+        let syscalls =
+            SyscallCost { untraced_ns: 100.0, traced_ns: 110.0, read_untraced_ns: 170.0, read_all_ns: 190.0 };
+        render(&opts, results, &syscalls, None)
+    }
+
     #[test]
     fn uprobe_cost_sets_the_tracer_with_uprobes_against_without_in_the_same_rounds() {
         let run = |rps: f64, server_us: f64, ssl: Option<(f64, f64)>| {
@@ -2235,23 +2255,7 @@ mod render_tests {
         // The rendered Targets carry the same: no met, no not met, for this target.
         let mut results = BTreeMap::new();
         results.insert(Workload::NginxKeepAlive, samples);
-        let text = render(
-            &Options {
-                rounds: 2,
-                seconds: 4,
-                connections: 16,
-                scale_open: 0,
-                scale_short: 0,
-                only_tracer: false,
-                out: None,
-                tracer: None,
-                compare: None,
-                workload: vec![],
-            },
-            &results,
-            &SyscallCost { untraced_ns: 100.0, traced_ns: 110.0, read_untraced_ns: 170.0, read_all_ns: 190.0 },
-            None,
-        );
+        let text = rendered(&results);
         let target = text.lines().find(|l| l.starts_with("- True CPU per request (fixed rate)")).unwrap();
         assert!(target.ends_with("beyond ±5%"), "{target}");
     }
@@ -2277,24 +2281,7 @@ mod render_tests {
             samples.insert(Config::UntracedAgain, vec![run(95_000.0, 0.0), run(126_000.0, 0.0)]);
             results.insert(w, samples);
         }
-        let opts = Options {
-            rounds: 2,
-            seconds: 4,
-            connections: 16,
-            scale_open: 0,
-            scale_short: 0,
-            only_tracer: false,
-            out: None,
-            tracer: None,
-            compare: None,
-            workload: vec![],
-        };
-        let text = render(
-            &opts,
-            &results,
-            &SyscallCost { untraced_ns: 100.0, traced_ns: 110.0, read_untraced_ns: 170.0, read_all_ns: 190.0 },
-            None,
-        );
+        let text = rendered(&results);
         let lines: Vec<&str> = text.lines().collect();
         let has = |line: &str| assert!(lines.contains(&line), "no line {line:?} in:\n{text}");
         has("- Throughput ≥ 95% of untraced, nginx keep-alive: 85.0% (rounds: 80.0–90.0%) — **not met** \
