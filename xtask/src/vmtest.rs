@@ -111,11 +111,11 @@ const ARCHES: &[Arch] = &[
         qemu: "qemu-system-aarch64",
         machine: &["-M", "virt", "-cpu", "max,pauth-impdef=on"],
         console: "ttyAMA0",
-        series: &["6.1"],
+        series: &["6.1", "6.12"],
         passes: &[PASSES[0], PASSES[2]],
         scenarios: Some(&["slow-think"]),
         https: false,
-        labels: false,
+        labels: true,
     },
 ];
 
@@ -1099,18 +1099,19 @@ mod tests {
     }
 
     #[test]
-    fn the_arm64_guest_runs_its_subset_and_says_labels_unavailable() {
+    fn the_arm64_guest_runs_its_subset_and_must_label() {
         let arm = &ARCHES[1];
         assert_eq!((arm.name(), arm.guest("6.1")), ("aarch64", "6.1 aarch64".to_owned()));
         let script = init_script(arm);
         assert!(!script.contains("nginx") && !script.contains("curl"), "no HTTPS in the arm64 guest");
         assert_eq!(script.matches("=== result ").count(), arm.passes.len());
         assert_eq!(script.matches("tracer doctor").count(), arm.passes.len());
-        // Labels are not read on aarch64: the doctor must say so, on any kernel.
+        // Labels are read from arm64's registers: from 5.15 on they must be available.
         let sc = SCENARIOS.iter().find(|s| s.name == LABELLED).expect("labelled scenario");
-        let unavailable = ["request labels (--labels): unavailable: request labels are read on x86_64 only"];
+        let unavailable =
+            ["request labels (--labels): unavailable: request labels are read on x86_64 and aarch64 only"];
         let none = serde_json::json!({"listeners": [{}]});
-        assert!(labels_check(arm, "6.1.0-50-cloud-arm64", &unavailable, &none, sc).1);
+        assert!(!labels_check(arm, "6.1.0-50-cloud-arm64", &unavailable, &none, sc).1);
         // A run that never reached the tests fails on the subset alone, HTTPS not asked.
         let outcome = judge(arm, "6.1 aarch64", "=== kernel 6.1.0-50-cloud-arm64\n");
         assert_eq!(outcome.passes.len(), arm.passes.len());
