@@ -46,6 +46,12 @@ impl Target {
     }
 }
 
+/// The packages of every static build: the release's tracer, and the lab the kernel
+/// matrix's guests run. Built together by `dist` and `vm-test` alike, so that their
+/// features unify the same way and the guests boot the very binary in the tarball (built
+/// apart, the tracer would be built twice, differently).
+pub const STATIC_PACKAGES: &[&str] = &["tracer", "tracer-tests"];
+
 /// The release build's binaries of `packages` for `target` (static, for musl). The kernel
 /// programs are built for the same architecture (aya-build passes the target's to them:
 /// a kprobe reads its arguments from that architecture's registers).
@@ -146,7 +152,7 @@ fn manifest() -> Result<()> {
 
 /// Builds `target`'s tarball and its checksum file; the tarball's path.
 fn package(target: Target) -> Result<PathBuf> {
-    let bins = build_static(target, &["tracer"])?;
+    let bins = build_static(target, STATIC_PACKAGES)?;
     let name = target.release_name();
     let dist = workspace_root().join("target/dist");
     let staging = dist.join(&name);

@@ -1030,7 +1030,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let arches = selected(&opts.arches)?;
     let mut outcomes = BTreeMap::new();
     for arch in arches {
-        crate::dist::build_static(arch.target, &["tracer", "tracer-tests"])?;
+        crate::dist::build_static(arch.target, crate::dist::STATIC_PACKAGES)?;
         let series: Vec<String> = if opts.kernels.is_empty() {
             arch.series.iter().map(|s| s.to_string()).collect()
         } else {
