@@ -14,7 +14,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user,
         generated::{
             bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output, bpf_task_pt_regs,
         },
@@ -47,26 +47,91 @@ pub struct PayloadBuf {
 #[map]
 static PAYLOAD: PerCpuArray<PayloadBuf> = PerCpuArray::with_max_entries(1, 0);
 
-/// The part of x86_64's `struct pt_regs` (as saved at system call entry) that says which
-/// call it is and where its buffer is, read in one go: `dx`, `si`, `di`, `orig_ax`.
-#[repr(C)]
-struct SyscallRegs {
-    dx: u64,
-    si: u64,
-    _di: u64,
-    orig_ax: u64,
-}
-const REGS_AT: u64 = 12 * 8;
+/// Where the task's saved user registers (`struct pt_regs`, as saved at system call
+/// entry) hold the call's number and its second and third arguments (the first buffer, or
+/// the iovec or message, and its length), per architecture. The programs are built for
+/// the userspace's architecture (aya-build sets `bpf_target_arch` from it).
+#[cfg(bpf_target_arch = "x86_64")]
+mod saved {
+    use aya_ebpf::helpers::bpf_probe_read_kernel;
 
-// x86_64 system call numbers.
-const SYS_READ: u64 = 0;
-const SYS_WRITE: u64 = 1;
-const SYS_READV: u64 = 19;
-const SYS_WRITEV: u64 = 20;
-const SYS_SENDTO: u64 = 44;
-const SYS_RECVFROM: u64 = 45;
-const SYS_SENDMSG: u64 = 46;
-const SYS_RECVMSG: u64 = 47;
+    /// The part of x86_64's `struct pt_regs` read in one go: `dx`, `si`, `di`, `orig_ax`.
+    #[repr(C)]
+    struct SyscallRegs {
+        dx: u64,
+        si: u64,
+        _di: u64,
+        orig_ax: u64,
+    }
+    const REGS_AT: u64 = 12 * 8;
+
+    /// The call's number, its second argument and its third.
+    #[inline(always)]
+    pub fn syscall(regs: u64) -> Option<(u64, u64, u64)> {
+        let r: SyscallRegs = unsafe { bpf_probe_read_kernel((regs + REGS_AT) as *const SyscallRegs) }.ok()?;
+        Some((r.orig_ax, r.si, r.dx))
+    }
+
+    // x86_64 system call numbers.
+    pub const SYS_READ: u64 = 0;
+    pub const SYS_WRITE: u64 = 1;
+    pub const SYS_READV: u64 = 19;
+    pub const SYS_WRITEV: u64 = 20;
+    pub const SYS_SENDTO: u64 = 44;
+    pub const SYS_RECVFROM: u64 = 45;
+    pub const SYS_SENDMSG: u64 = 46;
+    pub const SYS_RECVMSG: u64 = 47;
+}
+
+/// arm64's `struct pt_regs`: `regs[31]` (the arguments in x0..x5; x0 is overwritten by
+/// the return value only when the call returns), `sp`, `pc`, `pstate`, `orig_x0`, then
+/// the call's number `syscallno` (an `s32`) — the same from 5.10 to 6.12.
+#[cfg(bpf_target_arch = "aarch64")]
+mod saved {
+    use aya_ebpf::helpers::bpf_probe_read_kernel;
+
+    const X1_AT: u64 = 8;
+    const SYSCALLNO_AT: u64 = 31 * 8 + 4 * 8;
+
+    /// The call's number, its second argument and its third.
+    #[inline(always)]
+    pub fn syscall(regs: u64) -> Option<(u64, u64, u64)> {
+        let args: [u64; 2] = unsafe { bpf_probe_read_kernel((regs + X1_AT) as *const [u64; 2]) }.ok()?;
+        let nr: i32 = unsafe { bpf_probe_read_kernel((regs + SYSCALLNO_AT) as *const i32) }.ok()?;
+        Some((nr as u32 as u64, args[0], args[1]))
+    }
+
+    // arm64 system call numbers (the generic table, asm-generic/unistd.h).
+    pub const SYS_READ: u64 = 63;
+    pub const SYS_WRITE: u64 = 64;
+    pub const SYS_READV: u64 = 65;
+    pub const SYS_WRITEV: u64 = 66;
+    pub const SYS_SENDTO: u64 = 206;
+    pub const SYS_RECVFROM: u64 = 207;
+    pub const SYS_SENDMSG: u64 = 211;
+    pub const SYS_RECVMSG: u64 = 212;
+}
+
+/// Other architectures: no call is recognised (the userspace says labels are unavailable
+/// there and never turns them on).
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+mod saved {
+    #[inline(always)]
+    pub fn syscall(_regs: u64) -> Option<(u64, u64, u64)> {
+        None
+    }
+    // Never matched (no call is recognised); distinct, as patterns must be.
+    pub const SYS_READ: u64 = u64::MAX;
+    pub const SYS_WRITE: u64 = u64::MAX - 1;
+    pub const SYS_READV: u64 = u64::MAX - 2;
+    pub const SYS_WRITEV: u64 = u64::MAX - 3;
+    pub const SYS_SENDTO: u64 = u64::MAX - 4;
+    pub const SYS_RECVFROM: u64 = u64::MAX - 5;
+    pub const SYS_SENDMSG: u64 = u64::MAX - 6;
+    pub const SYS_RECVMSG: u64 = u64::MAX - 7;
+}
+
+use saved::*;
 
 #[inline(always)]
 fn user_u64(at: u64) -> Option<u64> {
@@ -81,12 +146,12 @@ fn syscall_buffer() -> Option<(u64, u64)> {
     if regs == 0 {
         return None;
     }
-    let r: SyscallRegs = unsafe { bpf_probe_read_kernel((regs + REGS_AT) as *const SyscallRegs) }.ok()?;
-    let iov = match r.orig_ax {
-        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => return Some((r.si, r.dx)),
-        SYS_READV | SYS_WRITEV => r.si,
+    let (nr, arg1, arg2) = saved::syscall(regs)?;
+    let iov = match nr {
+        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => return Some((arg1, arg2)),
+        SYS_READV | SYS_WRITEV => arg1,
         // `struct user_msghdr`: msg_iov after the name and its length.
-        SYS_RECVMSG | SYS_SENDMSG => user_u64(r.si + 16)?,
+        SYS_RECVMSG | SYS_SENDMSG => user_u64(arg1 + 16)?,
         _ => return None,
     };
     Some((user_u64(iov)?, user_u64(iov + 8)?))

@@ -87,7 +87,7 @@ pub struct KernelFacts {
     pub recvmsg_flags_arg: u32,
     /// Why request labels cannot be read here (`None`: they can). The programs find a
     /// call's buffer in the task's saved user registers (`bpf_task_pt_regs`, 5.15+),
-    /// laid out as on x86_64.
+    /// laid out as on x86_64 or aarch64.
     pub labels_unavailable: Option<&'static str>,
 }
 
@@ -100,8 +100,8 @@ pub fn from_running_kernel() -> Result<KernelFacts> {
         Some(6) => 4,
         _ => 3,
     };
-    let labels_unavailable = if !cfg!(target_arch = "x86_64") {
-        Some("request labels are read on x86_64 only")
+    let labels_unavailable = if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        Some("request labels are read on x86_64 and aarch64 only")
     } else if btf.enumerator("BPF_FUNC_task_pt_regs").is_none() {
         Some("this kernel has no bpf_task_pt_regs helper (Linux 5.15+), which finds a call's buffer")
     } else {

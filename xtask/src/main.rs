@@ -37,10 +37,11 @@ enum Cmd {
     /// of BENCHMARKS.md.
     Soak(soak::Options),
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run `tracer doctor` and
-    /// an accuracy subset inside each.
+    /// an accuracy subset inside each; then arm64 guests (6.1, 6.12) with a smaller subset.
     VmTest(vmtest::Options),
-    /// Build the release: a static x86_64 binary in target/dist/tracer-VERSION-x86_64-
-    /// linux-musl.tar.gz with its SHA-256, checked as a user without Rust would run it.
+    /// Build the release: static x86_64 and aarch64 binaries in target/dist/tracer-
+    /// VERSION-ARCH-linux-musl.tar.gz with their SHA-256, checked as a user without Rust
+    /// would run them.
     Dist,
 }
 

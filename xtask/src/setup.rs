@@ -1,7 +1,8 @@
 //! Installs what building and testing need, skipping whatever is already there:
 //! the nightly toolchain's rust-src, rustfmt for the workspace's toolchain (the test
-//! command checks the layout), bpf-linker built against the nightly's own LLVM, and the
-//! Debian packages the tests use.
+//! command checks the layout), the musl targets of the static release (x86_64 and
+//! aarch64), bpf-linker built against the nightly's own LLVM, and the Debian packages the
+//! tests use.
 
 use std::{
     path::{Path, PathBuf},
@@ -43,6 +44,9 @@ pub fn run() -> Result<()> {
     let start = Instant::now();
     rust_src()?;
     rustfmt()?;
+    for target in crate::dist::TARGETS {
+        rust_target(target.triple)?;
+    }
     bpf_linker()?;
     debian_packages(PACKAGES)?;
     eprintln!("setup: everything in place ({:.0?})", start.elapsed());
@@ -89,6 +93,15 @@ fn component(name: &str, toolchain: Option<&str>) -> Result<()> {
     add.args(["component", "add", name]);
     on(&mut add);
     exec(&mut add)
+}
+
+/// Adds the rustup target `triple` to the active toolchain when missing.
+pub fn rust_target(triple: &str) -> Result<()> {
+    if output(Command::new("rustup").args(["target", "list", "--installed"]))?.lines().any(|t| t == triple) {
+        return Ok(());
+    }
+    eprintln!("setup: adding the {triple} target");
+    exec(Command::new("rustup").args(["target", "add", triple]))
 }
 
 fn bpf_linker_works() -> bool {

@@ -9,6 +9,13 @@
 //! and copied in with their libraries: the tracer must count curl's requests, a `tls`
 //! sample per connection curl opened, and follow them with uprobes on OpenSSL (which
 //! the doctor must say work). The host prints a table per kernel.
+//!
+//! arm64 guests too (`--arch aarch64`; in the default matrix): Debian's arm64 6.1 and
+//! 6.12 cloud kernels under qemu-system-aarch64 (emulation without KVM, a few times
+//! slower than the x86_64 guests), booting the aarch64 release build. Less runs in them:
+//! `tracer doctor`, slow-think (with the socket reads and request labels checked) and
+//! slow-reader, as the tracer chooses and with kprobes; no HTTPS (nginx and curl would
+//! have to be Debian's arm64 builds, with their libraries).
 
 use std::{
     collections::BTreeMap,
@@ -27,8 +34,12 @@ use crate::{exec, setup, workspace_root};
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// Kernel series to test (repeatable): 5.10, 6.1, 6.12.
+    /// Without it, each architecture's own list (x86_64: all three; aarch64: 6.1 and 6.12).
     #[arg(long = "kernel")]
     pub kernels: Vec<String>,
+    /// Guest architecture (repeatable): x86_64, aarch64 (default: both).
+    #[arg(long = "arch")]
+    pub arches: Vec<String>,
     /// Seconds to let one virtual machine run before giving up.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT)]
     pub timeout: u64,
@@ -38,7 +49,7 @@ const DEFAULT_TIMEOUT: u64 = 900;
 
 impl Default for Options {
     fn default() -> Self {
-        Self { kernels: Vec::new(), timeout: DEFAULT_TIMEOUT }
+        Self { kernels: Vec::new(), arches: Vec::new(), timeout: DEFAULT_TIMEOUT }
     }
 }
 
@@ -47,11 +58,89 @@ const KERNELS: &[(&str, &str)] = &[("5.10", "bullseye"), ("6.1", "bookworm"), ("
 
 const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    // qemu-system-aarch64 (emulation only: this machine has no arm64 KVM).
+    ("qemu-system-arm", "/usr/bin/qemu-system-aarch64"),
     ("busybox-static", "/bin/busybox"),
     ("cpio", "/usr/bin/cpio"),
 ];
 
-use crate::dist::MUSL;
+use crate::dist::{Target, AARCH64, X86_64};
+
+/// A guest architecture: the release build it runs, Debian's name for it (its kernels
+/// are `linux-image-*-cloud-DEBIAN-unsigned`), how qemu boots it, the kernels it boots
+/// when none is asked for, and what runs in it.
+#[derive(Debug)]
+struct Arch {
+    target: Target,
+    debian: &'static str,
+    qemu: &'static str,
+    /// qemu's machine and processor.
+    machine: &'static [&'static str],
+    /// The serial console's device in the guest.
+    console: &'static str,
+    series: &'static [&'static str],
+    passes: &'static [(&'static str, &'static str)],
+    /// The names of the scenarios of `SCENARIOS` that run (`None`: all).
+    scenarios: Option<&'static [&'static str]>,
+    /// Whether the HTTPS scenario runs (Debian's nginx and curl of this machine).
+    https: bool,
+    /// Whether the tracer reads request labels on this architecture (where it does not,
+    /// the doctor must say so and the report hold none).
+    labels: bool,
+}
+
+const ARCHES: &[Arch] = &[
+    Arch {
+        target: X86_64,
+        debian: "amd64",
+        qemu: "qemu-system-x86_64",
+        machine: &["-cpu", "max"],
+        console: "ttyS0",
+        series: &["5.10", "6.1", "6.12"],
+        passes: PASSES,
+        scenarios: None,
+        https: true,
+        labels: true,
+    },
+    // Emulated without KVM, a tracer start takes 10 to 25 s (all five scenarios in the
+    // three passes took 8 minutes on 6.12): two ways of choosing hooks (kprobes read
+    // their arguments from arm64's registers; on 6.1 arm64 has no BPF trampolines, so
+    // the default takes kprobes there too), two scenarios. `pauth-impdef`: pointer
+    // authentication with qemu's own cheap hash rather than the architecture's QARMA,
+    // which is slow to emulate.
+    Arch {
+        target: AARCH64,
+        debian: "arm64",
+        qemu: "qemu-system-aarch64",
+        machine: &["-M", "virt", "-cpu", "max,pauth-impdef=on"],
+        console: "ttyAMA0",
+        series: &["6.1", "6.12"],
+        passes: &[PASSES[0], PASSES[2]],
+        scenarios: Some(&["slow-think", "slow-reader"]),
+        https: false,
+        labels: true,
+    },
+];
+
+impl Arch {
+    fn name(&self) -> &'static str {
+        self.target.arch
+    }
+
+    fn scenarios(&self) -> impl Iterator<Item = &'static Scenario> + '_ {
+        SCENARIOS.iter().filter(|sc| self.scenarios.is_none_or(|names| names.contains(&sc.name)))
+    }
+
+    /// How a guest of `series` is named in the report and its console's file
+    /// (`6.1`, `6.1 aarch64`).
+    fn guest(&self, series: &str) -> String {
+        if self.target == X86_64 {
+            series.to_owned()
+        } else {
+            format!("{series} {}", self.name())
+        }
+    }
+}
 
 /// One accuracy scenario: the lab server's and client's arguments, the phase the
 /// injected delay must land in, the delay, and how many samples of it there must be.
@@ -147,45 +236,90 @@ fn vm_dir() -> PathBuf {
     workspace_root().join("target/vm")
 }
 
-/// `program` (apt-get or apt-cache) on the suites' own lists under target/vm/apt.
-fn apt_with(program: &str) -> Command {
-    let dir = vm_dir().join("apt");
+/// Where `arch`'s package lists live: target/vm/apt for x86_64 (this machine's own
+/// architecture), target/vm/apt-DEBIAN for another.
+fn apt_dir(arch: &Arch) -> PathBuf {
+    if arch.target == X86_64 {
+        vm_dir().join("apt")
+    } else {
+        vm_dir().join(format!("apt-{}", arch.debian))
+    }
+}
+
+/// `program` (apt-get or apt-cache) on the suites' own lists of `arch`'s packages. Another
+/// architecture's are asked for by apt's own options: the machine's dpkg is left alone
+/// (no `dpkg --add-architecture`).
+fn apt_with(program: &str, arch: &Arch) -> Command {
+    let dir = apt_dir(arch);
     let mut cmd = Command::new(program);
     cmd.arg("-q")
         .arg(format!("-oDir::Etc::sourcelist={}", dir.join("sources.list").display()))
         .arg("-oDir::Etc::sourceparts=/dev/null")
         .arg(format!("-oDir::State::Lists={}", dir.join("lists").display()))
         .arg(format!("-oDir::Cache={}", dir.join("cache").display()));
+    if arch.target != X86_64 {
+        cmd.arg(format!("-oAPT::Architecture={}", arch.debian)).arg(format!("-oAPT::Architectures::={}", arch.debian));
+    }
     cmd
 }
 
-fn apt(args: &[&str]) -> Command {
-    let mut cmd = apt_with("apt-get");
+fn apt(arch: &Arch, args: &[&str]) -> Command {
+    let mut cmd = apt_with("apt-get", arch);
     cmd.args(args);
     cmd
 }
 
-/// Package lists of the three suites, in a place of their own (the machine's apt
-/// configuration is left alone).
-fn apt_lists() -> Result<()> {
-    let dir = vm_dir().join("apt");
+/// Package lists of the suites of `arch`'s kernels (x86_64: all three), in a place of
+/// their own (the machine's apt configuration is left alone).
+fn apt_lists(arch: &Arch, series: &[String]) -> Result<()> {
+    let dir = apt_dir(arch);
     fs::create_dir_all(dir.join("lists/partial"))?;
     fs::create_dir_all(dir.join("cache/archives/partial"))?;
     let sources: String = KERNELS
         .iter()
+        .filter(|(s, _)| arch.target == X86_64 || series.iter().any(|x| x == s))
         .map(|(_, suite)| format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {suite} main\n"))
         .collect();
     fs::write(dir.join("sources.list"), sources)?;
-    exec(apt(&["update"]).stdout(Stdio::null()))
+    exec(apt(arch, &["update"]).stdout(Stdio::null()))
 }
 
-/// The newest cloud kernel package of `series`, unpacked; its vmlinuz.
-fn kernel(series: &str) -> Result<PathBuf> {
-    let out = apt_with("apt-cache")
+/// Downloads `package` of `arch` into `dir` and unpacks it there (`dpkg -x`).
+fn unpack(arch: &Arch, package: &str, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    exec(apt(arch, &["download", package]).current_dir(dir).stdout(Stdio::null()))?;
+    let deb = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb")?;
+    exec(Command::new("dpkg").arg("-x").arg(&deb).arg(dir))?;
+    Ok(fs::remove_file(deb)?)
+}
+
+/// The static busybox of `arch`: this machine's for x86_64, Debian's busybox-static of
+/// another architecture fetched and unpacked under target/vm.
+fn busybox(arch: &Arch) -> Result<PathBuf> {
+    if arch.target == X86_64 {
+        return Ok(PathBuf::from("/bin/busybox"));
+    }
+    let dir = vm_dir().join(format!("busybox-{}", arch.debian));
+    let find = || ["bin/busybox", "usr/bin/busybox"].iter().map(|p| dir.join(p)).find(|p| p.exists());
+    if let Some(found) = find() {
+        return Ok(found);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    unpack(arch, "busybox-static", &dir)?;
+    find().with_context(|| format!("no busybox in busybox-static:{}", arch.debian))
+}
+
+/// The newest cloud kernel package of `series` for `arch`, unpacked; its vmlinuz.
+fn kernel(arch: &Arch, series: &str) -> Result<PathBuf> {
+    let out = apt_with("apt-cache", arch)
         .args([
             "search",
             "--names-only",
-            &format!("^linux-image-{}\\.[0-9.+a-z-]+-cloud-amd64-unsigned$", series.replace('.', "\\.")),
+            &format!("^linux-image-{}\\.[0-9.+a-z-]+-cloud-{}-unsigned$", series.replace('.', "\\."), arch.debian),
         ])
         .output()?;
     let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -195,19 +329,12 @@ fn kernel(series: &str) -> Result<PathBuf> {
     names.sort_by_key(|n| {
         n.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u64>().ok()).collect::<Vec<_>>()
     });
-    let package = names.pop().with_context(|| format!("no cloud kernel package for Linux {series}"))?;
+    let package = names.pop().with_context(|| format!("no {} cloud kernel package for Linux {series}", arch.debian))?;
     let dir = vm_dir().join("kernels").join(&package);
     if !dir.join("boot").exists() {
         eprintln!("vm-test: fetching {package}");
-        fs::create_dir_all(&dir)?;
-        exec(apt(&["download", &package]).current_dir(&dir).stdout(Stdio::null()))?;
-        let deb = fs::read_dir(&dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("no .deb")?;
-        exec(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
-        fs::remove_file(deb)?;
+        let _ = fs::remove_dir_all(&dir);
+        unpack(arch, &package, &dir)?;
     }
     fs::read_dir(dir.join("boot"))?
         .flatten()
@@ -239,7 +366,7 @@ const READY_TIMEOUT: u32 = 60;
 /// the tracer has said, in a file of this scenario's own, that it is tracing; when
 /// either is not ready in time, the scenario's result says why (`not ready: …`) and
 /// the client does not run.
-fn init_script() -> String {
+fn init_script(arch: &Arch) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\nmkdir -p /tmp\n\
@@ -249,9 +376,9 @@ fn init_script() -> String {
     s.push_str(READY);
     s.push_str("echo '=== kernel' $(uname -r)\n");
     let wait = READY_TIMEOUT;
-    for (pass, options) in PASSES {
+    for (pass, options) in arch.passes {
         let _ = write!(s, "echo '=== doctor {pass}'\ntracer doctor {options}\necho \"=== doctor-exit {pass} $?\"\n");
-        for sc in SCENARIOS {
+        for sc in arch.scenarios() {
             let (name, server, client) = (sc.name, sc.server, sc.client);
             // Labels on where they are checked (see `labels_check`).
             let options = if name == LABELLED { format!("{options} --labels") } else { options.to_string() };
@@ -281,7 +408,9 @@ fn init_script() -> String {
                  kill $SRV\nwait $SRV 2>/dev/null\n"
             );
         }
-        s.push_str(&https_scenario(pass, options));
+        if arch.https {
+            s.push_str(&https_scenario(pass, options));
+        }
     }
     s.push_str("echo '=== done'\npoweroff -f\n");
     s
@@ -433,23 +562,28 @@ fn tls_files(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn initramfs() -> Result<PathBuf> {
-    let root = vm_dir().join("initramfs");
+/// The initramfs of `arch`'s guests: busybox, the static tracer and lab of its release
+/// build, the init script (and for HTTPS, nginx, curl and their files).
+fn initramfs(arch: &Arch) -> Result<PathBuf> {
+    let name = if arch.target == X86_64 { "initramfs".to_owned() } else { format!("initramfs-{}", arch.name()) };
+    let root = vm_dir().join(&name);
     let _ = fs::remove_dir_all(&root);
     for dir in ["bin", "proc", "sys", "dev", "tmp"] {
         fs::create_dir_all(root.join(dir))?;
     }
-    fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-    let bins = workspace_root().join("target").join(MUSL).join("release");
+    fs::copy(busybox(arch)?, root.join("bin/busybox"))?;
+    let bins = arch.target.bins();
     for bin in ["tracer", "lab"] {
         fs::copy(bins.join(bin), root.join("bin").join(bin))?;
     }
-    copy_host_programs(&root)?;
-    tls_files(&root)?;
-    fs::write(root.join("init"), init_script())?;
+    if arch.https {
+        copy_host_programs(&root)?;
+        tls_files(&root)?;
+    }
+    fs::write(root.join("init"), init_script(arch))?;
     use std::os::unix::fs::PermissionsExt as _;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
-    let image = vm_dir().join("initramfs.cpio");
+    let image = vm_dir().join(format!("{name}.cpio"));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!("cd {} && find . | cpio -o -H newc --quiet > {}", root.display(), image.display()))
@@ -460,19 +594,22 @@ fn initramfs() -> Result<PathBuf> {
     Ok(image)
 }
 
-/// Boots `kernel` with the initramfs; the serial console's output.
-fn boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<String> {
-    let mut child = Command::new("qemu-system-x86_64")
+/// Boots `kernel` of `arch` with the initramfs; the serial console's output.
+fn boot(arch: &Arch, kernel: &Path, initrd: &Path, timeout: Duration) -> Result<String> {
+    let mut child = Command::new(arch.qemu)
         // One host thread runs both virtual CPUs: with a thread each, the guest's live
         // code patching (static keys, the int3 protocol used when tracepoints are
         // enabled) raced under emulation and oopsed the guest now and then (seen at
         // boot, and in a tracer's attach at 23 s on 6.12).
-        .args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
+        .args(["-accel", "tcg,thread=single"])
+        .args(arch.machine)
+        .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console={} panic=-1 quiet", arch.console))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -517,12 +654,12 @@ struct PassOutcome {
     checks: Vec<(String, bool, String)>,
 }
 
-fn judge(series: &str, console: &str) -> Outcome {
+fn judge(arch: &Arch, series: &str, console: &str) -> Outcome {
     // The first console line may start with the terminal's escape sequences.
     let kernel =
         console.lines().find_map(|l| l.split_once("=== kernel ").map(|(_, k)| k)).unwrap_or("?").trim().to_owned();
     let mut passes = Vec::new();
-    for (pass, options) in PASSES {
+    for (pass, options) in arch.passes {
         let doctor = section(console, &format!("=== doctor {pass}")).unwrap_or_default();
         // The chosen implementation of each hook (not the lines saying why others were not).
         let hooks = doctor
@@ -541,7 +678,7 @@ fn judge(series: &str, console: &str) -> Outcome {
                 "no '=== done' on the console".to_owned(),
             ));
         }
-        for sc in SCENARIOS {
+        for sc in arch.scenarios() {
             let lines = section(console, &format!("=== result {pass} {}", sc.name)).unwrap_or_default();
             let what = format!("{}: {} p50 ≈ {} ms", sc.name, sc.phase, sc.delay_ms);
             let stderr = || section(console, &format!("=== stderr {pass} {}", sc.name)).unwrap_or_default().join(" | ");
@@ -579,13 +716,15 @@ fn judge(series: &str, console: &str) -> Outcome {
                 checks.push(socket_reads(&lines));
             }
             if sc.name == LABELLED {
-                checks.push(labels_check(&kernel, &doctor, &report, sc));
+                checks.push(labels_check(arch, &kernel, &doctor, &report, sc));
             }
         }
-        let records = records_only(options);
         checks.push(doctor_syscalls(&doctor));
-        checks.push(doctor_tls(&doctor, records));
-        checks.extend(https_checks(console, pass, records));
+        if arch.https {
+            let records = records_only(options);
+            checks.push(doctor_tls(&doctor, records));
+            checks.extend(https_checks(console, pass, records));
+        }
         passes.push(PassOutcome { name: pass, hooks, checks });
     }
     Outcome { kernel, passes }
@@ -602,14 +741,21 @@ fn at_least(kernel: &str, major: u32, minor: u32) -> bool {
 }
 
 /// Labels in the labelled scenario: where the doctor says they can be read (every kernel
-/// from 5.15 on must), the lab's requests make one endpoint `GET /` with every request
-/// and its think; where not, the doctor says why and the report has no endpoints.
-fn labels_check(kernel: &str, doctor: &[&str], report: &serde_json::Value, sc: &Scenario) -> (String, bool, String) {
+/// from 5.15 on must, on an architecture whose labels the tracer reads), the lab's
+/// requests make one endpoint `GET /` with every request and its think; where not, the
+/// doctor says why and the report has no endpoints.
+fn labels_check(
+    arch: &Arch,
+    kernel: &str,
+    doctor: &[&str],
+    report: &serde_json::Value,
+    sc: &Scenario,
+) -> (String, bool, String) {
     let line = doctor.iter().find_map(|l| l.strip_prefix("request labels (--labels): ")).unwrap_or("(no doctor line)");
     let endpoints = report["listeners"][0]["endpoints"].as_array().cloned().unwrap_or_default();
     if !line.starts_with("available") {
         let what = "labels: unavailable, said so, none reported".to_owned();
-        let ok = !at_least(kernel, 5, 15) && line.starts_with("unavailable") && endpoints.is_empty();
+        let ok = (!arch.labels || !at_least(kernel, 5, 15)) && line.starts_with("unavailable") && endpoints.is_empty();
         return (what, ok, format!("doctor: {line}; {} endpoints", endpoints.len()));
     }
     let what = format!("labels: endpoint GET / with {} requests, think p50 ≈ {} ms", sc.samples, sc.delay_ms);
@@ -847,42 +993,73 @@ fn socket_reads(lines: &[&str]) -> (String, bool, String) {
     (what, ok, format!("{clients} connections checked"))
 }
 
+/// The architectures of `names` (all of `ARCHES` when empty).
+fn selected(names: &[String]) -> Result<Vec<&'static Arch>> {
+    if names.is_empty() {
+        return Ok(ARCHES.iter().collect());
+    }
+    names
+        .iter()
+        .map(|n| {
+            ARCHES.iter().find(|a| a.name() == n.as_str() || a.debian == n.as_str()).with_context(|| {
+                let known: Vec<&str> = ARCHES.iter().map(Arch::name).collect();
+                format!("no guest architecture {n:?} (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// Boots `arch`'s kernel of `series` with `initrd` (again, at most twice, when it dies
+/// before the tests start) and judges what its console says.
+fn run_guest(arch: &Arch, series: &str, guest: &str, initrd: &Path, opts: &Options) -> Result<Outcome> {
+    let vmlinuz = kernel(arch, series)?;
+    let file = guest.replace(' ', "-");
+    eprintln!("vm-test: booting {}", vmlinuz.display());
+    let start = Instant::now();
+    let mut console = boot(arch, &vmlinuz, initrd, Duration::from_secs(opts.timeout))?;
+    // Under emulation a guest kernel now and then dies while booting (an oops in its
+    // own start-up, before the test script runs): booted again, at most twice. A guest
+    // that reached the script is never booted again, whatever happened.
+    for attempt in 2..=3 {
+        if console.contains("=== kernel") {
+            break;
+        }
+        let log = vm_dir().join(format!("console-{file}-boot-{}.log", attempt - 1));
+        fs::write(&log, &console)?;
+        eprintln!(
+            "vm-test: Linux {guest} died before the tests started (console in {}); booting it again ({attempt} of 3)",
+            log.display()
+        );
+        console = boot(arch, &vmlinuz, initrd, Duration::from_secs(opts.timeout))?;
+    }
+    fs::write(vm_dir().join(format!("console-{file}.log")), &console)?;
+    eprintln!("vm-test: Linux {guest} done in {:.0?}", start.elapsed());
+    Ok(judge(arch, guest, &console))
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     setup::debian_packages(VM_PACKAGES)?;
-    crate::dist::build_static(&["tracer", "tracer-tests"])?;
-    apt_lists()?;
-    let initrd = initramfs()?;
-    let series: Vec<String> = if opts.kernels.is_empty() {
-        KERNELS.iter().map(|(s, _)| s.to_string()).collect()
-    } else {
-        opts.kernels.clone()
-    };
+    let arches = selected(&opts.arches)?;
     let mut outcomes = BTreeMap::new();
-    for s in &series {
-        let vmlinuz = kernel(s)?;
-        eprintln!("vm-test: booting {}", vmlinuz.display());
-        let start = Instant::now();
-        let mut console = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout))?;
-        // Under emulation a guest kernel now and then dies while booting (an oops in
-        // its own start-up, before the test script runs): booted again, at most twice.
-        // A guest that reached the script is never booted again, whatever happened.
-        for attempt in 2..=3 {
-            if console.contains("=== kernel") {
-                break;
-            }
-            let log = vm_dir().join(format!("console-{s}-boot-{}.log", attempt - 1));
-            fs::write(&log, &console)?;
-            eprintln!(
-                "vm-test: Linux {s} died before the tests started (console in {}); booting it again ({attempt} of 3)",
-                log.display()
-            );
-            console = boot(&vmlinuz, &initrd, Duration::from_secs(opts.timeout))?;
+    for arch in arches {
+        crate::dist::build_static(arch.target, crate::dist::STATIC_PACKAGES)?;
+        let series: Vec<String> = if opts.kernels.is_empty() {
+            arch.series.iter().map(|s| s.to_string()).collect()
+        } else {
+            opts.kernels.clone()
+        };
+        apt_lists(arch, &series)?;
+        let initrd = initramfs(arch)?;
+        for s in &series {
+            let guest = arch.guest(s);
+            let outcome = run_guest(arch, s, &guest, &initrd, opts)?;
+            outcomes.insert(guest, outcome);
         }
-        fs::write(vm_dir().join(format!("console-{s}.log")), &console)?;
-        eprintln!("vm-test: Linux {s} done in {:.0?}", start.elapsed());
-        outcomes.insert(s.clone(), judge(s, &console));
     }
+    // Under emulation a guest kernel now and then dies while booting (an oops in
+    // its own start-up, before the test script runs): booted again, at most twice.
+    // A guest that reached the script is never booted again, whatever happened.
     let mut report = String::new();
     let mut failed = 0;
     for (series, o) in &outcomes {
@@ -922,18 +1099,51 @@ mod tests {
         assert!(at_least("6.1.0-50-cloud-amd64", 5, 15) && at_least("5.15.0", 5, 15));
         assert!(!at_least("5.10.0-32-cloud-amd64", 5, 15));
         let sc = SCENARIOS.iter().find(|s| s.name == LABELLED).expect("labelled scenario");
+        let x86 = &ARCHES[0];
         let endpoint = |requests: u64, p50_ms: f64| {
             serde_json::json!({"listeners": [{"endpoints": [{"label": "GET /", "requests": requests,
                 "statuses": {"2xx": requests}, "phases": {"think": {"count": requests, "p50_ns": p50_ms * 1e6}}}]}]})
         };
         let available = ["request labels (--labels): available: yes"];
-        assert!(labels_check("6.1.0", &available, &endpoint(sc.samples, sc.delay_ms), sc).1);
-        assert!(!labels_check("6.1.0", &available, &endpoint(sc.samples - 1, sc.delay_ms), sc).1);
-        assert!(!labels_check("6.1.0", &available, &endpoint(sc.samples, 2.0 * sc.delay_ms), sc).1);
+        assert!(labels_check(x86, "6.1.0", &available, &endpoint(sc.samples, sc.delay_ms), sc).1);
+        assert!(!labels_check(x86, "6.1.0", &available, &endpoint(sc.samples - 1, sc.delay_ms), sc).1);
+        assert!(!labels_check(x86, "6.1.0", &available, &endpoint(sc.samples, 2.0 * sc.delay_ms), sc).1);
         let unavailable = ["request labels (--labels): unavailable: no helper"];
         let none = serde_json::json!({"listeners": [{}]});
-        assert!(labels_check("5.10.0", &unavailable, &none, sc).1);
-        assert!(!labels_check("6.1.0", &unavailable, &none, sc).1, "5.15 and later must label");
+        assert!(labels_check(x86, "5.10.0", &unavailable, &none, sc).1);
+        assert!(!labels_check(x86, "6.1.0", &unavailable, &none, sc).1, "5.15 and later must label");
+    }
+
+    #[test]
+    fn the_arm64_guest_runs_its_subset_and_must_label() {
+        let arm = &ARCHES[1];
+        assert_eq!((arm.name(), arm.guest("6.1")), ("aarch64", "6.1 aarch64".to_owned()));
+        let script = init_script(arm);
+        assert!(!script.contains("nginx") && !script.contains("curl"), "no HTTPS in the arm64 guest");
+        assert_eq!(script.matches("=== result ").count(), arm.passes.len() * 2);
+        assert_eq!(script.matches("tracer doctor").count(), arm.passes.len());
+        // Labels are read from arm64's registers: from 5.15 on they must be available.
+        let sc = SCENARIOS.iter().find(|s| s.name == LABELLED).expect("labelled scenario");
+        let unavailable =
+            ["request labels (--labels): unavailable: request labels are read on x86_64 and aarch64 only"];
+        let none = serde_json::json!({"listeners": [{}]});
+        assert!(!labels_check(arm, "6.1.0-50-cloud-arm64", &unavailable, &none, sc).1);
+        // A run that never reached the tests fails on the subset alone, HTTPS not asked.
+        let outcome = judge(arm, "6.1 aarch64", "=== kernel 6.1.0-50-cloud-arm64\n");
+        assert_eq!(outcome.passes.len(), arm.passes.len());
+        for pass in &outcome.passes {
+            let names: Vec<&str> = pass.checks.iter().map(|c| c.0.split(':').next().unwrap_or("")).collect();
+            let expected = ["Linux 6.1 aarch64 booted and finished", "slow-think", "slow-reader", "doctor"];
+            assert_eq!(names, expected, "{:?}", pass.checks);
+        }
+    }
+
+    #[test]
+    fn guest_architectures_are_named_as_rust_or_debian_names_them() {
+        assert_eq!(selected(&[]).unwrap().len(), ARCHES.len());
+        let arm = selected(&["arm64".to_owned(), "aarch64".to_owned()]).unwrap();
+        assert!(arm.iter().all(|a| a.target == AARCH64));
+        assert!(selected(&["riscv64".to_owned()]).unwrap_err().to_string().contains("known: x86_64, aarch64"));
     }
 
     #[test]
@@ -977,7 +1187,7 @@ mod tests {
                        not ready: the tracer was not tracing within 60 s\nserver 127.0.0.1:4000\n\
                        === stderr kprobe+records slow-reader\ntracer: this kernel's hooks: accept kretprobe/inet_csk_accept\n\
                        === end kprobe+records slow-reader\n=== done\n";
-        let outcome = judge("6.1", console);
+        let outcome = judge(&ARCHES[0], "6.1", console);
         let kprobe = outcome.passes.iter().find(|p| p.name == "kprobe+records").expect("kprobe+records pass");
         let (_, ok, detail) = kprobe.checks.iter().find(|c| c.0.starts_with("slow-reader")).expect("slow-reader");
         assert!(!ok);
@@ -989,7 +1199,7 @@ mod tests {
 
     #[test]
     fn every_scenario_starts_from_fresh_files() {
-        let script = init_script();
+        let script = init_script(&ARCHES[0]);
         let fresh = script.matches("rm -f /tmp/srv.out /tmp/trace.json /tmp/trace.err /tmp/client.out\n").count();
         assert_eq!(fresh, PASSES.len() * SCENARIOS.len());
         let https =
@@ -1063,7 +1273,7 @@ mod tests {
     }
 
     fn default_checks(console: &str) -> Vec<(String, bool, String)> {
-        let outcome = judge("6.12", console);
+        let outcome = judge(&ARCHES[0], "6.12", console);
         let pass = outcome.passes.into_iter().find(|p| p.name == "default").expect("default pass");
         pass.checks
             .into_iter()
