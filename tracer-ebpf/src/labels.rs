@@ -154,7 +154,9 @@ fn syscall_buffer() -> Option<(u64, u64)> {
         SYS_RECVMSG | SYS_SENDMSG => user_u64(arg1 + 16)?,
         _ => return None,
     };
-    Some((user_u64(iov)?, user_u64(iov + 8)?))
+    // The first `struct iovec` (base, length) in one read.
+    let first: [u64; 2] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }.ok()?;
+    Some((first[0], first[1]))
 }
 
 /// Copies the first bytes of what the current call reads or writes on `sk` (`done`: the
