@@ -39,6 +39,9 @@ pub mod kind {
     /// The first bytes of a request or response, for its label ([`Payload`]; only with
     /// labels on). Variable length: [`Payload::len`] bytes follow the fixed part.
     pub const PAYLOAD: u16 = 13;
+    /// A connection closed with an exchange still to report ([`ClosingExchange`]): the
+    /// exchange and the close in one record (a short connection's last two events).
+    pub const CONN_CLOSE_EXCHANGE: u16 = 14;
 }
 
 /// Which bytes a [`Payload`] holds.
@@ -468,6 +471,18 @@ pub struct ConnClose {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<ConnClose>() == 104);
+
+/// A connection's last exchange and its close, emitted together
+/// ([`kind::CONN_CLOSE_EXCHANGE`] in the close's header): one record instead of two
+/// for every connection that closes after its last request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosingExchange {
+    pub close: ConnClose,
+    /// The exchange, reported before the close.
+    pub request: ShortRequest,
+}
+const _: () = assert!(size_of::<ClosingExchange>() == 160);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -2,8 +2,8 @@
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use tracer_common::{
-    counter, flags, kind, origin, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest, ACK_PENDING,
-    GOODBYE_WINDOW_NS,
+    counter, flags, kind, origin, ClosingExchange, ConnAddr, ConnClose, ConnOpen, EventHeader, Request, ShortRequest,
+    ACK_PENDING, GOODBYE_WINDOW_NS,
 };
 
 use crate::maps::{bump, reserve, SOCKS};
@@ -86,11 +86,20 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
     slot.submit();
 }
 
-/// Emit the exchange in progress (if there is one) and reset the per-request fields.
+/// The exchange in progress on a connection, as its event gives it.
+struct Exchange {
+    flags: u32,
+    times: [u64; 6],
+    base: u64,
+    /// Whether it fits a [`ShortRequest`].
+    short: bool,
+}
+
+/// The exchange in progress (if there is one), with `extra_flags`.
 #[inline(always)]
-pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
+fn exchange(st: &mut SockState, extra_flags: u32) -> Option<Exchange> {
     if st.first_read_ns == 0 && st.first_write_ns == 0 {
-        return;
+        return None;
     }
     let mut flags = st.req_flags | extra_flags;
     if st.acked_ns == ACK_PENDING {
@@ -109,25 +118,37 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
             last = t;
         }
     }
-    if last - base <= ShortRequest::MAX_SPAN_NS
+    let short = last - base <= ShortRequest::MAX_SPAN_NS
         && st.req_in <= u32::MAX as u64
         && st.req_out <= u32::MAX as u64
-        && flags <= u16::MAX as u32
-    {
+        && flags <= u16::MAX as u32;
+    Some(Exchange { flags, times, base, short })
+}
+
+/// Writes exchange `x` of `sk` as a [`ShortRequest`] at `e`.
+#[inline(always)]
+fn write_short(e: *mut ShortRequest, sk: u64, st: &SockState, x: &Exchange) {
+    unsafe {
+        (*e).kind = kind::REQUEST_SHORT;
+        (*e).flags = x.flags as u16;
+        (*e).tid = st.tid;
+        (*e).sock = sk;
+        (*e).base_ns = x.base;
+        for (i, t) in x.times.into_iter().enumerate() {
+            (*e).offsets[i] = ShortRequest::offset(x.base, t);
+        }
+        (*e).bytes_in = st.req_in as u32;
+        (*e).bytes_out = st.req_out as u32;
+    }
+}
+
+/// Emit the exchange in progress (if there is one) and reset the per-request fields.
+#[inline(always)]
+pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
+    let Some(x) = exchange(st, extra_flags) else { return };
+    if x.short {
         if let Some(mut slot) = reserve::<ShortRequest>() {
-            let e = slot.as_mut_ptr();
-            unsafe {
-                (*e).kind = kind::REQUEST_SHORT;
-                (*e).flags = flags as u16;
-                (*e).tid = st.tid;
-                (*e).sock = sk;
-                (*e).base_ns = base;
-                for (i, t) in times.into_iter().enumerate() {
-                    (*e).offsets[i] = ShortRequest::offset(base, t);
-                }
-                (*e).bytes_in = st.req_in as u32;
-                (*e).bytes_out = st.req_out as u32;
-            }
+            write_short(slot.as_mut_ptr(), sk, st, &x);
             slot.submit();
         }
     } else if let Some(mut slot) = reserve::<Request>() {
@@ -143,12 +164,18 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
             (*e).bytes_in = st.req_in;
             (*e).bytes_out = st.req_out;
             (*e).index = st.requests;
-            (*e).flags = flags;
+            (*e).flags = x.flags;
             (*e).tid = st.tid;
             (*e)._pad = 0;
         }
         slot.submit();
     }
+    request_done(st, x.flags);
+}
+
+/// The exchange is reported: counted, and the per-request fields reset.
+#[inline(always)]
+fn request_done(st: &mut SockState, flags: u32) {
     if flags & flags::CLOSED_BY_PEER == 0 {
         st.requests += 1;
     }
@@ -219,10 +246,29 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         } else if st.dir == dir::WRITING && st.acked_ns == 0 {
             pending |= flags::UNDELIVERED;
         }
-        finish_request(sk, st, ts, pending);
+        match exchange(st, pending) {
+            // The usual end of a short connection: its exchange and its close in one record.
+            Some(x) if x.short => {
+                let Some(mut slot) = reserve::<ClosingExchange>() else { return };
+                let e = slot.as_mut_ptr();
+                write_short(unsafe { &raw mut (*e).request }, sk, st, &x);
+                request_done(st, x.flags);
+                write_close(unsafe { &raw mut (*e).close }, sk, st, addr, ts, pending);
+                unsafe { (*e).close.header.kind = kind::CONN_CLOSE_EXCHANGE };
+                slot.submit();
+                return;
+            }
+            Some(_) => finish_request(sk, st, ts, pending),
+            None => {}
+        }
     }
     let Some(mut slot) = reserve::<ConnClose>() else { return };
-    let e = slot.as_mut_ptr();
+    write_close(slot.as_mut_ptr(), sk, st, addr, ts, pending);
+    slot.submit();
+}
+
+#[inline(always)]
+fn write_close(e: *mut ConnClose, sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, pending: u32) {
     unsafe {
         (*e).header = header(kind::CONN_CLOSE, st.owner, sk, ts);
         (*e).addr = *addr;
@@ -231,5 +277,4 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
         (*e).requests = st.requests;
         (*e).flags = pending | (st.conn_flags & !flags::ORDERLY_CLOSE);
     }
-    slot.submit();
 }

@@ -22,35 +22,83 @@ pub fn read<T>(base: u64, offset: u32) -> Option<T> {
     }
 }
 
+/// The start of `struct sock_common` on every kernel the tracer knows: the addresses,
+/// the ports and the family, in this order. Read in one go when the offsets from BTF
+/// say the layout holds (one helper call instead of five).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Head {
+    daddr: u32,
+    rcv_saddr: u32,
+    _hash: u32,
+    dport: u16,
+    num: u16,
+    family: u16,
+    _state: u16,
+}
+
+/// Whether the fields of [`Head`] sit where it says, from `skc_daddr` on.
+#[inline(always)]
+fn head_layout() -> bool {
+    let at = off!(skc_daddr);
+    off!(skc_rcv_saddr) == at + 4
+        && off!(skc_dport) == at + 12
+        && off!(skc_num) == at + 14
+        && off!(skc_family) == at + 16
+}
+
 /// The 4-tuple of a `struct sock` (or `struct request_sock`, which starts with the same
 /// `struct sock_common`). IPv4 addresses come out IPv4-mapped.
 #[inline(always)]
 pub fn conn_addr(sk: u64) -> ConnAddr {
-    let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    let (family, local_port, remote_port, v4) = if head_layout() {
+        let head = read::<Head>(sk, off!(skc_daddr));
+        match head {
+            Some(h) => (h.family, h.num, h.dport, (h.rcv_saddr, h.daddr)),
+            None => (0, 0, 0, (0, 0)),
+        }
+    } else {
+        let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+        let v4 = if family == AF_INET {
+            (read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0), read::<u32>(sk, off!(skc_daddr)).unwrap_or(0))
+        } else {
+            (0, 0)
+        };
+        (family, read::<u16>(sk, off!(skc_num)).unwrap_or(0), read::<u16>(sk, off!(skc_dport)).unwrap_or(0), v4)
+    };
     // Every field assigned once (a `Default` start compiles to a byte-wise memset).
     let (local_addr, remote_addr) = if family == AF_INET {
-        (
-            mapped(read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)),
-            mapped(read::<u32>(sk, off!(skc_daddr)).unwrap_or(0)),
-        )
+        (mapped(v4.0), mapped(v4.1))
     } else if family == AF_INET6 {
-        (
-            read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
-            read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]),
-        )
+        v6_addrs(sk)
     } else {
         (words(0, 0), words(0, 0))
     };
     ConnAddr {
         family,
-        local_port: read::<u16>(sk, off!(skc_num)).unwrap_or(0),
-        remote_port: u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0)),
+        local_port,
+        remote_port: u16::from_be(remote_port),
         _pad: 0,
         netns: 0,
         _pad1: 0,
         local_addr,
         remote_addr,
     }
+}
+
+/// The local and remote IPv6 addresses of `sk`: one read when the remote one is right
+/// before the local one, as on every kernel the tracer knows.
+#[inline(always)]
+fn v6_addrs(sk: u64) -> ([u8; 16], [u8; 16]) {
+    let remote_at = off!(skc_v6_daddr);
+    if off!(skc_v6_rcv_saddr) == remote_at + 16 {
+        let both = read::<[[u8; 16]; 2]>(sk, remote_at).unwrap_or([[0; 16]; 2]);
+        return (both[1], both[0]);
+    }
+    (
+        read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
+        read::<[u8; 16]>(sk, remote_at).unwrap_or([0; 16]),
+    )
 }
 
 /// [`conn_addr`] with the socket's network namespace: for the events that name a

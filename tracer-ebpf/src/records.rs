@@ -81,19 +81,39 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
 #[inline(always)]
 fn write_buffer(msg: u64) -> Option<(u64, u64)> {
     let iter = msg + off!(msghdr_iter) as u64;
-    let kind = read::<u8>(iter, off!(iov_iter_type))? as u32 & off!(iter_type_mask);
-    let at: u64 = read(iter, off!(iov_iter_offset))?;
-    let ptr: u64 = read(iter, off!(iov_iter_ptr))?;
-    let base = if kind == off!(iter_ubuf) {
+    let (kind, at, ptr, count) = iter_fields(iter)?;
+    let base = if kind & off!(iter_type_mask) == off!(iter_ubuf) {
         ptr
-    } else if kind == off!(iter_iovec) {
+    } else if kind & off!(iter_type_mask) == off!(iter_iovec) {
         // The first iovec's base.
         read::<u64>(ptr, 0)?
     } else {
         return None;
     };
-    let count: u64 = read(iter, off!(iov_iter_count))?;
     Some((base + at, count))
+}
+
+/// The type, offset, buffer pointer and count of the `struct iov_iter` at `iter`: its
+/// first 32 bytes in one read where they hold them all (every kernel the tracer knows),
+/// else one read per field.
+#[inline(always)]
+fn iter_fields(iter: u64) -> Option<(u32, u64, u64, u64)> {
+    let (at, ptr, count) = (off!(iov_iter_offset), off!(iov_iter_ptr), off!(iov_iter_count));
+    let type_at = off!(iov_iter_type);
+    let word = |o: u32| o < 32 && o % 8 == 0;
+    if type_at < 8 && word(at) && word(ptr) && word(count) {
+        let head = read::<[u64; 4]>(iter, 0)?;
+        let pick = |o: u32| match o {
+            0 => head[0],
+            8 => head[1],
+            16 => head[2],
+            _ => head[3],
+        };
+        // The type is the byte at its offset of the first word (little-endian).
+        let kind = (head[0] >> (type_at * 8)) as u8 as u32;
+        return Some((kind, pick(at), pick(ptr), pick(count)));
+    }
+    Some((read::<u8>(iter, type_at)? as u32, read(iter, at)?, read(iter, ptr)?, read(iter, count)?))
 }
 
 /// The first bytes a write of `msg` carries.

@@ -4,8 +4,8 @@ use std::mem::size_of;
 
 use anyhow::{bail, Result};
 use tracer_common::{
-    kind, Bind, ConnClose, ConnOpen, EventHeader, Payload, ProcessEvent, Request, ResetSent, ShortRequest,
-    SynAckRetransmit, TlsDone, UpstreamConnect, UpstreamRequest,
+    kind, Bind, ClosingExchange, ConnClose, ConnOpen, EventHeader, Payload, ProcessEvent, Request, ResetSent,
+    ShortRequest, SynAckRetransmit, TlsDone, UpstreamConnect, UpstreamRequest,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,8 @@ pub enum Event {
     Open(ConnOpen),
     Request(Request),
     Close(ConnClose),
+    /// A connection's last exchange and its close, from one record.
+    ClosedAfter(Request, ConnClose),
     SynAckRetransmit(SynAckRetransmit),
     ResetSent(ResetSent),
     UpstreamConnect(UpstreamConnect),
@@ -51,6 +53,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
         kind::REQUEST => Event::Request(read(bytes)?),
         kind::REQUEST_SHORT => Event::Request(read::<ShortRequest>(bytes)?.expand()),
         kind::CONN_CLOSE => Event::Close(read(bytes)?),
+        kind::CONN_CLOSE_EXCHANGE => {
+            let both: ClosingExchange = read(bytes)?;
+            let mut close = both.close;
+            close.header.kind = kind::CONN_CLOSE;
+            Event::ClosedAfter(both.request.expand(), close)
+        }
         kind::SYNACK_RETRANSMIT => Event::SynAckRetransmit(read(bytes)?),
         kind::RESET_SENT => Event::ResetSent(read(bytes)?),
         kind::UPSTREAM_CONNECT => Event::UpstreamConnect(read(bytes)?),
@@ -116,6 +124,34 @@ mod tests {
             assert_eq!(base + offset as u64 - 1, ns);
         }
         assert_eq!(ShortRequest::offset(base, 0), 0);
+    }
+
+    #[test]
+    fn splits_the_closing_exchange_into_exchange_then_close() {
+        let sock = 0xffff_8888_0000_2000;
+        let mut both = ClosingExchange::default();
+        both.close.header = EventHeader { kind: kind::CONN_CLOSE_EXCHANGE, tgid: 9, sock, ..Default::default() };
+        both.close.bytes_in = 120;
+        both.close.requests = 1;
+        both.close.flags = flags::UNDELIVERED;
+        both.request = ShortRequest {
+            kind: kind::REQUEST_SHORT,
+            flags: flags::UNDELIVERED as u16,
+            tid: 9,
+            sock,
+            base_ns: 1_000,
+            offsets: [1, 11, 21, 31, 41, 0],
+            bytes_in: 120,
+            bytes_out: 300,
+        };
+        let Event::ClosedAfter(req, close) = decode(&bytes_of(&both)).unwrap() else {
+            panic!("not a closing exchange")
+        };
+        assert_eq!(close.header.kind, kind::CONN_CLOSE, "the close as a close event carries it");
+        assert_eq!((close.header.sock, close.header.tgid, close.bytes_in, close.requests), (sock, 9, 120, 1));
+        assert_eq!((req.header.sock, req.first_read_ns, req.last_write_ns, req.acked_ns), (sock, 1_010, 1_040, 0));
+        assert_eq!((req.bytes_in, req.bytes_out, req.flags), (120, 300, flags::UNDELIVERED));
+        assert!(decode(&bytes_of(&both)[..150]).is_err(), "a record cut short is refused");
     }
 
     #[test]

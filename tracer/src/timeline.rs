@@ -305,6 +305,10 @@ impl Timeline {
             Event::Open(open) => self.opened(open, out),
             Event::Request(req) => self.exchange(req, out),
             Event::Close(close) => self.closed(close, out),
+            Event::ClosedAfter(req, close) => {
+                self.exchange(req, out);
+                self.closed(close, out);
+            }
             Event::SynAckRetransmit(r) => {
                 out.push(Record::SynAckRetransmit { listener: ListenerId::new(r.addr.local_port, r.addr.netns) })
             }
