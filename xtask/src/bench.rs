@@ -1041,7 +1041,11 @@ fn fixed_rate_table(out: &mut String, fixed: &FixedRate) {
 
 /// The target: the tracer's machine CPU per request at the fixed rate no more than
 /// bpftrace's (think time alone) in the same rounds — judged only when the control holds.
-fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
+fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate, against: Config) {
+    let (name, whose) = match against {
+        Config::Capture => ("tcpdump", "tcpdump -w's"),
+        _ => ("bpftrace", "bpftrace think-only's"),
+    };
     let describe = |config: Config| {
         let cpu = median(fixed.cpu(config).into_iter().flatten().collect());
         fixed
@@ -1049,21 +1053,20 @@ fn true_cpu_target(out: &mut String, label: &str, fixed: &FixedRate) {
             .map_or_else(|| format!("{cpu:.2} µs"), |(added, _)| format!("{cpu:.2} µs ({added:+.2} µs over untraced)"))
     };
     let mut line = format!(
-        "- True CPU per request (fixed rate) ≤ bpftrace think-only's in the same rounds, {label} at {:.0} req/s: \
-         tracer {}",
+        "- True CPU per request (fixed rate) ≤ {whose} in the same rounds, {label} at {:.0} req/s: tracer {}",
         fixed.rate,
         describe(Config::Tracer)
     );
-    let difference = fixed.paired(Config::Tracer, Config::Bpftrace, |x, y| x - y);
+    let difference = fixed.paired(Config::Tracer, against, |x, y| x - y);
     let verdict = match difference {
         None => {
-            line.push_str("; bpftrace was not measured in this run (--only-tracer)");
+            let _ = write!(line, "; {name} was not measured in this run (--only-tracer)");
             "no verdict".to_owned()
         }
         Some(d) => {
-            let _ = write!(line, ", bpftrace {}; tracer − bpftrace {}", describe(Config::Bpftrace), us(d));
-            let behind = fixed.rounds_behind(Config::Tracer) + fixed.rounds_behind(Config::Bpftrace);
-            let saturated: usize = [Config::Untraced, Config::Tracer, Config::Bpftrace, Config::UntracedAgain]
+            let _ = write!(line, ", {name} {}; tracer − {name} {}", describe(against), us(d));
+            let behind = fixed.rounds_behind(Config::Tracer) + fixed.rounds_behind(against);
+            let saturated: usize = [Config::Untraced, Config::Tracer, against, Config::UntracedAgain]
                 .iter()
                 .map(|&c| fixed.rounds_saturated(c))
                 .sum();
@@ -1758,7 +1761,7 @@ fn render(
             Workload::NginxKeepAlive => {
                 let _ = writeln!(out, "{}", throughput(0.95, "nginx keep-alive"));
                 if let Some(fixed) = fixed {
-                    true_cpu_target(&mut out, "nginx keep-alive", fixed);
+                    true_cpu_target(&mut out, "nginx keep-alive", fixed, Config::Bpftrace);
                 }
                 match find(Config::Bpftrace) {
                     Some(b) => {
@@ -1813,10 +1816,15 @@ fn render(
                             format!("{} for ≤ 2.5 µs; no verdict against tcpdump", verdict(t.cpu_per_request_us <= 2.5)),
                     }
                 );
+                // The capture's own figure misses the packet copies it causes: set against
+                // it, what each costs the whole machine at a fixed rate.
+                if let Some(fixed) = fixed {
+                    true_cpu_target(&mut out, "a new connection per request", fixed, Config::Capture);
+                }
             }
             Workload::LabKeepAlive => {
                 if let Some(fixed) = fixed {
-                    true_cpu_target(&mut out, "lab keep-alive", fixed);
+                    true_cpu_target(&mut out, "lab keep-alive", fixed, Config::Bpftrace);
                 }
             }
             Workload::NginxHttpsKeepAlive => {
@@ -2200,18 +2208,29 @@ mod render_tests {
         assert!(out.contains("| untraced | 21.00 µs (20.00–22.00) | – | 50000 | 52% | 0 |"), "{out}");
         assert!(out.contains("100.0% (rounds: 99.1–101.0%) — within ±5%"), "{out}");
         let mut out = String::new();
-        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed, Config::Bpftrace);
         assert_eq!(
             out.trim_end(),
             "- True CPU per request (fixed rate) ≤ bpftrace think-only's in the same rounds, nginx keep-alive at \
              50000 req/s: tracer 22.25 µs (+1.25 µs over untraced), bpftrace 22.75 µs (+1.75 µs over untraced); \
              tracer − bpftrace -0.50 µs (rounds: -0.50 to -0.50) — **met**"
         );
+        // A new connection per request is set against the packet capture.
+        let mut capture = samples.clone();
+        capture.insert(Config::Capture, vec![run(20.5), run(23.0)]);
+        let mut out = String::new();
+        true_cpu_target(&mut out, "a new connection per request", &FixedRate::new(&capture).unwrap(), Config::Capture);
+        assert_eq!(
+            out.trim_end(),
+            "- True CPU per request (fixed rate) ≤ tcpdump -w's in the same rounds, a new connection per request at \
+             50000 req/s: tracer 22.25 µs (+1.25 µs over untraced), tcpdump 21.75 µs (+0.75 µs over untraced); \
+             tracer − tcpdump +0.50 µs (rounds: +0.50 to +0.50) — **not met**"
+        );
         // Without bpftrace (--only-tracer) there is nothing to judge against.
         let mut only = samples.clone();
         only.remove(&Config::Bpftrace);
         let mut out = String::new();
-        true_cpu_target(&mut out, "nginx keep-alive", &FixedRate::new(&only).unwrap());
+        true_cpu_target(&mut out, "nginx keep-alive", &FixedRate::new(&only).unwrap(), Config::Bpftrace);
         assert!(
             out.ends_with("untraced); bpftrace was not measured in this run (--only-tracer) — no verdict\n"),
             "{out}"
@@ -2220,7 +2239,7 @@ mod render_tests {
         samples.insert(Config::Tracer, vec![run(21.0), fixed_run(23.5, 150_000)]);
         let fixed = FixedRate::new(&samples).unwrap();
         let mut out = String::new();
-        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed, Config::Bpftrace);
         assert!(out.ends_with("— no verdict: 1 runs fell behind the rate\n"), "{out}");
         fixed_rate_table(&mut out, &fixed);
         assert!(out.contains("| 43750 (behind the rate in 1 of 2 rounds) | 48% | 50000 |"), "{out}");
@@ -2229,7 +2248,7 @@ mod render_tests {
         samples.insert(Config::Tracer, vec![run(21.0), run(38.5)]);
         let fixed = FixedRate::new(&samples).unwrap();
         let mut out = String::new();
-        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed, Config::Bpftrace);
         assert!(out.ends_with("— no verdict: in 1 runs the CPUs were 95% busy or more\n"), "{out}");
         fixed_rate_table(&mut out, &fixed);
         assert!(out.contains("**In 1 runs the CPUs were 95% busy or more**"), "{out}");
@@ -2249,7 +2268,7 @@ mod render_tests {
         fixed_rate_table(&mut out, &fixed);
         assert!(out.contains("**This run cannot judge machine CPU per request**"), "{out}");
         let mut out = String::new();
-        true_cpu_target(&mut out, "nginx keep-alive", &fixed);
+        true_cpu_target(&mut out, "nginx keep-alive", &fixed, Config::Bpftrace);
         assert!(out.ends_with("— no verdict: the control is 109.5% (rounds: 109.1–110.0%), beyond ±5%\n"), "{out}");
         assert!(!out.contains("met**"), "{out}");
         // The rendered Targets carry the same: no met, no not met, for this target.
