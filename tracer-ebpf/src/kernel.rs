@@ -152,11 +152,17 @@ pub fn is_inet_tcp(sk: u64) -> bool {
 pub fn sock_of_fd(task: u64, fd: u32) -> Option<u64> {
     let files: u64 = read(task, off!(task_files))?;
     let fdt: u64 = read(files, off!(files_fdt))?;
-    let max_fds: u32 = read(fdt, off!(fdtable_max_fds))?;
+    // `struct fdtable` starts with its size and its array (one read for both where the
+    // offsets from BTF say so, as on every kernel the tracer knows).
+    let (max_fds, fd_array) = if off!(fdtable_max_fds) == 0 && off!(fdtable_fd) == 8 {
+        let head: [u64; 2] = read(fdt, 0)?;
+        (head[0] as u32, head[1])
+    } else {
+        (read::<u32>(fdt, off!(fdtable_max_fds))?, read::<u64>(fdt, off!(fdtable_fd))?)
+    };
     if fd >= max_fds {
         return None;
     }
-    let fd_array: u64 = read(fdt, off!(fdtable_fd))?;
     let file: u64 = read(fd_array, fd * 8)?;
     let socket: u64 = read(file, off!(file_private_data))?;
     let sk: u64 = read(socket, off!(socket_sk))?;

@@ -53,23 +53,17 @@ static PAYLOAD: PerCpuArray<PayloadBuf> = PerCpuArray::with_max_entries(1, 0);
 /// the userspace's architecture (aya-build sets `bpf_target_arch` from it).
 #[cfg(bpf_target_arch = "x86_64")]
 mod saved {
-    use aya_ebpf::helpers::bpf_probe_read_kernel;
+    /// Where x86_64's `struct pt_regs` holds `dx`, `si` and `orig_ax`.
+    const DX_AT: u64 = 12 * 8;
+    const SI_AT: u64 = 13 * 8;
+    const ORIG_AX_AT: u64 = 15 * 8;
 
-    /// The part of x86_64's `struct pt_regs` read in one go: `dx`, `si`, `di`, `orig_ax`.
-    #[repr(C)]
-    struct SyscallRegs {
-        dx: u64,
-        si: u64,
-        _di: u64,
-        orig_ax: u64,
-    }
-    const REGS_AT: u64 = 12 * 8;
-
-    /// The call's number, its second argument and its third.
+    /// The call's number, its second argument and its third. `regs` is the typed
+    /// pointer `bpf_task_pt_regs` returns: read in place, with no helper call.
     #[inline(always)]
     pub fn syscall(regs: u64) -> Option<(u64, u64, u64)> {
-        let r: SyscallRegs = unsafe { bpf_probe_read_kernel((regs + REGS_AT) as *const SyscallRegs) }.ok()?;
-        Some((r.orig_ax, r.si, r.dx))
+        let at = |offset: u64| unsafe { core::ptr::read_volatile((regs + offset) as *const u64) };
+        Some((at(ORIG_AX_AT), at(SI_AT), at(DX_AT)))
     }
 
     // x86_64 system call numbers.
@@ -88,17 +82,17 @@ mod saved {
 /// the call's number `syscallno` (an `s32`) — the same from 5.10 to 6.12.
 #[cfg(bpf_target_arch = "aarch64")]
 mod saved {
-    use aya_ebpf::helpers::bpf_probe_read_kernel;
-
     const X1_AT: u64 = 8;
+    const X2_AT: u64 = 16;
     const SYSCALLNO_AT: u64 = 31 * 8 + 4 * 8;
 
-    /// The call's number, its second argument and its third.
+    /// The call's number, its second argument and its third, read in place (see the
+    /// x86_64 twin).
     #[inline(always)]
     pub fn syscall(regs: u64) -> Option<(u64, u64, u64)> {
-        let args: [u64; 2] = unsafe { bpf_probe_read_kernel((regs + X1_AT) as *const [u64; 2]) }.ok()?;
-        let nr: i32 = unsafe { bpf_probe_read_kernel((regs + SYSCALLNO_AT) as *const i32) }.ok()?;
-        Some((nr as u32 as u64, args[0], args[1]))
+        let nr = unsafe { core::ptr::read_volatile((regs + SYSCALLNO_AT) as *const i32) };
+        let arg = |offset: u64| unsafe { core::ptr::read_volatile((regs + offset) as *const u64) };
+        Some((nr as u32 as u64, arg(X1_AT), arg(X2_AT)))
     }
 
     // arm64 system call numbers (the generic table, asm-generic/unistd.h).
