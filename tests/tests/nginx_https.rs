@@ -4,9 +4,6 @@
 //! access log (its requests and `$request_time`) and curl's own timing of each TLS
 //! handshake. Each runs twice: through OpenSSL's calls (uprobes), then from the record
 //! layer alone (`--skip-hook-kind uprobe`), as for a server whose TLS has no hook.
-//! From the record layer, all but the first few of the new connections come once the
-//! tracer watches ClientHellos on every traced cgroup: their TLS is found because the
-//! hello's port was noted, and every one must be (one TLS sample per connection).
 
 use std::fs;
 

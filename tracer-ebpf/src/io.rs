@@ -12,7 +12,7 @@ use crate::{
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, read},
     labels::{capture, labels},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, may_be_tls_server, tls_hooks, tls_records},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks, tls_records},
     off, records, tls, upstream,
 };
 
@@ -132,7 +132,6 @@ pub fn on_write_start(sk: u64, msg: u64) {
         && st.requests == 0
         && st.dir == dir::READING
         && st.origin == origin::ACCEPTED
-        && may_be_tls_server(st.local_port as u16)
         && records::detect(sk, st, msg)
     {
         return;

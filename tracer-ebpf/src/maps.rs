@@ -233,43 +233,7 @@ pub fn mark_record_port(sk: u64) {
 /// Whether a connection on local port `port` may be followed from its records.
 #[inline(always)]
 pub fn record_port_marked(port: u16) -> bool {
-    port_byte(&RECORD_PORTS, port)
-}
-
-/// The local ports on which a ClientHello has arrived, a byte per port as in
-/// [`RECORD_PORTS`]: set by the segment program, which sees every segment the traced
-/// processes receive. While it is attached to all their cgroups ([`HELLOS_WATCHED`]),
-/// a server's first write is looked at for a TLS handshake record only on such a port.
-#[map]
-pub static HELLO_PORTS: Array<[u8; 8]> = Array::with_max_entries(8192, 0);
-
-/// 1 while the segment program has been attached to the cgroups of every traced
-/// process for a while (set by userspace): a ClientHello that came on a port is then
-/// in [`HELLO_PORTS`]. 0: not known, every first write is looked at.
-#[map]
-pub static HELLOS_WATCHED: Array<u32> = Array::with_max_entries(1, 0);
-
-#[inline(always)]
-fn port_byte(ports: &Array<[u8; 8]>, port: u16) -> bool {
-    ports.get((port >> 3) as u32).is_some_and(|bytes| bytes[(port & 7) as usize] != 0)
-}
-
-/// Marks `port` as one a ClientHello came on (once: a set byte is not written again).
-#[inline(always)]
-pub fn mark_hello_port(port: u16) {
-    if port_byte(&HELLO_PORTS, port) {
-        return;
-    }
-    if let Some(bytes) = HELLO_PORTS.get_ptr_mut((port >> 3) as u32) {
-        unsafe { core::ptr::write_volatile(&mut (*bytes)[(port & 7) as usize], 1) };
-    }
-}
-
-/// Whether an accepted connection on local port `port` may be a TLS server's: a
-/// ClientHello came on the port, or hellos are not watched everywhere.
-#[inline(always)]
-pub fn may_be_tls_server(port: u16) -> bool {
-    HELLOS_WATCHED.get(0).is_none_or(|watched| *watched == 0) || port_byte(&HELLO_PORTS, port)
+    RECORD_PORTS.get((port >> 3) as u32).is_some_and(|ports| ports[(port & 7) as usize] != 0)
 }
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:

@@ -17,10 +17,7 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::{
-        bpf_probe_read_user,
-        generated::{bpf_skc_to_tcp_sock, bpf_tcp_sock},
-    },
+    helpers::{bpf_probe_read_user, generated::bpf_skc_to_tcp_sock},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -29,7 +26,7 @@ use tracer_common::{origin, record, tls, RecordRead, RecordState};
 use crate::{
     conn::{current_tid, dir, now, SockState},
     kernel::read,
-    maps::{mark_hello_port, mark_record_port, record_port_marked, tls_hooks, LAST_RECORDS_READ, RECORDS},
+    maps::{mark_record_port, record_port_marked, tls_hooks, LAST_RECORDS_READ, RECORDS},
     off,
     tls::{handshake_done, queue_empty},
 };
@@ -45,9 +42,8 @@ pub fn tls_records(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn follow(ctx: &SkBuffContext) -> Option<()> {
     // Most segments are of connections never followed so: one array read, no lookup.
-    let port = unsafe { (*ctx.skb.skb).local_port } as u16;
-    if !record_port_marked(port) {
-        note_hello(ctx, port);
+    let port = unsafe { (*ctx.skb.skb).local_port };
+    if !record_port_marked(port as u16) {
         return None;
     }
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
@@ -62,8 +58,16 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
     if rs.state != record::PARSING && rs.state != record::DONE {
         return None;
     }
-    let (ip_len, payload) = payload_at(ctx)?;
+    // The program sees the packet from its network header.
+    let first: u8 = ctx.load(0).ok()?;
+    let ip_len: u32 = match first >> 4 {
+        4 => (first as u32 & 0xf) * 4,
+        6 => 40,
+        _ => return None,
+    };
     let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
+    let doff = (ctx.load::<u8>(ip_len as usize + 12).ok()? >> 4) as u32 * 4;
+    let payload = ip_len + doff;
     let len = ctx.len().checked_sub(payload)?;
     if len == 0 {
         return None;
@@ -71,54 +75,6 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
     rs.feed(seq, len, |i| ctx.load::<u8>((payload + i) as usize).ok());
     Some(())
 }
-
-/// The lengths of the segment's IP header and of its headers together (where its
-/// payload starts): the program sees the packet from its network header.
-#[inline(always)]
-fn payload_at(ctx: &SkBuffContext) -> Option<(u32, u32)> {
-    let first: u8 = ctx.load(0).ok()?;
-    let ip_len: u32 = match first >> 4 {
-        4 => (first as u32 & 0xf) * 4,
-        6 => 40,
-        _ => return None,
-    };
-    let doff = (ctx.load::<u8>(ip_len as usize + 12).ok()? >> 4) as u32 * 4;
-    Some((ip_len, ip_len + doff))
-}
-
-/// The least a segment holding a ClientHello measures from its network header: the
-/// smallest IP and TCP headers and a record header with the hello's fixed part (type,
-/// length, version, random).
-const HELLO_SEGMENT_MIN: u32 = 20 + 20 + 5 + 4 + 2 + 32;
-
-/// Marks the port of a connection whose first data is a ClientHello (see
-/// [`HELLO_PORTS`](crate::maps::HELLO_PORTS)). Most segments end at the length test or
-/// at the connection's received byte count; the payload is read for first data only.
-#[inline(always)]
-fn note_hello(ctx: &SkBuffContext, port: u16) -> Option<()> {
-    if ctx.len() < HELLO_SEGMENT_MIN {
-        return None;
-    }
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let tp = unsafe { bpf_tcp_sock(sk) };
-    if tp.is_null() || unsafe { (*tp).bytes_received } != 0 {
-        return None;
-    }
-    let (_, payload) = payload_at(ctx)?;
-    // Record type, version major, then (after the record's minor version and length)
-    // the handshake message's type.
-    let head: [u8; 6] = ctx.load(payload as usize).ok()?;
-    if head[0] == record::HANDSHAKE && head[1] == 3 && head[5] == CLIENT_HELLO {
-        mark_hello_port(port);
-    }
-    Some(())
-}
-
-/// The handshake message type of a ClientHello.
-const CLIENT_HELLO: u8 = 1;
 
 /// Where the bytes a write of `msg` (a `struct msghdr *`) carries start in user memory
 /// (of its first buffer), and how many it carries.

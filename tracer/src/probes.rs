@@ -231,8 +231,7 @@ impl Probes {
     }
 
     /// Attaches the record-layer program to the cgroup (v2) at `path`: it sees the
-    /// segments received by sockets of processes in that cgroup and below. Whether it
-    /// was attached now (false: it already was).
+    /// segments received by sockets of processes in that cgroup and below.
     pub fn attach_records(&mut self, path: &Path) -> Result<bool> {
         if self.record_cgroups.contains(path) {
             return Ok(false);
@@ -246,16 +245,6 @@ impl Probes {
             .with_context(|| format!("attaching the record-layer program to cgroup {}", path.display()))?;
         self.record_cgroups.insert(path.to_owned());
         Ok(true)
-    }
-
-    /// Says whether the record-layer program has been on the cgroups of every traced
-    /// process since before their connections now being made (`watched`): a server's
-    /// first write is then looked at for a TLS handshake only on a port a ClientHello
-    /// came on.
-    pub fn set_hellos_watched(&mut self, watched: bool) -> Result<()> {
-        let mut map: aya::maps::Array<&mut MapData, u32> =
-            aya::maps::Array::try_from(self.ebpf.map_mut("HELLOS_WATCHED").context("HELLOS_WATCHED map missing")?)?;
-        map.set(0, watched as u32, 0).context("setting HELLOS_WATCHED")
     }
 
     /// Removes the uprobes of process `pid` (it exited).

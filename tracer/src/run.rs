@@ -405,8 +405,6 @@ struct TlsWatch {
     /// size in memory each time (tens of MB for a debug build).
     without_tls: HashSet<(u64, u64)>,
     last_scan: Option<Instant>,
-    /// What the programs were last told of the ClientHellos (see `Probes::set_hellos_watched`).
-    hellos_watched: bool,
 }
 
 impl TlsWatch {
@@ -437,36 +435,19 @@ impl TlsWatch {
         if let Some(root) = tls::cgroup2_root().filter(|_| self.records) {
             // The record-layer program, on the cgroups of the traced processes (every
             // process's, in port mode).
-            let cgroups: Vec<Option<PathBuf>> = if port_mode {
-                vec![Some(root)]
+            let cgroups: HashSet<PathBuf> = if port_mode {
+                HashSet::from([root])
             } else {
-                live.iter().map(|&pid| tls::cgroup_of(pid)).collect::<HashSet<_>>().into_iter().collect()
+                live.iter().filter_map(|&pid| tls::cgroup_of(pid)).collect()
             };
-            // Every traced process's cgroup had the program already (attached by an
-            // earlier scan): the ClientHellos of their connections are all seen.
-            let mut everywhere = !cgroups.is_empty();
             for cgroup in cgroups {
-                let Some(cgroup) = cgroup else {
-                    everywhere = false;
-                    continue;
-                };
-                match probes.attach_records(&cgroup) {
-                    Ok(attached_now) => everywhere &= !attached_now,
-                    Err(e) => {
-                        everywhere = false;
-                        if self.announced.insert(format!("records {}", cgroup.display())) {
-                            say!(
-                                "tracer: warning: TLS without a library hook is not followed in {}: {e:#}",
-                                cgroup.display()
-                            );
-                        }
+                if let Err(e) = probes.attach_records(&cgroup) {
+                    if self.announced.insert(format!("records {}", cgroup.display())) {
+                        say!(
+                            "tracer: warning: TLS without a library hook is not followed in {}: {e:#}",
+                            cgroup.display()
+                        );
                     }
-                }
-            }
-            if everywhere != self.hellos_watched {
-                match probes.set_hellos_watched(everywhere) {
-                    Ok(()) => self.hellos_watched = everywhere,
-                    Err(e) => warn!("{e:#}"),
                 }
             }
         }
@@ -534,7 +515,6 @@ async fn trace(
         announced: HashSet::new(),
         without_tls: HashSet::new(),
         last_scan: None,
-        hellos_watched: false,
     };
     tls_watch.scan(&mut probes, &session.live, port_mode);
     let metrics = match args.metrics_addr {
