@@ -730,6 +730,27 @@ mod tests {
         assert_eq!((c.bytes_in, c.bytes_out, c.requests), (500, 700, 2));
     }
 
+    #[test]
+    fn a_closing_record_gives_its_exchange_then_its_close() {
+        let Event::Request(req) = request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 9 * MS], 0, 0) else { panic!() };
+        let close = ConnClose {
+            header: header(kind::CONN_CLOSE, 30 * MS),
+            addr: addr(),
+            bytes_in: 100,
+            bytes_out: 10,
+            requests: 1,
+            flags: 0,
+        };
+        let out = run(&[open(1 * MS, 2 * MS, 3 * MS), Event::ClosedAfter(req, close)]);
+        assert_eq!(out.len(), 3, "{out:?}");
+        let Record::Exchange { listener, think_ns, delivery_ns, outcome, .. } = &out[1] else { panic!("{out:?}") };
+        assert_eq!((*listener, *think_ns, *delivery_ns), (ListenerId::new(8080, 0), Some(1 * MS), Some(1 * MS)));
+        assert_eq!(*outcome, Outcome::Answered);
+        let Record::Closed(c) = &out[2] else { panic!("{out:?}") };
+        assert_eq!((c.requests, c.duration_ns), (1, Some(27 * MS)));
+        assert_eq!(run(&[open(1 * MS, 2 * MS, 3 * MS), Event::Close(close)]).len(), 2);
+    }
+
     /// An upstream request on the connection to `port` written by thread `tid`, bound
     /// to the server request first read at `bound` on `SOCK` (0: none known).
     fn upstream(tid: u32, port: u16, last_write: u64, response: u64, first_read: u64) -> Event {
