@@ -145,10 +145,17 @@ fn write_short(e: *mut ShortRequest, sk: u64, st: &SockState, x: &Exchange) {
 /// Emit the exchange in progress (if there is one) and reset the per-request fields.
 #[inline(always)]
 pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
-    let Some(x) = exchange(st, extra_flags) else { return };
+    if let Some(x) = exchange(st, extra_flags) {
+        emit_exchange(sk, st, ts, &x);
+    }
+}
+
+/// Emits exchange `x` (one line when it fits) and resets the per-request fields.
+#[inline(always)]
+fn emit_exchange(sk: u64, st: &mut SockState, ts: u64, x: &Exchange) {
     if x.short {
         if let Some(mut slot) = reserve::<ShortRequest>() {
-            write_short(slot.as_mut_ptr(), sk, st, &x);
+            write_short(slot.as_mut_ptr(), sk, st, x);
             slot.submit();
         }
     } else if let Some(mut slot) = reserve::<Request>() {
@@ -258,7 +265,9 @@ pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
                 slot.submit();
                 return;
             }
-            Some(_) => finish_request(sk, st, ts, pending),
+            // (Not `finish_request`: `exchange` has already taken a pending
+            // acknowledgement into the flags.)
+            Some(x) => emit_exchange(sk, st, ts, &x),
             None => {}
         }
     }

@@ -82,9 +82,10 @@ fn follow(ctx: &SkBuffContext) -> Option<()> {
 fn write_buffer(msg: u64) -> Option<(u64, u64)> {
     let iter = msg + off!(msghdr_iter) as u64;
     let (kind, at, ptr, count) = iter_fields(iter)?;
-    let base = if kind & off!(iter_type_mask) == off!(iter_ubuf) {
+    let kind = kind & off!(iter_type_mask);
+    let base = if kind == off!(iter_ubuf) {
         ptr
-    } else if kind & off!(iter_type_mask) == off!(iter_iovec) {
+    } else if kind == off!(iter_iovec) {
         // The first iovec's base.
         read::<u64>(ptr, 0)?
     } else {
