@@ -241,6 +241,9 @@ struct Conn {
     remote: SocketAddr,
     seen_ns: u64,
     accepted_ns: u64,
+    /// The first read of the last request whose exchange was handled: upstream waits
+    /// bound to it or to an earlier one come too late to count.
+    settled_ns: u64,
     /// The process that accepted it (exchanges in the short form do not carry it).
     pid: u32,
 }
@@ -370,6 +373,7 @@ impl Timeline {
                 remote,
                 seen_ns: open.header.ts_ns,
                 accepted_ns: if accepted { open.accepted_ns } else { 0 },
+                settled_ns: 0,
                 pid: open.header.tgid,
             },
         );
@@ -384,8 +388,12 @@ impl Timeline {
     }
 
     fn exchange(&mut self, req: &Request, out: &mut Vec<Record>) {
-        let (listener, accepted_ns, remote, pid) = match self.conns.get(&req.header.sock) {
-            Some(c) => (c.listener, c.accepted_ns, Some(c.remote), c.pid),
+        let (listener, accepted_ns, remote, pid) = match self.conns.get_mut(&req.header.sock) {
+            Some(c) => {
+                // Handled now: its upstream waits still to come are late.
+                c.settled_ns = c.settled_ns.max(req.first_read_ns);
+                (c.listener, c.accepted_ns, Some(c.remote), c.pid)
+            }
             // The open event was lost: the exchange still counts, under an unknown listener.
             None => (ListenerId::default(), 0, None, 0),
         };
@@ -438,9 +446,22 @@ impl Timeline {
         });
     }
 
+    /// Whether the exchange of server request `key` was handled already (a wait bound to
+    /// it now is late): per connection, requests are handled in the order they were
+    /// read, so that is one comparison with the connection's last. A connection no
+    /// longer known has closed, every exchange of it handled; one opened after the
+    /// request's first read reuses the socket of the request's, which has.
+    fn settled(&self, key: RequestKey) -> bool {
+        match self.conns.get(&key.sock) {
+            Some(c) => key.first_read_ns <= c.settled_ns || key.first_read_ns < c.seen_ns,
+            None => true,
+        }
+    }
+
     fn bind(&mut self, b: &Bind, out: &mut Vec<Record>) {
         let key = RequestKey { sock: b.header.sock, first_read_ns: b.first_read_ns };
-        let given_up = self.waits.bind(b.header.tid, key, b.since_ns);
+        let settled = self.settled(key);
+        let given_up = self.waits.bind(b.header.tid, key, settled, b.since_ns);
         out.extend(given_up.into_iter().map(|peer| Record::Unattributed { peer }));
     }
 
@@ -491,7 +512,8 @@ impl Timeline {
             let wait = Wait { callee, begun_ns: r.first_write_ns, start_ns: last_write_ns, end_ns: r.first_read_ns };
             let bound =
                 (r.bound_sock != 0).then_some(RequestKey { sock: r.bound_sock, first_read_ns: r.bound_first_read_ns });
-            let given_up = self.waits.record(bound, r.header.tid, wait);
+            let settled = bound.is_some_and(|key| self.settled(key));
+            let given_up = self.waits.record(bound, settled, r.header.tid, wait);
             out.extend(given_up.into_iter().map(|peer| Record::Unattributed { peer }));
         }
         // Every answered request is timed: to the response's first byte queued on the
@@ -861,6 +883,48 @@ mod tests {
             assert_eq!(think, Some(81 * MS));
             assert_eq!(charged, vec![(9000 + i as u16, 80 * MS)], "request {i}");
         }
+    }
+
+    fn unattributed_ports(out: &[Record]) -> Vec<u16> {
+        out.iter()
+            .filter_map(|r| match r {
+                Record::Unattributed { peer } => Some(peer.port()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_wait_for_a_request_already_answered_is_unattributed() {
+        // Request A (read at 5 ms) is answered; a wait bound to it arrives after its
+        // exchange (:5432), then one for request B (read at 60 ms, still to answer):
+        // the first is late, the second counts for B. After the close, a wait bound to
+        // B is late too, as is one for an earlier connection on a socket reopened since.
+        let mut reopened = open(1 * MS, 2 * MS, 300 * MS);
+        if let Event::Open(o) = &mut reopened {
+            o.header.ts_ns = 300 * MS;
+        }
+        let close = ConnClose {
+            header: header(kind::CONN_CLOSE, 200 * MS),
+            addr: addr(),
+            bytes_in: 0,
+            bytes_out: 0,
+            requests: 2,
+            flags: 0,
+        };
+        let out = run(&[
+            open(1 * MS, 2 * MS, 3 * MS),
+            request([4 * MS, 5 * MS, 10 * MS, 50 * MS, 50 * MS, 51 * MS], 0, 0),
+            bound_upstream(7, 5432, 5 * MS, 12 * MS, 40 * MS, 41 * MS),
+            bound_upstream(7, 6379, 60 * MS, 62 * MS, 70 * MS, 71 * MS),
+            request([60 * MS, 60 * MS, 61 * MS, 100 * MS, 100 * MS, 101 * MS], 0, 1),
+            Event::Close(close),
+            bound_upstream(7, 7000, 60 * MS, 62 * MS, 70 * MS, 71 * MS),
+            reopened,
+            bound_upstream(7, 7001, 60 * MS, 62 * MS, 70 * MS, 71 * MS),
+        ]);
+        assert_eq!(unattributed_ports(&out), vec![5432, 7000, 7001]);
+        assert_eq!(think_waits_of(&out), vec![(Some(40 * MS), vec![]), (Some(39 * MS), vec![(6379, 9 * MS)])]);
     }
 
     #[test]

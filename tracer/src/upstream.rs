@@ -21,7 +21,7 @@
 
 use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 /// How a connect() ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,10 +112,6 @@ pub struct Waits {
     /// `bound`'s keys in the order they came (with keys since taken, pruned now and
     /// then), to give up the oldest beyond [`BOUND`].
     order: VecDeque<RequestKey>,
-    /// Server requests whose exchange has been handled, most recent last: a wait bound
-    /// to one of them came too late to count for it.
-    settled: FxHashSet<RequestKey>,
-    settled_order: VecDeque<RequestKey>,
     /// Per thread, waits begun with no server request known, until a bind ties them.
     unbound: FxHashMap<u32, VecDeque<Wait>>,
 }
@@ -125,8 +121,6 @@ pub struct Waits {
 const BOUND: usize = 65_536;
 /// Waits kept per server request.
 const PER_REQUEST: usize = 512;
-/// Settled server requests remembered.
-const SETTLED: usize = 65_536;
 /// Unbound waits kept per thread; beyond this the oldest are unattributed.
 const PER_THREAD: usize = 512;
 /// Threads with unbound waits remembered; beyond this they are unattributed.
@@ -134,11 +128,13 @@ const THREADS: usize = 16_384;
 
 impl Waits {
     /// Keeps `wait` for the server request it is bound to, or for its thread `tid` when
-    /// none is known. Returns the peers of waits given up as unattributed meanwhile.
-    pub fn record(&mut self, bound: Option<RequestKey>, tid: u32, wait: Wait) -> Vec<SocketAddr> {
+    /// none is known. `settled`: the bound request's exchange was handled already (the
+    /// caller knows its connections), so the wait came too late to count for it. Returns
+    /// the peers of waits given up as unattributed meanwhile.
+    pub fn record(&mut self, bound: Option<RequestKey>, settled: bool, tid: u32, wait: Wait) -> Vec<SocketAddr> {
         let mut given_up = Vec::new();
         match bound {
-            Some(key) => self.bind_one(key, wait, &mut given_up),
+            Some(key) => self.bind_one(key, settled, wait, &mut given_up),
             None => {
                 if self.unbound.len() >= THREADS && !self.unbound.contains_key(&tid) {
                     given_up.extend(self.unbound.drain().flat_map(|(_, w)| w).map(|w| w.callee.peer));
@@ -153,8 +149,8 @@ impl Waits {
         given_up
     }
 
-    fn bind_one(&mut self, key: RequestKey, wait: Wait, given_up: &mut Vec<SocketAddr>) {
-        if self.settled.contains(&key) {
+    fn bind_one(&mut self, key: RequestKey, settled: bool, wait: Wait, given_up: &mut Vec<SocketAddr>) {
+        if settled {
             given_up.push(wait.callee.peer);
             return;
         }
@@ -179,14 +175,15 @@ impl Waits {
         }
     }
 
-    /// Thread `tid` began writing the response of server request `key`: its unbound
-    /// waits begun since `since_ns` were made for it. Returns the peers of waits given
-    /// up as unattributed: older ones, which no request can claim any more.
-    pub fn bind(&mut self, tid: u32, key: RequestKey, since_ns: u64) -> Vec<SocketAddr> {
+    /// Thread `tid` began writing the response of server request `key` (`settled`: as
+    /// for [`Waits::record`]): its unbound waits begun since `since_ns` were made for it.
+    /// Returns the peers of waits given up as unattributed: older ones, which no request
+    /// can claim any more.
+    pub fn bind(&mut self, tid: u32, key: RequestKey, settled: bool, since_ns: u64) -> Vec<SocketAddr> {
         let mut given_up = Vec::new();
         for wait in self.unbound.remove(&tid).unwrap_or_default() {
             if wait.begun_ns >= since_ns {
-                self.bind_one(key, wait, &mut given_up);
+                self.bind_one(key, settled, wait, &mut given_up);
             } else {
                 given_up.push(wait.callee.peer);
             }
@@ -195,31 +192,17 @@ impl Waits {
     }
 
     /// The waits of server request `key` inside its think `[from, to]`, per peer (in
-    /// the order first charged); the request is settled.
+    /// the order first charged). Its exchange is handled: the caller settles it.
     pub fn attribute(&mut self, key: RequestKey, from: u64, to: u64) -> Vec<(Callee, u64)> {
-        let charged = match self.bound.remove(&key) {
+        match self.bound.remove(&key) {
             Some(waits) => charge(&waits, from, to),
             None => Vec::new(),
-        };
-        self.settle(key);
-        charged
+        }
     }
 
-    /// Settles server request `key`, which got no think time: its waits count nowhere.
+    /// Server request `key` got no think time: its waits count nowhere.
     pub fn forget(&mut self, key: RequestKey) {
         self.bound.remove(&key);
-        self.settle(key);
-    }
-
-    fn settle(&mut self, key: RequestKey) {
-        if self.settled.insert(key) {
-            self.settled_order.push_back(key);
-        }
-        while self.settled_order.len() > SETTLED {
-            if let Some(oldest) = self.settled_order.pop_front() {
-                self.settled.remove(&oldest);
-            }
-        }
     }
 
     /// The peers of every wait still waiting for a bind: at the end of tracing, these
@@ -275,15 +258,22 @@ mod tests {
         RequestKey { sock, first_read_ns: first_read_ms * MS }
     }
 
+    impl Waits {
+        /// `record` for a request still to be answered.
+        fn record_for(&mut self, bound: Option<RequestKey>, tid: u32, wait: Wait) -> Vec<SocketAddr> {
+            self.record(bound, false, tid, wait)
+        }
+    }
+
     #[test]
     fn waits_inside_think_are_attributed_per_peer() {
         let mut w = Waits::default();
         // Request A (think 100–200 ms): two calls to :5432 and one to :6379.
-        w.record(Some(key(1, 90)), 7, wait(5432, 110, 150));
-        w.record(Some(key(1, 90)), 7, wait(6379, 150, 160));
-        w.record(Some(key(1, 90)), 7, wait(5432, 170, 190));
+        w.record_for(Some(key(1, 90)), 7, wait(5432, 110, 150));
+        w.record_for(Some(key(1, 90)), 7, wait(6379, 150, 160));
+        w.record_for(Some(key(1, 90)), 7, wait(5432, 170, 190));
         // Another request's wait, on the same thread and at the same time, is not A's.
-        w.record(Some(key(2, 95)), 7, wait(5432, 100, 200));
+        w.record_for(Some(key(2, 95)), 7, wait(5432, 100, 200));
         assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![(callee(5432), 60 * MS), (callee(6379), 10 * MS)]);
         // Taken once.
         assert_eq!(w.attribute(key(1, 90), 100 * MS, 200 * MS), vec![]);
@@ -297,7 +287,7 @@ mod tests {
         // charged its own 80 ms, never more than its think.
         let mut w = Waits::default();
         for i in 0..4u64 {
-            w.record(Some(key(10 + i, i)), 7, wait(8080, i + 1, i + 81));
+            w.record_for(Some(key(10 + i, i)), 7, wait(8080, i + 1, i + 81));
         }
         for i in 0..4u64 {
             let think = (i + 1) * MS..(i + 82) * MS;
@@ -311,15 +301,15 @@ mod tests {
         // Two calls in parallel (:1 for 10–50 ms, :2 for 20–80 ms) inside a think of
         // 0–100 ms: 70 ms of waiting, 10 ms to :1 alone, then :2 (ending last) 60 ms.
         let mut w = Waits::default();
-        w.record(Some(key(1, 0)), 7, wait(1, 10, 50));
-        w.record(Some(key(1, 0)), 8, wait(2, 20, 80));
+        w.record_for(Some(key(1, 0)), 7, wait(1, 10, 50));
+        w.record_for(Some(key(1, 0)), 8, wait(2, 20, 80));
         assert_eq!(w.attribute(key(1, 0), 0, 100 * MS), vec![(callee(1), 10 * MS), (callee(2), 60 * MS)]);
     }
 
     #[test]
     fn waits_are_clipped_to_think() {
         let mut w = Waits::default();
-        w.record(Some(key(1, 0)), 7, wait(1, 90, 130));
+        w.record_for(Some(key(1, 0)), 7, wait(1, 90, 130));
         assert_eq!(w.attribute(key(1, 0), 100 * MS, 200 * MS), vec![(callee(1), 30 * MS)]);
     }
 
@@ -328,7 +318,7 @@ mod tests {
         // The wait is bound when the request is written; the thread that reads the
         // response (here 9) plays no part.
         let mut w = Waits::default();
-        w.record(Some(key(1, 0)), 9, wait(1, 10, 50));
+        w.record_for(Some(key(1, 0)), 9, wait(1, 10, 50));
         assert_eq!(w.attribute(key(1, 0), 5 * MS, 60 * MS), vec![(callee(1), 40 * MS)]);
     }
 
@@ -339,15 +329,15 @@ mod tests {
         // (60–90 ms) is for the next request it answers (6, 55), not this one; a call
         // begun before the worker's previous response can no longer be claimed.
         let mut w = Waits::default();
-        w.record(None, 20, wait(1, 10, 50));
-        assert_eq!(w.bind(20, key(5, 0), 0), vec![]);
-        w.record(None, 20, wait(1, 52, 53));
-        w.record(None, 20, wait(1, 60, 90));
-        assert_eq!(w.bind(20, key(6, 55), 55 * MS), vec![peer(1)]);
+        w.record_for(None, 20, wait(1, 10, 50));
+        assert_eq!(w.bind(20, key(5, 0), false, 0), vec![]);
+        w.record_for(None, 20, wait(1, 52, 53));
+        w.record_for(None, 20, wait(1, 60, 90));
+        assert_eq!(w.bind(20, key(6, 55), false, 55 * MS), vec![peer(1)]);
         assert_eq!(w.attribute(key(5, 0), 1 * MS, 55 * MS), vec![(callee(1), 40 * MS)]);
         assert_eq!(w.attribute(key(6, 55), 56 * MS, 95 * MS), vec![(callee(1), 30 * MS)]);
         // Calls no bind ever ties are unattributed at the end.
-        w.record(None, 21, wait(1, 100, 110));
+        w.record_for(None, 21, wait(1, 100, 110));
         assert_eq!(w.drain_unbound(), vec![peer(1)]);
     }
 
@@ -356,15 +346,17 @@ mod tests {
         let mut w = Waits::default();
         assert_eq!(w.attribute(key(1, 0), 0, 10 * MS), vec![]);
         // Its response came after the request was answered: it cannot count for it.
-        assert_eq!(w.record(Some(key(1, 0)), 7, wait(1, 5, 20)), vec![peer(1)]);
-        // Many requests bound and settled: the bookkeeping stays bounded.
+        assert_eq!(w.record(Some(key(1, 0)), true, 7, wait(1, 5, 20)), vec![peer(1)]);
+        assert_eq!(w.bind(7, key(1, 0), true, 0), vec![]);
+        w.record_for(None, 7, wait(1, 6, 21));
+        assert_eq!(w.bind(7, key(1, 0), true, 0), vec![peer(1)]);
+        // Many requests bound and answered: the bookkeeping stays bounded.
         for i in 0..200_000u64 {
-            assert_eq!(w.record(Some(key(2, i)), 7, wait(1, i, i + 1)), vec![]);
+            assert_eq!(w.record_for(Some(key(2, i)), 7, wait(1, i, i + 1)), vec![]);
             w.attribute(key(2, i), i * MS, (i + 1) * MS);
         }
         assert!(w.bound.is_empty());
         assert!(w.order.len() <= 1024 + 1, "{}", w.order.len());
-        assert!(w.settled.len() <= SETTLED && w.settled_order.len() <= SETTLED);
     }
 
     #[test]
