@@ -752,17 +752,14 @@ mod tests {
         assert_eq!((c.bytes_in, c.bytes_out, c.requests), (500, 700, 2));
     }
 
+    fn closed_at(ts: u64, bytes_in: u64, bytes_out: u64, requests: u32) -> ConnClose {
+        ConnClose { header: header(kind::CONN_CLOSE, ts), addr: addr(), bytes_in, bytes_out, requests, flags: 0 }
+    }
+
     #[test]
     fn a_closing_record_gives_its_exchange_then_its_close() {
         let Event::Request(req) = request([4 * MS, 5 * MS, 6 * MS, 7 * MS, 8 * MS, 9 * MS], 0, 0) else { panic!() };
-        let close = ConnClose {
-            header: header(kind::CONN_CLOSE, 30 * MS),
-            addr: addr(),
-            bytes_in: 100,
-            bytes_out: 10,
-            requests: 1,
-            flags: 0,
-        };
+        let close = closed_at(30 * MS, 100, 10, 1);
         let out = run(&[open(1 * MS, 2 * MS, 3 * MS), Event::ClosedAfter(req, close)]);
         assert_eq!(out.len(), 3, "{out:?}");
         let Record::Exchange { listener, think_ns, delivery_ns, outcome, .. } = &out[1] else { panic!("{out:?}") };
@@ -900,18 +897,8 @@ mod tests {
         // exchange (:5432), then one for request B (read at 60 ms, still to answer):
         // the first is late, the second counts for B. After the close, a wait bound to
         // B is late too, as is one for an earlier connection on a socket reopened since.
-        let mut reopened = open(1 * MS, 2 * MS, 300 * MS);
-        if let Event::Open(o) = &mut reopened {
-            o.header.ts_ns = 300 * MS;
-        }
-        let close = ConnClose {
-            header: header(kind::CONN_CLOSE, 200 * MS),
-            addr: addr(),
-            bytes_in: 0,
-            bytes_out: 0,
-            requests: 2,
-            flags: 0,
-        };
+        let reopened = open(1 * MS, 2 * MS, 300 * MS);
+        let close = closed_at(200 * MS, 0, 0, 2);
         let out = run(&[
             open(1 * MS, 2 * MS, 3 * MS),
             request([4 * MS, 5 * MS, 10 * MS, 50 * MS, 50 * MS, 51 * MS], 0, 0),
