@@ -27,7 +27,7 @@ use crate::{
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
 #[fexit]
 pub fn tcp_sendmsg_exit(ctx: FExitContext) -> i32 {
-    on_send_return(ctx.arg(0), ctx.arg(3));
+    on_send_return::<false>(ctx.arg(0), ctx.arg(3));
     0
 }
 
@@ -162,7 +162,7 @@ pub fn tcp_sendmsg_return(ctx: RetProbeContext) -> u32 {
     let thread = bpf_get_current_pid_tgid();
     let Some(call) = (unsafe { SEND_CALLS.get(&thread) }).copied() else { return 0 };
     let _ = SEND_CALLS.remove(&thread);
-    on_send_return(call.sk, ctx.ret::<i32>());
+    on_send_return::<false>(call.sk, ctx.ret::<i32>());
     0
 }
 

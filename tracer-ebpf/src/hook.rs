@@ -5,14 +5,26 @@
 
 /// `tracepoint_hook! { fn NAME / RAW_NAME (ctx) { body } }`: programs `NAME` (tp_btf)
 /// and `RAW_NAME` (raw_tp). Userspace gives the tracepoint's name when it attaches them.
+///
+/// The body sees `BTF`: whether its pointer arguments are typed (tp_btf), so that the
+/// fields of the structures they point to may be loaded in place (`kernel::load`) rather
+/// than through a helper call; a raw tracepoint's are plain numbers.
 macro_rules! tracepoint_hook {
     ($(#[$doc:meta])* fn $tp:ident / $raw:ident ($ctx:ident) $body:block) => {
         $(#[$doc])*
         #[aya_ebpf::macros::btf_tracepoint]
-        pub fn $tp($ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 $body
+        pub fn $tp($ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
+            #[allow(dead_code)]
+            const BTF: bool = true;
+            $body
+        }
 
         $(#[$doc])*
         #[aya_ebpf::macros::raw_tracepoint]
-        pub fn $raw($ctx: aya_ebpf::programs::RawTracePointContext) -> i32 $body
+        pub fn $raw($ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+            #[allow(dead_code)]
+            const BTF: bool = false;
+            $body
+        }
     };
 }

@@ -10,7 +10,7 @@ use tracer_common::{flags, origin, side, tls as tls_flags, ACK_PENDING};
 use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
-    kernel::{conn_addr, is_inet_tcp, read},
+    kernel::{conn_addr, is_inet_tcp, load, read, tcp_sock},
     labels::{capture, labels},
     maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks, tls_records},
     off, records, tls, upstream,
@@ -27,7 +27,7 @@ tracepoint_hook! {
 
 tracepoint_hook! {
     fn sock_send_length / raw_sock_send_length (ctx) {
-        on_send_return(ctx.arg(0), ctx.arg(1));
+        on_send_return::<BTF>(ctx.arg(0), ctx.arg(1));
         0
     }
 }
@@ -51,9 +51,9 @@ pub fn on_recv_return(sk: u64, ret: i32, msg_flags: i32) {
 
 /// A send call on `sk` returned `ret` (bytes, or an error).
 #[inline(always)]
-pub fn on_send_return(sk: u64, ret: i32) {
+pub fn on_send_return<const BTF: bool>(sk: u64, ret: i32) {
     if ret > 0 {
-        on_write(sk, ret as u64);
+        on_write::<BTF>(sk, ret as u64);
     }
 }
 
@@ -62,17 +62,17 @@ tracepoint_hook! {
     /// acknowledgements, from one hook (a data-ready hook would be a second program run
     /// per request, for the same moment to within microseconds).
     fn tcp_probe / raw_tcp_probe (ctx) {
-        on_segment(ctx.arg(0), ctx.arg(1));
+        on_segment::<BTF>(ctx.arg(0), ctx.arg(1));
         0
     }
 }
 
 #[inline(always)]
-fn on_segment(sk: u64, skb: u64) {
+fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
     let Some(st) = state_mut(sk) else { return };
     let cb = skb + off!(skb_cb) as u64;
     // seq and end_seq in one read (end_seq follows seq: checked at start).
-    let seqs = read::<u64>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
+    let seqs = load::<BTF, u64>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
     let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
     // The clock is read at most once: a request often brings the previous response's ACK.
     let mut ts = 0;
@@ -92,7 +92,7 @@ fn on_segment(sk: u64, skb: u64) {
     if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
         return;
     }
-    let Some(ack_seq) = read::<u32>(cb, off!(tcp_skb_cb_ack_seq)) else { return };
+    let Some(ack_seq) = load::<BTF, u32>(cb, off!(tcp_skb_cb_ack_seq)) else { return };
     if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
         st.acked_ns = if ts != 0 { ts } else { now() };
     }
@@ -228,7 +228,7 @@ pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) 
 }
 
 #[inline(always)]
-fn on_write(sk: u64, len: u64) {
+fn on_write<const BTF: bool>(sk: u64, len: u64) {
     if untraced_caller() {
         return;
     }
@@ -249,31 +249,36 @@ fn on_write(sk: u64, len: u64) {
     if records::not_a_response(sk, st) {
         return;
     }
-    write_response(sk, st, len, ts);
+    write_response::<BTF>(sk, st, len, ts);
 }
 
 /// The server wrote `len` bytes of a response on `sk` (to the socket, or as plaintext
 /// to the TLS library, which has queued its records on the socket by the time it
 /// returns).
 #[inline(always)]
-pub fn write_response(sk: u64, st: &mut SockState, len: u64, ts: u64) {
+pub fn write_response<const BTF: bool>(sk: u64, st: &mut SockState, len: u64, ts: u64) {
     if st.dir != dir::WRITING {
         begin_response(sk, st, ts, 0, u64::MAX);
     }
     st.req_out += len;
     st.total_out += len;
-    note_sent(sk, st, ts);
+    note_sent::<BTF>(sk, st, ts);
 }
 
 /// Bytes of the response are queued on `sk`: it is delivered once the peer acknowledges
 /// everything written so far.
 #[inline(always)]
-pub fn note_sent(sk: u64, st: &mut SockState, ts: u64) {
+pub fn note_sent<const BTF: bool>(sk: u64, st: &mut SockState, ts: u64) {
     st.last_write_ns = ts;
     // On loopback the peer's ACK is often processed inside this very write, before the
     // hook runs: check what is already acknowledged.
-    let write_seq = read::<u32>(sk, off!(tcp_write_seq)).unwrap_or(0);
-    let snd_una = read::<u32>(sk, off!(tcp_snd_una)).unwrap_or(0);
+    let (write_seq, snd_una) = match tcp_sock::<BTF>(sk) {
+        Some(tp) => (
+            load::<BTF, u32>(tp, off!(tcp_write_seq)).unwrap_or(0),
+            load::<BTF, u32>(tp, off!(tcp_snd_una)).unwrap_or(0),
+        ),
+        None => (0, 0),
+    };
     st.ack_target = write_seq;
     st.acked_ns = if snd_una.wrapping_sub(write_seq) as i32 >= 0 { ts } else { 0 };
 }

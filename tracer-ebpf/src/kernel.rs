@@ -1,6 +1,6 @@
 //! Reads of kernel structures at offsets resolved from BTF.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock};
 use tracer_common::{ConnAddr, AF_INET, AF_INET6};
 
 use crate::{
@@ -20,6 +20,35 @@ pub fn read<T>(base: u64, offset: u32) -> Option<T> {
             None
         }
     }
+}
+
+/// A field at `offset` in a kernel structure: loaded in place when `BTF` says `base` is a
+/// pointer whose type the verifier knows (a BTF-typed tracepoint's argument; the
+/// offsets are constants to it, from the frozen read-only data), which costs one load
+/// where `read` costs a helper call; else through `read`. (A typed load of a bad
+/// address gives zeros, as the verifier arranges.)
+#[inline(always)]
+pub fn load<const BTF: bool, T: Copy>(base: u64, offset: u32) -> Option<T> {
+    if BTF {
+        Some(unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) })
+    } else {
+        read(base, offset)
+    }
+}
+
+/// `sk`'s `struct tcp_sock`, through which `load` may reach the TCP fields (past the
+/// `struct sock` a typed tracepoint argument points to): the typed pointer the kernel's
+/// cast gives where `BTF`, else `sk` itself (the same address). `None`: not a TCP socket.
+#[inline(always)]
+pub fn tcp_sock<const BTF: bool>(sk: u64) -> Option<u64> {
+    if !BTF {
+        return Some(sk);
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut core::ffi::c_void) } as u64;
+    if tp == 0 {
+        return None;
+    }
+    Some(tp)
 }
 
 /// The start of `struct sock_common` on every kernel the tracer knows: the addresses,

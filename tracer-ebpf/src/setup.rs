@@ -73,7 +73,7 @@ tracepoint_hook! {
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
         if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-            on_passive_established(ctx.arg(0));
+            on_passive_established::<BTF>(ctx.arg(0));
         }
         0
     }

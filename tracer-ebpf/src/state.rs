@@ -5,7 +5,7 @@ use tracer_common::origin;
 
 use crate::{
     conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
-    kernel::{conn_addr, read, tuple_key},
+    kernel::{conn_addr, load, tcp_sock, tuple_key},
     maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
     off, upstream,
 };
@@ -27,7 +27,7 @@ tracepoint_hook! {
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
         match (old, new) {
-            (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established(sk),
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established::<BTF>(sk),
             (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
             (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
             // A connect that failed or was given up.
@@ -48,9 +48,9 @@ tracepoint_hook! {
 /// (see `setup`): the first records it.
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
 #[inline(never)]
-pub fn on_passive_established(sk: u64) {
+pub fn on_passive_established<const BTF: bool>(sk: u64) {
     let ts = now();
-    let local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    let local_port = load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0);
     if filter_by_port() && !is_traced_port(local_port) {
         return;
     }
@@ -63,7 +63,8 @@ pub fn on_passive_established(sk: u64) {
     st.local_port = local_port as u32;
     // The child inherits the request's SYN-ACK retransmits: only then is the first
     // SYN-ACK's time to be found in SYNACKS (the common case needs no lookup).
-    let retransmitted = read::<u32>(sk, off!(tcp_total_retrans)).unwrap_or(1) != 0;
+    let Some(tp) = tcp_sock::<BTF>(sk) else { return };
+    let retransmitted = load::<BTF, u32>(tp, off!(tcp_total_retrans)).unwrap_or(1) != 0;
     let key = if retransmitted { Some(tuple_key(&conn_addr(sk))) } else { None };
     if let Some(info) = key.as_ref().and_then(|key| SYNACKS.get_ptr(key)) {
         // A SYN-ACK was retransmitted: the request socket told us when the first went out.
@@ -76,7 +77,7 @@ pub fn on_passive_established(sk: u64) {
     } else {
         // No retransmit: the kernel measured the SYN-ACK round trip into srtt just before
         // this state change (srtt_us holds 8 × the first sample, in microseconds).
-        let srtt_us8 = read::<u32>(sk, off!(tcp_srtt_us)).unwrap_or(0) as u64;
+        let srtt_us8 = load::<BTF, u32>(tp, off!(tcp_srtt_us)).unwrap_or(0) as u64;
         let rtt_ns = (srtt_us8 >> 3) * 1000;
         if rtt_ns > 0 && rtt_ns < ts {
             st.synack_ns = ts - rtt_ns;

@@ -253,7 +253,7 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
             if client {
                 upstream::on_write(sk, st, len, now());
             } else {
-                io::write_response(sk, st, len, now());
+                io::write_response::<false>(sk, st, len, now());
             }
         }
         return true;
