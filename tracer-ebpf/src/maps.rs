@@ -199,6 +199,31 @@ pub static THREADS: LruHashMap<u32, ThreadWork> = LruHashMap::with_max_entries(6
 #[map]
 pub static TLS_CALLS: LruHashMap<u32, TlsCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// How many entries `TLS_CALLS` has been given and not had taken back by their call's
+/// return: while it is 0 no thread is inside a hooked call, and a socket call needs no
+/// lookup (a plain-HTTP server that links the library makes three per request). An
+/// entry replaced or evicted before its return leaves it above the truth, never below:
+/// the lookups are then made, as before.
+#[map]
+static TLS_CALLS_OPEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// A thread entered a hooked call (`true`) or returned from one (`false`); see
+/// [`TLS_CALLS_OPEN`].
+#[inline(always)]
+pub fn note_tls_call(entered: bool) {
+    if let Some(open) = TLS_CALLS_OPEN.get_ptr_mut(0) {
+        let step = if entered { 1 } else { u64::MAX };
+        // Atomic: calls on two CPUs at once must both count (adding u64::MAX wraps to -1).
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(open, step) };
+    }
+}
+
+/// Whether some thread may be inside a hooked call of the TLS library.
+#[inline(always)]
+pub fn tls_calls_open() -> bool {
+    TLS_CALLS_OPEN.get(0).is_some_and(|open| unsafe { core::ptr::read_volatile(open) } != 0)
+}
+
 /// The socket under each TLS connection object (`SSL *` → `struct sock *`), learnt from
 /// the socket calls made inside the library's calls.
 #[map]

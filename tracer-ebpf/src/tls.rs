@@ -27,7 +27,9 @@ use crate::{
     conn::{current_tid, dir, header, now, state_mut, SockState},
     io,
     kernel::read,
-    maps::{filter_by_port, is_traced_tgid, reserve, LAST_RECORDS_READ, TLS_CALLS, TLS_SOCKS},
+    maps::{
+        filter_by_port, is_traced_tgid, note_tls_call, reserve, tls_calls_open, LAST_RECORDS_READ, TLS_CALLS, TLS_SOCKS,
+    },
     off, upstream,
 };
 
@@ -52,7 +54,9 @@ fn enter(ssl: u64, op: u32, count_ptr: u64, buf: u64) {
         return;
     }
     let call = TlsCall { ssl, count_ptr, arrival_ns: 0, op, _pad: 0, buf };
-    let _ = TLS_CALLS.insert(&current_tid(), &call, 0);
+    if TLS_CALLS.insert(&current_tid(), &call, 0).is_ok() {
+        note_tls_call(true);
+    }
 }
 
 #[uprobe]
@@ -156,7 +160,9 @@ fn write_begins(ssl: u64, buf: u64, len: u64) {
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     let tid = current_tid();
     let Some(call) = (unsafe { TLS_CALLS.get(&tid) }).copied() else { return 0 };
-    let _ = TLS_CALLS.remove(&tid);
+    if TLS_CALLS.remove(&tid).is_ok() {
+        note_tls_call(false);
+    }
     let ret = ctx.ret::<i64>() as i32;
     let Some((sk, st)) = hooked(call.ssl).or_else(|| adopt(call.ssl)) else { return 0 };
     let ts = now();
@@ -241,7 +247,9 @@ pub fn queue_empty(sk: u64) -> bool {
 #[inline(never)]
 pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
     let client = origin::is_client(st.origin);
-    let Some(call) = TLS_CALLS.get_ptr_mut(&current_tid()).map(|c| unsafe { &mut *c }) else {
+    // No thread inside a hooked call (a plain server that links the library): no lookup.
+    let inside = if tls_calls_open() { TLS_CALLS.get_ptr_mut(&current_tid()) } else { None };
+    let Some(call) = inside.map(|c| unsafe { &mut *c }) else {
         if st.tls & tls::HOOKED == 0 {
             return false;
         }
