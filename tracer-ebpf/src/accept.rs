@@ -11,7 +11,7 @@ use aya_ebpf::{
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, sock_of_fd},
-    maps::{filter_by_port, is_traced_tgid, trace_tgid},
+    maps::{filter_by_port, is_traced_tgid, mark_state_port, trace_tgid},
 };
 
 /// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
@@ -76,6 +76,7 @@ pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
     }
     let ts = now();
     st.owner = tgid;
+    mark_state_port(st.local_port as u16);
     let first_data_ns = st.pending_data_ns;
     emit_open(sk, st, &conn_addr(sk), ts, first_data_ns);
     true

@@ -6,7 +6,7 @@ use tracer_common::{
     ACK_PENDING, GOODBYE_WINDOW_NS,
 };
 
-use crate::maps::{bump, reserve, SOCKS};
+use crate::maps::{bump, filter_by_port, mark_state_port, reserve, SOCKS};
 
 pub use tracer_common::{dir, SockState};
 
@@ -57,6 +57,11 @@ pub fn insert_state(sk: u64, state: &SockState) -> bool {
     if SOCKS.insert(sk, state, 0).is_err() {
         bump(counter::STATE_FULL);
         return false;
+    }
+    // A connection with its owner known (an accepted one gets it at accept, a connected
+    // one its port when established) or on a traced port: its segments count from now.
+    if state.owner != 0 || filter_by_port() {
+        mark_state_port(state.local_port as u16);
     }
     true
 }

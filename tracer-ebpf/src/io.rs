@@ -12,7 +12,7 @@ use crate::{
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr, is_inet_tcp, load, read, tcp_sock},
     labels::{capture, labels},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, tls_hooks, tls_records},
+    maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, state_port_marked, tls_records},
     off, records, tls, upstream,
 };
 
@@ -69,6 +69,11 @@ tracepoint_hook! {
 
 #[inline(always)]
 fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
+    // Most segments of a busy machine are of sockets not traced (the other end of a
+    // traced connection, other servers): their port says so without a lookup.
+    if !state_port_marked(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0)) {
+        return;
+    }
     let Some(st) = state_mut(sk) else { return };
     let cb = skb + off!(skb_cb) as u64;
     // seq and end_seq in one read (end_seq follows seq: checked at start).
@@ -123,7 +128,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
     if st.dir == dir::WRITING || st.owner == 0 {
         return;
     }
-    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE_START, 0) {
+    if tls::is_library_call(sk, st, tls::WRITE_START, 0) {
         return;
     }
     if st.tls == 0
@@ -173,7 +178,7 @@ fn on_read(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, false)) else { return };
-    if tls_hooks() && tls::socket_call(sk, st, tls::READ, len) {
+    if tls::is_library_call(sk, st, tls::READ, len) {
         return;
     }
     let ts = now();
@@ -233,7 +238,7 @@ fn on_write<const BTF: bool>(sk: u64, len: u64) {
         return;
     }
     let Some(st) = state_mut(sk).or_else(|| adopt(sk, true)) else { return };
-    if tls_hooks() && tls::socket_call(sk, st, tls::WRITE, len) {
+    if tls::is_library_call(sk, st, tls::WRITE, len) {
         return;
     }
     let ts = now();

@@ -28,7 +28,8 @@ use crate::{
     io,
     kernel::read,
     maps::{
-        filter_by_port, is_traced_tgid, note_tls_call, reserve, tls_calls_open, LAST_RECORDS_READ, TLS_CALLS, TLS_SOCKS,
+        filter_by_port, is_traced_tgid, note_tls_call, reserve, tls_calls_open, tls_hooks, LAST_RECORDS_READ,
+        TLS_CALLS, TLS_SOCKS,
     },
     off, upstream,
 };
@@ -234,6 +235,14 @@ pub fn queue_empty(sk: u64) -> bool {
     let rcv_nxt = read::<u32>(sk, off!(tcp_rcv_nxt)).unwrap_or(0);
     let copied = read::<u32>(sk, off!(tcp_copied_seq)).unwrap_or(1);
     rcv_nxt == copied
+}
+
+/// Whether a socket call on a traced connection is TLS's business (see [`socket_call`]),
+/// asked only where it may be: uprobes are on a library, and the connection was seen
+/// inside one of its calls or some thread is inside one now (else no subprogram call).
+#[inline(always)]
+pub fn is_library_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
+    tls_hooks() && (st.tls & tls::HOOKED != 0 || tls_calls_open()) && socket_call(sk, st, what, len)
 }
 
 /// A socket call (`what`: [`READ`], [`WRITE_START`], [`WRITE`] of `len` bytes) on a

@@ -17,7 +17,7 @@ use crate::{
     },
     kernel::{conn_addr, read, tuple_key},
     labels::{capture, labels},
-    maps::{is_traced_tgid, reserve, EXISTING_CLIENTS},
+    maps::{is_traced_tgid, mark_state_port, reserve, EXISTING_CLIENTS},
     off,
 };
 
@@ -46,6 +46,8 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
     let ts = now();
     if error == 0 {
         st.established_ns = ts;
+        // Its port is known now (not yet at the connect's start).
+        mark_state_port(read::<u16>(sk, off!(skc_num)).unwrap_or(0));
     }
     let Some(mut slot) = reserve::<UpstreamConnect>() else { return };
     let e = slot.as_mut_ptr();
