@@ -59,7 +59,7 @@ pub fn insert_state(sk: u64, state: &SockState) -> bool {
         return false;
     }
     // A connection with its owner known (an accepted one gets it at accept, a connected
-    // one its port when established) or on a traced port: its segments count from now.
+    // one its port once established) or on a traced port: its segments count from now.
     if state.owner != 0 || filter_by_port() {
         mark_state_port(state.local_port as u16);
     }

@@ -240,25 +240,24 @@ pub static LAST_RECORDS_READ: LruHashMap<u32, u64> = LruHashMap::with_max_entrie
 pub static RECORDS: LruHashMap<u64, RecordState> = LruHashMap::with_max_entries(16384, 0);
 
 /// A set of local ports, a byte per port (eight to an entry): a hook that runs for every
-/// segment the machine receives tests a socket's port against one with an array read
-/// before it looks the socket up. A byte store marks a port without racing a mark of
-/// its neighbours; marks are never cleared (a port marked in vain costs a lookup).
+/// segment the machine receives tests a socket's port with an array read before it
+/// looks the socket up. A byte store marks a port without racing a mark of its
+/// neighbours; marks are never cleared (a port marked in vain costs a lookup).
 pub type PortMarks = Array<[u8; 8]>;
 
-/// Marks `port` in `marks` (written only when unmarked: the line stays shared).
+/// Marks `port` in `marks` (stored only when unmarked: the line stays shared).
 #[inline(always)]
-pub fn mark_port(marks: &PortMarks, port: u16) {
+fn mark_port(marks: &PortMarks, port: u16) {
     if let Some(bytes) = marks.get_ptr_mut((port >> 3) as u32) {
-        let byte = unsafe { &mut (*bytes)[(port & 7) as usize] };
+        let byte = unsafe { &raw mut (*bytes)[(port & 7) as usize] };
         if unsafe { core::ptr::read_volatile(byte) } == 0 {
             unsafe { core::ptr::write_volatile(byte, 1) };
         }
     }
 }
 
-/// Whether `port` is marked in `marks`.
 #[inline(always)]
-pub fn port_marked(marks: &PortMarks, port: u16) -> bool {
+fn port_marked(marks: &PortMarks, port: u16) -> bool {
     marks.get((port >> 3) as u32).is_some_and(|bytes| bytes[(port & 7) as usize] != 0)
 }
 
@@ -279,36 +278,29 @@ pub fn record_port_marked(port: u16) -> bool {
     port_marked(&RECORD_PORTS, port)
 }
 
-/// The local ports a traced connection may have (port → 1): those of the traced
-/// processes' listeners (marked by userspace as it adds a process, and by the state hook
-/// at a traced listen()), of the connections they accepted, connected or adopted, and
-/// the traced ports. The segment hook, which runs for every segment the machine
-/// receives, looks a socket's state up only when its port is marked: the other end of a
-/// connection on the same machine (a load generator's ephemeral port) and the servers
-/// not traced cost one array read. An entry per port, so that userspace and the
-/// programs never write the same one; marks are never cleared (a port marked in vain
-/// costs a lookup).
+/// The local ports of traced connections, marked as the traced processes accept,
+/// connect or adopt them (in port mode, as they are established). The segment hook,
+/// which runs for every segment the machine receives, looks a socket's state up only
+/// when its port is marked: the other end of a connection on the same machine (a load
+/// generator's ephemeral port) and the servers not traced cost one array read. A
+/// connection is looked at from its accept on: what arrived while it waited to be
+/// accepted is accept_wait's anyway (recv_wait, like a TLS handshake, counts from the
+/// accept).
 #[map]
-pub static STATE_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+pub static STATE_PORTS: PortMarks = Array::with_max_entries(8192, 0);
 
-/// `port` may carry traced connections from now on (written only when unmarked: the
-/// line stays shared).
+/// `port` may carry traced connections from now on.
 #[inline(always)]
 pub fn mark_state_port(port: u16) {
-    if port == 0 {
-        return;
-    }
-    if let Some(mark) = STATE_PORTS.get_ptr_mut(port as u32) {
-        if unsafe { core::ptr::read_volatile(mark) } == 0 {
-            unsafe { core::ptr::write_volatile(mark, 1) };
-        }
+    if port != 0 {
+        mark_port(&STATE_PORTS, port);
     }
 }
 
 /// Whether a socket on local port `port` may be traced.
 #[inline(always)]
 pub fn state_port_marked(port: u16) -> bool {
-    STATE_PORTS.get(port as u32).is_some_and(|mark| *mark != 0)
+    port_marked(&STATE_PORTS, port)
 }
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:

@@ -6,7 +6,7 @@ use tracer_common::origin;
 use crate::{
     conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, load, tcp_sock, tuple_key},
-    maps::{filter_by_port, is_traced_port, is_traced_tgid, mark_state_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
+    maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
     off, upstream,
 };
 
@@ -19,7 +19,6 @@ const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
 pub const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
-const TCP_LISTEN: i32 = 10;
 const TCP_CLOSING: i32 = 11;
 
 tracepoint_hook! {
@@ -30,7 +29,6 @@ tracepoint_hook! {
         match (old, new) {
             (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established::<BTF>(sk),
             (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
-            (_, TCP_LISTEN) => on_listen::<BTF>(sk),
             (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
             // A connect that failed or was given up.
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
@@ -42,17 +40,6 @@ tracepoint_hook! {
             _ => {}
         }
         0
-    }
-}
-
-/// A socket starts listening: a traced process's listener marks its port, for the
-/// segment hook (see `STATE_PORTS`). (Userspace marks those listening when tracing
-/// starts, and the traced ports.)
-#[inline(never)]
-fn on_listen<const BTF: bool>(sk: u64) {
-    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
-    if is_traced_tgid(tgid) {
-        mark_state_port(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0));
     }
 }
 

@@ -280,21 +280,7 @@ impl Probes {
         let mut generation: aya::maps::Array<&mut MapData, u64> =
             aya::maps::Array::try_from(self.ebpf.map_mut("PIDS_GEN").context("PIDS_GEN map missing")?)?;
         let next = generation.get(&1, 0).unwrap_or(0).wrapping_add(1);
-        generation.set(1, next, 0).context("invalidating the programs' memory of untraced processes")?;
-        // Its listeners' connections count from their first segment (the programs mark
-        // the ports of listeners it opens from now on).
-        for port in crate::sockets::listening_ports(tgid) {
-            self.mark_state_port(port)?;
-        }
-        Ok(())
-    }
-
-    /// Local port `port` may carry traced connections: the segment hook looks its
-    /// sockets up (see `STATE_PORTS` in the programs).
-    pub fn mark_state_port(&mut self, port: u16) -> Result<()> {
-        let mut marks: aya::maps::Array<&mut MapData, u8> =
-            aya::maps::Array::try_from(self.ebpf.map_mut("STATE_PORTS").context("STATE_PORTS map missing")?)?;
-        marks.set(port as u32, 1, 0).with_context(|| format!("marking port {port}"))
+        generation.set(1, next, 0).context("invalidating the programs' memory of untraced processes")
     }
 
     /// An upstream connection the traced process had open before tracing started.
@@ -314,8 +300,7 @@ impl Probes {
     pub fn add_port(&mut self, port: u16) -> Result<()> {
         let mut ports: BpfHashMap<&mut MapData, u32, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("PORTS").context("PORTS map missing")?)?;
-        ports.insert(port as u32, 1, 0).with_context(|| format!("adding port {port}"))?;
-        self.mark_state_port(port)
+        ports.insert(port as u32, 1, 0).with_context(|| format!("adding port {port}"))
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

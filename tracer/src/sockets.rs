@@ -88,12 +88,11 @@ pub fn is_listening(port: u16) -> bool {
         .any(|e| e.state == LISTEN && e.local.1 == port)
 }
 
-/// The TCP sockets of `pid`'s network namespace, and which of them are its own (by
-/// inode); `None` when it has none.
-fn owned_entries(pid: u32) -> Option<(Vec<Entry>, HashSet<u64>)> {
+/// The upstream connections process `pid` has open now.
+pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
     let owned = crate::procs::socket_inodes(pid);
     if owned.is_empty() {
-        return None;
+        return Vec::new();
     }
     let mut entries = Vec::new();
     for table in ["tcp", "tcp6"] {
@@ -101,26 +100,7 @@ fn owned_entries(pid: u32) -> Option<(Vec<Entry>, HashSet<u64>)> {
             entries.extend(parse_table(&text));
         }
     }
-    Some((entries, owned))
-}
-
-/// The upstream connections process `pid` has open now.
-pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
-    owned_entries(pid).map(|(entries, owned)| upstream_tuples(&entries, &owned)).unwrap_or_default()
-}
-
-/// The ports process `pid` listens on now.
-pub fn listening_ports(pid: u32) -> Vec<u16> {
-    owned_entries(pid).map(|(entries, owned)| listening_among(&entries, &owned)).unwrap_or_default()
-}
-
-/// The local ports of the listening sockets among `entries` whose inode is in `owned`.
-fn listening_among(entries: &[Entry], owned: &HashSet<u64>) -> Vec<u16> {
-    let mut ports: Vec<u16> =
-        entries.iter().filter(|e| e.state == LISTEN && owned.contains(&e.inode)).map(|e| e.local.1).collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+    upstream_tuples(&entries, &owned)
 }
 
 #[cfg(test)]
@@ -144,12 +124,6 @@ mod tests {
         assert_eq!(e[2].inode, 102);
         let v6 = parse_endpoint("00000000000000000000000001000000:0050").unwrap();
         assert_eq!(v6, ("::1".parse().unwrap(), 80));
-    }
-
-    #[test]
-    fn only_the_process_own_listeners_are_its_listening_ports() {
-        assert_eq!(listening_among(&parse_table(TCP), &[100, 101].into()), vec![8080]);
-        assert_eq!(listening_among(&parse_table(TCP), &[101, 102].into()), Vec::<u16>::new());
     }
 
     #[test]
