@@ -1992,7 +1992,10 @@ const READING: &str = "
   the socket's local port (one typed load) against a byte per port, marked as a traced
   process accepts, connects or adopts a connection, and looks up only marked ones:
   against the build before in the same 3 rounds (slow hour), the segment hook 195 →
-  150 ns per run, the programs 2.04 → 1.84 µs per keep-alive request.
+  150 ns per run, the programs 2.04 → 1.84 µs per keep-alive request; on a new
+  connection per request (slower hour still) 182 → 154 ns per run, the programs 8.42 →
+  8.37 µs per connection, where the record-layer program's ten runs (0.92 µs) and the
+  state hook's ten (2.4–2.6 µs) weigh more.
 - **Absolute figures move with the machine.** These two cores are shared: within one
   working session the untraced server ran between 88,000 and 124,000 requests per
   second, and one and the same tracer build measured between 0.98 and 1.32 µs per
