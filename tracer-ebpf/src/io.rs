@@ -70,8 +70,10 @@ tracepoint_hook! {
 #[inline(always)]
 fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
     // Most segments of a busy machine are of sockets not traced (the other end of a
-    // traced connection, other servers): their port says so without a lookup.
-    if !state_port_marked(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0)) {
+    // traced connection, other servers): their port says so without a lookup. Typed
+    // hooks only: where the port takes a helper call to read (raw tracepoints), the
+    // lookup it would spare costs about as much.
+    if BTF && !state_port_marked(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0)) {
         return;
     }
     let Some(st) = state_mut(sk) else { return };

@@ -243,7 +243,7 @@ pub static RECORDS: LruHashMap<u64, RecordState> = LruHashMap::with_max_entries(
 /// segment the machine receives tests a socket's port with an array read before it
 /// looks the socket up. A byte store marks a port without racing a mark of its
 /// neighbours; marks are never cleared (a port marked in vain costs a lookup).
-pub type PortMarks = Array<[u8; 8]>;
+type PortMarks = Array<[u8; 8]>;
 
 /// Marks `port` in `marks` (stored only when unmarked: the line stays shared).
 #[inline(always)]
