@@ -189,7 +189,8 @@ fn every_retransmitted_handshake_is_recorded() -> anyhow::Result<()> {
     let missing: Vec<_> = ports.iter().filter(|p| !handshakes.contains_key(p)).collect();
     eprintln!(
         "{n} connections, {dropped} final ACKs dropped, {retransmitted} SYN-ACKs retransmitted; tracer: {} \
-         retransmits, {} handshakes, {} accept waits, {} events, {} lost, {} untracked, {} missed setups",
+         retransmits, {} handshakes, {} accept waits, {} events, {} lost, {} untracked, {} missed setups, \
+         program runs skipped: {}",
         l["synack_retransmits"],
         phase_count(l, "handshake"),
         phase_count(l, "accept_wait"),
@@ -197,6 +198,7 @@ fn every_retransmitted_handshake_is_recorded() -> anyhow::Result<()> {
         report["lost_events"],
         report["untracked_connections"],
         report["missed_setups"],
+        report["skipped_runs"],
     );
     assert_eq!(ports.len() as u64, n, "the clients' connections");
     assert!(missing.is_empty(), "connections with no setup recorded (client ports): {missing:?}");

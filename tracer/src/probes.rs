@@ -4,7 +4,11 @@
 //! kernel loads and attaches; the loader says which it chose, and names the phases lost
 //! when none works instead of failing silently.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -380,6 +384,28 @@ impl Probes {
 
     pub fn lost_events(&self) -> u64 {
         self.counter(counter::LOST_EVENTS).unwrap_or(0)
+    }
+
+    /// Runs of each program the kernel skipped (by program name, only those with any):
+    /// a program does not run while it is already running on the same CPU, so a hook
+    /// hit in a softirq that interrupted the same program is not given to it. The
+    /// kernel counts these per program (`recursion_misses`, kernels 5.12 and later).
+    pub fn skipped_runs(&self) -> BTreeMap<String, u64> {
+        let mut skipped = BTreeMap::new();
+        for (name, program) in self.ebpf.programs() {
+            let Ok(fd) = program.fd() else { continue };
+            let fd = fd.as_fd().as_raw_fd();
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else { continue };
+            let misses = info
+                .lines()
+                .find_map(|line| line.strip_prefix("recursion_misses:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if misses > 0 {
+                skipped.insert(name.to_string(), misses);
+            }
+        }
+        skipped
     }
 }
 

@@ -173,6 +173,7 @@ impl Session {
     fn poll_counters(&mut self, probes: &Probes) {
         self.stats.lost_events = probes.lost_events();
         self.stats.missed_setups = probes.counter(counter::MISSED_SETUPS).unwrap_or(0);
+        self.stats.skipped_runs = probes.skipped_runs();
         // In port mode and with `--all` the processes serving are known from their
         // connections: their network namespaces hold listeners too (containers').
         let mut pids = self.live.clone();

@@ -157,6 +157,8 @@ struct ReportJson {
     lost_events: u64,
     untracked_connections: u64,
     missed_setups: u64,
+    /// Runs of the tracer's programs the kernel skipped, by program.
+    skipped_runs: BTreeMap<String, u64>,
     /// Events were lost or connections went untracked: counts and histograms miss some.
     incomplete: bool,
     tracked_sockets: u64,
@@ -367,6 +369,7 @@ impl Format for Json {
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
             missed_setups: s.stats.missed_setups,
+            skipped_runs: s.stats.skipped_runs.clone(),
             incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0 || s.stats.missed_setups > 0,
             tracked_sockets: s.stats.tracked_sockets,
             unavailable_phases: s.stats.unavailable.clone(),

@@ -394,6 +394,15 @@ impl Format for Text {
                 s.stats.missed_setups
             );
         }
+        if !s.stats.skipped_runs.is_empty() {
+            let runs: Vec<String> = s.stats.skipped_runs.iter().map(|(name, n)| format!("{name} {n}")).collect();
+            let _ = writeln!(
+                out,
+                "note: the kernel skipped runs of programs already running on the same CPU (hit again from an interrupt): {}; \
+                 a connection's setup has a second program, other phases of those moments may be missing",
+                runs.join(", ")
+            );
+        }
         if s.stats.read_errors > 0 {
             let _ = writeln!(
                 out,
