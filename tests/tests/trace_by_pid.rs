@@ -1,6 +1,12 @@
 //! The tracer follows exactly the connections of the process it traces.
 
-use std::{collections::HashMap, thread};
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    thread,
+};
 
 use tracer_tests::{
     client::{self, ClientOptions},
@@ -70,5 +76,117 @@ fn reports_exactly_the_traced_connections_with_their_bytes() -> anyhow::Result<(
     let l = listener(report, addr.port())?;
     assert_eq!(l["connections"], N);
     assert_eq!(report["listeners"].as_array().unwrap().len(), 1, "only the traced listener: {report}");
+    Ok(())
+}
+
+/// A server that listens without binding first (the kernel picks its port at listen(),
+/// after the state change the tracer sees): it serves `n` connections one by one, a
+/// line each, answered with a line, then exits. Prints its port.
+const AUTOBIND_SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.listen(64)
+print(s.getsockname()[1], flush=True)
+for _ in range(int(sys.argv[1])):
+    c, _ = s.accept()
+    data = b""
+    while not data.endswith(b"\n"):
+        more = c.recv(4096)
+        if not more:
+            break
+        data += more
+    c.sendall(b"pong\n")
+    c.close()
+"#;
+
+/// One connection: a line sent, the answer read to the server's close.
+fn ping(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.write_all(b"ping\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    assert_eq!(answer, "pong\n");
+    Ok(())
+}
+
+/// The tracer records a passive connection's setup only on the ports the traced
+/// processes listen on, which it learns as they begin listening. A listener whose port
+/// the kernel picks at listen(), after that moment, is recorded in full all the same,
+/// from its first connection.
+#[test]
+fn a_listener_with_a_port_picked_at_listen_is_recorded_from_its_first_connection() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const N: usize = 5;
+    let mut tracer = Proc {
+        child: Command::new(tracer_bin())
+            .args(["--output", "json", "--", "python3", "-c", AUTOBIND_SERVER, &N.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    };
+    let mut stdout = BufReader::new(tracer.child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let port: u16 = line.trim().parse()?;
+    for _ in 0..N {
+        ping(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    }
+    assert_eq!(tracer.child.wait()?.code(), Some(0));
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| Ok(serde_json::from_str(&l?)?)).collect::<anyhow::Result<_>>()?;
+    let report = final_report(&lines)?;
+    let l = listener(report, port)?;
+    assert_eq!(report["missed_setups"], 0, "{report}");
+    assert_eq!(l["connections"], N, "{l}");
+    assert_eq!(l["requests"], N, "{l}");
+    assert_eq!(phase_count(l, "handshake"), N as u64, "{l}");
+    assert_eq!(phase_count(l, "accept_wait"), N as u64, "{l}");
+    assert_eq!(phase_count(l, "think"), N as u64, "{l}");
+    Ok(())
+}
+
+/// A server that listens on a loopback port and never accepts. Prints its port.
+const NEVER_ACCEPTS: &str = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"#;
+
+/// Connections to a server that is not traced take no per-socket state of the tracer:
+/// with K of them established and waiting in that server's accept queue, the tracer
+/// holds no state at its end, while the traced server's connections were all recorded.
+#[test]
+fn connections_of_a_server_not_traced_take_no_state() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const K: usize = 20;
+    let (server, addr) = start_lab_server(&[])?;
+    let mut child =
+        Command::new("python3").args(["-c", NEVER_ACCEPTS]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let _other = Proc { child };
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let other = SocketAddr::from(([127, 0, 0, 1], line.trim().parse::<u16>()?));
+    let tracer = start_tracer(&["--pid".into(), server.pid().to_string()])?;
+    // Established (the kernel completes the handshake) and queued, never accepted.
+    let queued: Vec<TcpStream> = (0..K).map(|_| TcpStream::connect(other)).collect::<Result<_, _>>()?;
+    let served = client::run(&ClientOptions { connections: 4, requests: 2, ..ClientOptions::to(addr) })?;
+    assert_eq!(served.len(), 4);
+    let lines = tracer.stop()?;
+    drop(queued);
+    let report = final_report(&lines)?;
+    let l = listener(report, addr.port())?;
+    assert_eq!(l["connections"], 4, "{l}");
+    assert_eq!(phase_count(l, "handshake"), 4, "{l}");
+    assert_eq!(l["requests"], 8, "{l}");
+    assert_eq!(report["missed_setups"], 0, "{report}");
+    assert_eq!(report["tracked_sockets"], 0, "the states held at the end: {report}");
     Ok(())
 }

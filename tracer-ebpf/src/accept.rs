@@ -11,7 +11,7 @@ use aya_ebpf::{
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, sock_of_fd},
-    maps::{filter_by_port, is_traced_tgid, mark_state_port, trace_tgid},
+    maps::{filter_by_port, is_traced_tgid, known_untraced, mark_state_port, trace_tgid},
 };
 
 /// Offset of `ret` in the `syscalls:sys_exit_*` records (after the 8-byte common header
@@ -34,6 +34,11 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> i32 {
 fn on_accept_return(ctx: &TracePointContext) {
     let Ok(fd) = (unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) }) else { return };
     if fd < 0 {
+        return;
+    }
+    // A server not traced (in process mode): no walk of its file table. A state its
+    // connection may have (on a port a traced process listens on too) goes at its close.
+    if !filter_by_port() && known_untraced((bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
     }
     let task = unsafe { bpf_get_current_task() };

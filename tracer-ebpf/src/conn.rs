@@ -6,7 +6,7 @@ use tracer_common::{
     ACK_PENDING, GOODBYE_WINDOW_NS,
 };
 
-use crate::maps::{bump, filter_by_port, mark_state_port, reserve, SOCKS};
+use crate::maps::{bump, mark_state_port, reserve, SOCKS};
 
 pub use tracer_common::{dir, SockState};
 
@@ -58,11 +58,10 @@ pub fn insert_state(sk: u64, state: &SockState) -> bool {
         bump(counter::STATE_FULL);
         return false;
     }
-    // A connection with its owner known (an accepted one gets it at accept, a connected
-    // one its port once established) or on a traced port: its segments count from now.
-    if state.owner != 0 || filter_by_port() {
-        mark_state_port(state.local_port as u16);
-    }
+    // Every state's port is marked: the state hook and the segment hook look up only
+    // the sockets on marked ports. (A connecting socket has no port yet: it is marked
+    // once established.)
+    mark_state_port(state.local_port as u16);
     true
 }
 

@@ -278,14 +278,14 @@ pub fn record_port_marked(port: u16) -> bool {
     port_marked(&RECORD_PORTS, port)
 }
 
-/// The local ports of traced connections, marked as the traced processes accept,
-/// connect or adopt them (in port mode, as they are established). The segment hook,
-/// which runs for every segment the machine receives, looks a socket's state up only
-/// when its port is marked: the other end of a connection on the same machine (a load
-/// generator's ephemeral port) and the servers not traced cost one array read. A
-/// connection is looked at from its accept on: what arrived while it waited to be
-/// accepted is accept_wait's anyway (recv_wait, like a TLS handshake, counts from the
-/// accept).
+/// The local ports of connections that may have a state: every state's port (marked as
+/// it is created, a connecting socket's once established), and in process mode the
+/// ports the traced processes listen on (marked by userspace at the start, by the state
+/// hook as a traced process starts listening, and at the accept of a connection that
+/// had no state). The hooks that run for every segment or state change of the machine
+/// look a socket's state up only when its port is marked: the other end of a
+/// connection on the same machine (a load generator's ephemeral port) and the servers
+/// not traced cost one array read.
 #[map]
 pub static STATE_PORTS: PortMarks = Array::with_max_entries(8192, 0);
 
@@ -301,6 +301,64 @@ pub fn mark_state_port(port: u16) {
 #[inline(always)]
 pub fn state_port_marked(port: u16) -> bool {
     port_marked(&STATE_PORTS, port)
+}
+
+/// Non-zero (set by userspace in process and cgroup mode, once it has marked the ports
+/// the traced processes listen on): a passive connection gets a state only on a marked
+/// port, so that the servers not traced cost the state hook no map work. Until then,
+/// every passive connection gets one, as in port mode every connection on a traced port.
+#[map]
+static SETUP_FILTER: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether the setup of a passive connection on local port `port` is to be recorded:
+/// its port may be traced (the filter on), or any (not yet).
+#[inline(always)]
+pub fn setup_wanted(port: u16) -> bool {
+    if SETUP_FILTER.get(0).is_none_or(|on| *on == 0) || state_port_marked(port) {
+        return true;
+    }
+    // Its listener may be a traced one whose port was picked after it began listening.
+    mark_pending_listeners() && state_port_marked(port)
+}
+
+/// Listeners of traced processes that had no port yet as they began listening (the
+/// kernel picks it just after): their ports are marked at the next setup on a port not
+/// marked. A few at a time; a listener that finds no room is marked at its first accept.
+#[map]
+static PENDING_LISTENERS: Array<u64> = Array::with_max_entries(PENDING_KEPT, 0);
+const PENDING_KEPT: u32 = 4;
+
+/// Keeps `sk`, a traced process's listener whose port is not known yet.
+#[inline(always)]
+pub fn note_pending_listener(sk: u64) {
+    for i in 0..PENDING_KEPT {
+        if let Some(slot) = PENDING_LISTENERS.get_ptr_mut(i) {
+            if unsafe { *slot } == 0 {
+                unsafe { *slot = sk };
+                return;
+            }
+        }
+    }
+}
+
+/// Marks the ports the pending listeners have by now; whether any was marked.
+#[inline(always)]
+fn mark_pending_listeners() -> bool {
+    let mut marked = false;
+    for i in 0..PENDING_KEPT {
+        let Some(slot) = PENDING_LISTENERS.get_ptr_mut(i) else { continue };
+        let sk = unsafe { *slot };
+        if sk == 0 {
+            continue;
+        }
+        let port = crate::kernel::read::<u16>(sk, crate::off!(skc_num)).unwrap_or(0);
+        if port != 0 {
+            mark_state_port(port);
+            unsafe { *slot = 0 };
+            marked = true;
+        }
+    }
+    marked
 }
 
 /// Upstream connections the traced processes had open when tracing started, by tuple:

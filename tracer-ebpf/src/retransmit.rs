@@ -6,7 +6,7 @@ use tracer_common::{kind, ConnAddr, EventHeader, SynAckRetransmit};
 use crate::{
     conn::now,
     kernel::{conn_addr, netns_of, read, tuple_key},
-    maps::{filter_by_port, is_traced_port, reserve, SynAckInfo, SYNACKS},
+    maps::{filter_by_port, is_traced_port, reserve, setup_wanted, SynAckInfo, SYNACKS},
     off,
 };
 
@@ -19,6 +19,8 @@ tracepoint_hook! {
         }
         let key = tuple_key(&addr);
         match SYNACKS.get_ptr_mut(&key) {
+            // Only the state hook takes an entry out, for a connection it records.
+            None if !setup_wanted(addr.local_port) => {}
             Some(info) => unsafe { (*info).retransmits += 1 },
             None => {
                 // tcp_request_sock.snt_synack: first SYN-ACK, tcp_clock_us (CLOCK_MONOTONIC µs).

@@ -23,7 +23,7 @@ use tracer_common::counter;
 
 use crate::{
     kernel::{is_inet_tcp, read},
-    maps::{bump, filter_by_port, is_traced_port, is_traced_tgid},
+    maps::{bump, filter_by_port, is_traced_port, is_traced_tgid, mark_state_port},
     off,
     state::{on_passive_established, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV},
 };
@@ -96,6 +96,10 @@ pub fn accepted_without_state(sk: u64) {
         }
     } else if !is_traced_tgid((bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
+    } else {
+        // A traced process accepts on a port not marked (a listener it got from another
+        // process, which userspace has not seen yet): the next setups there are recorded.
+        mark_state_port(read::<u16>(sk, off!(skc_num)).unwrap_or(0));
     }
     // A connection reset while it waited in the queue has closed, its state with it.
     let state = read::<u8>(sk, off!(skc_state)).unwrap_or(0) as i32;

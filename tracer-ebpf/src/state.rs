@@ -5,8 +5,11 @@ use tracer_common::origin;
 
 use crate::{
     conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
-    kernel::{conn_addr, load, tcp_sock, tuple_key},
-    maps::{filter_by_port, is_traced_port, ClosedConn, RECENTLY_CLOSED, SYNACKS},
+    kernel::{conn_addr, load, read, tcp_sock, tuple_key},
+    maps::{
+        filter_by_port, is_traced_port, is_traced_tgid, mark_state_port, note_pending_listener, setup_wanted,
+        state_port_marked, ClosedConn, RECENTLY_CLOSED, SYNACKS,
+    },
     off, upstream,
 };
 
@@ -19,6 +22,7 @@ const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
 pub const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
 const TCP_CLOSING: i32 = 11;
 
 tracepoint_hook! {
@@ -32,14 +36,45 @@ tracepoint_hook! {
             (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
             // A connect that failed or was given up.
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
+            (_, TCP_LISTEN) => on_listen(sk),
+            // (The kernel has given the port back by now: `inet_num` reads 0.)
             (_, TCP_CLOSE) => on_close(sk, old),
+            // The arms below look up a state, which only a socket on a marked port has.
             // Our FIN is acknowledged, so is every byte before it.
-            (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) => on_all_acked(sk),
+            (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if may_have_state::<BTF>(sk) => on_all_acked(sk),
             // The peer closed its side (before we closed ours, or as we did).
-            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) => on_peer_fin(sk),
+            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) if may_have_state::<BTF>(sk) => {
+                on_peer_fin(sk)
+            }
             _ => {}
         }
         0
+    }
+}
+
+/// Whether `sk`, still holding its port, may have a state: every state's port is marked
+/// (`insert_state`), from the state's creation on (a connecting socket's from its
+/// establishment: the arms for a connect do not ask). The other end of a connection on this machine and the
+/// servers not traced are told by an array read, with no lookup. Where the port takes
+/// a helper call to read (a raw tracepoint), which costs about what it spares, the
+/// lookup is made anyway.
+#[inline(always)]
+fn may_have_state<const BTF: bool>(sk: u64) -> bool {
+    !BTF || state_port_marked(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0))
+}
+
+/// A socket starts listening: a traced process's listener has its port marked, so that
+/// its connections' setups are recorded (see `maps::setup_wanted`). Its port is bound by
+/// now unless listen() picks one, just after this: then it is marked at the first setup
+/// on a port not marked.
+#[inline(never)]
+fn on_listen(sk: u64) {
+    if filter_by_port() || !is_traced_tgid((aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32) {
+        return;
+    }
+    match read::<u16>(sk, off!(skc_num)).unwrap_or(0) {
+        0 => note_pending_listener(sk),
+        port => mark_state_port(port),
     }
 }
 
@@ -52,6 +87,10 @@ pub fn on_passive_established<const BTF: bool>(sk: u64) {
     let ts = now();
     let local_port = load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0);
     if filter_by_port() && !is_traced_port(local_port) {
+        return;
+    }
+    // In process mode, a port no traced process listens on.
+    if !setup_wanted(local_port) {
         return;
     }
     if crate::setup::handled_just_now(sk) {

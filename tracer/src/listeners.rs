@@ -374,6 +374,11 @@ impl ListenerWatch {
         Ok(())
     }
 
+    /// The ports of the traced listeners found so far.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.tracked.values().map(|t| t.id.port)
+    }
+
     /// Listen drops since tracing started, per listener.
     pub fn drops(&self) -> BTreeMap<ListenerId, u64> {
         let mut out = BTreeMap::new();

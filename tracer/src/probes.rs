@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeLinkId, UProbeScope},
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, Lsm, RawTracePoint,
@@ -299,6 +299,25 @@ impl Probes {
         let mut cgroups: BpfHashMap<&mut MapData, u64, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("CGROUPS").context("CGROUPS map missing")?)?;
         cgroups.insert(id, 1, 0).with_context(|| format!("adding cgroup {id}"))
+    }
+
+    /// Marks `port` as one a traced process listens on (`STATE_PORTS`): the setups of
+    /// its connections are recorded once [`Probes::filter_setups`] is on.
+    pub fn mark_listener_port(&mut self, port: u16) -> Result<()> {
+        let mut marks: Array<&mut MapData, [u8; 8]> =
+            Array::try_from(self.ebpf.map_mut("STATE_PORTS").context("STATE_PORTS map missing")?)?;
+        let index = (port >> 3) as u32;
+        let mut bytes = marks.get(&index, 0)?;
+        bytes[(port & 7) as usize] = 1;
+        marks.set(index, bytes, 0).with_context(|| format!("marking port {port}"))
+    }
+
+    /// From now on, a passive connection gets a state (its setup recorded) only on a
+    /// marked port: the traced processes' listeners must be marked first.
+    pub fn filter_setups(&mut self) -> Result<()> {
+        let mut flag: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("SETUP_FILTER").context("SETUP_FILTER map missing")?)?;
+        flag.set(0, 1, 0).context("turning the setup filter on")
     }
 
     pub fn add_port(&mut self, port: u16) -> Result<()> {

@@ -85,6 +85,9 @@ struct Session {
     /// `--cgroup`: the traced cgroups, and the ids the programs know.
     cgroups: Vec<Cgroup>,
     cgroup_ids: HashSet<u64>,
+    /// In process (and cgroup) mode, the traced listeners' ports marked in the programs
+    /// so far (see `Probes::filter_setups`); `None` in port mode.
+    marked_ports: Option<HashSet<u16>>,
 }
 
 impl Session {
@@ -170,7 +173,7 @@ impl Session {
 
     /// Reads the kernel-side counters that are not events: lost events, missed setups and
     /// listen drops.
-    fn poll_counters(&mut self, probes: &Probes) {
+    fn poll_counters(&mut self, probes: &mut Probes) {
         self.stats.lost_events = probes.lost_events();
         self.stats.missed_setups = probes.counter(counter::MISSED_SETUPS).unwrap_or(0);
         self.stats.skipped_runs = probes.skipped_runs();
@@ -180,6 +183,16 @@ impl Session {
         pids.extend(self.stats.listeners.values().flat_map(|l| l.processes.keys().copied()));
         pids.retain(|&pid| procs::is_alive(pid));
         self.listeners.refresh(&pids, |cookie| probes.ack_overflows(cookie));
+        if let Some(marked) = self.marked_ports.as_mut() {
+            for port in self.listeners.ports() {
+                if !marked.contains(&port) {
+                    match probes.mark_listener_port(port) {
+                        Ok(()) => _ = marked.insert(port),
+                        Err(e) => warn!("{e:#}"),
+                    }
+                }
+            }
+        }
         for (id, drops) in self.listeners.drops() {
             self.stats.listener(id).listen_drops = drops;
         }
@@ -383,6 +396,7 @@ pub fn run(args: Args) -> Result<i32> {
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports, args.all),
         synacks_pending: BTreeMap::new(),
+        marked_ports: (args.ports.is_empty() && !args.all).then(HashSet::new),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
         cgroups,
         cgroup_ids,
@@ -505,8 +519,13 @@ async fn trace(
     // script inherits SIGINT ignored) or kill it without one.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    // The listeners' counters as they are now: listen drops count from here.
-    session.poll_counters(&probes);
+    // The listeners' counters as they are now: listen drops count from here. Their ports
+    // are marked now: from here on, only those (and the ones traced processes listen on
+    // later) have their connections' setups recorded.
+    session.poll_counters(&mut probes);
+    if session.marked_ports.is_some() {
+        probes.filter_setups()?;
+    }
     // `--all` is port mode on every port.
     let port_mode = !args.ports.is_empty() || args.all;
     let mut tls_watch = TlsWatch {
@@ -569,7 +588,7 @@ async fn trace(
                 }
                 // A scrape waits: the statistics of now, with the counters.
                 if let Some(page) = metrics.as_ref().filter(|p| p.wanted()) {
-                    session.poll_counters(&probes);
+                    session.poll_counters(&mut probes);
                     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
                     page.update(&session.stats);
                 }
@@ -598,13 +617,13 @@ async fn trace(
             }
             _ = async { reports.as_mut().unwrap().tick().await }, if reports.is_some() => {
                 drain(ring.get_mut(), &mut session)?;
-                session.poll_counters(&probes);
+                session.poll_counters(&mut probes);
                 session.stats.tracked_sockets = probes.tracked_sockets();
                 session.report(ReportKind::Interval, &[])?;
             }
             _ = tick.tick() => {
                 session.follow_cgroups(&mut probes);
-                session.poll_counters(&probes);
+                session.poll_counters(&mut probes);
                 if let Some(l) = launched.as_mut() {
                     if let Some(status) = l.try_wait() {
                         break format!("the command exited with status {status}");
@@ -633,7 +652,7 @@ async fn trace(
         session.apply(Event::Request(request))?;
     }
     session.finish_attribution();
-    session.poll_counters(&probes);
+    session.poll_counters(&mut probes);
     session.stats.read_errors = probes.counter(counter::READ_ERRORS).unwrap_or(0);
     session.stats.state_full = probes.counter(counter::STATE_FULL).unwrap_or(0);
     session.stats.tracked_sockets = probes.tracked_sockets();
