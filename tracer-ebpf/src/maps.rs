@@ -211,17 +211,48 @@ static TLS_CALLS_OPEN: Array<u64> = Array::with_max_entries(1, 0);
 /// [`TLS_CALLS_OPEN`].
 #[inline(always)]
 pub fn note_tls_call(entered: bool) {
-    if let Some(open) = TLS_CALLS_OPEN.get_ptr_mut(0) {
-        let step = if entered { 1 } else { u64::MAX };
-        // Atomic: calls on two CPUs at once must both count (adding u64::MAX wraps to -1).
-        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(open, step) };
-    }
+    step_count(&TLS_CALLS_OPEN, entered);
 }
 
 /// Whether some thread may be inside a hooked call of the TLS library.
 #[inline(always)]
 pub fn tls_calls_open() -> bool {
-    TLS_CALLS_OPEN.get(0).is_some_and(|open| unsafe { core::ptr::read_volatile(open) } != 0)
+    count_nonzero(&TLS_CALLS_OPEN)
+}
+
+/// Adds one to the count in `count`'s only entry (`up`), or takes one from it.
+#[inline(always)]
+fn step_count(count: &Array<u64>, up: bool) {
+    if let Some(n) = count.get_ptr_mut(0) {
+        let step = if up { 1 } else { u64::MAX };
+        // Atomic: steps on two CPUs at once must both count (adding u64::MAX wraps to -1).
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(n, step) };
+    }
+}
+
+#[inline(always)]
+fn count_nonzero(count: &Array<u64>) -> bool {
+    count.get(0).is_some_and(|n| unsafe { core::ptr::read_volatile(n) } != 0)
+}
+
+/// Connects of the traced processes under way (a state made at SYN_SENT, not yet
+/// established or closed): while there are none, the state hook does not look up the
+/// sockets that become established from SYN_SENT (the machine's other clients). A
+/// connect's end that is missed leaves the count above the truth, never below: the
+/// lookups are then made, as before.
+#[map]
+static CONNECTS_OPEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// A traced connect began (`true`: its state is made) or ended.
+#[inline(always)]
+pub fn note_connect(began: bool) {
+    step_count(&CONNECTS_OPEN, began);
+}
+
+/// Whether a traced process may have a connect under way.
+#[inline(always)]
+pub fn connects_open() -> bool {
+    count_nonzero(&CONNECTS_OPEN)
 }
 
 /// The socket under each TLS connection object (`SSL *` → `struct sock *`), learnt from

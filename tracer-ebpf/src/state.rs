@@ -7,8 +7,8 @@ use crate::{
     conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, load, read, tcp_sock, tuple_key},
     maps::{
-        filter_by_port, is_traced_port, is_traced_tgid, mark_state_port, note_pending_listener, setup_wanted,
-        state_port_marked, ClosedConn, RECENTLY_CLOSED, SYNACKS,
+        connects_open, filter_by_port, is_traced_port, is_traced_tgid, mark_state_port, note_pending_listener,
+        setup_wanted, state_port_marked, ClosedConn, RECENTLY_CLOSED, SYNACKS,
     },
     off, upstream,
 };
@@ -33,7 +33,7 @@ tracepoint_hook! {
         match (old, new) {
             (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established::<BTF>(sk),
             (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
-            (TCP_SYN_SENT, TCP_ESTABLISHED) => on_active_established(sk),
+            (TCP_SYN_SENT, TCP_ESTABLISHED) if connects_open() => on_active_established(sk),
             // A connect that failed or was given up.
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
             (_, TCP_LISTEN) => on_listen(sk),

@@ -17,7 +17,7 @@ use crate::{
     },
     kernel::{conn_addr, read, tuple_key},
     labels::{capture, labels},
-    maps::{is_traced_tgid, mark_state_port, reserve, EXISTING_CLIENTS},
+    maps::{is_traced_tgid, mark_state_port, note_connect, reserve, EXISTING_CLIENTS},
     off,
 };
 
@@ -37,12 +37,15 @@ pub fn on_connect_start(sk: u64) {
                           // The first request on the connection is made for the request the connecting thread
                           // works for now: an event loop writes it once connected, maybe after other reads.
     (st.bound_sock, st.bound_first_read_ns) = bind::current_request(false);
-    insert_state(sk, st);
+    if insert_state(sk, st) {
+        note_connect(true);
+    }
 }
 
 /// SYN_SENT → ESTABLISHED (`error` 0) or → CLOSE (the socket error, or abandoned).
 #[inline(always)]
 pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
+    note_connect(false);
     let ts = now();
     if error == 0 {
         st.established_ns = ts;
