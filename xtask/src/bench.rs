@@ -153,7 +153,7 @@ impl Workload {
     /// uprobes where there is TLS to hook.
     fn runs(self, config: Config) -> bool {
         if self.is_bystander() {
-            return matches!(config, Config::Untraced | Config::Tracer | Config::UntracedAgain);
+            return matches!(config, Config::Untraced | Config::Tracer | Config::Compared | Config::UntracedAgain);
         }
         match config {
             Config::Proxy => self.is_nginx(),
