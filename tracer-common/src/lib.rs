@@ -735,8 +735,11 @@ pub struct KernelOffsets {
     /// number of that namespace (struct net.ns.inum)
     pub skc_net: u32,
     pub net_ns_inum: u32,
+    /// struct inet_sock.inet_sport (network order): the local port, still there as the
+    /// connection closes, when `skc_num` has already been given back
+    pub inet_sport: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 168);
+const _: () = assert!(size_of::<KernelOffsets>() == 172);
 
 /// Where a traced server connection is in its request/response cycle.
 pub mod dir {

@@ -55,6 +55,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     iov_iter_count: 0,
     skc_net: 0,
     net_ns_inum: 0,
+    inet_sport: 0,
 };
 
 #[unsafe(no_mangle)]

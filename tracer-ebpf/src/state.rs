@@ -37,9 +37,8 @@ tracepoint_hook! {
             // A connect that failed or was given up.
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
             (_, TCP_LISTEN) => on_listen(sk),
-            // (The kernel has given the port back by now: `inet_num` reads 0.)
-            (_, TCP_CLOSE) => on_close(sk, old),
             // The arms below look up a state, which only a socket on a marked port has.
+            (_, TCP_CLOSE) if closing_may_have_state::<BTF>(sk) => on_close(sk, old),
             // Our FIN is acknowledged, so is every byte before it.
             (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if may_have_state::<BTF>(sk) => on_all_acked(sk),
             // The peer closed its side (before we closed ours, or as we did).
@@ -54,13 +53,26 @@ tracepoint_hook! {
 
 /// Whether `sk`, still holding its port, may have a state: every state's port is marked
 /// (`insert_state`), from the state's creation on (a connecting socket's from its
-/// establishment: the arms for a connect do not ask). The other end of a connection on this machine and the
-/// servers not traced are told by an array read, with no lookup. Where the port takes
-/// a helper call to read (a raw tracepoint), which costs about what it spares, the
-/// lookup is made anyway.
+/// establishment: the arms for a connect do not ask). The other end of a connection on
+/// this machine and the servers not traced are told by an array read, with no lookup.
+/// Where the port takes a helper call to read (a raw tracepoint), which costs about
+/// what it spares, the lookup is made anyway.
 #[inline(always)]
 fn may_have_state<const BTF: bool>(sk: u64) -> bool {
     !BTF || state_port_marked(load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0))
+}
+
+/// [`may_have_state`] for a socket closing: the kernel has given its port back by then
+/// (`skc_num` reads 0), but the socket still says it as its source port.
+#[inline(always)]
+fn closing_may_have_state<const BTF: bool>(sk: u64) -> bool {
+    if !BTF {
+        return true;
+    }
+    // The source port is in `struct inet_sock`, past the `struct sock` the tracepoint
+    // types `sk` as: loaded through the socket as a `struct tcp_sock`.
+    let Some(tp) = tcp_sock::<BTF>(sk) else { return true };
+    state_port_marked(u16::from_be(load::<BTF, u16>(tp, off!(inet_sport)).unwrap_or(0)))
 }
 
 /// A socket starts listening: a traced process's listener has its port marked, so that

@@ -73,6 +73,7 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         // namespaces have no pointer: there is one namespace, and no BTF field either).
         skc_net: byte("sock_common", "skc_net", 8)?,
         net_ns_inum: byte("net", "ns.inum", 4)?,
+        inet_sport: byte("inet_sock", "inet_sport", 2)?,
     };
     Ok(offsets)
 }
