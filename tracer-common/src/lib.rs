@@ -868,8 +868,11 @@ pub struct ProgramConfig {
     pub filter_by_cgroup: u32,
     /// Non-zero (`--all`, with `filter_by_port`): every port is traced, whoever accepts.
     pub all_ports: u32,
+    /// Non-zero where the kernel has `bpf_get_current_task_btf` (5.11+): the accept
+    /// hook walks from the task to its file table with loads in place, not helper calls.
+    pub task_btf: u32,
 }
-const _: () = assert!(size_of::<ProgramConfig>() == 32);
+const _: () = assert!(size_of::<ProgramConfig>() == 36);
 
 /// Indexes of the per-CPU `COUNTERS` array.
 pub mod counter {

@@ -2,11 +2,7 @@
 //! accepting process is not traced. Here from the syscall tracepoints (the socket is
 //! found through the new descriptor); `fallback` has the same from `inet_csk_accept`.
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
@@ -41,8 +37,7 @@ fn on_accept_return(ctx: &TracePointContext) {
     if !filter_by_port() && known_untraced((bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
     }
-    let task = unsafe { bpf_get_current_task() };
-    let Some(sk) = sock_of_fd(task, fd as u32) else { return };
+    let Some(sk) = sock_of_fd(fd as u32) else { return };
     on_accepted(sk);
 }
 

@@ -1,6 +1,9 @@
 //! Reads of kernel structures at offsets resolved from BTF.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock};
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel,
+    generated::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock},
+};
 use tracer_common::{ConnAddr, AF_INET, AF_INET6};
 
 use crate::{
@@ -182,18 +185,24 @@ pub fn is_inet_tcp(sk: u64) -> bool {
     read::<u16>(sk, off!(sk_protocol)) == Some(IPPROTO_TCP) && read::<u16>(sk, off!(sk_type)) == Some(SOCK_STREAM)
 }
 
+/// Whether the current task may be had as a typed pointer (see `ProgramConfig::task_btf`;
+/// a constant the verifier sees, so that an older kernel never meets the helper).
+#[inline(always)]
+fn task_btf() -> bool {
+    unsafe { core::ptr::read_volatile(&crate::maps::CONFIG.task_btf) != 0 }
+}
+
 /// The `struct sock` behind file descriptor `fd` of the current task.
 #[inline(always)]
-pub fn sock_of_fd(task: u64, fd: u32) -> Option<u64> {
-    let files: u64 = read(task, off!(task_files))?;
-    let fdt: u64 = read(files, off!(files_fdt))?;
-    // `struct fdtable` starts with its size and its array (one read for both where the
-    // offsets from BTF say so, as on every kernel the tracer knows).
-    let (max_fds, fd_array) = if off!(fdtable_max_fds) == 0 && off!(fdtable_fd) == 8 {
-        let head: [u64; 2] = read(fdt, 0)?;
-        (head[0] as u32, head[1])
+pub fn sock_of_fd(fd: u32) -> Option<u64> {
+    let (max_fds, fd_array) = if task_btf() {
+        // The task as a typed pointer: its file table is three loads in place.
+        let task = unsafe { bpf_get_current_task_btf() } as u64;
+        let files = load::<true, u64>(task, off!(task_files))?;
+        let fdt = load::<true, u64>(files, off!(files_fdt))?;
+        (load::<true, u32>(fdt, off!(fdtable_max_fds))?, load::<true, u64>(fdt, off!(fdtable_fd))?)
     } else {
-        (read::<u32>(fdt, off!(fdtable_max_fds))?, read::<u64>(fdt, off!(fdtable_fd))?)
+        fdtable_of(unsafe { bpf_get_current_task() } as u64)?
     };
     if fd >= max_fds {
         return None;
@@ -202,4 +211,19 @@ pub fn sock_of_fd(task: u64, fd: u32) -> Option<u64> {
     let socket: u64 = read(file, off!(file_private_data))?;
     let sk: u64 = read(socket, off!(socket_sk))?;
     (sk != 0).then_some(sk)
+}
+
+/// The size and the array of `task`'s file table, through helper reads.
+#[inline(always)]
+fn fdtable_of(task: u64) -> Option<(u32, u64)> {
+    let files: u64 = read(task, off!(task_files))?;
+    let fdt: u64 = read(files, off!(files_fdt))?;
+    // `struct fdtable` starts with its size and its array (one read for both where the
+    // offsets from BTF say so, as on every kernel the tracer knows).
+    Some(if off!(fdtable_max_fds) == 0 && off!(fdtable_fd) == 8 {
+        let head: [u64; 2] = read(fdt, 0)?;
+        (head[0] as u32, head[1])
+    } else {
+        (read::<u32>(fdt, off!(fdtable_max_fds))?, read::<u64>(fdt, off!(fdtable_fd))?)
+    })
 }

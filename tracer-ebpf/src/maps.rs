@@ -68,6 +68,7 @@ pub static CONFIG: ProgramConfig = ProgramConfig {
     labels: 0,
     filter_by_cgroup: 0,
     all_ports: 0,
+    task_btf: 0,
 };
 
 /// One field of `OFFSETS`. Volatile, so the compiler cannot fold the zero initialiser

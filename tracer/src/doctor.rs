@@ -50,6 +50,7 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
             // Loaded with labels on where the kernel can read them: the hooks' label
             // paths are verified too.
             labels: kernel.labels_unavailable.is_none() as u32,
+            task_btf: kernel.task_btf as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: 4096,

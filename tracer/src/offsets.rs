@@ -90,6 +90,8 @@ pub struct KernelFacts {
     /// call's buffer in the task's saved user registers (`bpf_task_pt_regs`, 5.15+),
     /// laid out as on x86_64 or aarch64.
     pub labels_unavailable: Option<&'static str>,
+    /// Whether the kernel has `bpf_get_current_task_btf` (5.11+).
+    pub task_btf: bool,
 }
 
 pub fn from_running_kernel() -> Result<KernelFacts> {
@@ -108,5 +110,6 @@ pub fn from_running_kernel() -> Result<KernelFacts> {
     } else {
         None
     };
-    Ok(KernelFacts { offsets, drop_reason_listen_overflow, recvmsg_flags_arg, labels_unavailable })
+    let task_btf = btf.enumerator("BPF_FUNC_get_current_task_btf").is_some();
+    Ok(KernelFacts { offsets, drop_reason_listen_overflow, recvmsg_flags_arg, labels_unavailable, task_btf })
 }

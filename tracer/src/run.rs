@@ -306,6 +306,7 @@ pub fn run(args: Args) -> Result<i32> {
             tls_records: tls::cgroup2_root().is_some() as u32,
             labels: labels_on as u32,
             filter_by_cgroup: !cgroups.is_empty() as u32,
+            task_btf: kernel.task_btf as u32,
             ..ProgramConfig::default()
         },
         ring_buffer_bytes: args.ring_buffer_size,
