@@ -333,9 +333,19 @@ pub fn run(args: Args) -> Result<i32> {
     } else {
         cgroups.iter().flat_map(Cgroup::processes).collect()
     };
+    // The ports the traced processes listen on: their connections' setups are recorded
+    // (see `Probes::filter_setups`; the listener watch adds those it finds later).
+    let mut listening = HashSet::new();
     for pid in initial {
         probes.add_pid(pid)?;
         live.insert(pid);
+        if args.ports.is_empty() && !args.all {
+            for port in sockets::listening_ports(pid) {
+                if listening.insert(port) {
+                    probes.mark_listener_port(port)?;
+                }
+            }
+        }
         // Connections it opened before tracing started (pools of database connections).
         for key in sockets::existing_upstreams(pid) {
             if let Err(e) = probes.add_existing_upstream(key) {
@@ -397,7 +407,7 @@ pub fn run(args: Args) -> Result<i32> {
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports, args.all),
         synacks_pending: BTreeMap::new(),
-        marked_ports: (args.ports.is_empty() && !args.all).then(HashSet::new),
+        marked_ports: (args.ports.is_empty() && !args.all).then_some(listening),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
         cgroups,
         cgroup_ids,

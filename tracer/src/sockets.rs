@@ -90,17 +90,35 @@ pub fn is_listening(port: u16) -> bool {
 
 /// The upstream connections process `pid` has open now.
 pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
+    let (entries, owned) = tcp_sockets(pid);
+    upstream_tuples(&entries, &owned)
+}
+
+/// The ports process `pid` listens on now (read without sock_diag, which a kernel may
+/// lack: the programs record setups only on these ports, see `Probes::filter_setups`).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let (entries, owned) = tcp_sockets(pid);
+    listening(&entries, &owned)
+}
+
+/// The ports of the listening sockets among `entries` whose inode is in `owned`.
+fn listening(entries: &[Entry], owned: &HashSet<u64>) -> Vec<u16> {
+    entries.iter().filter(|e| e.state == LISTEN && owned.contains(&e.inode)).map(|e| e.local.1).collect()
+}
+
+/// The TCP sockets of `pid`'s network namespace, and the inodes of those it holds.
+fn tcp_sockets(pid: u32) -> (Vec<Entry>, HashSet<u64>) {
     let owned = crate::procs::socket_inodes(pid);
-    if owned.is_empty() {
-        return Vec::new();
-    }
     let mut entries = Vec::new();
+    if owned.is_empty() {
+        return (entries, owned);
+    }
     for table in ["tcp", "tcp6"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
             entries.extend(parse_table(&text));
         }
     }
-    upstream_tuples(&entries, &owned)
+    (entries, owned)
 }
 
 #[cfg(test)]
@@ -124,6 +142,13 @@ mod tests {
         assert_eq!(e[2].inode, 102);
         let v6 = parse_endpoint("00000000000000000000000001000000:0050").unwrap();
         assert_eq!(v6, ("::1".parse().unwrap(), 80));
+    }
+
+    #[test]
+    fn a_process_listens_on_the_listening_sockets_it_holds() {
+        let entries = parse_table(TCP);
+        assert_eq!(listening(&entries, &[100, 101].into()), vec![8080]);
+        assert!(listening(&entries, &[101, 102, 999].into()).is_empty(), "no listener of its own");
     }
 
     #[test]
