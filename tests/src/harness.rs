@@ -126,6 +126,26 @@ pub fn start_tracer(args: &[String]) -> Result<Tracer> {
     start_tracer_output(args, "json")
 }
 
+/// `tracer --output json -- COMMAND…`: the tracer runs the command and traces it from
+/// its start; the command's output comes first on the tracer's stdout, then the
+/// tracer's JSON lines (see [`json_lines`]).
+pub fn trace_command(command: &[&str]) -> Result<(Proc, BufReader<std::process::ChildStdout>)> {
+    let mut child = Command::new(tracer_bin())
+        .args(["--output", "json", "--"])
+        .args(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", tracer_bin().display()))?;
+    let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    Ok((Proc { child }, stdout))
+}
+
+/// The JSON lines left on `reader` (the tracer's output after its command's).
+pub fn json_lines(reader: impl BufRead) -> Result<Vec<Value>> {
+    reader.lines().map(|l| Ok(serde_json::from_str(&l?)?)).collect()
+}
+
 /// Starts the tracer with `args` plus `--output FORMAT` (`text` or `json`) and waits until
 /// it is attached; for output read byte for byte with [`Tracer::stop_raw`].
 pub fn start_tracer_output(args: &[String], format: &str) -> Result<Tracer> {

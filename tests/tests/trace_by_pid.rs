@@ -119,14 +119,7 @@ fn a_listener_with_a_port_picked_at_listen_is_recorded_from_its_first_connection
         return Ok(());
     }
     const N: usize = 5;
-    let mut tracer = Proc {
-        child: Command::new(tracer_bin())
-            .args(["--output", "json", "--", "python3", "-c", AUTOBIND_SERVER, &N.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?,
-    };
-    let mut stdout = BufReader::new(tracer.child.stdout.take().expect("piped"));
+    let (mut tracer, mut stdout) = trace_command(&["python3", "-c", AUTOBIND_SERVER, &N.to_string()])?;
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let port: u16 = line.trim().parse()?;
@@ -134,8 +127,7 @@ fn a_listener_with_a_port_picked_at_listen_is_recorded_from_its_first_connection
         ping(SocketAddr::from(([127, 0, 0, 1], port)))?;
     }
     assert_eq!(tracer.child.wait()?.code(), Some(0));
-    let lines: Vec<serde_json::Value> =
-        stdout.lines().map(|l| Ok(serde_json::from_str(&l?)?)).collect::<anyhow::Result<_>>()?;
+    let lines = json_lines(stdout)?;
     let report = final_report(&lines)?;
     let l = listener(report, port)?;
     assert_eq!(report["missed_setups"], 0, "{report}");

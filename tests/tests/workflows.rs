@@ -2,7 +2,7 @@
 //! and the slow-request timeline.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::BufRead as _,
     net::SocketAddr,
     process::{Command, Stdio},
 };
@@ -112,14 +112,8 @@ fn a_command_is_traced_from_its_start() -> anyhow::Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut tracer = Proc {
-        child: Command::new(tracer_bin())
-            .args(["--output", "json", "--", &lab_bin().display().to_string(), "server", "--max-connections", "1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?,
-    };
-    let mut stdout = BufReader::new(tracer.child.stdout.take().expect("piped"));
+    let lab = lab_bin().display().to_string();
+    let (mut tracer, mut stdout) = trace_command(&[&lab, "server", "--max-connections", "1"])?;
     let mut line = String::new();
     stdout.read_line(&mut line)?;
     let addr: SocketAddr = line.trim().strip_prefix("listening on ").expect("lab server output").parse()?;
@@ -132,7 +126,7 @@ fn a_command_is_traced_from_its_start() -> anyhow::Result<()> {
     client::run(&client_opts(addr, 1, 3))?;
     let status = tracer.child.wait()?;
     assert_eq!(status.code(), Some(0));
-    let lines: Vec<Value> = stdout.lines().map(|l| Ok(serde_json::from_str(&l?)?)).collect::<anyhow::Result<_>>()?;
+    let lines = json_lines(stdout)?;
     let report = final_report(&lines)?;
     let l = listener(report, addr.port())?;
     assert_eq!(l["connections"], 1, "{l}");
