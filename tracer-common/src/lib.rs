@@ -812,9 +812,7 @@ pub struct SockState {
     /// Server connections: the thread that last read the request (whose think it is).
     /// Upstream connections: the thread that wrote the request (the one that waits).
     pub tid: u32,
-    /// Accepted connections: the inode number of the connection's network namespace,
-    /// read as it is established (0: not read then).
-    pub netns: u32,
+    pub _pad0: u32,
     /// Upstream connections: the server request the current upstream request is made
     /// for (see [`ThreadWork`]); for a connection's first request, the one the
     /// connecting thread had read when it called connect().

@@ -79,8 +79,7 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
     unsafe {
         (*e).header = header(kind::CONN_OPEN, st.owner, sk, ts);
         (*e).addr = *addr;
-        // Read as an accepted connection was established, where that was cheaper.
-        (*e).addr.netns = if st.netns != 0 { st.netns } else { crate::kernel::netns_of(sk) };
+        (*e).addr.netns = crate::kernel::netns_of(sk);
         (*e).origin = st.origin;
         (*e).synack_retransmits = st.synack_retransmits;
         (*e).synack_ns = st.synack_ns;

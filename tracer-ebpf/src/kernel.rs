@@ -145,14 +145,8 @@ pub fn conn_addr_in_netns(sk: u64) -> ConnAddr {
 /// The inode number of `sk`'s network namespace (0 if unreadable).
 #[inline(always)]
 pub fn netns_of(sk: u64) -> u32 {
-    netns_in::<false>(sk)
-}
-
-/// [`netns_of`], with two loads in place where `BTF` (see [`load`]).
-#[inline(always)]
-pub fn netns_in<const BTF: bool>(sk: u64) -> u32 {
-    match load::<BTF, u64>(sk, off!(skc_net)) {
-        Some(net) if net != 0 => load::<BTF, u32>(net, off!(net_ns_inum)).unwrap_or(0),
+    match read::<u64>(sk, off!(skc_net)) {
+        Some(net) if net != 0 => read::<u32>(net, off!(net_ns_inum)).unwrap_or(0),
         _ => 0,
     }
 }

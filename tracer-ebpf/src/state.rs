@@ -112,7 +112,6 @@ pub fn on_passive_established<const BTF: bool>(sk: u64) {
     let st = init_state(fresh.as_mut_ptr(), origin::ACCEPTED);
     st.established_ns = ts;
     st.local_port = local_port as u32;
-    st.netns = crate::kernel::netns_in::<BTF>(sk);
     // The child inherits the request's SYN-ACK retransmits: only then is the first
     // SYN-ACK's time to be found in SYNACKS (the common case needs no lookup).
     let Some(tp) = tcp_sock::<BTF>(sk) else { return };
