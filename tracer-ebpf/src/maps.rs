@@ -313,9 +313,9 @@ pub fn record_port_marked(port: u16) -> bool {
 
 /// The local ports of connections that may have a state: every state's port (marked as
 /// it is created, a connecting socket's once established), and in process mode the
-/// ports the traced processes listen on (marked by userspace at the start, by the state
-/// hook as a traced process starts listening, and at the accept of a connection that
-/// had no state). The hooks that run for every segment or state change of the machine
+/// ports the traced processes begin listening on while traced, or accept on with no
+/// state (those userspace finds are in `LISTENER_PORTS`). The programs alone write it,
+/// a byte at a time. The hooks that run for every segment or state change of the machine
 /// look a socket's state up only when its port is marked: the other end of a
 /// connection on the same machine (a load generator's ephemeral port) and the servers
 /// not traced cost one array read.
@@ -343,11 +343,17 @@ pub fn state_port_marked(port: u16) -> bool {
 #[map]
 static SETUP_FILTER: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The ports the traced processes listened on as tracing started, and those userspace
+/// finds later, marked by userspace alone: it writes an entry (eight ports) whole, so
+/// sharing one with the programs' byte stores could undo one of theirs.
+#[map]
+static LISTENER_PORTS: PortMarks = Array::with_max_entries(8192, 0);
+
 /// Whether the setup of a passive connection on local port `port` is to be recorded:
 /// its port may be traced (the filter on), or any (not yet).
 #[inline(always)]
 pub fn setup_wanted(port: u16) -> bool {
-    if SETUP_FILTER.get(0).is_none_or(|on| *on == 0) || state_port_marked(port) {
+    if SETUP_FILTER.get(0).is_none_or(|on| *on == 0) || state_port_marked(port) || port_marked(&LISTENER_PORTS, port) {
         return true;
     }
     // Its listener may be a traced one whose port was picked after it began listening.

@@ -301,11 +301,12 @@ impl Probes {
         cgroups.insert(id, 1, 0).with_context(|| format!("adding cgroup {id}"))
     }
 
-    /// Marks `port` as one a traced process listens on (`STATE_PORTS`): the setups of
-    /// its connections are recorded once [`Probes::filter_setups`] is on.
+    /// Marks `port` as one a traced process listens on (`LISTENER_PORTS`, which only
+    /// userspace writes): the setups of its connections are recorded once
+    /// [`Probes::filter_setups`] is on.
     pub fn mark_listener_port(&mut self, port: u16) -> Result<()> {
         let mut marks: Array<&mut MapData, [u8; 8]> =
-            Array::try_from(self.ebpf.map_mut("STATE_PORTS").context("STATE_PORTS map missing")?)?;
+            Array::try_from(self.ebpf.map_mut("LISTENER_PORTS").context("LISTENER_PORTS map missing")?)?;
         let index = (port >> 3) as u32;
         let mut bytes = marks.get(&index, 0)?;
         bytes[(port & 7) as usize] = 1;
