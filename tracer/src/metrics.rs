@@ -525,6 +525,16 @@ impl Snapshot {
                     "Connections not tracked (per-socket state full)",
                     global(stats.state_full),
                 ),
+                (
+                    "tracer_missed_setups",
+                    "Server connections accepted with no handshake or accept_wait recorded",
+                    global(stats.missed_setups),
+                ),
+                (
+                    "tracer_skipped_program_runs",
+                    "Runs of the tracer's programs the kernel skipped (already running on the CPU)",
+                    stats.skipped_runs.iter().map(|(name, n)| (vec![("program", name.clone())], *n)).collect(),
+                ),
             ],
         }
     }
@@ -603,6 +613,13 @@ mod tests {
         assert_eq!(bucket("+Inf"), Some(5));
         assert!(text.contains(&format!("tracer_requests_total{{{listener}}} 5")), "{text}");
         assert!(text.contains("tracer_lost_events_total 0"), "{text}");
+        assert!(text.contains("tracer_missed_setups_total 0"), "{text}");
+        // Only the programs that had runs skipped have a series.
+        assert!(!text.contains("tracer_skipped_program_runs_total{"), "{text}");
+        stats.skipped_runs.insert("inet_sock_set_state".into(), 3);
+        page.update(&stats);
+        let text = page.text();
+        assert!(text.contains("tracer_skipped_program_runs_total{program=\"inet_sock_set_state\"} 3"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
