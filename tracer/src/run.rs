@@ -335,19 +335,21 @@ pub fn run(args: Args) -> Result<i32> {
     };
     // The ports the traced processes listen on: their connections' setups are recorded
     // (see `Probes::filter_setups`; the listener watch adds those it finds later).
+    let process_mode = args.ports.is_empty() && !args.all;
     let mut listening = HashSet::new();
     for pid in initial {
         probes.add_pid(pid)?;
         live.insert(pid);
-        if args.ports.is_empty() && !args.all {
-            for port in sockets::listening_ports(pid) {
+        let open = sockets::open_sockets(pid);
+        if process_mode {
+            for port in open.listening {
                 if listening.insert(port) {
                     probes.mark_listener_port(port)?;
                 }
             }
         }
         // Connections it opened before tracing started (pools of database connections).
-        for key in sockets::existing_upstreams(pid) {
+        for key in open.upstreams {
             if let Err(e) = probes.add_existing_upstream(key) {
                 warn!("{e:#}");
                 break;
@@ -407,7 +409,7 @@ pub fn run(args: Args) -> Result<i32> {
         decode_errors: 0,
         listeners: ListenerWatch::new(&args.ports, args.all),
         synacks_pending: BTreeMap::new(),
-        marked_ports: (args.ports.is_empty() && !args.all).then_some(listening),
+        marked_ports: process_mode.then_some(listening),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
         cgroups,
         cgroup_ids,

@@ -1,7 +1,8 @@
 //! The TCP connections a traced process already has open when tracing starts, read from
 //! `/proc/PID/net/tcp{,6}`: which of them are upstream connections (the process opened
 //! them) rather than connections it accepted. The kernel programs cannot tell the two
-//! apart for a connection they did not see open, so userspace tells them, by tuple.
+//! apart for a connection they did not see open, so userspace tells them, by tuple; and
+//! the ports it listens on, whose connections' setups the programs record.
 
 use std::{
     collections::HashSet,
@@ -88,17 +89,18 @@ pub fn is_listening(port: u16) -> bool {
         .any(|e| e.state == LISTEN && e.local.1 == port)
 }
 
-/// The upstream connections process `pid` has open now.
-pub fn existing_upstreams(pid: u32) -> Vec<TupleKey> {
-    let (entries, owned) = tcp_sockets(pid);
-    upstream_tuples(&entries, &owned)
+/// What process `pid` has open now, from one reading of its sockets.
+pub struct OpenSockets {
+    /// Its upstream connections.
+    pub upstreams: Vec<TupleKey>,
+    /// The ports it listens on (read without sock_diag, which a kernel may lack: the
+    /// programs record setups only on these ports, see `Probes::filter_setups`).
+    pub listening: Vec<u16>,
 }
 
-/// The ports process `pid` listens on now (read without sock_diag, which a kernel may
-/// lack: the programs record setups only on these ports, see `Probes::filter_setups`).
-pub fn listening_ports(pid: u32) -> Vec<u16> {
+pub fn open_sockets(pid: u32) -> OpenSockets {
     let (entries, owned) = tcp_sockets(pid);
-    listening(&entries, &owned)
+    OpenSockets { upstreams: upstream_tuples(&entries, &owned), listening: listening(&entries, &owned) }
 }
 
 /// The ports of the listening sockets among `entries` whose inode is in `owned`.
