@@ -884,7 +884,11 @@ pub mod counter {
     /// setup record although the kernel established them while the programs were
     /// attached: a handshake and accept wait the tracer did not see.
     pub const MISSED_SETUPS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Connections of traced processes whose accept the accept hook did not see: the
+    /// first read or write took their ownership. Where accept is hooked at the peer's
+    /// address (`accept_peer4`), an accept that asks for no address.
+    pub const UNSEEN_ACCEPTS: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]

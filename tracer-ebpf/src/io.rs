@@ -188,7 +188,7 @@ fn on_read(sk: u64, len: u64) {
         upstream::on_read(sk, st, len, ts, 0);
         return;
     }
-    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+    if st.owner == 0 && !crate::accept::adopt_unseen(sk, st) {
         // Accepted by a process not traced (or an accept not seen: see take_ownership).
         return;
     }
@@ -250,7 +250,7 @@ fn on_write<const BTF: bool>(sk: u64, len: u64) {
         }
         return;
     }
-    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+    if st.owner == 0 && !crate::accept::adopt_unseen(sk, st) {
         return;
     }
     if records::not_a_response(sk, st) {

@@ -410,6 +410,12 @@ pub static EXISTING_CLIENTS: HashMap<TupleKey, u32> = HashMap::with_max_entries(
 #[map]
 pub static NEW_STATE: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
 
+/// When (CLOCK_MONOTONIC ns) every hook was in place, accept's among them: written by
+/// userspace once, 0 before. An accept not seen of a connection established later is
+/// one the accept hook cannot see (`accept::adopt_unseen`).
+#[map]
+pub static HOOKED_NS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Per-CPU counters (see `tracer_common::counter`).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

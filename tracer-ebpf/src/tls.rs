@@ -196,7 +196,7 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
         upstream::on_read(sk, st, bytes, ts, call.buf);
         return 0;
     }
-    if st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+    if st.owner == 0 && !crate::accept::adopt_unseen(sk, st) {
         return 0;
     }
     io::read_request(sk, st, bytes, ts, call.buf);
@@ -275,7 +275,7 @@ pub fn socket_call(sk: u64, st: &mut SockState, what: u32, len: u64) -> bool {
         }
         return true;
     };
-    if !client && st.owner == 0 && !crate::accept::take_ownership(sk, st) {
+    if !client && st.owner == 0 && !crate::accept::adopt_unseen(sk, st) {
         return true;
     }
     if st.tls & tls::HOOKED == 0 {

@@ -31,14 +31,25 @@ pub enum Kind {
     Lsm,
     /// Kernel probe on a function's entry or return.
     KProbe,
+    /// A cgroup hook on socket addresses: runs only for the sockets of the cgroups it is
+    /// attached to (the traced processes').
+    CgroupSockAddr,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
     /// it to follow TLS connections as without a usable library).
     UProbe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::TpBtf, Kind::RawTp, Kind::TracePoint, Kind::FEntry, Kind::Lsm, Kind::KProbe, Kind::UProbe];
+    pub const ALL: [Kind; 8] = [
+        Kind::TpBtf,
+        Kind::RawTp,
+        Kind::TracePoint,
+        Kind::FEntry,
+        Kind::Lsm,
+        Kind::KProbe,
+        Kind::CgroupSockAddr,
+        Kind::UProbe,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +59,7 @@ impl Kind {
             Kind::FEntry => "fentry",
             Kind::Lsm => "lsm",
             Kind::KProbe => "kprobe",
+            Kind::CgroupSockAddr => "cgroup_sock_addr",
             Kind::UProbe => "uprobe",
         }
     }
@@ -94,6 +106,9 @@ pub enum Attach {
     KRetProbe(&'static str),
     /// BPF LSM hook, by hook name.
     Lsm(&'static str),
+    /// Cgroup socket-address hook, by attach point (`getpeername4`): loaded with the
+    /// others, attached to the traced processes' cgroups as the session finds them.
+    CgroupSockAddr(&'static str),
 }
 
 impl Attach {
@@ -105,6 +120,7 @@ impl Attach {
             Attach::FEntry(_) | Attach::FExit(_) => Kind::FEntry,
             Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
             Attach::Lsm(_) => Kind::Lsm,
+            Attach::CgroupSockAddr(_) => Kind::CgroupSockAddr,
         }
     }
 }
@@ -120,6 +136,7 @@ impl fmt::Display for Attach {
             Attach::KProbe(name) => write!(f, "kprobe/{name}"),
             Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
             Attach::Lsm(name) => write!(f, "lsm/{name}"),
+            Attach::CgroupSockAddr(name) => write!(f, "cgroup/{name}"),
         }
     }
 }
@@ -260,6 +277,18 @@ pub const HOOKS: &[Hook] = &[
             Implementation {
                 programs: &[one("inet_csk_accept_return", Attach::KRetProbe("inet_csk_accept"))],
                 needs: "kprobes (CONFIG_KPROBES)",
+            },
+            // Only in the traced processes' cgroups, and only for accepts that ask for the
+            // peer's address (most servers do); an accept that does not is taken at the
+            // connection's first read or write, and the syscall tracepoints below are
+            // added from then on (`Probes::add_accept_fallback`).
+            Implementation {
+                programs: &[
+                    one("accept_peer4", Attach::CgroupSockAddr("getpeername4")),
+                    one("accept_peer6", Attach::CgroupSockAddr("getpeername6")),
+                ],
+                needs: "cgroup v2 and cgroup hooks on getpeername (5.8+); then the syscall tracepoints below, \
+                        from the first accept that asks for no address",
             },
             Implementation {
                 programs: &[

@@ -55,6 +55,8 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
         },
         ring_buffer_bytes: 4096,
         max_sockets: 16,
+        // Tried on this process's own cgroup.
+        accept_cgroups: tls::cgroup_of(std::process::id()).into_iter().collect(),
     })?;
     let mut out = String::from("\nhooks:\n");
     for h in &probes.hooks {
@@ -105,7 +107,13 @@ fn syscall_tax(probes: &Probes) -> String {
         .filter(|h| h.implementation.as_deref().is_some_and(|i| i.contains("tracepoint/syscalls/")))
         .map(|h| h.hook)
         .collect();
-    if taxing.is_empty() {
+    if taxing.is_empty() && probes.accept_at_peer().is_some() {
+        "untaxed while the traced servers ask accept() for the peer's address, as most do (accept is \
+         hooked there, in their cgroups only); from the first accept that asks for none, accept is \
+         hooked on the syscall tracepoints too, and every system call of every process takes the \
+         kernel's tracing path while the tracer runs"
+            .into()
+    } else if taxing.is_empty() {
         "untaxed: no syscall tracepoint is attached (other processes' system calls pay nothing)".into()
     } else {
         format!(

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd, AsRawFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -15,7 +15,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeLinkId, UProbeScope},
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe, Lsm, RawTracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm, RawTracePoint,
         TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
@@ -42,6 +42,9 @@ pub struct LoadOptions {
     pub config: ProgramConfig,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// The cgroups (v2, by path) of the processes traced at the start: where the accept
+    /// hook on the peer's address is attached when it is the one chosen.
+    pub accept_cgroups: Vec<std::path::PathBuf>,
 }
 
 pub struct Probes {
@@ -57,6 +60,22 @@ pub struct Probes {
     tls_loaded: bool,
     /// Cgroups (by path) the record-layer program is attached to.
     record_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
+    /// Cgroups (by path) the accept hook on the peer's address is attached to.
+    accept_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
+    /// The accept hook is on the peer's address (a cgroup hook), and whether the
+    /// syscall tracepoints were added for the accepts that ask for none.
+    accept_at_peer: Option<AcceptFallback>,
+}
+
+/// The accept hook's second part, where its first is on the peer's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptFallback {
+    /// Not needed yet: every accept seen asked for the peer's address.
+    Waiting,
+    /// Attached, from the first accept that asked for no address on.
+    Attached,
+    /// Needed, but it would not attach (the error was said).
+    Failed,
 }
 
 /// How one hook fared on this kernel (for `tracer doctor`).
@@ -160,6 +179,12 @@ impl Probes {
             }
             hooks.push(status);
         }
+        let accept_at_peer = hooks
+            .iter()
+            .any(|h| h.implementation.as_deref().is_some_and(|i| i.starts_with("cgroup/getpeername")))
+            .then_some(AcceptFallback::Waiting);
+        let accept_cgroups =
+            if accept_at_peer.is_some() { opts.accept_cgroups.iter().cloned().collect() } else { Default::default() };
         Ok(Self {
             ebpf,
             unavailable,
@@ -168,6 +193,8 @@ impl Probes {
             tls_links: BTreeMap::new(),
             tls_loaded: false,
             record_cgroups: Default::default(),
+            accept_cgroups,
+            accept_at_peer,
         })
     }
 
@@ -249,6 +276,62 @@ impl Probes {
             .with_context(|| format!("attaching the record-layer program to cgroup {}", path.display()))?;
         self.record_cgroups.insert(path.to_owned());
         Ok(true)
+    }
+
+    /// Whether accept is hooked on the peer's address (see [`Probes::attach_accept`]).
+    pub fn accept_at_peer(&self) -> Option<AcceptFallback> {
+        self.accept_at_peer
+    }
+
+    /// Attaches the accept hook on the peer's address, when it is the one chosen, to the
+    /// cgroup (v2) at `path`: it sees the accepts of processes in that cgroup and below
+    /// (of listeners they created). Whether it was attached now.
+    pub fn attach_accept(&mut self, path: &Path) -> Result<bool> {
+        // Below a cgroup it is attached to, it runs already.
+        if self.accept_at_peer.is_none() || self.accept_cgroups.iter().any(|c| path.starts_with(c)) {
+            return Ok(false);
+        }
+        let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+        for name in ["accept_peer4", "accept_peer6"] {
+            let p: &mut CgroupSockAddr = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+            p.attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching the accept hook {name} to cgroup {}", path.display()))?;
+        }
+        self.accept_cgroups.insert(path.to_owned());
+        Ok(true)
+    }
+
+    /// A traced process accepted a connection without asking for the peer's address,
+    /// which the accept hook on it does not see: from now on accept is hooked on the
+    /// syscall tracepoints as well. Nothing to do when the hook is another, or when this
+    /// was done. The syscall tracepoints' implementation, when attached now.
+    pub fn add_accept_fallback(&mut self) -> Result<Option<String>> {
+        if self.accept_at_peer != Some(AcceptFallback::Waiting) {
+            return Ok(None);
+        }
+        let hook = HOOKS.iter().find(|h| h.name == "accept").expect("the accept hook");
+        let fallback = hook
+            .implementations
+            .iter()
+            .find(|i| i.kind() == Kind::TracePoint)
+            .expect("the accept hook ends with the syscall tracepoints");
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        match attach_all(&mut self.ebpf, fallback, &btf, &[]) {
+            Ok(()) => {
+                self.accept_at_peer = Some(AcceptFallback::Attached);
+                let name = fallback.to_string();
+                if let Some(status) = self.hooks.iter_mut().find(|h| h.hook == "accept") {
+                    if let Some(chosen) = status.implementation.as_mut() {
+                        *chosen = format!("{chosen}, then {name}");
+                    }
+                }
+                Ok(Some(name))
+            }
+            Err(e) => {
+                self.accept_at_peer = Some(AcceptFallback::Failed);
+                Err(e.context(format!("attaching {fallback}")))
+            }
+        }
     }
 
     /// Removes the uprobes of process `pid` (it exited).
@@ -396,10 +479,17 @@ impl Probes {
     /// its close: no packet), so that they note the jiffy they were attached in, and lets
     /// that jiffy pass. A connection the kernel establishes from here on is in a later
     /// jiffy: accepted with no setup record, it is a missed setup (`MISSED_SETUPS`).
-    pub fn note_attached(&self) {
+    pub fn note_attached(&mut self) -> Result<()> {
         drop(std::net::TcpListener::bind("127.0.0.1:0"));
         // A jiffy is at most 10 ms (HZ >= 100).
         std::thread::sleep(std::time::Duration::from_millis(20));
+        // The moment the programs' clock (CLOCK_MONOTONIC) says, for `HOOKED_NS`.
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let mut hooked: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("HOOKED_NS").context("HOOKED_NS map missing")?)?;
+        hooked.set(0, ns, 0).context("noting when the hooks were in place")
     }
 
     pub fn lost_events(&self) -> u64 {
@@ -448,7 +538,7 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
         } else if let Some(why) = unmet {
             (why.to_owned(), None)
         } else {
-            match attach_all(ebpf, implementation, btf) {
+            match attach_all(ebpf, implementation, btf, &opts.accept_cgroups) {
                 Ok(()) => {
                     status.implementation = Some(implementation.to_string());
                     return status;
@@ -491,10 +581,10 @@ fn short_error(e: &anyhow::Error) -> String {
 
 /// Attaches every program of `implementation`; on failure, detaches those already
 /// attached so that nothing of it stays behind.
-fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: &Btf) -> Result<()> {
+fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: &Btf, cgroups: &[PathBuf]) -> Result<()> {
     let mut attached = Vec::new();
     for program in implementation.programs {
-        match attach(ebpf, program.name, program.attach, btf) {
+        match attach(ebpf, program.name, program.attach, btf, cgroups) {
             Ok(()) => attached.push(program),
             Err(e) if program.optional => debug!("{} not attached (optional): {e:#}", program.attach),
             Err(e) => {
@@ -520,13 +610,15 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::FExit(_) => <&mut FExit>::try_from(program).and_then(|p| p.unload()),
         Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).and_then(|p| p.unload()),
         Attach::Lsm(_) => <&mut Lsm>::try_from(program).and_then(|p| p.unload()),
+        Attach::CgroupSockAddr(_) => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.unload()),
     };
     if let Err(e) = result {
         debug!("unloading {name}: {e}");
     }
 }
 
-fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
+/// Attaches program `name` as `how`; a cgroup program to each of `cgroups`.
+fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf, cgroups: &[PathBuf]) -> Result<()> {
     let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
     match how {
         Attach::TpBtf(tracepoint) => {
@@ -575,6 +667,20 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf) -> Result<()> {
             let p: &mut Lsm = program.try_into()?;
             p.load(hook, btf)?;
             p.attach()?;
+        }
+        Attach::CgroupSockAddr(_) => {
+            // To the cgroups of the processes traced now; those the session finds later
+            // are added as it finds them (`Probes::attach_accept`).
+            if cgroups.is_empty() {
+                return Err(anyhow!("the traced processes' cgroups (v2) are not known"));
+            }
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            p.load()?;
+            for path in cgroups {
+                let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+                p.attach(&cgroup, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching to cgroup {}", path.display()))?;
+            }
         }
     }
     Ok(())

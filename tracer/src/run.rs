@@ -26,7 +26,7 @@ use crate::{
     labels::Routes,
     listeners::{ListenerId, ListenerWatch},
     metrics, offsets,
-    probes::{LoadOptions, Probes},
+    probes::{AcceptFallback, LoadOptions, Probes},
     procs,
     report::{json::Json, text::Text, Format, ReportKind, Slow, Snapshot},
     sockets,
@@ -171,11 +171,39 @@ impl Session {
         }
     }
 
+    /// Where accept is hooked on the peer's address: as soon as a traced server is seen
+    /// to accept without asking for it (checked at every drain), accept is hooked on the
+    /// syscall tracepoints too.
+    fn watch_accepts(&mut self, probes: &mut Probes) {
+        if probes.accept_at_peer() != Some(AcceptFallback::Waiting) {
+            return;
+        }
+        self.stats.unseen_accepts = probes.counter(counter::UNSEEN_ACCEPTS).unwrap_or(0);
+        if self.stats.unseen_accepts == 0 {
+            return;
+        }
+        match probes.add_accept_fallback() {
+            Ok(Some(hook)) => say!(
+                "tracer: a traced process accepts connections without asking for the peer's address, \
+                 which the accept hook here does not see: accept is now hooked on {hook} too (every system \
+                 call on this machine takes the kernel's tracing path while the tracer runs); the accept \
+                 wait of the {} connection(s) before runs to their first read or write",
+                self.stats.unseen_accepts
+            ),
+            Ok(None) => {}
+            Err(e) => say!(
+                "tracer: warning: accepts that ask for no peer address are seen at the connection's first \
+                 read or write (their accept wait runs to it): {e:#}"
+            ),
+        }
+    }
+
     /// Reads the kernel-side counters that are not events: lost events, missed setups and
     /// listen drops.
     fn poll_counters(&mut self, probes: &mut Probes) {
         self.stats.lost_events = probes.lost_events();
         self.stats.missed_setups = probes.counter(counter::MISSED_SETUPS).unwrap_or(0);
+        self.stats.unseen_accepts = probes.counter(counter::UNSEEN_ACCEPTS).unwrap_or(0);
         self.stats.skipped_runs = probes.skipped_runs();
         // In port mode and with `--all` the processes serving are known from their
         // connections: their network namespaces hold listeners too (containers').
@@ -293,6 +321,19 @@ pub fn run(args: Args) -> Result<i32> {
     if let (true, Some(why)) = (args.labels_on(), kernel.labels_unavailable) {
         say!("tracer: --labels: {why}; requests are unlabelled");
     }
+    // Where accept can be hooked on the peer's address (a cgroup hook), it is attached
+    // with the other hooks to the cgroups of what is traced now; the cgroups of processes
+    // found later are added as they are found.
+    let process_mode = args.ports.is_empty() && !args.all;
+    let accept_cgroups: Vec<PathBuf> = if !process_mode {
+        tls::cgroup2_root().into_iter().collect()
+    } else if !cgroups.is_empty() {
+        cgroups.iter().map(|cg| cg.dir.clone()).collect()
+    } else {
+        let dirs: std::collections::BTreeSet<PathBuf> =
+            procs::with_descendants(&roots).into_iter().filter_map(tls::cgroup_of).collect();
+        dirs.iter().filter(|d| !dirs.iter().any(|a| a != *d && d.starts_with(a))).cloned().collect()
+    };
     let mut probes = Probes::load(&LoadOptions {
         disabled: args.disable_hook.clone(),
         skip_kinds: args.skip_hook_kind.clone(),
@@ -311,9 +352,10 @@ pub fn run(args: Args) -> Result<i32> {
         },
         ring_buffer_bytes: args.ring_buffer_size,
         max_sockets: args.max_sockets,
+        accept_cgroups,
     })?;
     probes.tracing_possible()?;
-    probes.note_attached();
+    probes.note_attached()?;
     let mut live = HashSet::new();
     // Register first, then look for descendants: a child forked in between is caught by
     // the fork hook, one forked before by the /proc scan.
@@ -335,7 +377,6 @@ pub fn run(args: Args) -> Result<i32> {
     };
     // The ports the traced processes listen on: their connections' setups are recorded
     // (see `Probes::filter_setups`; the listener watch adds those it finds later).
-    let process_mode = args.ports.is_empty() && !args.all;
     let mut listening = HashSet::new();
     for pid in initial {
         probes.add_pid(pid)?;
@@ -469,6 +510,11 @@ impl TlsWatch {
                 live.iter().filter_map(|&pid| tls::cgroup_of(pid)).collect()
             };
             for cgroup in cgroups {
+                if let Err(e) = probes.attach_accept(&cgroup) {
+                    if self.announced.insert(format!("accept {}", cgroup.display())) {
+                        say!("tracer: warning: accepts in {} are seen at the connection's first read or write: {e:#}", cgroup.display());
+                    }
+                }
                 if let Err(e) = probes.attach_records(&cgroup) {
                     if self.announced.insert(format!("records {}", cgroup.display())) {
                         say!(
@@ -596,6 +642,7 @@ async fn trace(
             }
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &mut session)?;
+                session.watch_accepts(&mut probes);
                 if tls_watch.due(session.started, port_mode) {
                     tls_watch.scan(&mut probes, &session.live, port_mode);
                 }

@@ -202,6 +202,10 @@ pub struct Stats {
     pub state_full: u64,
     /// Server connections accepted with no setup record (`counter::MISSED_SETUPS`).
     pub missed_setups: u64,
+    /// Traced connections whose accept the accept hook did not see, established after
+    /// it was in place (`counter::UNSEEN_ACCEPTS`): their accept wait runs to their
+    /// first read or write.
+    pub unseen_accepts: u64,
     /// Runs of the tracer's programs the kernel skipped, by program (`Probes::skipped_runs`).
     pub skipped_runs: BTreeMap<String, u64>,
     /// Phases this kernel cannot measure, with the reason: reported as unavailable,

@@ -157,6 +157,8 @@ struct ReportJson {
     lost_events: u64,
     untracked_connections: u64,
     missed_setups: u64,
+    /// Connections whose accept was seen only at their first read or write.
+    unseen_accepts: u64,
     /// Runs of the tracer's programs the kernel skipped, by program.
     skipped_runs: BTreeMap<String, u64>,
     /// Events were lost or connections went untracked: counts and histograms miss some.
@@ -369,6 +371,7 @@ impl Format for Json {
             lost_events: s.stats.lost_events,
             untracked_connections: s.stats.state_full,
             missed_setups: s.stats.missed_setups,
+            unseen_accepts: s.stats.unseen_accepts,
             skipped_runs: s.stats.skipped_runs.clone(),
             incomplete: s.stats.lost_events > 0 || s.stats.state_full > 0 || s.stats.missed_setups > 0,
             tracked_sockets: s.stats.tracked_sockets,

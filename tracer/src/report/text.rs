@@ -394,6 +394,13 @@ impl Format for Text {
                 s.stats.missed_setups
             );
         }
+        if s.stats.unseen_accepts > 0 {
+            let _ = writeln!(
+                out,
+                "note: the accept of {} connections was seen only at their first read or write (their accept_wait runs to it)",
+                s.stats.unseen_accepts
+            );
+        }
         if !s.stats.skipped_runs.is_empty() {
             let runs: Vec<String> = s.stats.skipped_runs.iter().map(|(name, n)| format!("{name} {n}")).collect();
             let _ = writeln!(
