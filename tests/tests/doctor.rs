@@ -33,6 +33,10 @@ fn doctor_reports_hooks_and_phases() -> anyhow::Result<()> {
         for better in ["lsm/sock_graft", "fexit/inet_csk_accept", "kretprobe/inet_csk_accept"] {
             assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("not {better}: "))), "{better}: {text}");
         }
+    } else if accept.contains("cgroup/getpeername4") {
+        // On the peer's address: untaxed until a traced server accepts without asking it.
+        assert!(tax.starts_with("untaxed while the traced servers ask accept() for the peer's address"), "{text}");
+        assert!(tax.contains("from the first accept that asks for none"), "{text}");
     } else {
         assert!(tax.starts_with("untaxed"), "{text}");
     }
