@@ -123,7 +123,10 @@ fn assert_accept_waits(traced: &Traced, unseen: u64) -> anyhow::Result<()> {
     let expected = expected_mean_ms(unseen);
     // Timer slack and Python's own pace: a few milliseconds on 100 (an accept seen at
     // the first read instead would add 60).
-    assert!((mean - expected).abs() <= 0.05 * expected, "accept_wait mean {mean:.1} ms, expected {expected:.1} ms: {l}");
+    assert!(
+        (mean - expected).abs() <= 0.05 * expected,
+        "accept_wait mean {mean:.1} ms, expected {expected:.1} ms: {l}"
+    );
     Ok(())
 }
 

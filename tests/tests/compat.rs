@@ -1,5 +1,6 @@
-//! The compatibility table on this kernel: with the BTF-typed tracepoints skipped, every
-//! hook falls back to its raw tracepoint and the phases come out the same; with no way
+//! The compatibility table on this kernel: with the BTF-typed tracepoints (and the
+//! cgroup segment hook) skipped, every hook falls back to its raw tracepoint and the
+//! phases come out the same; so do they with the segment hook on its tracepoint; with no way
 //! to see state changes, tracing refuses to start and says why. (The trampoline and
 //! kprobe implementations, which this kernel does not permit, run under `cargo xtask
 //! vm-test` on Debian's kernels.)
@@ -12,7 +13,9 @@ use tracer_tests::{
     harness::*,
 };
 
-const RAW: &str = "--skip-hook-kind=tp_btf";
+const RAW: &str = "--skip-hook-kind=tp_btf,cgroup_skb";
+/// The segment hook on its (typed) tracepoint rather than the cgroup program.
+const SEGMENT_TRACEPOINT: &str = "--skip-hook-kind=cgroup_skb";
 
 fn client(server: SocketAddr) -> ClientOptions {
     ClientOptions::to(server)
@@ -24,8 +27,17 @@ fn traced_raw(
     server_args: &[&str],
     drive: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Value, Vec<Value>)> {
+    traced_skipping(RAW, server_args, drive)
+}
+
+/// [`traced_raw`] with the hooks `skip` skips.
+fn traced_skipping(
+    skip: &str,
+    server_args: &[&str],
+    drive: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
+) -> anyhow::Result<(Value, Vec<Value>)> {
     let (server, addr) = start_lab_server(server_args)?;
-    let tracer = start_tracer(&[RAW.into(), "--connections".into(), "--pid".into(), server.pid().to_string()])?;
+    let tracer = start_tracer(&[skip.into(), "--connections".into(), "--pid".into(), server.pid().to_string()])?;
     drive(addr)?;
     let lines = tracer.stop()?;
     let report = final_report(&lines)?;
@@ -64,6 +76,26 @@ fn doctor_falls_back_to_raw_tracepoints() -> anyhow::Result<()> {
         assert!(text.contains(&format!("raw_tp/{hook}")), "{hook}: {text}");
     }
     assert!(text.contains("skipped (--skip-hook-kind tp_btf)"), "{text}");
+    Ok(())
+}
+
+/// The segment hook on the tcp_probe tracepoint (where no cgroup v2 is mounted): data
+/// arrival (recv_wait) and acknowledgements (delivery) as from the cgroup program.
+#[test]
+fn the_segment_tracepoint_measures_recv_wait_and_delivery() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let out = Command::new(tracer_bin()).args(["doctor", SEGMENT_TRACEPOINT]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let segments = text.lines().find(|l| l.trim_start().starts_with("segments received")).unwrap_or_default();
+    assert!(segments.contains("tp_btf/tcp_probe"), "{text}");
+    let (l, _) = traced_skipping(SEGMENT_TRACEPOINT, &["--scenario", "slow-reader"], |addr| {
+        client::run(&ClientOptions { requests: 4, size: 200_000, read_delay_ms: 200, rcvbuf: 4096, ..client(addr) })?;
+        Ok(())
+    })?;
+    assert_eq!(phase_count(&l, "delivery"), 4, "{l}");
+    assert_near("delivery p50", phase_ms(&l, "delivery", "p50_ns"), 200.0, 5.0, 2.0);
     Ok(())
 }
 

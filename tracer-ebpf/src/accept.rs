@@ -15,8 +15,8 @@ use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
     kernel::{conn_addr, read, sock_of_fd},
     maps::{
-        bump, filter_by_port, is_traced_port, HOOKED_NS, is_traced_tgid, known_untraced, mark_state_port, setup_wanted,
-        trace_tgid,
+        bump, filter_by_port, is_traced_port, is_traced_tgid, known_untraced, mark_state_port, setup_wanted,
+        trace_tgid, HOOKED_NS,
     },
     off,
 };

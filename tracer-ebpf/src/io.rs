@@ -80,7 +80,43 @@ fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
     let cb = skb + off!(skb_cb) as u64;
     // seq and end_seq in one read (end_seq follows seq: checked at start).
     let seqs = load::<BTF, u64>(cb, off!(tcp_skb_cb_seq)).unwrap_or(0);
-    let (seq, end_seq) = (seqs as u32, (seqs >> 32) as u32);
+    segment_received(st, seqs as u32, (seqs >> 32) as u32, || load::<BTF, u32>(cb, off!(tcp_skb_cb_ack_seq)));
+}
+
+/// Every segment received by a socket of the machine (the program is attached to the
+/// root cgroup): the segment hook as a cgroup program, which also follows TLS records
+/// (`records::tls_records`), one program run per segment for both. It sees a segment
+/// as the socket is found for it, before TCP processes it (a segment that finds the
+/// socket busy waits in its backlog after this).
+#[aya_ebpf::macros::cgroup_skb(ingress)]
+pub fn segments(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
+    let port = unsafe { (*ctx.skb.skb).local_port } as u16;
+    let traced = state_port_marked(port);
+    let followed = crate::maps::record_port_marked(port);
+    if !traced && !followed {
+        return 1;
+    }
+    let Some(tp) = records::tcp_sock_of(&ctx) else { return 1 };
+    let st = if traced { state_mut(tp) } else { None };
+    if st.is_none() && !followed {
+        return 1;
+    }
+    let Some(tcp) = records::TcpHeader::read(&ctx) else { return 1 };
+    // (A SYN-ACK reaching a connecting socket is no data: the tracepoint saw only the
+    // segments of established connections.)
+    if let Some(st) = st.filter(|_| !tcp.syn) {
+        segment_received(st, tcp.seq, tcp.end_seq(), || Some(tcp.ack_seq));
+    }
+    if followed {
+        records::follow(&ctx, tp, &tcp);
+    }
+    1
+}
+
+/// A segment from `seq` to `end_seq` was received on a connection with state `st`:
+/// data arrival, and the acknowledgement it carries (`ack_seq`, read only when needed).
+#[inline(always)]
+fn segment_received(st: &mut SockState, seq: u32, end_seq: u32, ack_seq: impl FnOnce() -> Option<u32>) {
     // The clock is read at most once: a request often brings the previous response's ACK.
     let mut ts = 0;
     // New data: the segment ends beyond the furthest seen (a retransmit of data already
@@ -99,7 +135,7 @@ fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
     if st.dir != dir::WRITING || st.acked_ns != 0 || origin::is_client(st.origin) {
         return;
     }
-    let Some(ack_seq) = load::<BTF, u32>(cb, off!(tcp_skb_cb_ack_seq)) else { return };
+    let Some(ack_seq) = ack_seq() else { return };
     if (ack_seq.wrapping_sub(st.ack_target) as i32) >= 0 {
         st.acked_ns = if ts != 0 { ts } else { now() };
     }

@@ -32,47 +32,87 @@ use crate::{
 };
 
 /// Every segment received by a socket of the traced processes' cgroups: the record
-/// headers of connections being followed. Never drops anything.
+/// headers of connections being followed. Never drops anything. (Where the segment hook
+/// is a cgroup program too, `io::segments` does this in the same run.)
 #[cgroup_skb(ingress)]
 pub fn tls_records(ctx: SkBuffContext) -> i32 {
-    follow(&ctx);
+    let port = unsafe { (*ctx.skb.skb).local_port };
+    // Most segments are of connections never followed so: one array read, no lookup.
+    if record_port_marked(port as u16) {
+        if let (Some(tp), Some(tcp)) = (tcp_sock_of(&ctx), TcpHeader::read(&ctx)) {
+            follow(&ctx, tp, &tcp);
+        }
+    }
     1
 }
 
+/// The TCP socket a segment is for, as the kernel's pointer (the key of its state).
 #[inline(always)]
-fn follow(ctx: &SkBuffContext) -> Option<()> {
-    // Most segments are of connections never followed so: one array read, no lookup.
-    let port = unsafe { (*ctx.skb.skb).local_port };
-    if !record_port_marked(port as u16) {
-        return None;
-    }
+pub fn tcp_sock_of(ctx: &SkBuffContext) -> Option<u64> {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
     }
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-    if tp.is_null() {
-        return None;
+    (!tp.is_null()).then_some(tp as u64)
+}
+
+/// What a cgroup socket-buffer program reads of a segment's TCP header (it sees the
+/// packet from its network header, before TCP has processed it).
+pub struct TcpHeader {
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Where the payload starts, from the network header.
+    pub payload: u32,
+    /// Payload bytes.
+    pub len: u32,
+    /// SYN and FIN, each of which takes a sequence number.
+    pub syn: bool,
+    pub fin: bool,
+}
+
+impl TcpHeader {
+    #[inline(always)]
+    pub fn read(ctx: &SkBuffContext) -> Option<TcpHeader> {
+        let first: u8 = ctx.load(0).ok()?;
+        let ip_len: u32 = match first >> 4 {
+            4 => (first as u32 & 0xf) * 4,
+            6 => 40,
+            _ => return None,
+        };
+        // Bytes 4 to 15 of the TCP header: sequence and acknowledgement numbers, data
+        // offset and flags (and the window), in one read.
+        let fields: [u8; 12] = ctx.load(ip_len as usize + 4).ok()?;
+        let seq = u32::from_be_bytes([fields[0], fields[1], fields[2], fields[3]]);
+        let ack_seq = u32::from_be_bytes([fields[4], fields[5], fields[6], fields[7]]);
+        let doff = (fields[8] >> 4) as u32 * 4;
+        let flags = fields[9];
+        let payload = ip_len + doff;
+        let len = ctx.len().checked_sub(payload)?;
+        // FIN is bit 0, SYN bit 1.
+        Some(TcpHeader { seq, ack_seq, payload, len, syn: flags & 2 != 0, fin: flags & 1 != 0 })
     }
-    let rs = unsafe { &mut *RECORDS.get_ptr_mut(tp as u64)? };
+
+    /// The sequence number after the segment (as TCP's own `end_seq`).
+    #[inline(always)]
+    pub fn end_seq(&self) -> u32 {
+        self.seq.wrapping_add(self.len).wrapping_add(self.syn as u32 + self.fin as u32)
+    }
+}
+
+/// The record headers in the payload of a segment of `tp`, when its connection is being
+/// followed from its records.
+#[inline(always)]
+pub fn follow(ctx: &SkBuffContext, tp: u64, tcp: &TcpHeader) -> Option<()> {
+    let rs = unsafe { &mut *RECORDS.get_ptr_mut(tp)? };
     if rs.state != record::PARSING && rs.state != record::DONE {
         return None;
     }
-    // The program sees the packet from its network header.
-    let first: u8 = ctx.load(0).ok()?;
-    let ip_len: u32 = match first >> 4 {
-        4 => (first as u32 & 0xf) * 4,
-        6 => 40,
-        _ => return None,
-    };
-    let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
-    let doff = (ctx.load::<u8>(ip_len as usize + 12).ok()? >> 4) as u32 * 4;
-    let payload = ip_len + doff;
-    let len = ctx.len().checked_sub(payload)?;
-    if len == 0 {
+    if tcp.len == 0 {
         return None;
     }
-    rs.feed(seq, len, |i| ctx.load::<u8>((payload + i) as usize).ok());
+    let payload = tcp.payload;
+    rs.feed(tcp.seq, tcp.len, |i| ctx.load::<u8>((payload + i) as usize).ok());
     Some(())
 }
 

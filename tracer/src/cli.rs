@@ -142,7 +142,7 @@ pub struct Args {
     pub native_histograms: bool,
 
     /// Do not use this kind of hook (tp_btf, raw_tp, tracepoint, fentry, lsm, kprobe,
-    /// uprobe; repeatable or comma-separated): each kernel hook then uses its next
+    /// cgroup_sock_addr, cgroup_skb, uprobe; repeatable or comma-separated): each kernel hook then uses its next
     /// implementation, as on a kernel without that kind, and without uprobes TLS is
     /// followed from its records alone (`tracer doctor` takes it too).
     #[arg(long, value_name = "KIND", value_delimiter = ',')]

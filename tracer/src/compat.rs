@@ -34,13 +34,16 @@ pub enum Kind {
     /// A cgroup hook on socket addresses: runs only for the sockets of the cgroups it is
     /// attached to (the traced processes').
     CgroupSockAddr,
+    /// A cgroup hook on the packets sockets receive (attached to the root cgroup: every
+    /// socket's).
+    CgroupSkb,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
     /// it to follow TLS connections as without a usable library).
     UProbe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::TpBtf,
         Kind::RawTp,
         Kind::TracePoint,
@@ -48,6 +51,7 @@ impl Kind {
         Kind::Lsm,
         Kind::KProbe,
         Kind::CgroupSockAddr,
+        Kind::CgroupSkb,
         Kind::UProbe,
     ];
 
@@ -60,6 +64,7 @@ impl Kind {
             Kind::Lsm => "lsm",
             Kind::KProbe => "kprobe",
             Kind::CgroupSockAddr => "cgroup_sock_addr",
+            Kind::CgroupSkb => "cgroup_skb",
             Kind::UProbe => "uprobe",
         }
     }
@@ -109,6 +114,8 @@ pub enum Attach {
     /// Cgroup socket-address hook, by attach point (`getpeername4`): loaded with the
     /// others, attached to the traced processes' cgroups as the session finds them.
     CgroupSockAddr(&'static str),
+    /// Cgroup socket-buffer hook on received packets, attached to the root cgroup.
+    CgroupSkbIngress,
 }
 
 impl Attach {
@@ -121,6 +128,7 @@ impl Attach {
             Attach::KProbe(_) | Attach::KRetProbe(_) => Kind::KProbe,
             Attach::Lsm(_) => Kind::Lsm,
             Attach::CgroupSockAddr(_) => Kind::CgroupSockAddr,
+            Attach::CgroupSkbIngress => Kind::CgroupSkb,
         }
     }
 }
@@ -137,6 +145,7 @@ impl fmt::Display for Attach {
             Attach::KRetProbe(name) => write!(f, "kretprobe/{name}"),
             Attach::Lsm(name) => write!(f, "lsm/{name}"),
             Attach::CgroupSockAddr(name) => write!(f, "cgroup/{name}"),
+            Attach::CgroupSkbIngress => f.write_str("cgroup_skb/ingress"),
         }
     }
 }
@@ -390,7 +399,22 @@ pub const HOOKS: &[Hook] = &[
         needed_for: "recv_wait and upstream waits (data arrival), delivery (acknowledgements)",
         required: false,
         phases: &["recv_wait", "delivery", "upstream"],
-        implementations: tracepoint_impls!("tcp_probe", "raw_tcp_probe", "4.16+"),
+        // The cgroup program first: on the traced server's segments it also follows TLS
+        // records, which would otherwise take a second program run per segment.
+        implementations: &[
+            Implementation {
+                programs: &[one("segments", Attach::CgroupSkbIngress)],
+                needs: "cgroup v2 and cgroup socket-buffer programs (attached to the root cgroup)",
+            },
+            Implementation {
+                programs: &[one("tcp_probe", Attach::TpBtf("tcp_probe"))],
+                needs: "BTF and the tracepoint tcp_probe (4.16+)",
+            },
+            Implementation {
+                programs: &[one("raw_tcp_probe", Attach::RawTp("tcp_probe"))],
+                needs: "the tracepoint tcp_probe (4.16+)",
+            },
+        ],
         precondition: always,
     },
     Hook {

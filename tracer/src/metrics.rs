@@ -531,6 +531,11 @@ impl Snapshot {
                     global(stats.missed_setups),
                 ),
                 (
+                    "tracer_unseen_accepts",
+                    "Connections whose accept was seen only at their first read or write",
+                    global(stats.unseen_accepts),
+                ),
+                (
                     "tracer_skipped_program_runs",
                     "Runs of the tracer's programs the kernel skipped (already running on the CPU)",
                     stats.skipped_runs.iter().map(|(name, n)| (vec![("program", name.clone())], *n)).collect(),
@@ -614,6 +619,7 @@ mod tests {
         assert!(text.contains(&format!("tracer_requests_total{{{listener}}} 5")), "{text}");
         assert!(text.contains("tracer_lost_events_total 0"), "{text}");
         assert!(text.contains("tracer_missed_setups_total 0"), "{text}");
+        assert!(text.contains("tracer_unseen_accepts_total 0"), "{text}");
         // Only the programs that had runs skipped have a series.
         assert!(!text.contains("tracer_skipped_program_runs_total{"), "{text}");
         stats.skipped_runs.insert("inet_sock_set_state".into(), 3);

@@ -15,8 +15,8 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeLinkId, UProbeScope},
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm, RawTracePoint,
-        TracePoint, UProbe,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm,
+        RawTracePoint, TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -62,6 +62,8 @@ pub struct Probes {
     record_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
     /// Cgroups (by path) the accept hook on the peer's address is attached to.
     accept_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
+    /// The segment hook is the cgroup program on the root, which follows TLS records too.
+    segments_follow_records: bool,
     /// The accept hook is on the peer's address (a cgroup hook), and whether the
     /// syscall tracepoints were added for the accepts that ask for none.
     accept_at_peer: Option<AcceptFallback>,
@@ -183,6 +185,8 @@ impl Probes {
             .iter()
             .any(|h| h.implementation.as_deref().is_some_and(|i| i.starts_with("cgroup/getpeername")))
             .then_some(AcceptFallback::Waiting);
+        let segments_follow_records =
+            hooks.iter().any(|h| h.implementation.as_deref() == Some(&Attach::CgroupSkbIngress.to_string()));
         let accept_cgroups =
             if accept_at_peer.is_some() { opts.accept_cgroups.iter().cloned().collect() } else { Default::default() };
         Ok(Self {
@@ -194,6 +198,7 @@ impl Probes {
             tls_loaded: false,
             record_cgroups: Default::default(),
             accept_cgroups,
+            segments_follow_records,
             accept_at_peer,
         })
     }
@@ -264,7 +269,8 @@ impl Probes {
     /// Attaches the record-layer program to the cgroup (v2) at `path`: it sees the
     /// segments received by sockets of processes in that cgroup and below.
     pub fn attach_records(&mut self, path: &Path) -> Result<bool> {
-        if self.record_cgroups.contains(path) {
+        // The segment hook on the root cgroup follows them for every socket.
+        if self.record_cgroups.contains(path) || self.segments_follow_records {
             return Ok(false);
         }
         self.load_records()?;
@@ -611,6 +617,7 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(program).and_then(|p| p.unload()),
         Attach::Lsm(_) => <&mut Lsm>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSockAddr(_) => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.unload()),
+        Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
     };
     if let Err(e) = result {
         debug!("unloading {name}: {e}");
@@ -681,6 +688,16 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf, cgroups: &[PathBu
                 p.attach(&cgroup, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching to cgroup {}", path.display()))?;
             }
+        }
+        Attach::CgroupSkbIngress => {
+            // To the root: every socket's segments, wherever its process is (a listener a
+            // traced process got from another cgroup's, systemd's socket activation).
+            let root = crate::tls::cgroup2_root().ok_or_else(|| anyhow!("no cgroup v2 hierarchy is mounted"))?;
+            let cgroup = std::fs::File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
+            let p: &mut CgroupSkb = program.try_into()?;
+            p.load()?;
+            p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching to cgroup {}", root.display()))?;
         }
     }
     Ok(())

@@ -512,7 +512,10 @@ impl TlsWatch {
             for cgroup in cgroups {
                 if let Err(e) = probes.attach_accept(&cgroup) {
                     if self.announced.insert(format!("accept {}", cgroup.display())) {
-                        say!("tracer: warning: accepts in {} are seen at the connection's first read or write: {e:#}", cgroup.display());
+                        say!(
+                            "tracer: warning: accepts in {} are seen at the connection's first read or write: {e:#}",
+                            cgroup.display()
+                        );
                     }
                 }
                 if let Err(e) = probes.attach_records(&cgroup) {

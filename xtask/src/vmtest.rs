@@ -216,14 +216,15 @@ const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nginx", "/usr/bin/curl"];
 
 /// Ways to run the tracer on each kernel: a name and the options. By default accept
 /// comes from the BPF LSM's sock_graft where that LSM is active (6.1, 6.12; not 5.10's
-/// default boot); the kinds skipped make each hook take its next implementation: raw
-/// tracepoints and trampolines (accept from inet_csk_accept), then kprobes (send and
+/// default boot) and segments from the cgroup program on the root; the kinds skipped
+/// make each hook take its next implementation: raw tracepoints (segments from the raw
+/// tcp_probe) and trampolines (accept from inet_csk_accept), then kprobes (send and
 /// receive on kernels without their tracepoints; accept from a return probe). The last
 /// pass also skips the uprobes: TLS is followed from its records alone there. No pass
-/// takes accept from the syscall tracepoints (the host's tests do).
+/// takes accept from the syscall tracepoints or the peer's address (the host's tests do).
 const PASSES: &[(&str, &str)] = &[
     ("default", ""),
-    ("raw_tp+fexit", "--skip-hook-kind tp_btf,tracepoint,lsm"),
+    ("raw_tp+fexit", "--skip-hook-kind tp_btf,tracepoint,lsm,cgroup_skb"),
     ("kprobe+records", "--skip-hook-kind fentry,lsm,tracepoint,uprobe"),
 ];
 
