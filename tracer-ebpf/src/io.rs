@@ -91,24 +91,25 @@ fn on_segment<const BTF: bool>(sk: u64, skb: u64) {
 #[aya_ebpf::macros::cgroup_skb(ingress)]
 pub fn segments(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
     let port = unsafe { (*ctx.skb.skb).local_port } as u16;
-    let traced = state_port_marked(port);
     let followed = crate::maps::record_port_marked(port);
-    if !traced && !followed {
+    let marked = state_port_marked(port);
+    if !marked && !followed {
         return 1;
     }
-    let Some(tp) = records::tcp_sock_of(&ctx) else { return 1 };
-    let st = if traced { state_mut(tp) } else { None };
+    let Some((sk, tcp_state)) = records::socket_of(&ctx) else { return 1 };
+    // As the tracepoint: the segments of established connections (a listener's, and the
+    // handshake's SYN-ACK at a connecting socket, are no data; the acknowledgements
+    // after a close are the state hook's).
+    let st = if marked && tcp_state == crate::state::TCP_ESTABLISHED as u32 { state_mut(sk) } else { None };
     if st.is_none() && !followed {
         return 1;
     }
     let Some(tcp) = records::TcpHeader::read(&ctx) else { return 1 };
-    // (A SYN-ACK reaching a connecting socket is no data: the tracepoint saw only the
-    // segments of established connections.)
-    if let Some(st) = st.filter(|_| !tcp.syn) {
+    if let Some(st) = st {
         segment_received(st, tcp.seq, tcp.end_seq(), || Some(tcp.ack_seq));
     }
     if followed {
-        records::follow(&ctx, tp, &tcp);
+        records::follow(&ctx, sk, &tcp);
     }
     1
 }

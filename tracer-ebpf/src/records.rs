@@ -15,12 +15,7 @@
 //! read the client's Finished; TLS 1.3 hides alerts, tickets and key updates inside
 //! application-data records.
 
-use aya_ebpf::{
-    cty::c_void,
-    helpers::{bpf_probe_read_user, generated::bpf_skc_to_tcp_sock},
-    macros::cgroup_skb,
-    programs::SkBuffContext,
-};
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::cgroup_skb, programs::SkBuffContext};
 use tracer_common::{origin, record, tls, RecordRead, RecordState};
 
 use crate::{
@@ -39,22 +34,22 @@ pub fn tls_records(ctx: SkBuffContext) -> i32 {
     let port = unsafe { (*ctx.skb.skb).local_port };
     // Most segments are of connections never followed so: one array read, no lookup.
     if record_port_marked(port as u16) {
-        if let (Some(tp), Some(tcp)) = (tcp_sock_of(&ctx), TcpHeader::read(&ctx)) {
-            follow(&ctx, tp, &tcp);
+        if let (Some((sk, _)), Some(tcp)) = (socket_of(&ctx), TcpHeader::read(&ctx)) {
+            follow(&ctx, sk, &tcp);
         }
     }
     1
 }
 
-/// The TCP socket a segment is for, as the kernel's pointer (the key of its state).
+/// The socket a segment is for: its address (the key of its state, as the kernel's
+/// `struct sock *`; no helper call to cast it) and its TCP state.
 #[inline(always)]
-pub fn tcp_sock_of(ctx: &SkBuffContext) -> Option<u64> {
+pub fn socket_of(ctx: &SkBuffContext) -> Option<(u64, u32)> {
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
     }
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-    (!tp.is_null()).then_some(tp as u64)
+    Some((sk as u64, unsafe { (*sk).state }))
 }
 
 /// What a cgroup socket-buffer program reads of a segment's TCP header (it sees the
@@ -72,22 +67,36 @@ pub struct TcpHeader {
 }
 
 impl TcpHeader {
+    /// Read in place from the packet's linear part, where the headers are (no helper
+    /// call).
     #[inline(always)]
     pub fn read(ctx: &SkBuffContext) -> Option<TcpHeader> {
-        let first: u8 = ctx.load(0).ok()?;
-        let ip_len: u32 = match first >> 4 {
-            4 => (first as u32 & 0xf) * 4,
+        let skb = ctx.skb.skb;
+        let data = unsafe { (*skb).data } as usize;
+        let end = unsafe { (*skb).data_end } as usize;
+        // (A shorter check, `data + 1`, compiles to `data >= end`, from which the
+        // verifier learns no bytes it may read.)
+        if data + 20 > end {
+            return None;
+        }
+        let first = unsafe { *(data as *const u8) };
+        let ip_len = match first >> 4 {
+            4 => (first & 0xf) as usize * 4,
             6 => 40,
             _ => return None,
         };
-        // Bytes 4 to 15 of the TCP header: sequence and acknowledgement numbers, data
-        // offset and flags (and the window), in one read.
-        let fields: [u8; 12] = ctx.load(ip_len as usize + 4).ok()?;
-        let seq = u32::from_be_bytes([fields[0], fields[1], fields[2], fields[3]]);
-        let ack_seq = u32::from_be_bytes([fields[4], fields[5], fields[6], fields[7]]);
-        let doff = (fields[8] >> 4) as u32 * 4;
-        let flags = fields[9];
-        let payload = ip_len + doff;
+        // Bytes 4 to 13 of the TCP header: sequence and acknowledgement numbers, data
+        // offset and flags.
+        let tcp = data + ip_len;
+        if tcp + 14 > end {
+            return None;
+        }
+        let byte = |i: usize| unsafe { *((tcp + i) as *const u8) };
+        let seq = u32::from_be_bytes([byte(4), byte(5), byte(6), byte(7)]);
+        let ack_seq = u32::from_be_bytes([byte(8), byte(9), byte(10), byte(11)]);
+        let doff = (byte(12) >> 4) as u32 * 4;
+        let flags = byte(13);
+        let payload = ip_len as u32 + doff;
         let len = ctx.len().checked_sub(payload)?;
         // FIN is bit 0, SYN bit 1.
         Some(TcpHeader { seq, ack_seq, payload, len, syn: flags & 2 != 0, fin: flags & 1 != 0 })
