@@ -162,8 +162,9 @@ fn accepts_that_ask_for_no_address_add_the_syscall_hook() -> anyhow::Result<()> 
     if at_peer {
         let line = traced.fallback.as_deref().unwrap_or_default();
         assert!(line.contains("tracepoint/syscalls/sys_exit_accept4"), "{line:?}");
-        // Seen at every drain (50 ms): one connection of 160 ms, or two if a drain is late.
-        assert!((1..=2).contains(&unseen), "{report}");
+        // Looked for at every drain (50 ms), the first connection takes 160 ms: one, or
+        // a few more on a loaded machine. Each is counted in the accept waits' mean.
+        assert!((1..=4).contains(&unseen), "{report}");
     } else {
         assert!(traced.fallback.is_none(), "{:?}", traced.fallback);
         assert_eq!(unseen, 0, "{report}");

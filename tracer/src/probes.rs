@@ -321,8 +321,8 @@ impl Probes {
             .iter()
             .find(|i| i.kind() == Kind::TracePoint)
             .expect("the accept hook ends with the syscall tracepoints");
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        match attach_all(&mut self.ebpf, fallback, &btf, &[]) {
+        // Classic tracepoints: no BTF to read (which takes a while) before they attach.
+        match attach_all(&mut self.ebpf, fallback, None, &[]) {
             Ok(()) => {
                 self.accept_at_peer = Some(AcceptFallback::Attached);
                 let name = fallback.to_string();
@@ -544,7 +544,7 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
         } else if let Some(why) = unmet {
             (why.to_owned(), None)
         } else {
-            match attach_all(ebpf, implementation, btf, &opts.accept_cgroups) {
+            match attach_all(ebpf, implementation, Some(btf), &opts.accept_cgroups) {
                 Ok(()) => {
                     status.implementation = Some(implementation.to_string());
                     return status;
@@ -587,7 +587,7 @@ fn short_error(e: &anyhow::Error) -> String {
 
 /// Attaches every program of `implementation`; on failure, detaches those already
 /// attached so that nothing of it stays behind.
-fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: &Btf, cgroups: &[PathBuf]) -> Result<()> {
+fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: Option<&Btf>, cgroups: &[PathBuf]) -> Result<()> {
     let mut attached = Vec::new();
     for program in implementation.programs {
         match attach(ebpf, program.name, program.attach, btf, cgroups) {
@@ -624,13 +624,15 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
     }
 }
 
-/// Attaches program `name` as `how`; a cgroup program to each of `cgroups`.
-fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf, cgroups: &[PathBuf]) -> Result<()> {
+/// Attaches program `name` as `how`; a cgroup program to each of `cgroups`. The typed
+/// kinds need the kernel's `btf`.
+fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: Option<&Btf>, cgroups: &[PathBuf]) -> Result<()> {
     let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
+    let typed = || btf.ok_or_else(|| anyhow!("{how} needs the kernel's BTF"));
     match how {
         Attach::TpBtf(tracepoint) => {
             let p: &mut BtfTracePoint = program.try_into()?;
-            p.load(tracepoint, btf)?;
+            p.load(tracepoint, typed()?)?;
             p.attach()?;
         }
         Attach::RawTp(tracepoint) => {
@@ -646,12 +648,12 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf, cgroups: &[PathBu
         }
         Attach::FEntry(function) => {
             let p: &mut FEntry = program.try_into()?;
-            p.load(function, btf)?;
+            p.load(function, typed()?)?;
             p.attach()?;
         }
         Attach::FExit(function) => {
             let p: &mut FExit = program.try_into()?;
-            p.load(function, btf)?;
+            p.load(function, typed()?)?;
             p.attach()?;
         }
         Attach::KProbe(function) | Attach::KRetProbe(function) => {
@@ -672,7 +674,7 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: &Btf, cgroups: &[PathBu
                 ));
             }
             let p: &mut Lsm = program.try_into()?;
-            p.load(hook, btf)?;
+            p.load(hook, typed()?)?;
             p.attach()?;
         }
         Attach::CgroupSockAddr(_) => {
