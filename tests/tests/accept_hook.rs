@@ -15,8 +15,9 @@ use std::{
     time::Duration,
 };
 
-use tracer_tests::harness::{
-    final_report, listener, phase_count, phase_ms, require_root, start_tracer, tracer_bin, Proc,
+use tracer_tests::{
+    cgroup::TestCgroup,
+    harness::{final_report, listener, phase_count, phase_ms, require_root, start_tracer, tracer_bin, Proc},
 };
 
 /// How long each connection waits in the accept queue, and how long the server waits
@@ -89,6 +90,10 @@ struct Traced {
 
 fn trace(with_address: bool, extra: &[&str]) -> anyhow::Result<Traced> {
     let (server, addr) = start_server(with_address)?;
+    trace_server(server, addr, extra)
+}
+
+fn trace_server(server: Proc, addr: SocketAddr, extra: &[&str]) -> anyhow::Result<Traced> {
     let mut args = vec!["--pid".to_owned(), server.pid().to_string()];
     args.extend(extra.iter().map(|a| a.to_string()));
     let tracer = start_tracer(&args)?;
@@ -185,4 +190,32 @@ fn without_the_peer_address_hook_every_accept_is_seen() -> anyhow::Result<()> {
     assert!(traced.fallback.is_none(), "{:?}", traced.fallback);
     assert_eq!(report["unseen_accepts"], 0, "{report}");
     assert_accept_waits(&traced, 0)
+}
+
+/// A server moved into a cgroup of its own after it began listening (as a service that
+/// gets its listener from systemd): its connections belong to the cgroup the listener
+/// was made in, not to the one the tracer finds the server in. Where accept is hooked
+/// on the peer's address (attached to that one), its accepts go unseen until the
+/// tracer adds the syscall tracepoints; its segments are seen all along (the segment
+/// program is on the root cgroup): every request's receive wait is there.
+#[test]
+fn a_listener_made_in_another_cgroup_is_followed() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let at_peer = accept_at_peer_address()?;
+    let cgroup = TestCgroup::new()?;
+    let (server, addr) = start_server(true)?;
+    cgroup.add(server.pid())?;
+    let traced = trace_server(server, addr, &[])?;
+    let report = &traced.report;
+    assert_eq!(report["missed_setups"], 0, "{report}");
+    let unseen = report["unseen_accepts"].as_u64().unwrap_or(u64::MAX);
+    if at_peer {
+        assert!(traced.fallback.is_some(), "no fallback: {report}");
+        assert!((1..=4).contains(&unseen), "{report}");
+    } else {
+        assert_eq!(unseen, 0, "{report}");
+    }
+    assert_accept_waits(&traced, unseen)
 }
