@@ -297,11 +297,9 @@ impl Probes {
         if self.accept_at_peer.is_none() || self.accept_cgroups.iter().any(|c| path.starts_with(c)) {
             return Ok(false);
         }
-        let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
         for name in ["accept_peer4", "accept_peer6"] {
             let p: &mut CgroupSockAddr = self.ebpf.program_mut(name).expect("loaded").try_into()?;
-            p.attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching the accept hook {name} to cgroup {}", path.display()))?;
+            attach_sock_addr(p, path).with_context(|| format!("attaching the accept hook {name}"))?;
         }
         self.accept_cgroups.insert(path.to_owned());
         Ok(true)
@@ -686,9 +684,7 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: Option<&Btf>, cgroups: 
             let p: &mut CgroupSockAddr = program.try_into()?;
             p.load()?;
             for path in cgroups {
-                let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
-                p.attach(&cgroup, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching to cgroup {}", path.display()))?;
+                attach_sock_addr(p, path)?;
             }
         }
         Attach::CgroupSkbIngress => {
@@ -702,6 +698,13 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: Option<&Btf>, cgroups: 
                 .with_context(|| format!("attaching to cgroup {}", root.display()))?;
         }
     }
+    Ok(())
+}
+
+/// Attaches cgroup socket-address program `p` (loaded) to the cgroup (v2) at `path`.
+fn attach_sock_addr(p: &mut CgroupSockAddr, path: &Path) -> Result<()> {
+    let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+    p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| format!("attaching to cgroup {}", path.display()))?;
     Ok(())
 }
 
