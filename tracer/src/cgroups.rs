@@ -104,6 +104,13 @@ impl Cgroup {
     }
 }
 
+/// The directory of the cgroup (v2) with id `id` (its directory's inode number), found
+/// by walking the hierarchy; `None` when no cgroup has it (any more).
+pub fn path_of(id: u64) -> Option<PathBuf> {
+    let root = Cgroup { dir: cgroup2_root()? };
+    root.tree().into_iter().find(|d| fs::metadata(d).is_ok_and(|m| m.ino() == id))
+}
+
 /// The container ID a cgroup directory's name carries, if it is a container's: a
 /// runtime's prefix and `.scope`, or the bare 64-character ID. A runtime's monitor
 /// (`crio-conmon-ID`, `libpod-conmon-ID`) is not the container.
@@ -163,5 +170,15 @@ mod tests {
         let cg = Cgroup::resolve(root.to_str().unwrap()).unwrap();
         assert!(!cg.ids().is_empty());
         assert!(cg.processes().contains(&std::process::id()));
+    }
+
+    #[test]
+    fn a_cgroup_is_found_by_its_id() {
+        let Some(root) = cgroup2_root() else { return };
+        let own = crate::tls::cgroup_of(std::process::id()).unwrap();
+        let id = fs::metadata(&own).unwrap().ino();
+        assert_eq!(path_of(id), Some(own));
+        assert_eq!(path_of(fs::metadata(&root).unwrap().ino()), Some(root));
+        assert_eq!(path_of(u64::MAX), None);
     }
 }

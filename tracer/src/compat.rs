@@ -32,10 +32,10 @@ pub enum Kind {
     /// Kernel probe on a function's entry or return.
     KProbe,
     /// A cgroup hook on socket addresses: runs only for the sockets of the cgroups it is
-    /// attached to (the traced processes').
+    /// attached to (the traced processes' and their listeners').
     CgroupSockAddr,
-    /// A cgroup hook on the packets sockets receive (attached to the root cgroup: every
-    /// socket's).
+    /// A cgroup hook on the packets sockets receive: runs only for the sockets of the
+    /// cgroups it is attached to (the traced processes' and their listeners').
     CgroupSkb,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
     /// it to follow TLS connections as without a usable library).
@@ -112,9 +112,10 @@ pub enum Attach {
     /// BPF LSM hook, by hook name.
     Lsm(&'static str),
     /// Cgroup socket-address hook, by attach point (`getpeername4`): loaded with the
-    /// others, attached to the traced processes' cgroups as the session finds them.
+    /// others, attached to the cgroups of the traced processes and of their listeners'
+    /// sockets as the session finds them (the root in port mode).
     CgroupSockAddr(&'static str),
-    /// Cgroup socket-buffer hook on received packets, attached to the root cgroup.
+    /// Cgroup socket-buffer hook on received packets, attached as `CgroupSockAddr` is.
     CgroupSkbIngress,
 }
 
@@ -404,7 +405,7 @@ pub const HOOKS: &[Hook] = &[
         implementations: &[
             Implementation {
                 programs: &[one("segments", Attach::CgroupSkbIngress)],
-                needs: "cgroup v2 and cgroup socket-buffer programs (attached to the root cgroup)",
+                needs: "cgroup v2 and cgroup socket-buffer programs",
             },
             Implementation {
                 programs: &[one("tcp_probe", Attach::TpBtf("tcp_probe"))],

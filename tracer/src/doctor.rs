@@ -56,7 +56,7 @@ pub fn run(disabled: Vec<String>, skip_kinds: Vec<Kind>) -> Result<i32> {
         ring_buffer_bytes: 4096,
         max_sockets: 16,
         // Tried on this process's own cgroup.
-        accept_cgroups: tls::cgroup_of(std::process::id()).into_iter().collect(),
+        cgroups: tls::cgroup_of(std::process::id()).into_iter().collect(),
     })?;
     let mut out = String::from("\nhooks:\n");
     for h in &probes.hooks {

@@ -41,6 +41,8 @@ use crate::procs;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_LISTEN: u32 = 10;
 const INET_DIAG_SKMEMINFO: u16 = 7;
+/// The socket's cgroup (v2) id, which the kernel adds to every reply (5.9 and later).
+const INET_DIAG_CGROUP_ID: u16 = 21;
 const SK_MEMINFO_DROPS: usize = 8;
 const NLMSG_HDR_LEN: usize = 16;
 const INET_DIAG_MSG_LEN: usize = 72;
@@ -90,6 +92,9 @@ pub struct Listening {
     pub inode: u32,
     pub cookie: u64,
     pub drops: u32,
+    /// The cgroup (v2) the socket belongs to: the one its creator was in, which its
+    /// connections inherit (`None` before 5.9).
+    pub cgroup: Option<u64>,
 }
 
 /// A `NETLINK_SOCK_DIAG` socket bound to one network namespace.
@@ -222,6 +227,7 @@ fn parse_listener(body: &[u8]) -> Option<Listening> {
     let cookie = u32_ne(body, 44) as u64 | (u32_ne(body, 48) as u64) << 32;
     let inode = u32_ne(body, 68);
     let mut drops = None;
+    let mut cgroup = None;
     let mut attrs = &body[INET_DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
         let len = u16_ne(attrs, 0) as usize;
@@ -231,9 +237,12 @@ fn parse_listener(body: &[u8]) -> Option<Listening> {
         if u16_ne(attrs, 2) == INET_DIAG_SKMEMINFO && len >= 4 + (SK_MEMINFO_DROPS + 1) * 4 {
             drops = Some(u32_ne(attrs, 4 + SK_MEMINFO_DROPS * 4));
         }
+        if u16_ne(attrs, 2) == INET_DIAG_CGROUP_ID && len >= 12 {
+            cgroup = Some(u32_ne(attrs, 4) as u64 | (u32_ne(attrs, 8) as u64) << 32);
+        }
         attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
     }
-    Some(Listening { addr, port, inode, cookie, drops: drops? })
+    Some(Listening { addr, port, inode, cookie, drops: drops?, cgroup })
 }
 
 fn netns_of(pid: Option<u32>) -> Option<(u64, PathBuf)> {
@@ -248,6 +257,7 @@ fn netns_of(pid: Option<u32>) -> Option<(u64, PathBuf)> {
 struct Tracked {
     id: ListenerId,
     addr: SocketAddr,
+    cgroup: Option<u64>,
     drops_base: u32,
     drops: u32,
     overflows_base: u64,
@@ -363,6 +373,7 @@ impl ListenerWatch {
                     Tracked {
                         id: ListenerId::new(l.port, ns as u32),
                         addr: SocketAddr::new(l.addr, l.port),
+                        cgroup: l.cgroup,
                         drops_base,
                         drops: l.drops,
                         overflows_base,
@@ -377,6 +388,12 @@ impl ListenerWatch {
     /// The ports of the traced listeners found so far.
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.tracked.values().map(|t| t.id.port)
+    }
+
+    /// The cgroups (v2, by id) of the traced listeners' sockets, where their connections
+    /// belong whichever cgroup the process serving them is in now.
+    pub fn cgroups(&self) -> BTreeSet<u64> {
+        self.tracked.values().filter_map(|t| t.cgroup).collect()
     }
 
     /// Listen drops since tracing started, per listener.
@@ -418,6 +435,17 @@ mod tests {
     }
 
     fn diag_msg(port: u16, inode: u32, cookie: u64, drops: u32) -> Vec<u8> {
+        let mut b = diag_msg_without_cgroup(port, inode, cookie, drops);
+        // The cgroup id, last (as the kernel puts it, after a padding attribute).
+        b.extend_from_slice(&4u16.to_ne_bytes());
+        b.extend_from_slice(&20u16.to_ne_bytes());
+        b.extend_from_slice(&12u16.to_ne_bytes());
+        b.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        b.extend_from_slice(&(0x2_0000_0000 + inode as u64).to_ne_bytes());
+        b
+    }
+
+    fn diag_msg_without_cgroup(port: u16, inode: u32, cookie: u64, drops: u32) -> Vec<u8> {
         let mut b = vec![0u8; INET_DIAG_MSG_LEN];
         b[0] = libc::AF_INET as u8;
         b[1] = TCP_LISTEN as u8;
@@ -447,10 +475,28 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Listening { addr: [127, 0, 0, 80].into(), port: 8080, inode: 4242, cookie: 0x1_0000_0002, drops: 5 },
-                Listening { addr: [127, 0, 0, 43].into(), port: 443, inode: 17, cookie: 9, drops: 0 },
+                Listening {
+                    addr: [127, 0, 0, 80].into(),
+                    port: 8080,
+                    inode: 4242,
+                    cookie: 0x1_0000_0002,
+                    drops: 5,
+                    cgroup: Some(0x2_0000_0000 + 4242),
+                },
+                Listening {
+                    addr: [127, 0, 0, 43].into(),
+                    port: 443,
+                    inode: 17,
+                    cookie: 9,
+                    drops: 0,
+                    cgroup: Some(0x2_0000_0000 + 17)
+                },
             ]
         );
+        // Before 5.9 there is no cgroup id.
+        let mut out = Vec::new();
+        parse_reply(&message(SOCK_DIAG_BY_FAMILY, 7, &diag_msg_without_cgroup(80, 1, 1, 1)), 7, &mut out).unwrap();
+        assert_eq!(out[0].cgroup, None);
         assert!(parse_reply(&message(libc::NLMSG_DONE as u16, 7, &[0; 4]), 7, &mut out).unwrap());
     }
 
@@ -467,10 +513,11 @@ mod tests {
     fn overflowed_acks_are_not_counted_twice() {
         // 3 SYNs dropped (counted once each) and 2 overflowed ACKs (twice each) since start.
         let (id, addr) = (ListenerId::new(80, 1), "0.0.0.0:80".parse().unwrap());
-        let t = Tracked { id, addr, drops_base: 10, drops: 10 + 3 + 2 * 2, overflows_base: 1, overflows: 3 };
+        let t =
+            Tracked { id, addr, cgroup: None, drops_base: 10, drops: 10 + 3 + 2 * 2, overflows_base: 1, overflows: 3 };
         assert_eq!(t.listen_drops(), 5);
         // Counter wrap-around.
-        let t = Tracked { id, addr, drops_base: u32::MAX, drops: 1, overflows_base: 0, overflows: 0 };
+        let t = Tracked { id, addr, cgroup: None, drops_base: u32::MAX, drops: 1, overflows_base: 0, overflows: 0 };
         assert_eq!(t.listen_drops(), 2);
     }
 }

@@ -14,6 +14,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
+        cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm,
         RawTracePoint, TracePoint, UProbe,
@@ -42,9 +44,10 @@ pub struct LoadOptions {
     pub config: ProgramConfig,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
-    /// The cgroups (v2, by path) of the processes traced at the start: where the accept
-    /// hook on the peer's address is attached when it is the one chosen.
-    pub accept_cgroups: Vec<std::path::PathBuf>,
+    /// The cgroups (v2, by path) where the cgroup programs are attached at the start
+    /// (the traced processes', or the root): the accept hook on the peer's address and
+    /// the segment hook, when they are the ones chosen.
+    pub cgroups: Vec<std::path::PathBuf>,
 }
 
 pub struct Probes {
@@ -60,13 +63,24 @@ pub struct Probes {
     tls_loaded: bool,
     /// Cgroups (by path) the record-layer program is attached to.
     record_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
-    /// Cgroups (by path) the accept hook on the peer's address is attached to.
-    accept_cgroups: std::collections::BTreeSet<std::path::PathBuf>,
-    /// The segment hook is the cgroup program on the root, which follows TLS records too.
+    /// The chosen implementations' cgroup programs (the accept hook on the peer's
+    /// address, the segment hook), by name.
+    cgroup_programs: Vec<(&'static str, Attach)>,
+    /// The cgroups (by path) the cgroup programs are attached to, with their links: none
+    /// below another (a cgroup program runs for every cgroup above the socket that has
+    /// it attached).
+    cgroup_links: BTreeMap<PathBuf, Vec<CgroupLink>>,
+    /// The segment hook is the cgroup program, which follows TLS records too.
     segments_follow_records: bool,
     /// The accept hook is on the peer's address (a cgroup hook), and whether the
     /// syscall tracepoints were added for the accepts that ask for none.
     accept_at_peer: Option<AcceptFallback>,
+}
+
+/// One cgroup program attached to one cgroup.
+enum CgroupLink {
+    SockAddr(&'static str, CgroupSockAddrLinkId),
+    Skb(&'static str, CgroupSkbLinkId),
 }
 
 /// The accept hook's second part, where its first is on the peer's address.
@@ -153,8 +167,22 @@ impl Probes {
         let mut unavailable = BTreeMap::new();
         let mut hooks = Vec::new();
         let mut missing_required = None;
+        let mut cgroup_programs = Vec::new();
+        let mut cgroup_links: BTreeMap<PathBuf, Vec<CgroupLink>> = BTreeMap::new();
         for hook in HOOKS {
-            let status = choose(&mut ebpf, hook, opts, &btf);
+            let (status, links) = choose(&mut ebpf, hook, opts, &btf);
+            for (path, link) in links {
+                cgroup_links.entry(path).or_default().push(link);
+            }
+            if let Some(chosen) = hook.implementations.iter().find(|i| status.implementation == Some(i.to_string())) {
+                cgroup_programs.extend(
+                    chosen
+                        .programs
+                        .iter()
+                        .filter(|p| matches!(p.attach, Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress))
+                        .map(|p| (p.name, p.attach)),
+                );
+            }
             match &status.implementation {
                 Some(chosen) => info!("{}: {chosen}", hook.name),
                 None => {
@@ -187,8 +215,6 @@ impl Probes {
             .then_some(AcceptFallback::Waiting);
         let segments_follow_records =
             hooks.iter().any(|h| h.implementation.as_deref() == Some(&Attach::CgroupSkbIngress.to_string()));
-        let accept_cgroups =
-            if accept_at_peer.is_some() { opts.accept_cgroups.iter().cloned().collect() } else { Default::default() };
         Ok(Self {
             ebpf,
             unavailable,
@@ -197,7 +223,8 @@ impl Probes {
             tls_links: BTreeMap::new(),
             tls_loaded: false,
             record_cgroups: Default::default(),
-            accept_cgroups,
+            cgroup_programs,
+            cgroup_links,
             segments_follow_records,
             accept_at_peer,
         })
@@ -269,7 +296,8 @@ impl Probes {
     /// Attaches the record-layer program to the cgroup (v2) at `path`: it sees the
     /// segments received by sockets of processes in that cgroup and below.
     pub fn attach_records(&mut self, path: &Path) -> Result<bool> {
-        // The segment hook on the root cgroup follows them for every socket.
+        // The segment hook, a cgroup program attached where this one would be, follows
+        // them.
         if self.record_cgroups.contains(path) || self.segments_follow_records {
             return Ok(false);
         }
@@ -289,19 +317,35 @@ impl Probes {
         self.accept_at_peer
     }
 
-    /// Attaches the accept hook on the peer's address, when it is the one chosen, to the
-    /// cgroup (v2) at `path`: it sees the accepts of processes in that cgroup and below
-    /// (of listeners they created). Whether it was attached now.
-    pub fn attach_accept(&mut self, path: &Path) -> Result<bool> {
-        // Below a cgroup it is attached to, it runs already.
-        if self.accept_at_peer.is_none() || self.accept_cgroups.iter().any(|c| path.starts_with(c)) {
+    /// Attaches the cgroup programs (the accept hook on the peer's address, the segment
+    /// hook; those of them chosen) to the cgroup (v2) at `path` as well: they run for the
+    /// sockets of that cgroup and of those below it. A socket belongs to the cgroup of
+    /// the process that made it, and an accepted connection to its listener's: a traced
+    /// process's cgroup holds its own sockets, a listener's those of the connections it
+    /// queues, wherever the process serving them is. Whether they were attached now.
+    pub fn attach_cgroup(&mut self, path: &Path) -> Result<bool> {
+        // Below a cgroup they are attached to, they run already.
+        if self.cgroup_programs.is_empty() || self.cgroup_links.keys().any(|c| path.starts_with(c)) {
             return Ok(false);
         }
-        for name in ["accept_peer4", "accept_peer6"] {
-            let p: &mut CgroupSockAddr = self.ebpf.program_mut(name).expect("loaded").try_into()?;
-            attach_sock_addr(p, path).with_context(|| format!("attaching the accept hook {name}"))?;
+        let mut links = Vec::new();
+        for &(name, how) in &self.cgroup_programs {
+            match attach_to_cgroup(&mut self.ebpf, name, how, path) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    detach_links(&mut self.ebpf, links);
+                    return Err(e.context(format!("attaching {name}")));
+                }
+            }
         }
-        self.accept_cgroups.insert(path.to_owned());
+        // Those below now run the programs from here: their own links would run them a
+        // second time.
+        let below: Vec<PathBuf> = self.cgroup_links.keys().filter(|c| c.starts_with(path)).cloned().collect();
+        for cgroup in below {
+            let links = self.cgroup_links.remove(&cgroup).unwrap_or_default();
+            detach_links(&mut self.ebpf, links);
+        }
+        self.cgroup_links.insert(path.to_owned(), links);
         Ok(true)
     }
 
@@ -321,7 +365,7 @@ impl Probes {
             .expect("the accept hook ends with the syscall tracepoints");
         // Classic tracepoints: no BTF to read (which takes a while) before they attach.
         match attach_all(&mut self.ebpf, fallback, None, &[]) {
-            Ok(()) => {
+            Ok(_) => {
                 self.accept_at_peer = Some(AcceptFallback::Attached);
                 let name = fallback.to_string();
                 if let Some(status) = self.hooks.iter_mut().find(|h| h.hook == "accept") {
@@ -523,8 +567,14 @@ impl Probes {
     }
 }
 
-/// The first implementation of `hook` that loads and attaches here.
-fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -> HookStatus {
+/// The first implementation of `hook` that loads and attaches here, with the links of
+/// its cgroup programs.
+fn choose(
+    ebpf: &mut Ebpf,
+    hook: &'static Hook,
+    opts: &LoadOptions,
+    btf: &Btf,
+) -> (HookStatus, Vec<(PathBuf, CgroupLink)>) {
     let mut status =
         HookStatus { hook: hook.name, implementation: None, needed_for: hook.needed_for, passed_over: Vec::new() };
     if let Some(program) = opts.disabled.iter().find(|p| hook.has_program(p)) {
@@ -533,7 +583,7 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
             why: format!("disabled with --disable-hook {program}"),
             needs: None,
         });
-        return status;
+        return (status, Vec::new());
     }
     let unmet = (hook.precondition)(&opts.config).err();
     for implementation in hook.implementations {
@@ -542,10 +592,10 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
         } else if let Some(why) = unmet {
             (why.to_owned(), None)
         } else {
-            match attach_all(ebpf, implementation, Some(btf), &opts.accept_cgroups) {
-                Ok(()) => {
+            match attach_all(ebpf, implementation, Some(btf), &opts.cgroups) {
+                Ok(links) => {
                     status.implementation = Some(implementation.to_string());
-                    return status;
+                    return (status, links);
                 }
                 Err(e) => {
                     debug!("{}: {implementation} unavailable: {e:#}", hook.name);
@@ -555,7 +605,7 @@ fn choose(ebpf: &mut Ebpf, hook: &'static Hook, opts: &LoadOptions, btf: &Btf) -
         };
         status.passed_over.push(PassedOver { implementation: implementation.to_string(), why, needs });
     }
-    status
+    (status, Vec::new())
 }
 
 /// The gist of a load or attach error, on one line: the errno, and of a verifier log
@@ -584,12 +634,21 @@ fn short_error(e: &anyhow::Error) -> String {
 }
 
 /// Attaches every program of `implementation`; on failure, detaches those already
-/// attached so that nothing of it stays behind.
-fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: Option<&Btf>, cgroups: &[PathBuf]) -> Result<()> {
+/// attached so that nothing of it stays behind. The links of its cgroup programs.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    implementation: &Implementation,
+    btf: Option<&Btf>,
+    cgroups: &[PathBuf],
+) -> Result<Vec<(PathBuf, CgroupLink)>> {
     let mut attached = Vec::new();
+    let mut links = Vec::new();
     for program in implementation.programs {
         match attach(ebpf, program.name, program.attach, btf, cgroups) {
-            Ok(()) => attached.push(program),
+            Ok(mut more) => {
+                attached.push(program);
+                links.append(&mut more);
+            }
             Err(e) if program.optional => debug!("{} not attached (optional): {e:#}", program.attach),
             Err(e) => {
                 for done in attached {
@@ -600,7 +659,7 @@ fn attach_all(ebpf: &mut Ebpf, implementation: &Implementation, btf: Option<&Btf
             }
         }
     }
-    Ok(())
+    Ok(links)
 }
 
 /// Detaches and unloads program `name` (attached as `how`).
@@ -622,9 +681,15 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
     }
 }
 
-/// Attaches program `name` as `how`; a cgroup program to each of `cgroups`. The typed
-/// kinds need the kernel's `btf`.
-fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: Option<&Btf>, cgroups: &[PathBuf]) -> Result<()> {
+/// Attaches program `name` as `how`; a cgroup program to each of `cgroups` (its links).
+/// The typed kinds need the kernel's `btf`.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    how: Attach,
+    btf: Option<&Btf>,
+    cgroups: &[PathBuf],
+) -> Result<Vec<(PathBuf, CgroupLink)>> {
     let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
     let typed = || btf.ok_or_else(|| anyhow!("{how} needs the kernel's BTF"));
     match how {
@@ -675,37 +740,67 @@ fn attach(ebpf: &mut Ebpf, name: &str, how: Attach, btf: Option<&Btf>, cgroups: 
             p.load(hook, typed()?)?;
             p.attach()?;
         }
-        Attach::CgroupSockAddr(_) => {
-            // To the cgroups of the processes traced now; those the session finds later
-            // are added as it finds them (`Probes::attach_accept`).
+        Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress => {
+            // To the cgroups of the processes traced now (the root in port mode); those
+            // the session finds later, of processes and of their listeners' sockets, are
+            // added as it finds them (`Probes::attach_cgroup`).
             if cgroups.is_empty() {
                 return Err(anyhow!("the traced processes' cgroups (v2) are not known"));
             }
-            let p: &mut CgroupSockAddr = program.try_into()?;
-            p.load()?;
-            for path in cgroups {
-                attach_sock_addr(p, path)?;
+            match how {
+                Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program)?.load()?,
+                _ => <&mut CgroupSockAddr>::try_from(program)?.load()?,
             }
-        }
-        Attach::CgroupSkbIngress => {
-            // To the root: every socket's segments, wherever its process is (a listener a
-            // traced process got from another cgroup's, systemd's socket activation).
-            let root = crate::tls::cgroup2_root().ok_or_else(|| anyhow!("no cgroup v2 hierarchy is mounted"))?;
-            let cgroup = std::fs::File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
-            let p: &mut CgroupSkb = program.try_into()?;
-            p.load()?;
-            p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching to cgroup {}", root.display()))?;
+            let mut links = Vec::new();
+            for path in cgroups {
+                match attach_to_cgroup(ebpf, name, how, path) {
+                    Ok(link) => links.push((path.clone(), link)),
+                    Err(e) => {
+                        detach_links(ebpf, links.into_iter().map(|(_, link)| link).collect());
+                        return Err(e);
+                    }
+                }
+            }
+            return Ok(links);
         }
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
-/// Attaches cgroup socket-address program `p` (loaded) to the cgroup (v2) at `path`.
-fn attach_sock_addr(p: &mut CgroupSockAddr, path: &Path) -> Result<()> {
+/// Attaches cgroup program `name` (loaded; attached as `how`) to the cgroup (v2) at
+/// `path`. As a link (5.7 and later), which never displaces another program of the
+/// cgroup nor keeps one from being attached below it (a link takes no attach flags).
+fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, how: Attach, path: &Path) -> Result<CgroupLink> {
     let cgroup = std::fs::File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
-    p.attach(&cgroup, CgroupAttachMode::Single).with_context(|| format!("attaching to cgroup {}", path.display()))?;
-    Ok(())
+    let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
+    let link = match how {
+        Attach::CgroupSkbIngress => {
+            let p: &mut CgroupSkb = program.try_into()?;
+            CgroupLink::Skb(name, p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?)
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = program.try_into()?;
+            CgroupLink::SockAddr(name, p.attach(&cgroup, CgroupAttachMode::Single)?)
+        }
+    };
+    debug!("{name} attached to cgroup {}", path.display());
+    Ok(link)
+}
+
+fn detach_links(ebpf: &mut Ebpf, links: Vec<CgroupLink>) {
+    for link in links {
+        let (name, result) = match link {
+            CgroupLink::SockAddr(name, id) => {
+                (name, ebpf.program_mut(name).map(|p| <&mut CgroupSockAddr>::try_from(p).and_then(|p| p.detach(id))))
+            }
+            CgroupLink::Skb(name, id) => {
+                (name, ebpf.program_mut(name).map(|p| <&mut CgroupSkb>::try_from(p).and_then(|p| p.detach(id))))
+            }
+        };
+        if let Some(Err(e)) = result {
+            debug!("detaching {name}: {e}");
+        }
+    }
 }
 
 /// The active LSMs, as `/sys/kernel/security/lsm` lists them (securityfs is mounted when

@@ -88,6 +88,8 @@ struct Session {
     /// In process (and cgroup) mode, the traced listeners' ports marked in the programs
     /// so far (see `Probes::filter_setups`); `None` in port mode.
     marked_ports: Option<HashSet<u16>>,
+    /// The traced listeners' cgroups (by id) already given the cgroup programs.
+    listener_cgroups: HashSet<u64>,
 }
 
 impl Session {
@@ -198,6 +200,26 @@ impl Session {
         }
     }
 
+    /// The cgroup programs go to the cgroups of the traced listeners' sockets too, which
+    /// their connections belong to: a listener made in another cgroup than the one its
+    /// server runs in (handed over by systemd, or made before the server moved).
+    fn follow_listener_cgroups(&mut self, probes: &mut Probes) {
+        for id in self.listeners.cgroups() {
+            if !self.listener_cgroups.insert(id) {
+                continue;
+            }
+            let Some(path) = crate::cgroups::path_of(id) else {
+                debug!("listener cgroup {id} not found in the hierarchy");
+                continue;
+            };
+            match probes.attach_cgroup(&path) {
+                Ok(true) => info!("cgroup programs attached to {} (a traced listener's)", path.display()),
+                Ok(false) => {}
+                Err(e) => say!("tracer: warning: the cgroup programs are not attached to {}: {e:#}", path.display()),
+            }
+        }
+    }
+
     /// Reads the kernel-side counters that are not events: lost events, missed setups and
     /// listen drops.
     fn poll_counters(&mut self, probes: &mut Probes) {
@@ -211,6 +233,7 @@ impl Session {
         pids.extend(self.stats.listeners.values().flat_map(|l| l.processes.keys().copied()));
         pids.retain(|&pid| procs::is_alive(pid));
         self.listeners.refresh(&pids, |cookie| probes.ack_overflows(cookie));
+        self.follow_listener_cgroups(probes);
         if let Some(marked) = self.marked_ports.as_mut() {
             for port in self.listeners.ports() {
                 if !marked.contains(&port) {
@@ -321,11 +344,12 @@ pub fn run(args: Args) -> Result<i32> {
     if let (true, Some(why)) = (args.labels_on(), kernel.labels_unavailable) {
         say!("tracer: --labels: {why}; requests are unlabelled");
     }
-    // Where accept can be hooked on the peer's address (a cgroup hook), it is attached
-    // with the other hooks to the cgroups of what is traced now; the cgroups of processes
-    // found later are added as they are found.
+    // The cgroup programs (accept on the peer's address, the segment hook) are attached
+    // with the other hooks to the cgroups of what is traced now (the root in port mode);
+    // the cgroups of processes found later, and of the traced listeners' sockets, are
+    // added as they are found.
     let process_mode = args.ports.is_empty() && !args.all;
-    let accept_cgroups: Vec<PathBuf> = if !process_mode {
+    let program_cgroups: Vec<PathBuf> = if !process_mode {
         tls::cgroup2_root().into_iter().collect()
     } else if !cgroups.is_empty() {
         cgroups.iter().map(|cg| cg.dir.clone()).collect()
@@ -352,7 +376,7 @@ pub fn run(args: Args) -> Result<i32> {
         },
         ring_buffer_bytes: args.ring_buffer_size,
         max_sockets: args.max_sockets,
-        accept_cgroups,
+        cgroups: program_cgroups,
     })?;
     probes.tracing_possible()?;
     probes.note_attached()?;
@@ -451,6 +475,7 @@ pub fn run(args: Args) -> Result<i32> {
         listeners: ListenerWatch::new(&args.ports, args.all),
         synacks_pending: BTreeMap::new(),
         marked_ports: process_mode.then_some(listening),
+        listener_cgroups: HashSet::new(),
         slow_ns: args.slow.map(|d| d.as_nanos() as u64),
         cgroups,
         cgroup_ids,
@@ -510,12 +535,9 @@ impl TlsWatch {
                 live.iter().filter_map(|&pid| tls::cgroup_of(pid)).collect()
             };
             for cgroup in cgroups {
-                if let Err(e) = probes.attach_accept(&cgroup) {
-                    if self.announced.insert(format!("accept {}", cgroup.display())) {
-                        say!(
-                            "tracer: warning: accepts in {} are seen at the connection's first read or write: {e:#}",
-                            cgroup.display()
-                        );
+                if let Err(e) = probes.attach_cgroup(&cgroup) {
+                    if self.announced.insert(format!("cgroup {}", cgroup.display())) {
+                        say!("tracer: warning: the cgroup programs are not attached to {}: {e:#}", cgroup.display());
                     }
                 }
                 if let Err(e) = probes.attach_records(&cgroup) {

@@ -507,18 +507,42 @@ fn nginx_conf(dir: &Path, port: u16, scale: bool, tls: bool) -> Result<PathBuf> 
     Ok(path)
 }
 
+/// `program` with `args`, to run in a cgroup (v2) of its own, `tracer-bench/NAME` (made
+/// if need be), as a service under systemd or in a container does: its sockets are that
+/// cgroup's, the load generator's the bench's. (The tracer's cgroup programs go to the
+/// cgroups of the traced processes and of their listeners' sockets.) Without cgroup v2,
+/// where the bench runs.
+fn in_own_cgroup(name: &str, program: &Path) -> Result<Command> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let root = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    });
+    let Some(root) = root else { return Ok(Command::new(program)) };
+    let dir = root.join("tracer-bench").join(name);
+    fs::create_dir_all(&dir).with_context(|| format!("making cgroup {}", dir.display()))?;
+    // The shell moves itself in, then becomes the program (same PID).
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg("echo $$ > \"$0\" && exec \"$@\"").arg(dir.join("cgroup.procs")).arg(program);
+    Ok(command)
+}
+
 fn start_nginx(name: &str, scale: bool, tls: bool) -> Result<(Killed, u16)> {
     let dir = bench_dir().join(name);
     let port = free_port()?;
     let conf = nginx_conf(&dir, port, scale, tls)?;
-    let child = Killed(Command::new("/usr/sbin/nginx").arg("-c").arg(&conf).arg("-p").arg(&dir).spawn()?);
+    let nginx = in_own_cgroup(name, Path::new("/usr/sbin/nginx"))?.arg("-c").arg(&conf).arg("-p").arg(&dir).spawn()?;
+    let child = Killed(nginx);
     wait_for_port(port, "nginx")?;
     Ok((child, port))
 }
 
 fn start_lab() -> Result<(Killed, u16)> {
     let mut child = Killed(
-        Command::new(release_bin("lab")).args(["server", "--scenario", "plain"]).stdout(Stdio::piped()).spawn()?,
+        in_own_cgroup("lab", &release_bin("lab"))?
+            .args(["server", "--scenario", "plain"])
+            .stdout(Stdio::piped())
+            .spawn()?,
     );
     let mut line = String::new();
     BufReader::new(child.0.stdout.take().expect("piped")).read_line(&mut line)?;

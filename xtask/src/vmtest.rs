@@ -216,7 +216,7 @@ const HOST_PROGRAMS: &[&str] = &["/usr/sbin/nginx", "/usr/bin/curl"];
 
 /// Ways to run the tracer on each kernel: a name and the options. By default accept
 /// comes from the BPF LSM's sock_graft where that LSM is active (6.1, 6.12; not 5.10's
-/// default boot) and segments from the cgroup program on the root; the kinds skipped
+/// default boot) and segments from the cgroup program; the kinds skipped
 /// make each hook take its next implementation: raw tracepoints (segments from the raw
 /// tcp_probe) and trampolines (accept from inet_csk_accept), then kprobes (send and
 /// receive on kernels without their tracepoints; accept from a return probe). The last
