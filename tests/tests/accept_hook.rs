@@ -225,14 +225,20 @@ fn a_listener_made_in_another_cgroup_is_followed() -> anyhow::Result<()> {
 
 /// Runs of the tracer's cgroup socket-buffer program (the segment hook), by the kernel's
 /// program statistics; `None` when the segment hook is not that program here.
-fn segment_program_runs(tracer_pid: u32) -> Option<u64> {
-    // BPF_PROG_TYPE_CGROUP_SKB: the tracer loads one, the segment hook (which follows
-    // TLS records too).
+/// BPF_PROG_TYPE_CGROUP_SKB: the tracer loads one, the segment hook (which follows TLS
+/// records too).
+const CGROUP_SKB: u64 = 8;
+/// BPF_PROG_TYPE_SOCK_OPS: the second look at connection setups.
+const SOCK_OPS: u64 = 13;
+
+/// The runs so far of the tracer's program of type `prog_type` (it loads one of each
+/// cgroup type); `None` when it has none.
+fn program_runs(tracer_pid: u32, prog_type: u64) -> Option<u64> {
     let fds = std::fs::read_dir(format!("/proc/{tracer_pid}/fdinfo")).ok()?;
     fds.flatten().find_map(|fd| {
         let info = std::fs::read_to_string(fd.path()).ok()?;
         let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
-        (field("prog_type:")? == 8).then(|| field("run_cnt:"))?
+        (field("prog_type:")? == prog_type).then(|| field("run_cnt:"))?
     })
 }
 
@@ -255,12 +261,11 @@ impl Drop for BpfStats {
     }
 }
 
-/// The segment hook, where it is a cgroup program, runs for the sockets of the traced
-/// server's cgroup only: another server in a cgroup of its own, and the clients of
-/// both (in the test's cgroup), cost it no run at all, while every connection to the
-/// traced server runs it.
+/// The cgroup programs on the state and segment paths — the segment hook, and the second
+/// look at connection setups — run for the sockets of the traced server's cgroup alone:
+/// a server in another cgroup, untraced, never runs them.
 #[test]
-fn the_segment_program_runs_for_the_traced_cgroups_sockets_only() -> anyhow::Result<()> {
+fn the_cgroup_programs_run_for_the_traced_cgroups_sockets_only() -> anyhow::Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -277,23 +282,36 @@ fn the_segment_program_runs_for_the_traced_cgroups_sockets_only() -> anyhow::Res
 
     let _stats = BpfStats::on()?;
     let tracer = start_tracer(&["--pid".to_owned(), server.pid().to_string()])?;
-    let Some(before) = segment_program_runs(tracer.pid()) else {
-        eprintln!("the segment hook is not a cgroup program here: nothing to check");
-        return Ok(());
-    };
+    let runs = || [CGROUP_SKB, SOCK_OPS].map(|t| program_runs(tracer.pid(), t));
+    let before = runs();
     connect_one_by_one(other_addr)?;
-    let after_other = segment_program_runs(tracer.pid()).unwrap_or(0);
+    let after_other = runs();
     connect_one_by_one(addr)?;
-    let after_traced = segment_program_runs(tracer.pid()).unwrap_or(0);
-    tracer.stop()?;
+    let after_traced = runs();
+    let lines = tracer.stop()?;
     drop((server, other));
-    assert_eq!(after_other, before, "the segment program ran for another cgroup's sockets");
     // Each connection brings the traced server at least its request and the client's
-    // FIN (and the handshake's last ACK).
-    assert!(
-        after_traced - after_other >= 2 * CONNECTIONS,
-        "{} runs for {CONNECTIONS} connections",
-        after_traced - after_other
-    );
+    // FIN (and the handshake's last ACK); and its establishment.
+    for (i, (name, least)) in [("segment", 2 * CONNECTIONS), ("setup", CONNECTIONS)].into_iter().enumerate() {
+        let (Some(before), Some(after_other), Some(after_traced)) = (before[i], after_other[i], after_traced[i])
+        else {
+            eprintln!("the {name} program is not a cgroup program here: nothing to check");
+            continue;
+        };
+        assert_eq!(after_other, before, "the {name} program ran for another cgroup's sockets");
+        assert!(
+            after_traced - after_other >= least,
+            "the {name} program: {} runs for {CONNECTIONS} connections",
+            after_traced - after_other
+        );
+    }
+    // Every setup of the traced server recorded (its handshake and accept wait), none
+    // missed.
+    let report = final_report(&lines)?;
+    assert_eq!(report["missed_setups"], 0, "{report}");
+    let l = listener(report, addr.port())?;
+    assert_eq!(l["connections"], CONNECTIONS, "{l}");
+    assert_eq!(phase_count(l, "handshake"), CONNECTIONS, "{l}");
+    assert_eq!(phase_count(l, "accept_wait"), CONNECTIONS, "{l}");
     Ok(())
 }

@@ -13,11 +13,26 @@
 //! What is missed all the same (a full socket table, or any other way) is counted when
 //! a traced process accepts the connection: accepted with no record although the kernel
 //! created it after the programs were attached (`counter::MISSED_SETUPS`).
+//!
+//! Where the kernel runs socket-operation programs on cgroups (5.10+, cgroup v2), the
+//! second program is one of those instead ([`setups`]): attached to the cgroups of the
+//! traced processes and of their listeners, it is told of each passive connection
+//! those listeners establish, just before the state change (a cgroup program is never
+//! skipped), and runs for no other state change and no other socket. The state hook
+//! then finds the setup recorded; it records those of listeners in cgroups not (yet)
+//! attached. The twin on the tracepoint, which ran for every state change of every
+//! socket on the machine, is then not attached.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_jiffies64},
-    macros::map,
+    bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    cty::c_void,
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_jiffies64, bpf_skc_to_tcp_sock},
+    },
+    macros::{map, sock_ops},
     maps::{Array, PerCpuArray},
+    programs::SockOpsContext,
 };
 use tracer_common::counter;
 
@@ -28,9 +43,10 @@ use crate::{
     state::{on_passive_established, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_RECV},
 };
 
-/// The jiffies (64-bit) when this program first ran (userspace makes it run once as soon
-/// as it is attached: `Probes::note_attached`): from then on, every passive connection
-/// the kernel establishes is given to one of the two programs.
+/// The jiffies (64-bit) when the state hook first saw a socket start listening
+/// (userspace makes one as soon as the programs are attached: `Probes::note_attached`):
+/// from then on, every passive connection the kernel establishes is given to one of the
+/// two programs.
 #[map]
 static ATTACHED_JIFFIES: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -65,17 +81,41 @@ pub fn note_handled(sk: u64) {
 tracepoint_hook! {
     /// SYN_RECV → ESTABLISHED again, for when the state hook itself was skipped.
     fn setup_state_change / raw_setup_state_change (ctx) {
-        if let Some(first) = ATTACHED_JIFFIES.get_ptr_mut(0) {
-            if unsafe { *first } == 0 {
-                unsafe { *first = bpf_jiffies64() };
-            }
-        }
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
         if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
             on_passive_established::<BTF>(ctx.arg(0));
         }
         0
+    }
+}
+
+/// A passive connection of a listener in an attached cgroup is established (the
+/// kernel's own state change follows at once): the setup is recorded here first.
+#[sock_ops]
+pub fn setups(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if !sk.is_null() {
+            // The socket as the kernel's own typed pointer (the key of its state, and
+            // its fields loaded in place).
+            let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+            if !tp.is_null() {
+                on_passive_established::<true>(tp as u64);
+            }
+        }
+    }
+    1
+}
+
+/// The state hook saw a socket start listening: the first time, the jiffy is noted
+/// (see [`ATTACHED_JIFFIES`]).
+#[inline(always)]
+pub fn note_running() {
+    if let Some(first) = ATTACHED_JIFFIES.get_ptr_mut(0) {
+        if unsafe { *first } == 0 {
+            unsafe { *first = bpf_jiffies64() };
+        }
     }
 }
 

@@ -81,6 +81,7 @@ fn closing_may_have_state<const BTF: bool>(sk: u64) -> bool {
 /// on a port not marked.
 #[inline(never)]
 fn on_listen(sk: u64) {
+    crate::setup::note_running();
     if filter_by_port() || !is_traced_tgid((aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
     }

@@ -37,13 +37,16 @@ pub enum Kind {
     /// A cgroup hook on the packets sockets receive: runs only for the sockets of the
     /// cgroups it is attached to (the traced processes' and their listeners').
     CgroupSkb,
+    /// A cgroup hook on TCP socket operations (a passive connection established):
+    /// runs only for the sockets of the cgroups it is attached to.
+    CgroupSockOps,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
     /// it to follow TLS connections as without a usable library).
     UProbe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::TpBtf,
         Kind::RawTp,
         Kind::TracePoint,
@@ -52,6 +55,7 @@ impl Kind {
         Kind::KProbe,
         Kind::CgroupSockAddr,
         Kind::CgroupSkb,
+        Kind::CgroupSockOps,
         Kind::UProbe,
     ];
 
@@ -65,6 +69,7 @@ impl Kind {
             Kind::KProbe => "kprobe",
             Kind::CgroupSockAddr => "cgroup_sock_addr",
             Kind::CgroupSkb => "cgroup_skb",
+            Kind::CgroupSockOps => "sock_ops",
             Kind::UProbe => "uprobe",
         }
     }
@@ -117,9 +122,17 @@ pub enum Attach {
     CgroupSockAddr(&'static str),
     /// Cgroup socket-buffer hook on received packets, attached as `CgroupSockAddr` is.
     CgroupSkbIngress,
+    /// Cgroup hook on TCP socket operations, attached as `CgroupSockAddr` is.
+    CgroupSockOps,
 }
 
 impl Attach {
+    /// Attached to cgroups (those of the traced processes and of their listeners, as the
+    /// session finds them), not to a hook of the whole kernel.
+    pub fn on_cgroups(self) -> bool {
+        matches!(self, Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps)
+    }
+
     pub fn kind(self) -> Kind {
         match self {
             Attach::TpBtf(_) => Kind::TpBtf,
@@ -130,6 +143,7 @@ impl Attach {
             Attach::Lsm(_) => Kind::Lsm,
             Attach::CgroupSockAddr(_) => Kind::CgroupSockAddr,
             Attach::CgroupSkbIngress => Kind::CgroupSkb,
+            Attach::CgroupSockOps => Kind::CgroupSockOps,
         }
     }
 }
@@ -147,6 +161,7 @@ impl fmt::Display for Attach {
             Attach::Lsm(name) => write!(f, "lsm/{name}"),
             Attach::CgroupSockAddr(name) => write!(f, "cgroup/{name}"),
             Attach::CgroupSkbIngress => f.write_str("cgroup_skb/ingress"),
+            Attach::CgroupSockOps => f.write_str("sockops"),
         }
     }
 }
@@ -241,21 +256,38 @@ pub const HOOKS: &[Hook] = &[
         needed_for: "every phase",
         required: true,
         phases: &[],
-        // Two programs on the tracepoint: the second handles SYN_RECV -> ESTABLISHED again,
-        // for when the kernel skips the first (see the programs' `setup` module).
         implementations: &[
             Implementation {
-                programs: &[
-                    one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state")),
-                    one("setup_state_change", Attach::TpBtf("inet_sock_set_state")),
-                ],
+                programs: &[one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state"))],
                 needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
             },
             Implementation {
-                programs: &[
-                    one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state")),
-                    one("raw_setup_state_change", Attach::RawTp("inet_sock_set_state")),
-                ],
+                programs: &[one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state"))],
+                needs: "the tracepoint inet_sock_set_state (4.16+)",
+            },
+        ],
+        precondition: always,
+    },
+    // A second program for SYN_RECV -> ESTABLISHED, for when the kernel skips the state
+    // hook (see the programs' `setup` module): a cgroup program, on the traced servers'
+    // sockets alone, where it loads; else a twin on the tracepoint, which runs for every
+    // state change on the machine.
+    Hook {
+        name: "setups again",
+        needed_for: "the setups the state hook misses while a softirq interrupts it (counted as missed setups)",
+        required: false,
+        phases: &[],
+        implementations: &[
+            Implementation {
+                programs: &[one("setups", Attach::CgroupSockOps)],
+                needs: "cgroup v2 and socket-operation programs that see the socket (5.10+)",
+            },
+            Implementation {
+                programs: &[one("setup_state_change", Attach::TpBtf("inet_sock_set_state"))],
+                needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
+            },
+            Implementation {
+                programs: &[one("raw_setup_state_change", Attach::RawTp("inet_sock_set_state"))],
                 needs: "the tracepoint inet_sock_set_state (4.16+)",
             },
         ],
@@ -501,6 +533,11 @@ mod tests {
             if hook.name == "segments received" {
                 // The cgroup program first: it follows TLS records in the same run.
                 assert_eq!(kinds.first(), Some(&Kind::CgroupSkb));
+                kinds.remove(0);
+            }
+            if hook.name == "setups again" {
+                // The cgroup program first: it runs for the traced servers' sockets alone.
+                assert_eq!(kinds.first(), Some(&Kind::CgroupSockOps));
                 kinds.remove(0);
             }
             assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{}: {kinds:?}", hook.name);

@@ -16,9 +16,10 @@ use aya::{
     programs::{
         cgroup_skb::CgroupSkbLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
+        sock_ops::SockOpsLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm,
-        RawTracePoint, TracePoint, UProbe,
+        RawTracePoint, SockOps, TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -81,6 +82,7 @@ pub struct Probes {
 enum CgroupLink {
     SockAddr(&'static str, CgroupSockAddrLinkId),
     Skb(&'static str, CgroupSkbLinkId),
+    SockOps(&'static str, SockOpsLinkId),
 }
 
 /// The accept hook's second part, where its first is on the peer's address.
@@ -179,7 +181,7 @@ impl Probes {
                     chosen
                         .programs
                         .iter()
-                        .filter(|p| matches!(p.attach, Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress))
+                        .filter(|p| p.attach.on_cgroups())
                         .map(|p| (p.name, p.attach)),
                 );
             }
@@ -675,6 +677,7 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::Lsm(_) => <&mut Lsm>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSockAddr(_) => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
+        Attach::CgroupSockOps => <&mut SockOps>::try_from(program).and_then(|p| p.unload()),
     };
     if let Err(e) = result {
         debug!("unloading {name}: {e}");
@@ -740,7 +743,7 @@ fn attach(
             p.load(hook, typed()?)?;
             p.attach()?;
         }
-        Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress => {
+        Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps => {
             // To the cgroups of the processes traced now (the root in port mode); those
             // the session finds later, of processes and of their listeners' sockets, are
             // added as it finds them (`Probes::attach_cgroup`).
@@ -749,6 +752,7 @@ fn attach(
             }
             match how {
                 Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program)?.load()?,
+                Attach::CgroupSockOps => <&mut SockOps>::try_from(program)?.load()?,
                 _ => <&mut CgroupSockAddr>::try_from(program)?.load()?,
             }
             let mut links = Vec::new();
@@ -778,6 +782,10 @@ fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, how: Attach, path: &Pat
             let p: &mut CgroupSkb = program.try_into()?;
             CgroupLink::Skb(name, p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?)
         }
+        Attach::CgroupSockOps => {
+            let p: &mut SockOps = program.try_into()?;
+            CgroupLink::SockOps(name, p.attach(&cgroup, CgroupAttachMode::Single)?)
+        }
         _ => {
             let p: &mut CgroupSockAddr = program.try_into()?;
             CgroupLink::SockAddr(name, p.attach(&cgroup, CgroupAttachMode::Single)?)
@@ -795,6 +803,9 @@ fn detach_links(ebpf: &mut Ebpf, links: Vec<CgroupLink>) {
             }
             CgroupLink::Skb(name, id) => {
                 (name, ebpf.program_mut(name).map(|p| <&mut CgroupSkb>::try_from(p).and_then(|p| p.detach(id))))
+            }
+            CgroupLink::SockOps(name, id) => {
+                (name, ebpf.program_mut(name).map(|p| <&mut SockOps>::try_from(p).and_then(|p| p.detach(id))))
             }
         };
         if let Some(Err(e)) = result {
