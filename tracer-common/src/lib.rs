@@ -812,7 +812,10 @@ pub struct SockState {
     /// Server connections: the thread that last read the request (whose think it is).
     /// Upstream connections: the thread that wrote the request (the one that waits).
     pub tid: u32,
-    pub _pad0: u32,
+    /// Accepted connections: non-zero once the segment program has seen the client's
+    /// first byte and it begins no TLS handshake record, so that the server's first
+    /// write need not be read to tell (see `records::detect`). Written once.
+    pub no_hello: u32,
     /// Upstream connections: the server request the current upstream request is made
     /// for (see [`ThreadWork`]); for a connection's first request, the one the
     /// connecting thread had read when it called connect().

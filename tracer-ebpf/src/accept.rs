@@ -13,7 +13,7 @@ use tracer_common::{counter, origin};
 
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
-    kernel::{conn_addr, read, sock_of_fd},
+    kernel::{conn_addr_at, read, sock_of_fd},
     maps::{
         bump, filter_by_port, is_traced_port, is_traced_tgid, known_untraced, mark_state_port, setup_wanted,
         trace_tgid, HOOKED_NS,
@@ -92,7 +92,8 @@ fn on_peer_address(ctx: &SockAddrContext) {
         // An accepted connection not yet owned: only accept() asks for its peer so
         // early (getpeername() comes after, on a descriptor accept() returned).
         Some(st) if st.owner == 0 && !origin::is_client(st.origin) => {
-            take_ownership(sk, st);
+            // A typed pointer: its addresses are loaded in place.
+            take_ownership::<true>(sk, st);
         }
         Some(_) => {}
         // No state: a missed setup when accept() is asking. getpeername() on a
@@ -116,7 +117,7 @@ pub fn on_accepted(sk: u64) {
         return;
     };
     if st.owner == 0 {
-        take_ownership(sk, st);
+        take_ownership::<false>(sk, st);
     }
 }
 
@@ -132,7 +133,7 @@ pub fn on_accepted(sk: u64) {
 // Inlined: as a subprogram its frame would add to the receive path's, past the
 // 512 bytes a call chain may use on kernels before 6.13.
 #[inline(always)]
-pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
+pub fn take_ownership<const BTF: bool>(sk: u64, st: &mut SockState) -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !filter_by_port() && !is_traced_tgid(tgid) {
         remove_state(sk);
@@ -147,7 +148,7 @@ pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
     st.owner = tgid;
     mark_state_port(st.local_port as u16);
     let first_data_ns = st.pending_data_ns;
-    emit_open(sk, st, &conn_addr(sk), ts, first_data_ns);
+    emit_open(sk, st, &conn_addr_at::<BTF>(sk), ts, first_data_ns);
     true
 }
 
@@ -159,7 +160,7 @@ pub fn take_ownership(sk: u64, st: &mut SockState) -> bool {
 #[inline(always)]
 pub fn adopt_unseen(sk: u64, st: &mut SockState) -> bool {
     let established_ns = st.established_ns;
-    let traced = take_ownership(sk, st);
+    let traced = take_ownership::<false>(sk, st);
     if traced {
         let hooked_ns = HOOKED_NS.get(0).copied().unwrap_or(0);
         if hooked_ns != 0 && established_ns > hooked_ns {

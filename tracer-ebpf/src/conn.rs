@@ -71,6 +71,7 @@ pub fn remove_state(sk: u64) {
     let _ = SOCKS.remove(&sk);
 }
 
+/// The connection's open record; `addr` with its network namespace.
 pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_ns: u64) {
     // Events are filled in place in the ring buffer: building them on the 512-byte BPF
     // stack first would not fit beside the connection state.
@@ -79,7 +80,6 @@ pub fn emit_open(sk: u64, st: &SockState, addr: &ConnAddr, ts: u64, first_data_n
     unsafe {
         (*e).header = header(kind::CONN_OPEN, st.owner, sk, ts);
         (*e).addr = *addr;
-        (*e).addr.netns = crate::kernel::netns_of(sk);
         (*e).origin = st.origin;
         (*e).synack_retransmits = st.synack_retransmits;
         (*e).synack_ns = st.synack_ns;

@@ -10,7 +10,7 @@ use tracer_common::{flags, origin, side, tls as tls_flags, ACK_PENDING};
 use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
-    kernel::{conn_addr, is_inet_tcp, load, read, tcp_sock},
+    kernel::{conn_addr_in_netns, is_inet_tcp, load, read, tcp_sock},
     labels::{capture, labels},
     maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, state_port_marked, tls_records},
     off, records, tls, upstream,
@@ -106,6 +106,14 @@ pub fn segments(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
     }
     let Some(tcp) = records::TcpHeader::read(&ctx) else { return 1 };
     if let Some(st) = st {
+        if st.rcv_end == 0 && tcp.len != 0 && st.origin == origin::ACCEPTED && tls_records() {
+            // The connection's first data: a client that begins no TLS handshake spares
+            // the server's first write the read that would tell (one helper call here,
+            // once per connection, where the payload may lie past the linear part).
+            if ctx.load::<u8>(tcp.payload as usize).is_ok_and(|b| b != tracer_common::record::HANDSHAKE) {
+                st.no_hello = 1;
+            }
+        }
         segment_received(st, tcp.seq, tcp.end_seq(), || Some(tcp.ack_seq));
     }
     if followed {
@@ -171,6 +179,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
         return;
     }
     if st.tls == 0
+        && st.no_hello == 0
         && tls_records()
         && msg != 0
         && st.requests == 0
@@ -357,6 +366,6 @@ fn adopt(sk: u64, writing: bool) -> Option<&'static mut SockState> {
     if !insert_state(sk, st) {
         return None;
     }
-    emit_open(sk, st, &conn_addr(sk), now(), 0);
+    emit_open(sk, st, &conn_addr_in_netns(sk), now(), 0);
     state_mut(sk)
 }

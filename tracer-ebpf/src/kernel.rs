@@ -142,6 +142,42 @@ pub fn conn_addr_in_netns(sk: u64) -> ConnAddr {
     addr
 }
 
+/// [`conn_addr_in_netns`] of a socket the verifier knows as a typed pointer (a
+/// `struct tcp_sock` from the kernel's cast): every field loaded in place, with no
+/// helper call, where `BTF`.
+#[inline(always)]
+pub fn conn_addr_at<const BTF: bool>(sk: u64) -> ConnAddr {
+    if !BTF {
+        return conn_addr_in_netns(sk);
+    }
+    // One load per field: a typed load may not span two of them.
+    let family = load::<true, u16>(sk, off!(skc_family)).unwrap_or(0);
+    let (local_addr, remote_addr) = if family == AF_INET {
+        (
+            mapped(load::<true, u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)),
+            mapped(load::<true, u32>(sk, off!(skc_daddr)).unwrap_or(0)),
+        )
+    } else if family == AF_INET6 {
+        (
+            load::<true, [u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
+            load::<true, [u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]),
+        )
+    } else {
+        (words(0, 0), words(0, 0))
+    };
+    let net = load::<true, u64>(sk, off!(skc_net)).unwrap_or(0);
+    ConnAddr {
+        family,
+        local_port: load::<true, u16>(sk, off!(skc_num)).unwrap_or(0),
+        remote_port: u16::from_be(load::<true, u16>(sk, off!(skc_dport)).unwrap_or(0)),
+        _pad: 0,
+        netns: if net != 0 { load::<true, u32>(net, off!(net_ns_inum)).unwrap_or(0) } else { 0 },
+        _pad1: 0,
+        local_addr,
+        remote_addr,
+    }
+}
+
 /// The inode number of `sk`'s network namespace (0 if unreadable).
 #[inline(always)]
 pub fn netns_of(sk: u64) -> u32 {

@@ -97,7 +97,6 @@ fn on_listen(sk: u64) {
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
 #[inline(never)]
 pub fn on_passive_established<const BTF: bool>(sk: u64) {
-    let ts = now();
     let local_port = load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0);
     if filter_by_port() && !is_traced_port(local_port) {
         return;
@@ -109,6 +108,7 @@ pub fn on_passive_established<const BTF: bool>(sk: u64) {
     if crate::setup::handled_just_now(sk) {
         return;
     }
+    let ts = now();
     let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
     let st = init_state(fresh.as_mut_ptr(), origin::ACCEPTED);
     st.established_ns = ts;
