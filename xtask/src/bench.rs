@@ -2123,6 +2123,35 @@ const READING: &str = "
   µs. A first version that looked up every segment of a traced port, a listener's and
   a closing connection's included, and read the header through helper calls, cost
   more per new connection than the two programs it replaced (1591 against 1315 ns).
+- **Cgroup programs only where the traced sockets are.** The segment program was
+  attached to the root cgroup, so it ran for every packet received on the machine and
+  turned most of them away. It now runs on the cgroups of the traced processes and of
+  their listeners (found with each listening socket's cgroup from sock_diag) — the
+  root only with `--port` and `--all` — and the bench runs each server in a cgroup of
+  its own, as services and containers run. In one 3-round run against the build before
+  (`--compare`): nginx keep-alive 1.82 → 1.74 µs of programs per request (the segment
+  program 2 → 1 runs: the load generator's segments no longer pass it), a new
+  connection per request 6.95 → 6.67 µs (segments 1024 → 651 ns), a bystander nginx
+  on keep-alive 0.88 → 0.70 µs and with a new connection per request 3.45 → 2.65 µs
+  (its segments cost nothing now). Then the second look at connection setups (the
+  state hook is skipped when a softirq interrupts it, see the README) became a
+  socket-operation program on those same cgroups, told of each passive connection
+  just before the kernel's state change and never skipped, in place of a twin on the
+  state tracepoint that ran for every state change of every socket: in one 3-round run
+  against the build before, a bystander nginx with a new connection per request 2.89 →
+  2.04 µs (the twin's ten runs, 823 ns, gone), the traced nginx 6.50 → 6.29 µs (the
+  new program runs four times per connection, 829 ns, as the kernel asks it for the
+  listener's initial timeout, window and ECN too; the state hook 2417 → 2008 ns, its
+  setup arm finding the work done). Two cuts on the
+  traced connection's path followed: the segment program looks at the first byte a
+  client sends (one helper call per connection) and marks a connection that begins
+  with no TLS handshake record, whose server's first write then need not be read to
+  tell (the write-start hook 915 → 513 ns per connection); and accept on the peer's
+  address, which holds the socket as a typed pointer, loads its addresses, ports and
+  namespace in place instead of through three helper reads (805 → 636 ns). Against the
+  build with cgroup-following alone, in one 3-round run: a new connection per request
+  6.79 → 5.87 µs of programs (7.67 → 6.73 µs with the tracer's process), a bystander
+  with a new connection per request 2.73 → 1.99 µs.
 - **Uprobes (HTTPS).** A request on nginx over TLS with keep-alive makes three calls
   that the tracer hooks in OpenSSL: `SSL_read` twice (the request, then the read that
   finds nothing more) and `SSL_write` once, each with an entry and a return probe: six
