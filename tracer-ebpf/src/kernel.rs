@@ -143,14 +143,34 @@ pub fn conn_addr_in_netns(sk: u64) -> ConnAddr {
 }
 
 /// [`conn_addr_in_netns`] of a socket the verifier knows as a typed pointer (a
-/// `struct tcp_sock` from the kernel's cast): every field loaded in place, with no
-/// helper call, where `BTF`.
+/// `struct tcp_sock` from the kernel's cast, a typed tracepoint's `struct sock`): every
+/// field loaded in place, with no helper call, where `BTF`.
 #[inline(always)]
 pub fn conn_addr_at<const BTF: bool>(sk: u64) -> ConnAddr {
     if !BTF {
         return conn_addr_in_netns(sk);
     }
-    // One load per field: a typed load may not span two of them.
+    let mut addr = conn_addr_loaded(sk);
+    let net = load::<true, u64>(sk, off!(skc_net)).unwrap_or(0);
+    if net != 0 {
+        addr.netns = load::<true, u32>(net, off!(net_ns_inum)).unwrap_or(0);
+    }
+    addr
+}
+
+/// [`conn_addr`] of a socket that is a typed pointer where `BTF` (see [`conn_addr_at`]).
+#[inline(always)]
+pub fn conn_addr_of<const BTF: bool>(sk: u64) -> ConnAddr {
+    if BTF {
+        conn_addr_loaded(sk)
+    } else {
+        conn_addr(sk)
+    }
+}
+
+/// [`conn_addr`] of a typed pointer, one load per field (a typed load may not span two).
+#[inline(always)]
+fn conn_addr_loaded(sk: u64) -> ConnAddr {
     let family = load::<true, u16>(sk, off!(skc_family)).unwrap_or(0);
     let (local_addr, remote_addr) = if family == AF_INET {
         (
@@ -165,13 +185,12 @@ pub fn conn_addr_at<const BTF: bool>(sk: u64) -> ConnAddr {
     } else {
         (words(0, 0), words(0, 0))
     };
-    let net = load::<true, u64>(sk, off!(skc_net)).unwrap_or(0);
     ConnAddr {
         family,
         local_port: load::<true, u16>(sk, off!(skc_num)).unwrap_or(0),
         remote_port: u16::from_be(load::<true, u16>(sk, off!(skc_dport)).unwrap_or(0)),
         _pad: 0,
-        netns: if net != 0 { load::<true, u32>(net, off!(net_ns_inum)).unwrap_or(0) } else { 0 },
+        netns: 0,
         _pad1: 0,
         local_addr,
         remote_addr,

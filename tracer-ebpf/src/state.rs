@@ -5,7 +5,7 @@ use tracer_common::origin;
 
 use crate::{
     conn::{dir, emit_close, init_state, insert_state, now, remove_state, state_mut, SockState},
-    kernel::{conn_addr, load, read, tcp_sock, tuple_key},
+    kernel::{conn_addr, conn_addr_of, load, read, tcp_sock, tuple_key},
     maps::{
         connects_open, filter_by_port, is_traced_port, is_traced_tgid, mark_state_port, note_pending_listener,
         setup_wanted, state_port_marked, ClosedConn, RECENTLY_CLOSED, SYNACKS,
@@ -38,7 +38,7 @@ tracepoint_hook! {
             (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
             (_, TCP_LISTEN) => on_listen(sk),
             // The arms below look up a state, which only a socket on a marked port has.
-            (_, TCP_CLOSE) if closing_may_have_state::<BTF>(sk) => on_close(sk, old),
+            (_, TCP_CLOSE) if closing_may_have_state::<BTF>(sk) => on_close::<BTF>(sk, old),
             // Our FIN is acknowledged, so is every byte before it.
             (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if may_have_state::<BTF>(sk) => on_all_acked(sk),
             // The peer closed its side (before we closed ours, or as we did).
@@ -173,7 +173,7 @@ fn all_acked(st: &mut SockState) {
 // The close path's parts are BPF subprograms of their own, so that the frames of a
 // call chain stay within the 512 bytes kernels before 6.13 allow.
 #[inline(never)]
-fn on_close(sk: u64, old: i32) {
+fn on_close<const BTF: bool>(sk: u64, old: i32) {
     let Some(st) = state_mut(sk) else { return };
     if old == TCP_LAST_ACK {
         // The peer closed first and has now acknowledged our FIN (one lookup for both).
@@ -192,15 +192,15 @@ fn on_close(sk: u64, old: i32) {
             // A request that got no response.
             upstream::emit_unanswered(sk, st);
         }
-        close_event(sk, st);
+        close_event::<BTF>(sk, st);
     } else if st.owner != 0 {
-        close_event(sk, st);
+        close_event::<BTF>(sk, st);
         // An abortive close (straight from an open state, in the application's close)
         // sends its reset after this state change; an orderly one never does, nor does a
         // connection the peer reset.
         let reset_by_peer = st.conn_flags & tracer_common::flags::RESET_RECEIVED != 0;
         if (old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT || old == TCP_FIN_WAIT1) && !reset_by_peer {
-            let remote_port = crate::kernel::read::<u16>(sk, crate::off!(skc_dport)).unwrap_or(0);
+            let remote_port = load::<BTF, u16>(sk, off!(skc_dport)).unwrap_or(0);
             let closed = ClosedConn { owner: st.owner, local_port: st.local_port as u16, remote_port };
             let _ = RECENTLY_CLOSED.insert(&sk, &closed, 0);
         }
@@ -210,7 +210,7 @@ fn on_close(sk: u64, old: i32) {
 }
 
 #[inline(never)]
-fn close_event(sk: u64, st: &mut SockState) {
-    let addr = conn_addr(sk);
+fn close_event<const BTF: bool>(sk: u64, st: &mut SockState) {
+    let addr = conn_addr_of::<BTF>(sk);
     emit_close(sk, st, &addr, now());
 }
