@@ -2151,7 +2151,9 @@ const READING: &str = "
   namespace in place instead of through three helper reads (805 → 636 ns). Against the
   build with cgroup-following alone, in one 3-round run: a new connection per request
   6.79 → 5.87 µs of programs (7.67 → 6.73 µs with the tracer's process), a bystander
-  with a new connection per request 2.73 → 1.99 µs.
+  with a new connection per request 2.73 → 1.99 µs. The state hook's close loading
+  the addresses in place too (the tracepoint types the socket): 2225 → 2052 ns per
+  connection, 6.55 → 6.22 µs of programs, in one 3-round run at a slower hour.
 - **Uprobes (HTTPS).** A request on nginx over TLS with keep-alive makes three calls
   that the tracer hooks in OpenSSL: `SSL_read` twice (the request, then the read that
   finds nothing more) and `SSL_write` once, each with an entry and a return probe: six
