@@ -293,8 +293,7 @@ fn the_cgroup_programs_run_for_the_traced_cgroups_sockets_only() -> anyhow::Resu
     // Each connection brings the traced server at least its request and the client's
     // FIN (and the handshake's last ACK); and its establishment.
     for (i, (name, least)) in [("segment", 2 * CONNECTIONS), ("setup", CONNECTIONS)].into_iter().enumerate() {
-        let (Some(before), Some(after_other), Some(after_traced)) = (before[i], after_other[i], after_traced[i])
-        else {
+        let (Some(before), Some(after_other), Some(after_traced)) = (before[i], after_other[i], after_traced[i]) else {
             eprintln!("the {name} program is not a cgroup program here: nothing to check");
             continue;
         };

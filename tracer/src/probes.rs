@@ -177,13 +177,8 @@ impl Probes {
                 cgroup_links.entry(path).or_default().push(link);
             }
             if let Some(chosen) = hook.implementations.iter().find(|i| status.implementation == Some(i.to_string())) {
-                cgroup_programs.extend(
-                    chosen
-                        .programs
-                        .iter()
-                        .filter(|p| p.attach.on_cgroups())
-                        .map(|p| (p.name, p.attach)),
-                );
+                cgroup_programs
+                    .extend(chosen.programs.iter().filter(|p| p.attach.on_cgroups()).map(|p| (p.name, p.attach)));
             }
             match &status.implementation {
                 Some(chosen) => info!("{}: {chosen}", hook.name),
