@@ -13,7 +13,7 @@ use tracer_common::{counter, origin};
 
 use crate::{
     conn::{emit_open, now, remove_state, state_mut, SockState},
-    kernel::{conn_addr_at, read, sock_of_fd},
+    kernel::{conn_addr_in_netns, read, sock_of_fd},
     maps::{
         bump, filter_by_port, is_traced_port, is_traced_tgid, known_untraced, mark_state_port, setup_wanted,
         trace_tgid, HOOKED_NS,
@@ -148,7 +148,7 @@ pub fn take_ownership<const BTF: bool>(sk: u64, st: &mut SockState) -> bool {
     st.owner = tgid;
     mark_state_port(st.local_port as u16);
     let first_data_ns = st.pending_data_ns;
-    emit_open(sk, st, &conn_addr_at::<BTF>(sk), ts, first_data_ns);
+    emit_open(sk, st, &conn_addr_in_netns::<BTF>(sk), ts, first_data_ns);
     true
 }
 

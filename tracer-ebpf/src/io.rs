@@ -366,6 +366,6 @@ fn adopt(sk: u64, writing: bool) -> Option<&'static mut SockState> {
     if !insert_state(sk, st) {
         return None;
     }
-    emit_open(sk, st, &conn_addr_in_netns(sk), now(), 0);
+    emit_open(sk, st, &conn_addr_in_netns::<false>(sk), now(), 0);
     state_mut(sk)
 }

@@ -83,26 +83,36 @@ fn head_layout() -> bool {
 /// `struct sock_common`). IPv4 addresses come out IPv4-mapped.
 #[inline(always)]
 pub fn conn_addr(sk: u64) -> ConnAddr {
-    let (family, local_port, remote_port, v4) = if head_layout() {
+    conn_addr_of::<false>(sk)
+}
+
+/// [`conn_addr`], with every field loaded in place where `BTF` says `sk` is a typed
+/// pointer (a typed tracepoint's `struct sock`, a `struct tcp_sock` from the kernel's
+/// cast): one load per field, as a typed load may not span two.
+#[inline(always)]
+pub fn conn_addr_of<const BTF: bool>(sk: u64) -> ConnAddr {
+    let (family, local_port, remote_port, v4) = if !BTF && head_layout() {
         let head = read::<Head>(sk, off!(skc_daddr));
         match head {
             Some(h) => (h.family, h.num, h.dport, (h.rcv_saddr, h.daddr)),
             None => (0, 0, 0, (0, 0)),
         }
     } else {
-        let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+        let family = load::<BTF, u16>(sk, off!(skc_family)).unwrap_or(0);
         let v4 = if family == AF_INET {
-            (read::<u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0), read::<u32>(sk, off!(skc_daddr)).unwrap_or(0))
+            (load::<BTF, u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0), load::<BTF, u32>(sk, off!(skc_daddr)).unwrap_or(0))
         } else {
             (0, 0)
         };
-        (family, read::<u16>(sk, off!(skc_num)).unwrap_or(0), read::<u16>(sk, off!(skc_dport)).unwrap_or(0), v4)
+        let ports =
+            (load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0), load::<BTF, u16>(sk, off!(skc_dport)).unwrap_or(0));
+        (family, ports.0, ports.1, v4)
     };
     // Every field assigned once (a `Default` start compiles to a byte-wise memset).
     let (local_addr, remote_addr) = if family == AF_INET {
         (mapped(v4.0), mapped(v4.1))
     } else if family == AF_INET6 {
-        v6_addrs(sk)
+        v6_addrs::<BTF>(sk)
     } else {
         (words(0, 0), words(0, 0))
     };
@@ -118,90 +128,35 @@ pub fn conn_addr(sk: u64) -> ConnAddr {
     }
 }
 
-/// The local and remote IPv6 addresses of `sk`: one read when the remote one is right
-/// before the local one, as on every kernel the tracer knows.
+/// The local and remote IPv6 addresses of `sk`: through a helper, one read when the
+/// remote one is right before the local one, as on every kernel the tracer knows.
 #[inline(always)]
-fn v6_addrs(sk: u64) -> ([u8; 16], [u8; 16]) {
+fn v6_addrs<const BTF: bool>(sk: u64) -> ([u8; 16], [u8; 16]) {
     let remote_at = off!(skc_v6_daddr);
-    if off!(skc_v6_rcv_saddr) == remote_at + 16 {
+    if !BTF && off!(skc_v6_rcv_saddr) == remote_at + 16 {
         let both = read::<[[u8; 16]; 2]>(sk, remote_at).unwrap_or([[0; 16]; 2]);
         return (both[1], both[0]);
     }
     (
-        read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
-        read::<[u8; 16]>(sk, remote_at).unwrap_or([0; 16]),
+        load::<BTF, [u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
+        load::<BTF, [u8; 16]>(sk, remote_at).unwrap_or([0; 16]),
     )
 }
 
-/// [`conn_addr`] with the socket's network namespace: for the events that name a
+/// [`conn_addr_of`] with the socket's network namespace: for the events that name a
 /// listener (the same port in two namespaces is two listeners).
 #[inline(always)]
-pub fn conn_addr_in_netns(sk: u64) -> ConnAddr {
-    let mut addr = conn_addr(sk);
-    addr.netns = netns_of(sk);
+pub fn conn_addr_in_netns<const BTF: bool>(sk: u64) -> ConnAddr {
+    let mut addr = conn_addr_of::<BTF>(sk);
+    addr.netns = netns_of::<BTF>(sk);
     addr
-}
-
-/// [`conn_addr_in_netns`] of a socket the verifier knows as a typed pointer (a
-/// `struct tcp_sock` from the kernel's cast, a typed tracepoint's `struct sock`): every
-/// field loaded in place, with no helper call, where `BTF`.
-#[inline(always)]
-pub fn conn_addr_at<const BTF: bool>(sk: u64) -> ConnAddr {
-    if !BTF {
-        return conn_addr_in_netns(sk);
-    }
-    let mut addr = conn_addr_loaded(sk);
-    let net = load::<true, u64>(sk, off!(skc_net)).unwrap_or(0);
-    if net != 0 {
-        addr.netns = load::<true, u32>(net, off!(net_ns_inum)).unwrap_or(0);
-    }
-    addr
-}
-
-/// [`conn_addr`] of a socket that is a typed pointer where `BTF` (see [`conn_addr_at`]).
-#[inline(always)]
-pub fn conn_addr_of<const BTF: bool>(sk: u64) -> ConnAddr {
-    if BTF {
-        conn_addr_loaded(sk)
-    } else {
-        conn_addr(sk)
-    }
-}
-
-/// [`conn_addr`] of a typed pointer, one load per field (a typed load may not span two).
-#[inline(always)]
-fn conn_addr_loaded(sk: u64) -> ConnAddr {
-    let family = load::<true, u16>(sk, off!(skc_family)).unwrap_or(0);
-    let (local_addr, remote_addr) = if family == AF_INET {
-        (
-            mapped(load::<true, u32>(sk, off!(skc_rcv_saddr)).unwrap_or(0)),
-            mapped(load::<true, u32>(sk, off!(skc_daddr)).unwrap_or(0)),
-        )
-    } else if family == AF_INET6 {
-        (
-            load::<true, [u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]),
-            load::<true, [u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]),
-        )
-    } else {
-        (words(0, 0), words(0, 0))
-    };
-    ConnAddr {
-        family,
-        local_port: load::<true, u16>(sk, off!(skc_num)).unwrap_or(0),
-        remote_port: u16::from_be(load::<true, u16>(sk, off!(skc_dport)).unwrap_or(0)),
-        _pad: 0,
-        netns: 0,
-        _pad1: 0,
-        local_addr,
-        remote_addr,
-    }
 }
 
 /// The inode number of `sk`'s network namespace (0 if unreadable).
 #[inline(always)]
-pub fn netns_of(sk: u64) -> u32 {
-    match read::<u64>(sk, off!(skc_net)) {
-        Some(net) if net != 0 => read::<u32>(net, off!(net_ns_inum)).unwrap_or(0),
+pub fn netns_of<const BTF: bool>(sk: u64) -> u32 {
+    match load::<BTF, u64>(sk, off!(skc_net)) {
+        Some(net) if net != 0 => load::<BTF, u32>(net, off!(net_ns_inum)).unwrap_or(0),
         _ => 0,
     }
 }

@@ -40,7 +40,7 @@ tracepoint_hook! {
                 sock: sk,
                 ..EventHeader::default()
             };
-            (*e).addr = conn_addr_in_netns(sk);
+            (*e).addr = conn_addr_in_netns::<false>(sk);
             (*e).addr.local_port = closed.local_port as u16;
         }
         slot.submit();

@@ -41,7 +41,7 @@ tracepoint_hook! {
                     sock: req,
                     ..EventHeader::default()
                 },
-                addr: ConnAddr { netns: netns_of(req), ..addr },
+                addr: ConnAddr { netns: netns_of::<false>(req), ..addr },
             });
             slot.submit();
         }
