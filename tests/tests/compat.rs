@@ -13,7 +13,7 @@ use tracer_tests::{
     harness::*,
 };
 
-const RAW: &str = "--skip-hook-kind=tp_btf,cgroup_skb";
+const RAW: &str = "--skip-hook-kind=tp_btf,cgroup_skb,iter";
 /// The segment hook on its (typed) tracepoint rather than the cgroup program.
 const SEGMENT_TRACEPOINT: &str = "--skip-hook-kind=cgroup_skb";
 
@@ -61,6 +61,14 @@ fn doctor_attaches_every_hook_here() -> anyhow::Result<()> {
     assert!(!text.contains(" none; lost: "), "a hook without an implementation: {text}");
     assert!(text.contains("TLS: uprobes work"), "{text}");
     assert!(text.contains("TLS without a library hook: followed from its records"), "{text}");
+    // From 6.12 the state changes come from the socket-operation program (no state
+    // tracepoint, which every socket on the machine would pay for).
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut version = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 12) {
+        let states = text.lines().find(|l| l.trim_start().starts_with("state changes")).unwrap_or_default();
+        assert!(states.contains("iter/tcp"), "{text}");
+    }
     Ok(())
 }
 
@@ -104,14 +112,14 @@ fn without_state_changes_tracing_refuses_to_start() -> anyhow::Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let out = Command::new(tracer_bin()).args(["doctor", "--skip-hook-kind", "tp_btf,raw_tp"]).output()?;
+    let out = Command::new(tracer_bin()).args(["doctor", "--skip-hook-kind", "tp_btf,raw_tp,iter"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("tracing is impossible here: no way to attach the state changes hook"), "{text}");
 
     let me = std::process::id().to_string();
     let out = Command::new(tracer_bin())
-        .args(["--skip-hook-kind", "tp_btf,raw_tp", "--pid", &me, "--duration", "1s"])
+        .args(["--skip-hook-kind", "tp_btf,raw_tp,iter", "--pid", &me, "--duration", "1s"])
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -6,11 +6,12 @@
 //!
 //! One module per hook family: `state` (TCP state changes), `accept` (accept syscalls),
 //! `io` (send, receive, data arrival, acknowledgements), `setup` (the state change that
-//! starts a server connection, once more, and setups missed), `retransmit` (SYN-ACK
-//! retransmits), `listen` (ACKs dropped on a full accept queue), `reset` (resets sent
-//! and received), `upstream` (connections the traced process opens), `process` (fork
-//! and exit of traced processes), `bind` (which server request an upstream request is
-//! made for).
+//! starts a server connection, once more, and setups missed), `sockops` (the cgroups'
+//! socket-operation program: setups and, where it can, every state change of the
+//! traced connections), `retransmit` (SYN-ACK retransmits), `listen` (ACKs dropped on a
+//! full accept queue), `reset` (resets sent and received), `upstream` (connections the
+//! traced process opens), `process` (fork and exit of traced processes), `bind` (which
+//! server request an upstream request is made for).
 #![no_std]
 #![no_main]
 // Atomic adds: the BPF target has no atomic types with read-modify-write operations.
@@ -34,6 +35,7 @@ mod records;
 mod reset;
 mod retransmit;
 mod setup;
+mod sockops;
 mod state;
 mod tls;
 mod upstream;

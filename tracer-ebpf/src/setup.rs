@@ -15,7 +15,7 @@
 //! created it after the programs were attached (`counter::MISSED_SETUPS`).
 //!
 //! Where the kernel runs socket-operation programs on cgroups (5.10+, cgroup v2), the
-//! second program is one of those instead ([`setups`]): attached to the cgroups of the
+//! second program is one of those instead (`sockops::socket_ops`): attached to the cgroups of the
 //! traced processes and of their listeners, it is told of each passive connection
 //! those listeners establish, just before the state change (a cgroup program is never
 //! skipped), and runs for no other state change and no other socket. The state hook
@@ -24,15 +24,9 @@
 //! socket on the machine, is then not attached.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-    cty::c_void,
-    helpers::{
-        bpf_get_current_pid_tgid,
-        generated::{bpf_jiffies64, bpf_skc_to_tcp_sock},
-    },
-    macros::{map, sock_ops},
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_jiffies64},
+    macros::map,
     maps::{Array, PerCpuArray},
-    programs::SockOpsContext,
 };
 use tracer_common::counter;
 
@@ -84,32 +78,15 @@ tracepoint_hook! {
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
         if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-            on_passive_established::<BTF>(ctx.arg(0));
+            on_passive_established::<BTF, true>(ctx.arg(0));
         }
         0
     }
 }
 
-/// A passive connection of a listener in an attached cgroup is established (the
-/// kernel's own state change follows at once): the setup is recorded here first.
-#[sock_ops]
-pub fn setups(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-        if !sk.is_null() {
-            // The socket as the kernel's own typed pointer (the key of its state, and
-            // its fields loaded in place).
-            let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-            if !tp.is_null() {
-                on_passive_established::<true>(tp as u64);
-            }
-        }
-    }
-    1
-}
-
-/// The state hook saw a socket start listening: the first time, the jiffy is noted
-/// (see [`ATTACHED_JIFFIES`]).
+/// The state hook saw a socket start listening, or the iterator that flags the open
+/// connections ran (`sockops`): the first time, the jiffy is noted (see
+/// [`ATTACHED_JIFFIES`]).
 #[inline(always)]
 pub fn note_running() {
     if let Some(first) = ATTACHED_JIFFIES.get_ptr_mut(0) {

@@ -19,10 +19,10 @@ pub const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_FIN_WAIT2: i32 = 5;
 const TCP_TIME_WAIT: i32 = 6;
-const TCP_CLOSE: i32 = 7;
+pub const TCP_CLOSE: i32 = 7;
 pub const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
-const TCP_LISTEN: i32 = 10;
+pub const TCP_LISTEN: i32 = 10;
 const TCP_CLOSING: i32 = 11;
 
 tracepoint_hook! {
@@ -31,23 +31,36 @@ tracepoint_hook! {
         let old: i32 = ctx.arg(1);
         let new: i32 = ctx.arg(2);
         match (old, new) {
-            (TCP_SYN_RECV, TCP_ESTABLISHED) => on_passive_established::<BTF>(sk),
-            (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
-            (TCP_SYN_SENT, TCP_ESTABLISHED) if connects_open() => on_active_established(sk),
-            // A connect that failed or was given up.
-            (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
-            (_, TCP_LISTEN) => on_listen(sk),
-            // The arms below look up a state, which only a socket on a marked port has.
-            (_, TCP_CLOSE) if closing_may_have_state::<BTF>(sk) => on_close::<BTF>(sk, old),
-            // Our FIN is acknowledged, so is every byte before it.
-            (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if may_have_state::<BTF>(sk) => on_all_acked(sk),
-            // The peer closed its side (before we closed ours, or as we did).
-            (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) if may_have_state::<BTF>(sk) => {
-                on_peer_fin(sk)
+            (TCP_SYN_RECV, TCP_ESTABLISHED) => {
+                on_passive_established::<BTF, true>(sk);
             }
-            _ => {}
+            (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
+            (_, TCP_LISTEN) => on_listen(sk),
+            _ => on_state_change::<BTF, true>(sk, old, new),
         }
         0
+    }
+}
+
+/// A state change of `sk` from `old` to `new` past its setup, connect start or listen:
+/// from the state tracepoint, or from the socket-operation program for the connections
+/// it has asked the kernel to tell it of (`socket_ops`; `FILTER`: whether the socket may
+/// be any on the machine, not only one with a state).
+#[inline(always)]
+pub fn on_state_change<const BTF: bool, const FILTER: bool>(sk: u64, old: i32, new: i32) {
+    match (old, new) {
+        (TCP_SYN_SENT, TCP_ESTABLISHED) if connects_open() => on_active_established(sk),
+        // A connect that failed or was given up.
+        (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
+        // The arms below look up a state, which only a socket on a marked port has.
+        (_, TCP_CLOSE) if !FILTER || closing_may_have_state::<BTF>(sk) => on_close::<BTF>(sk, old),
+        // Our FIN is acknowledged, so is every byte before it.
+        (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if !FILTER || may_have_state::<BTF>(sk) => on_all_acked(sk),
+        // The peer closed its side (before we closed ours, or as we did).
+        (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) if !FILTER || may_have_state::<BTF>(sk) => {
+            on_peer_fin(sk)
+        }
+        _ => {}
     }
 }
 
@@ -80,7 +93,7 @@ fn closing_may_have_state<const BTF: bool>(sk: u64) -> bool {
 /// now unless listen() picks one, just after this: then it is marked at the first setup
 /// on a port not marked.
 #[inline(never)]
-fn on_listen(sk: u64) {
+pub fn on_listen(sk: u64) {
     crate::setup::note_running();
     if filter_by_port() || !is_traced_tgid((aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
@@ -95,18 +108,21 @@ fn on_listen(sk: u64) {
 /// listener. The owner is unknown until accept() returns it. Called by two programs
 /// (see `setup`): the first records it.
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
+/// Whether the connection has a state now (recorded here or by the other program).
+/// `TWIN`: a second program is told of the same change (see `setup`), and the first of
+/// the two to run records it.
 #[inline(never)]
-pub fn on_passive_established<const BTF: bool>(sk: u64) {
+pub fn on_passive_established<const BTF: bool, const TWIN: bool>(sk: u64) -> bool {
     let local_port = load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0);
     if filter_by_port() && !is_traced_port(local_port) {
-        return;
+        return false;
     }
     // In process mode, a port no traced process listens on.
     if !setup_wanted(local_port) {
-        return;
+        return false;
     }
-    if crate::setup::handled_just_now(sk) {
-        return;
+    if TWIN && crate::setup::handled_just_now(sk) {
+        return true;
     }
     let ts = now();
     let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
@@ -115,7 +131,7 @@ pub fn on_passive_established<const BTF: bool>(sk: u64) {
     st.local_port = local_port as u32;
     // The child inherits the request's SYN-ACK retransmits: only then is the first
     // SYN-ACK's time to be found in SYNACKS (the common case needs no lookup).
-    let Some(tp) = tcp_sock::<BTF>(sk) else { return };
+    let Some(tp) = tcp_sock::<BTF>(sk) else { return false };
     let retransmitted = load::<BTF, u32>(tp, off!(tcp_total_retrans)).unwrap_or(1) != 0;
     let key = if retransmitted { Some(tuple_key(&conn_addr(sk))) } else { None };
     if let Some(info) = key.as_ref().and_then(|key| SYNACKS.get_ptr(key)) {
@@ -135,8 +151,11 @@ pub fn on_passive_established<const BTF: bool>(sk: u64) {
             st.synack_ns = ts - rtt_ns;
         }
     }
-    insert_state(sk, st);
-    crate::setup::note_handled(sk);
+    let inserted = insert_state(sk, st);
+    if TWIN {
+        crate::setup::note_handled(sk);
+    }
+    inserted
 }
 
 /// Each arm of the state hook is a BPF subprogram of its own, with its own stack frame:

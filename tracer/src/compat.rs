@@ -40,13 +40,15 @@ pub enum Kind {
     /// A cgroup hook on TCP socket operations (a passive connection established):
     /// runs only for the sockets of the cgroups it is attached to.
     CgroupSockOps,
+    /// A BPF iterator over the machine's TCP sockets, run by the tracer itself.
+    Iter,
     /// Probe on a user-space function: the TLS library's calls (not a kernel hook; skip
     /// it to follow TLS connections as without a usable library).
     UProbe,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::TpBtf,
         Kind::RawTp,
         Kind::TracePoint,
@@ -56,6 +58,7 @@ impl Kind {
         Kind::CgroupSockAddr,
         Kind::CgroupSkb,
         Kind::CgroupSockOps,
+        Kind::Iter,
         Kind::UProbe,
     ];
 
@@ -70,6 +73,7 @@ impl Kind {
             Kind::CgroupSockAddr => "cgroup_sock_addr",
             Kind::CgroupSkb => "cgroup_skb",
             Kind::CgroupSockOps => "sock_ops",
+            Kind::Iter => "iter",
             Kind::UProbe => "uprobe",
         }
     }
@@ -124,6 +128,11 @@ pub enum Attach {
     CgroupSkbIngress,
     /// Cgroup hook on TCP socket operations, attached as `CgroupSockAddr` is.
     CgroupSockOps,
+    /// The TCP socket iterator that has the socket-operation program told of the state
+    /// changes of the connections open as it attaches (`Probes::flag_open_sockets`):
+    /// loaded, run once to show that the kernel lets it, and again for every cgroup
+    /// added. Only where the socket-operation program is attached.
+    TcpIter,
 }
 
 impl Attach {
@@ -144,6 +153,7 @@ impl Attach {
             Attach::CgroupSockAddr(_) => Kind::CgroupSockAddr,
             Attach::CgroupSkbIngress => Kind::CgroupSkb,
             Attach::CgroupSockOps => Kind::CgroupSockOps,
+            Attach::TcpIter => Kind::Iter,
         }
     }
 }
@@ -162,6 +172,7 @@ impl fmt::Display for Attach {
             Attach::CgroupSockAddr(name) => write!(f, "cgroup/{name}"),
             Attach::CgroupSkbIngress => f.write_str("cgroup_skb/ingress"),
             Attach::CgroupSockOps => f.write_str("sockops"),
+            Attach::TcpIter => f.write_str("sockops state calls (iter/tcp)"),
         }
     }
 }
@@ -251,35 +262,21 @@ macro_rules! tracepoint_impls {
 const TRAMPOLINES: &str = "BPF trampolines (5.5+; not permitted on some kernels)";
 
 pub const HOOKS: &[Hook] = &[
-    Hook {
-        name: "state changes",
-        needed_for: "every phase",
-        required: true,
-        phases: &[],
-        implementations: &[
-            Implementation {
-                programs: &[one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state"))],
-                needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
-            },
-            Implementation {
-                programs: &[one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state"))],
-                needs: "the tracepoint inet_sock_set_state (4.16+)",
-            },
-        ],
-        precondition: always,
-    },
     // A second program for SYN_RECV -> ESTABLISHED, for when the kernel skips the state
-    // hook (see the programs' `setup` module): a cgroup program, on the traced servers'
-    // sockets alone, where it loads; else a twin on the tracepoint, which runs for every
-    // state change on the machine.
+    // tracepoint (see the programs' `setup` module): a cgroup program, on the traced
+    // servers' sockets alone, where it loads; else a twin on the tracepoint, which runs
+    // for every state change on the machine. The cgroup program takes the traced
+    // connections' state changes too where the state hook's first implementation says
+    // so: it comes first, so that the state hook knows.
     Hook {
-        name: "setups again",
-        needed_for: "the setups the state hook misses while a softirq interrupts it (counted as missed setups)",
+        name: "socket operations",
+        needed_for: "the setups the state tracepoint misses while a softirq interrupts it (counted as missed \
+                     setups); the traced connections' state changes without the state tracepoint",
         required: false,
         phases: &[],
         implementations: &[
             Implementation {
-                programs: &[one("setups", Attach::CgroupSockOps)],
+                programs: &[one("socket_ops", Attach::CgroupSockOps)],
                 needs: "cgroup v2 and socket-operation programs that see the socket (5.10+)",
             },
             Implementation {
@@ -288,6 +285,30 @@ pub const HOOKS: &[Hook] = &[
             },
             Implementation {
                 programs: &[one("raw_setup_state_change", Attach::RawTp("inet_sock_set_state"))],
+                needs: "the tracepoint inet_sock_set_state (4.16+)",
+            },
+        ],
+        precondition: always,
+    },
+    Hook {
+        name: "state changes",
+        needed_for: "every phase",
+        required: true,
+        phases: &[],
+        // The socket-operation program first: it runs for the traced connections alone,
+        // the tracepoint for every state change of every socket on the machine.
+        implementations: &[
+            Implementation {
+                programs: &[one("flag_open_sockets", Attach::TcpIter)],
+                needs: "the socket-operation program above, and a TCP iterator that may set sockets' \
+                        operation flags (6.12+)",
+            },
+            Implementation {
+                programs: &[one("inet_sock_set_state", Attach::TpBtf("inet_sock_set_state"))],
+                needs: "BTF and the tracepoint inet_sock_set_state (4.16+)",
+            },
+            Implementation {
+                programs: &[one("raw_inet_sock_set_state", Attach::RawTp("inet_sock_set_state"))],
                 needs: "the tracepoint inet_sock_set_state (4.16+)",
             },
         ],
@@ -535,9 +556,14 @@ mod tests {
                 assert_eq!(kinds.first(), Some(&Kind::CgroupSkb));
                 kinds.remove(0);
             }
-            if hook.name == "setups again" {
+            if hook.name == "socket operations" {
                 // The cgroup program first: it runs for the traced servers' sockets alone.
                 assert_eq!(kinds.first(), Some(&Kind::CgroupSockOps));
+                kinds.remove(0);
+            }
+            if hook.name == "state changes" {
+                // The socket-operation program's calls first: for the traced sockets alone.
+                assert_eq!(kinds.first(), Some(&Kind::Iter));
                 kinds.remove(0);
             }
             assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{}: {kinds:?}", hook.name);

@@ -18,8 +18,8 @@ use aya::{
         cgroup_sock_addr::CgroupSockAddrLinkId,
         sock_ops::SockOpsLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, KProbe, Lsm,
-        RawTracePoint, SockOps, TracePoint, UProbe,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, FExit, Iter, KProbe,
+        Lsm, RawTracePoint, SockOps, TracePoint, UProbe,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -76,6 +76,9 @@ pub struct Probes {
     /// The accept hook is on the peer's address (a cgroup hook), and whether the
     /// syscall tracepoints were added for the accepts that ask for none.
     accept_at_peer: Option<AcceptFallback>,
+    /// The state changes come from the socket-operation program: the open connections
+    /// are flagged again whenever a cgroup is added.
+    state_calls: bool,
 }
 
 /// One cgroup program attached to one cgroup.
@@ -212,6 +215,7 @@ impl Probes {
             .then_some(AcceptFallback::Waiting);
         let segments_follow_records =
             hooks.iter().any(|h| h.implementation.as_deref() == Some(&Attach::CgroupSkbIngress.to_string()));
+        let state_calls = hooks.iter().any(|h| h.implementation.as_deref() == Some(&Attach::TcpIter.to_string()));
         Ok(Self {
             ebpf,
             unavailable,
@@ -224,6 +228,7 @@ impl Probes {
             cgroup_links,
             segments_follow_records,
             accept_at_peer,
+            state_calls,
         })
     }
 
@@ -343,6 +348,18 @@ impl Probes {
             detach_links(&mut self.ebpf, links);
         }
         self.cgroup_links.insert(path.to_owned(), links);
+        if self.state_calls {
+            // Its open connections had no call as they were established: flagged now.
+            // (Every open connection is: the others' flags are set already.)
+            let run = flag_open_sockets(&mut self.ebpf)?;
+            if run.refused > 0 {
+                warn!(
+                    "{} open connection(s) could not be flagged for their state changes (error {}): \
+                     their closes are not seen",
+                    run.refused, run.error
+                );
+            }
+        }
         Ok(true)
     }
 
@@ -673,6 +690,13 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::CgroupSockAddr(_) => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSockOps => <&mut SockOps>::try_from(program).and_then(|p| p.unload()),
+        Attach::TcpIter => {
+            set_state_calls(ebpf, false);
+            match ebpf.program_mut(name) {
+                Some(program) => <&mut Iter>::try_from(program).and_then(|p| p.unload()),
+                None => Ok(()),
+            }
+        }
     };
     if let Err(e) = result {
         debug!("unloading {name}: {e}");
@@ -762,8 +786,133 @@ fn attach(
             }
             return Ok(links);
         }
+        Attach::TcpIter => {
+            // The socket-operation program must be there to take the calls.
+            let sock_ops = ebpf.program(SOCK_OPS_PROGRAM).is_some_and(|p| p.fd().is_ok());
+            if !sock_ops {
+                return Err(anyhow!("the socket-operation program ({SOCK_OPS_PROGRAM}) is not attached here"));
+            }
+            let program = ebpf.program_mut(name).expect("found above");
+            let p: &mut Iter = program.try_into()?;
+            p.load("tcp", typed()?)?;
+            set_state_calls(ebpf, true);
+            // One connection of its own at least, so that the first run shows whether the
+            // kernel lets the iterator flag sockets.
+            let own = own_connection();
+            let run = flag_open_sockets(ebpf);
+            drop(own);
+            let refused = match run {
+                Ok(run) if run.flagged > 0 && run.refused == 0 => None,
+                Ok(run) if run.refused > 0 => Some(format!(
+                    "the kernel refused to set socket-operation flags from the TCP iterator (error {}; 6.12+)",
+                    run.error
+                )),
+                Ok(_) => Some("the TCP iterator found no open connection to flag".to_owned()),
+                Err(e) => Some(format!("{e:#}")),
+            };
+            if let Some(why) = refused {
+                set_state_calls(ebpf, false);
+                return Err(anyhow!(why));
+            }
+        }
     }
     Ok(Vec::new())
+}
+
+/// The socket-operation program.
+const SOCK_OPS_PROGRAM: &str = "socket_ops";
+
+/// Turns the socket-operation program's handling of state changes on or off.
+fn set_state_calls(ebpf: &mut Ebpf, on: bool) {
+    let result = ebpf
+        .map_mut("STATE_CALLS")
+        .context("STATE_CALLS map missing")
+        .and_then(|map| Ok(Array::<&mut MapData, u32>::try_from(map)?))
+        .and_then(|mut calls| Ok(calls.set(0, on as u32, 0)?));
+    if let Err(e) = result {
+        warn!("turning the socket-operation program's state changes {}: {e:#}", if on { "on" } else { "off" });
+    }
+}
+
+/// A loopback connection of the tracer's own, open while it lives.
+fn own_connection() -> Option<(std::net::TcpListener, std::net::TcpStream)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    let client = std::net::TcpStream::connect(listener.local_addr().ok()?).ok()?;
+    Some((listener, client))
+}
+
+/// What one pass of the flagging iterator did, over every network namespace.
+#[derive(Debug, Default)]
+struct FlagRun {
+    flagged: i64,
+    refused: i64,
+    /// The last refusal's error (a negative errno).
+    error: i64,
+}
+
+/// Runs the TCP iterator `flag_open_sockets` in every network namespace of the
+/// machine (those of its processes): each open connection there is flagged, so that the
+/// socket-operation program is told of its state changes.
+fn flag_open_sockets(ebpf: &mut Ebpf) -> Result<FlagRun> {
+    let mut counts: Array<&mut MapData, i64> =
+        Array::try_from(ebpf.map_mut("FLAGGING").context("FLAGGING map missing")?)?;
+    for i in 0..3 {
+        counts.set(i, 0, 0)?;
+    }
+    let own = namespace_of("self");
+    let mut others = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some(ns) = namespace_of(&pid.to_string()).filter(|ns| Some(*ns) != own) {
+            others.entry(ns).or_insert(pid);
+        }
+    }
+    let p: &mut Iter = ebpf
+        .program_mut("flag_open_sockets")
+        .context("program flag_open_sockets missing from the object")?
+        .try_into()?;
+    run_iterator(p, None)?;
+    for pid in others.into_values() {
+        // A process that has exited since has taken its namespace's sockets with it.
+        if let Err(e) = run_iterator(p, Some(pid)) {
+            debug!("flagging the connections in the network namespace of {pid}: {e:#}");
+        }
+    }
+    let counts: Array<&MapData, i64> = Array::try_from(ebpf.map("FLAGGING").context("FLAGGING map missing")?)?;
+    Ok(FlagRun { flagged: counts.get(&0, 0)?, refused: counts.get(&1, 0)?, error: counts.get(&2, 0)? })
+}
+
+/// The network namespace (its inode) of process `pid` ("self" for this one).
+fn namespace_of(pid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+}
+
+/// Runs iterator `p` once to its end, over the TCP sockets of this process's network
+/// namespace, or of process `pid`'s: an iterator covers the namespace of the thread that
+/// opens it, here one that enters that namespace for the purpose.
+fn run_iterator(p: &mut Iter, pid: Option<u32>) -> Result<()> {
+    use std::io::Read;
+    let id = p.attach().context("attaching the TCP iterator")?;
+    let link = p.take_link(id)?;
+    let read = move || -> Result<()> {
+        if let Some(pid) = pid {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("entering the network namespace");
+            }
+        }
+        let mut file = link.into_file().context("opening the TCP iterator")?;
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink).context("running the TCP iterator")?;
+        Ok(())
+    };
+    match pid {
+        None => read(),
+        // A thread of its own, which ends in that namespace.
+        Some(_) => std::thread::scope(|s| s.spawn(read).join().unwrap_or_else(|_| Err(anyhow!("the thread panicked")))),
+    }
 }
 
 /// Attaches cgroup program `name` (loaded; attached as `how`) to the cgroup (v2) at
