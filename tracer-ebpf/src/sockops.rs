@@ -28,7 +28,10 @@ use crate::{
     kernel::load,
     off,
     setup::note_running,
-    state::{on_listen, on_passive_established, on_state_change, TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV},
+    state::{
+        on_listen, on_passive_established, on_state_change, TCP_CLOSE, TCP_CLOSE_WAIT, TCP_CLOSING, TCP_ESTABLISHED,
+        TCP_FIN_WAIT2, TCP_LISTEN, TCP_SYN_SENT, TCP_TIME_WAIT,
+    },
     upstream,
 };
 
@@ -72,7 +75,11 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
     // for the other operations of every socket in the cgroup: those end here.
     let wanted = match op {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => true,
-        BPF_SOCK_OPS_STATE_CB | BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => states,
+        // Only the changes the state hook acts on (see `on_state_change`): a passive
+        // connection's establishment was the call before, and a close's LAST_ACK or
+        // FIN_WAIT1 is of no use.
+        BPF_SOCK_OPS_STATE_CB => states && acted_on(ctx.arg(0) as i32, ctx.arg(1) as i32),
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => states,
         _ => false,
     };
     if !wanted {
@@ -101,13 +108,7 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
                 on_passive_established::<true, true>(tp);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            let (old, new) = (ctx.arg(0) as i32, ctx.arg(1) as i32);
-            // A passive connection's establishment was the call before.
-            if old != TCP_SYN_RECV {
-                on_state_change::<true, false>(tp, old, new);
-            }
-        }
+        BPF_SOCK_OPS_STATE_CB => on_state_change::<true, false>(tp, ctx.arg(0) as i32, ctx.arg(1) as i32),
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             upstream::on_connect_start(tp);
             if state_mut(tp).is_some() {
@@ -118,6 +119,17 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Whether the state hook acts on a change from `old` to `new` (past a setup, a connect's
+/// start and a listen, which have operations of their own).
+#[inline(always)]
+fn acted_on(old: i32, new: i32) -> bool {
+    match new {
+        TCP_ESTABLISHED => old == TCP_SYN_SENT,
+        TCP_CLOSE | TCP_FIN_WAIT2 | TCP_CLOSE_WAIT | TCP_CLOSING | TCP_TIME_WAIT => true,
+        _ => false,
+    }
 }
 
 /// Asks the kernel to call [`socket_ops`] at each state change of this socket.

@@ -14,16 +14,16 @@ use crate::{
 };
 
 pub const TCP_ESTABLISHED: i32 = 1;
-const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_SENT: i32 = 2;
 pub const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
-const TCP_FIN_WAIT2: i32 = 5;
-const TCP_TIME_WAIT: i32 = 6;
+pub const TCP_FIN_WAIT2: i32 = 5;
+pub const TCP_TIME_WAIT: i32 = 6;
 pub const TCP_CLOSE: i32 = 7;
 pub const TCP_CLOSE_WAIT: i32 = 8;
 const TCP_LAST_ACK: i32 = 9;
 pub const TCP_LISTEN: i32 = 10;
-const TCP_CLOSING: i32 = 11;
+pub const TCP_CLOSING: i32 = 11;
 
 tracepoint_hook! {
     fn inet_sock_set_state / raw_inet_sock_set_state (ctx) {
