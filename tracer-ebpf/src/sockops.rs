@@ -132,6 +132,23 @@ fn acted_on(old: i32, new: i32) -> bool {
     }
 }
 
+/// [`socket_ops`] for kernels whose socket-operation programs may not call what the
+/// state hook needs (the current task's ids, on 5.10): told of the setups alone, it
+/// records them before the state tracepoint, which takes every other state change.
+#[sock_ops]
+pub fn setups(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if !sk.is_null() {
+            let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+            if !tp.is_null() {
+                on_passive_established::<true, true>(tp as u64);
+            }
+        }
+    }
+    1
+}
+
 /// Asks the kernel to call [`socket_ops`] at each state change of this socket.
 #[inline(always)]
 fn ask_for_states(ctx: &SockOpsContext) {

@@ -126,8 +126,9 @@ pub enum Attach {
     CgroupSockAddr(&'static str),
     /// Cgroup socket-buffer hook on received packets, attached as `CgroupSockAddr` is.
     CgroupSkbIngress,
-    /// Cgroup hook on TCP socket operations, attached as `CgroupSockAddr` is.
-    CgroupSockOps,
+    /// Cgroup hook on TCP socket operations, attached as `CgroupSockAddr` is; with what
+    /// it takes when that is less than the hook's whole ("setups").
+    CgroupSockOps(Option<&'static str>),
     /// The TCP socket iterator that has the socket-operation program told of the state
     /// changes of the connections open as it attaches (`Probes::flag_open_sockets`):
     /// loaded, run once to show that the kernel lets it, and again for every cgroup
@@ -139,7 +140,7 @@ impl Attach {
     /// Attached to cgroups (those of the traced processes and of their listeners, as the
     /// session finds them), not to a hook of the whole kernel.
     pub fn on_cgroups(self) -> bool {
-        matches!(self, Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps)
+        matches!(self, Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps(_))
     }
 
     pub fn kind(self) -> Kind {
@@ -152,7 +153,7 @@ impl Attach {
             Attach::Lsm(_) => Kind::Lsm,
             Attach::CgroupSockAddr(_) => Kind::CgroupSockAddr,
             Attach::CgroupSkbIngress => Kind::CgroupSkb,
-            Attach::CgroupSockOps => Kind::CgroupSockOps,
+            Attach::CgroupSockOps(_) => Kind::CgroupSockOps,
             Attach::TcpIter => Kind::Iter,
         }
     }
@@ -171,7 +172,8 @@ impl fmt::Display for Attach {
             Attach::Lsm(name) => write!(f, "lsm/{name}"),
             Attach::CgroupSockAddr(name) => write!(f, "cgroup/{name}"),
             Attach::CgroupSkbIngress => f.write_str("cgroup_skb/ingress"),
-            Attach::CgroupSockOps => f.write_str("sockops"),
+            Attach::CgroupSockOps(None) => f.write_str("sockops"),
+            Attach::CgroupSockOps(Some(part)) => write!(f, "sockops ({part} only)"),
             Attach::TcpIter => f.write_str("sockops state calls (iter/tcp)"),
         }
     }
@@ -276,7 +278,13 @@ pub const HOOKS: &[Hook] = &[
         phases: &[],
         implementations: &[
             Implementation {
-                programs: &[one("socket_ops", Attach::CgroupSockOps)],
+                programs: &[one("socket_ops", Attach::CgroupSockOps(None))],
+                needs: "cgroup v2 and socket-operation programs that see the socket and may ask for the current task \
+                        (not 5.10)",
+            },
+            // The setups alone, where such a program may not know the current task.
+            Implementation {
+                programs: &[one("setups", Attach::CgroupSockOps(Some("setups")))],
                 needs: "cgroup v2 and socket-operation programs that see the socket (5.10+)",
             },
             Implementation {
@@ -557,9 +565,9 @@ mod tests {
                 kinds.remove(0);
             }
             if hook.name == "socket operations" {
-                // The cgroup program first: it runs for the traced servers' sockets alone.
-                assert_eq!(kinds.first(), Some(&Kind::CgroupSockOps));
-                kinds.remove(0);
+                // The cgroup programs first: they run for the traced servers' sockets alone.
+                assert_eq!(kinds[..2], [Kind::CgroupSockOps, Kind::CgroupSockOps]);
+                kinds.drain(..2);
             }
             if hook.name == "state changes" {
                 // The socket-operation program's calls first: for the traced sockets alone.

@@ -689,7 +689,7 @@ fn unload(ebpf: &mut Ebpf, name: &str, how: Attach) {
         Attach::Lsm(_) => <&mut Lsm>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSockAddr(_) => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.unload()),
         Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program).and_then(|p| p.unload()),
-        Attach::CgroupSockOps => <&mut SockOps>::try_from(program).and_then(|p| p.unload()),
+        Attach::CgroupSockOps(_) => <&mut SockOps>::try_from(program).and_then(|p| p.unload()),
         Attach::TcpIter => {
             set_state_calls(ebpf, false);
             match ebpf.program_mut(name) {
@@ -762,7 +762,7 @@ fn attach(
             p.load(hook, typed()?)?;
             p.attach()?;
         }
-        Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps => {
+        Attach::CgroupSockAddr(_) | Attach::CgroupSkbIngress | Attach::CgroupSockOps(_) => {
             // To the cgroups of the processes traced now (the root in port mode); those
             // the session finds later, of processes and of their listeners' sockets, are
             // added as it finds them (`Probes::attach_cgroup`).
@@ -771,7 +771,7 @@ fn attach(
             }
             match how {
                 Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(program)?.load()?,
-                Attach::CgroupSockOps => <&mut SockOps>::try_from(program)?.load()?,
+                Attach::CgroupSockOps(_) => <&mut SockOps>::try_from(program)?.load()?,
                 _ => <&mut CgroupSockAddr>::try_from(program)?.load()?,
             }
             let mut links = Vec::new();
@@ -926,7 +926,7 @@ fn attach_to_cgroup(ebpf: &mut Ebpf, name: &'static str, how: Attach, path: &Pat
             let p: &mut CgroupSkb = program.try_into()?;
             CgroupLink::Skb(name, p.attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?)
         }
-        Attach::CgroupSockOps => {
+        Attach::CgroupSockOps(_) => {
             let p: &mut SockOps = program.try_into()?;
             CgroupLink::SockOps(name, p.attach(&cgroup, CgroupAttachMode::Single)?)
         }
