@@ -2154,6 +2154,23 @@ const READING: &str = "
   with a new connection per request 2.73 → 1.99 µs. The state hook's close loading
   the addresses in place too (the tracepoint types the socket): 2225 → 2052 ns per
   connection, 6.55 → 6.22 µs of programs, in one 3-round run at a slower hour.
+- **State changes from the socket-operation program.** The state tracepoint ran for
+  every state change of every socket on the machine: ten per connection (both ends of
+  a loopback connection, and every bystander's). Where a TCP iterator may set a
+  socket's operation flags (6.12+; this machine, and Debian's 6.12 in `vm-test`), the
+  socket-operation program on the traced cgroups takes the traced connections' state
+  changes instead: it asks the kernel for them as each connection is established or
+  connects, the iterator asks for them on the connections already open (in every
+  network namespace, at the start and for every cgroup added), and the tracepoint is
+  not attached. The program runs eight times per traced connection (the listener's
+  initial timeout, window and ECN, the establishment, four state changes), the
+  tracepoint ran ten times and the setups program four. In one 3-round run against the
+  build before: a new connection per request 7.44 → 6.01 µs of programs (8.81 → 7.08
+  µs with the tracer's process; the state work 3.45 → 2.52 µs), a bystander nginx with
+  a new connection per request 2.09 → 0.97 µs (the state hook's 1.09 µs gone: what is
+  left is the send and receive tracepoints every socket passes); in a second run, at a
+  slower hour, 7.53 → 7.10 and 2.20 → 1.12 µs. Keep-alive does not change (no state
+  change per request).
 - **Uprobes (HTTPS).** A request on nginx over TLS with keep-alive makes three calls
   that the tracer hooks in OpenSSL: `SSL_read` twice (the request, then the read that
   finds nothing more) and `SSL_write` once, each with an entry and a return probe: six
