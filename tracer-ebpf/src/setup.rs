@@ -18,10 +18,13 @@
 //! second program is one of those instead (`sockops::socket_ops`): attached to the cgroups of the
 //! traced processes and of their listeners, it is told of each passive connection
 //! those listeners establish, just before the state change (a cgroup program is never
-//! skipped), and runs for no other state change and no other socket. The state hook
-//! then finds the setup recorded; it records those of listeners in cgroups not (yet)
-//! attached. The twin on the tracepoint, which ran for every state change of every
-//! socket on the machine, is then not attached.
+//! skipped), and for no other socket. The state hook then finds the setup recorded; it
+//! records those of listeners in cgroups not (yet) attached. The twin on the
+//! tracepoint, which ran for every state change of every socket on the machine, is then
+//! not attached. Where that program takes every state change of the traced connections
+//! (`sockops`), the state tracepoint is not attached either: the program is the only
+//! one told of a setup, and a listener's cgroup not attached yet has its setups
+//! recorded from the moment it is.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_jiffies64},

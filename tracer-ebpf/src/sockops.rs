@@ -24,7 +24,6 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::state_mut,
     kernel::load,
     off,
     setup::note_running,
@@ -99,21 +98,24 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
     match op {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // With the state calls on, the state tracepoint is not attached: this is the
-            // only program told of the setup.
+            // only program told of the setup. Every connection is asked for, traced or
+            // not yet: one whose setup is not recorded (its port not marked yet, the
+            // state map full) may get its state at its first read all the same
+            // (`io::adopt`), and its close must be seen then.
             if states {
-                if on_passive_established::<true, false>(tp) {
-                    ask_for_states(&ctx);
-                }
+                on_passive_established::<true, false>(tp);
+                ask_for_states(&ctx);
             } else {
                 on_passive_established::<true, true>(tp);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => on_state_change::<true, false>(tp, ctx.arg(0) as i32, ctx.arg(1) as i32),
+        // A state change of a socket with no state costs a port mark's read (as on the
+        // tracepoint).
+        BPF_SOCK_OPS_STATE_CB => on_state_change::<true, true>(tp, ctx.arg(0) as i32, ctx.arg(1) as i32),
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             upstream::on_connect_start(tp);
-            if state_mut(tp).is_some() {
-                ask_for_states(&ctx);
-            }
+            // Every connect, as every passive connection above.
+            ask_for_states(&ctx);
         }
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(tp),
         _ => {}
@@ -167,9 +169,11 @@ struct TcpIterContext {
 /// tell [`socket_ops`] of the state changes of each open connection, which had none of
 /// its calls as it was established (before tracing started, or before its cgroup was
 /// added). Every connection is flagged, traced or not: which are traced is known only
-/// at their first read or write, and a flag costs nothing outside the cgroups the
-/// program is attached to. Listeners are not (their connections are flagged as they
-/// are established, when traced).
+/// at their first read or write. Outside the cgroups the program is attached to, a flag
+/// costs a connection nothing unless another socket-operation program is attached
+/// there, which is then told of its state changes too (and ignores them, as such
+/// programs do with the operations they do not know). The flags stay after tracing.
+/// Listeners are not flagged (their connections are, as they are established).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub extern "C" fn flag_open_sockets(ctx: *mut c_void) -> i32 {

@@ -105,12 +105,12 @@ pub fn on_listen(sk: u64) {
 }
 
 /// The final ACK of a handshake was processed: the connection is queued on its
-/// listener. The owner is unknown until accept() returns it. Called by two programs
-/// (see `setup`): the first records it.
+/// listener. The owner is unknown until accept() returns it. Whether the connection has
+/// a state now (recorded here or by the other program). `TWIN`: a second program is
+/// told of the same change (the state tracepoint's, see `setup`), and the first of the
+/// two to run records it; without it (the socket-operation program taking every state
+/// change), the only one.
 // A BPF subprogram of its own: its stack frame does not add to the hook's.
-/// Whether the connection has a state now (recorded here or by the other program).
-/// `TWIN`: a second program is told of the same change (see `setup`), and the first of
-/// the two to run records it.
 #[inline(never)]
 pub fn on_passive_established<const BTF: bool, const TWIN: bool>(sk: u64) -> bool {
     let local_port = load::<BTF, u16>(sk, off!(skc_num)).unwrap_or(0);

@@ -49,7 +49,7 @@ pub fn on_connect_end(sk: u64, st: &mut SockState, error: i32) {
     let ts = now();
     if error == 0 {
         st.established_ns = ts;
-        // Its port is known now (not yet at the connect's start).
+        // Its port is known now (not yet at the state change to SYN_SENT).
         mark_state_port(read::<u16>(sk, off!(skc_num)).unwrap_or(0));
     }
     let Some(mut slot) = reserve::<UpstreamConnect>() else { return };

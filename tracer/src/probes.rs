@@ -336,7 +336,16 @@ impl Probes {
                 Ok(link) => links.push(link),
                 Err(e) => {
                     detach_links(&mut self.ebpf, links);
-                    return Err(e.context(format!("attaching {name}")));
+                    let e = e.context(format!("attaching {name}"));
+                    if self.state_calls {
+                        // That cgroup's connections would have no state changes at all:
+                        // the state tracepoint takes them all from now on.
+                        return Err(match self.state_tracepoint() {
+                            Ok(hook) => e.context(format!("the state changes are taken by {hook} from now on")),
+                            Err(more) => e.context(format!("and the state tracepoint would not attach: {more:#}")),
+                        });
+                    }
+                    return Err(e);
                 }
             }
         }
@@ -351,16 +360,46 @@ impl Probes {
         if self.state_calls {
             // Its open connections had no call as they were established: flagged now.
             // (Every open connection is: the others' flags are set already.)
-            let run = flag_open_sockets(&mut self.ebpf)?;
-            if run.refused > 0 {
-                warn!(
+            match flag_open_sockets(&mut self.ebpf) {
+                Ok(run) if run.refused > 0 => warn!(
                     "{} open connection(s) could not be flagged for their state changes (error {}): \
                      their closes are not seen",
                     run.refused, run.error
-                );
+                ),
+                Ok(_) => {}
+                // The programs are attached all the same: only those connections' closes
+                // may go unseen.
+                Err(e) => warn!("flagging the open connections for their state changes: {e:#}"),
             }
         }
         Ok(true)
+    }
+
+    /// The state changes go back to the state tracepoint (from the socket-operation
+    /// program, which a cgroup could not be given): attached first, then the program's
+    /// handling turned off, so that no change falls between the two (one may be handled
+    /// twice, which the programs tolerate). The tracepoint's implementation.
+    fn state_tracepoint(&mut self) -> Result<String> {
+        let hook = HOOKS.iter().find(|h| h.name == "state changes").expect("the state hook");
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let mut why = Vec::new();
+        for implementation in hook.implementations.iter().filter(|i| i.kind() != Kind::Iter) {
+            match attach_all(&mut self.ebpf, implementation, Some(&btf), &[]) {
+                Ok(_) => {
+                    set_state_calls(&mut self.ebpf, false);
+                    self.state_calls = false;
+                    let name = implementation.to_string();
+                    if let Some(status) = self.hooks.iter_mut().find(|h| h.hook == hook.name) {
+                        if let Some(chosen) = status.implementation.as_mut() {
+                            *chosen = format!("{chosen}, then {name}");
+                        }
+                    }
+                    return Ok(name);
+                }
+                Err(e) => why.push(format!("{implementation}: {e:#}")),
+            }
+        }
+        bail!("{}", why.join("; "))
     }
 
     /// A traced process accepted a connection without asking for the peer's address,
@@ -539,7 +578,8 @@ impl Probes {
 
     /// Makes the state-change programs run once now (a listen() on a loopback port, then
     /// its close: no packet), so that they note the jiffy they were attached in, and lets
-    /// that jiffy pass. A connection the kernel establishes from here on is in a later
+    /// that jiffy pass. (Where the socket-operation program takes the state changes, the
+    /// iterator that flagged the open connections has noted it already.) A connection the kernel establishes from here on is in a later
     /// jiffy: accepted with no setup record, it is a missed setup (`MISSED_SETUPS`).
     pub fn note_attached(&mut self) -> Result<()> {
         drop(std::net::TcpListener::bind("127.0.0.1:0"));
@@ -834,7 +874,7 @@ fn set_state_calls(ebpf: &mut Ebpf, on: bool) {
     }
 }
 
-/// A loopback connection of the tracer's own, open while it lives.
+/// A loopback connection of the tracer's own, open while the result is kept.
 fn own_connection() -> Option<(std::net::TcpListener, std::net::TcpStream)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
     let client = std::net::TcpStream::connect(listener.local_addr().ok()?).ok()?;
