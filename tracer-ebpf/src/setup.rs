@@ -15,7 +15,7 @@
 //! created it after the programs were attached (`counter::MISSED_SETUPS`).
 //!
 //! Where the kernel runs socket-operation programs on cgroups (5.10+, cgroup v2), the
-//! second program is one of those instead (`sockops::socket_ops`): attached to the cgroups of the
+//! second program is one of those instead (`sockops`): attached to the cgroups of the
 //! traced processes and of their listeners, it is told of each passive connection
 //! those listeners establish, just before the state change (a cgroup program is never
 //! skipped), and for no other socket. The state hook then finds the setup recorded; it

@@ -84,17 +84,7 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
     if !wanted {
         return 1;
     }
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return 1;
-    }
-    // The socket as the kernel's own typed pointer (the key of its state, and its fields
-    // loaded in place).
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-    if tp.is_null() {
-        return 1;
-    }
-    let tp = tp as u64;
+    let Some(tp) = tcp_socket(&ctx) else { return 1 };
     match op {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // With the state calls on, the state tracepoint is not attached: this is the
@@ -111,7 +101,7 @@ pub fn socket_ops(ctx: SockOpsContext) -> u32 {
         }
         // A state change of a socket with no state costs a port mark's read (as on the
         // tracepoint).
-        BPF_SOCK_OPS_STATE_CB => on_state_change::<true, true>(tp, ctx.arg(0) as i32, ctx.arg(1) as i32),
+        BPF_SOCK_OPS_STATE_CB => on_state_change::<true>(tp, ctx.arg(0) as i32, ctx.arg(1) as i32),
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             upstream::on_connect_start(tp);
             // Every connect, as every passive connection above.
@@ -140,15 +130,23 @@ fn acted_on(old: i32, new: i32) -> bool {
 #[sock_ops]
 pub fn setups(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-        if !sk.is_null() {
-            let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-            if !tp.is_null() {
-                on_passive_established::<true, true>(tp as u64);
-            }
+        if let Some(tp) = tcp_socket(&ctx) {
+            on_passive_established::<true, true>(tp);
         }
     }
     1
+}
+
+/// The operation's socket as the kernel's own typed pointer (the key of its state, and
+/// its fields loaded in place); `None` when it has no full TCP socket.
+#[inline(always)]
+fn tcp_socket(ctx: &SockOpsContext) -> Option<u64> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    (!tp.is_null()).then_some(tp as u64)
 }
 
 /// Asks the kernel to call [`socket_ops`] at each state change of this socket.

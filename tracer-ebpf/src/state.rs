@@ -36,7 +36,7 @@ tracepoint_hook! {
             }
             (_, TCP_SYN_SENT) => upstream::on_connect_start(sk),
             (_, TCP_LISTEN) => on_listen(sk),
-            _ => on_state_change::<BTF, true>(sk, old, new),
+            _ => on_state_change::<BTF>(sk, old, new),
         }
         0
     }
@@ -44,20 +44,20 @@ tracepoint_hook! {
 
 /// A state change of `sk` from `old` to `new` past its setup, connect start or listen:
 /// from the state tracepoint, or from the socket-operation program for the connections
-/// it has asked the kernel to tell it of (`socket_ops`; `FILTER`: whether the socket may
-/// be any on the machine, not only one with a state).
+/// it has asked the kernel to tell it of (`socket_ops`). Either may be of a socket with
+/// no state.
 #[inline(always)]
-pub fn on_state_change<const BTF: bool, const FILTER: bool>(sk: u64, old: i32, new: i32) {
+pub fn on_state_change<const BTF: bool>(sk: u64, old: i32, new: i32) {
     match (old, new) {
         (TCP_SYN_SENT, TCP_ESTABLISHED) if connects_open() => on_active_established(sk),
         // A connect that failed or was given up.
         (TCP_SYN_SENT, TCP_CLOSE) => upstream::on_connect_closed(sk),
         // The arms below look up a state, which only a socket on a marked port has.
-        (_, TCP_CLOSE) if !FILTER || closing_may_have_state::<BTF>(sk) => on_close::<BTF>(sk, old),
+        (_, TCP_CLOSE) if closing_may_have_state::<BTF>(sk) => on_close::<BTF>(sk, old),
         // Our FIN is acknowledged, so is every byte before it.
-        (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if !FILTER || may_have_state::<BTF>(sk) => on_all_acked(sk),
+        (_, TCP_FIN_WAIT2) | (TCP_CLOSING, TCP_TIME_WAIT) if may_have_state::<BTF>(sk) => on_all_acked(sk),
         // The peer closed its side (before we closed ours, or as we did).
-        (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) if !FILTER || may_have_state::<BTF>(sk) => {
+        (TCP_ESTABLISHED, TCP_CLOSE_WAIT) | (TCP_FIN_WAIT1, TCP_CLOSING) if may_have_state::<BTF>(sk) => {
             on_peer_fin(sk)
         }
         _ => {}
