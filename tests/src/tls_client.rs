@@ -247,6 +247,74 @@ impl TlsClient {
             body_len,
         })
     }
+
+    /// Connects to `addr` (as `localhost`), makes the handshake at once, sends
+    /// `requests` requests for `GET /?size=100` on the one connection, each answered
+    /// before the next, then sends its close_notify and waits `linger` before it closes
+    /// the socket: a client slow to close after its goodbye. The responses' statuses.
+    pub fn keep_alive(&self, addr: SocketAddr, requests: usize, linger: Duration) -> Result<Vec<u16>> {
+        let name = ServerName::try_from("localhost")?;
+        let mut conn = ClientConnection::new(self.config.clone(), name)?;
+        let mut sock = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut statuses = Vec::new();
+        {
+            let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+            for _ in 0..requests {
+                tls.write_all(b"GET /?size=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+                tls.flush()?;
+                statuses.push(read_sized_response(&mut tls)?);
+            }
+        }
+        conn.send_close_notify();
+        while conn.wants_write() {
+            conn.write_tls(&mut sock)?;
+        }
+        thread::sleep(linger);
+        drop(sock);
+        Ok(statuses)
+    }
+}
+
+/// Reads one HTTP/1.1 response whose body has a Content-Length, leaving the connection
+/// open: its status.
+fn read_sized_response(tls: &mut impl io::Read) -> Result<u16> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&data[..end]).context("a response head that is not UTF-8")?;
+            let (status, length) = response_head(head)?;
+            let length = length.context("a response without Content-Length")?;
+            if data.len() >= end + 4 + length {
+                return Ok(status);
+            }
+        }
+        match tls.read(&mut buf) {
+            Ok(0) => bail!("the server closed the connection within a response"),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(e).context("reading the response"),
+        }
+    }
+}
+
+/// A response head's status and Content-Length.
+fn response_head(head: &str) -> Result<(u16, Option<usize>)> {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line {status_line:?}"))?;
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.trim().parse::<usize>())
+        .transpose()
+        .context("Content-Length")?;
+    Ok((status, length))
 }
 
 /// Reads an HTTP/1.1 response until the server ends the connection (its close_notify,
@@ -267,19 +335,7 @@ fn read_response(tls: &mut impl io::Read) -> Result<(u16, usize)> {
     let end = data.windows(4).position(|w| w == b"\r\n\r\n").context("a response without a header's end")?;
     let head = std::str::from_utf8(&data[..end]).context("a response head that is not UTF-8")?;
     let body_len = data.len() - end - 4;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("status line {status_line:?}"))?;
-    let length = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.trim().parse::<usize>())
-        .transpose()
-        .context("Content-Length")?;
+    let (status, length) = response_head(head)?;
     if let Some(length) = length {
         if length != body_len {
             bail!("a body of {body_len} bytes where the response announced {length}");

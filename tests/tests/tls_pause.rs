@@ -10,6 +10,9 @@
 //! handshake the paused one is compared with is the tracer's own figure, taken on the
 //! same server the same way. The truth is the client's own timing of each handshake and
 //! pause, and nginx's access log (one line per request, with its protocol).
+//!
+//! Then keep-alive clients that send their close_notify and close the socket only
+//! later: the goodbye must be neither a request nor an abort.
 
 use std::{fs, time::Duration};
 
@@ -186,4 +189,68 @@ fn tls12_pause() -> Result<()> {
         return Ok(());
     }
     tls_pause(TlsVersion::Tls12)
+}
+
+/// Clients that say goodbye and close late: keep-alive connections whose client sends
+/// its close_notify after its last response and closes the socket only `GOODBYE_LINGER`
+/// later (as a busy or slow client may), followed through OpenSSL's calls and from the
+/// record layer alone. nginx reads the close_notify and closes without an answer: the
+/// goodbye is no request and no abort, whatever the time to the client's close.
+fn late_goodbye(version: TlsVersion) -> Result<()> {
+    const CONNECTIONS: usize = 4;
+    const REQUESTS: usize = 3;
+    const GOODBYE_LINGER: Duration = Duration::from_millis(150);
+    let cert = TestCert::new()?;
+    let nginx = Nginx::start_with(
+        1,
+        "log_format protocol '$ssl_protocol';\naccess_log access.log protocol;",
+        "ssl_protocols TLSv1.2 TLSv1.3;\nlocation / { return 200 \"hello\"; }\n",
+        Some(&cert),
+    )?;
+    let port = nginx.addr.port();
+    let client = TlsClient::new(&cert.cert, version)?;
+    let mut v = Verdicts::default();
+    for uprobes in [true, false] {
+        let what = if uprobes { "OpenSSL uprobes" } else { "record layer only" };
+        let logged = access_log(&nginx).len();
+        let mut args = vec!["--pid".into(), nginx.pid().to_string()];
+        if !uprobes {
+            args.extend(["--skip-hook-kind".into(), "uprobe".into()]);
+        }
+        let tracer = start_tracer(&args)?;
+        let statuses: Result<Vec<Vec<u16>>> =
+            (0..CONNECTIONS).map(|_| client.keep_alive(nginx.addr, REQUESTS, GOODBYE_LINGER)).collect();
+        let lines = tracer.stop()?;
+        let statuses = statuses?;
+        let report = final_report(&lines)?;
+        eprintln!("{what}:\n{}", describe(report));
+        let n = (CONNECTIONS * REQUESTS) as u64;
+        assert!(statuses.iter().flatten().all(|s| *s == 200), "statuses {statuses:?}");
+        assert_eq!(access_log(&nginx).len() - logged, n as usize, "access log lines of the run");
+        let l = listener(report, port)?;
+        v.eq(&format!("{what}: lost events"), &report["lost_events"], &serde_json::json!(0));
+        v.eq(&format!("{what}: how TLS is followed"), l["tls"]["method"].as_str(), Some(what));
+        v.eq(&format!("{what}: requests"), l["requests"].as_u64(), Some(n));
+        v.eq(&format!("{what}: timed requests"), phase_count(l, "think"), n);
+        v.eq(&format!("{what}: aborted"), l["aborted"].as_u64(), Some(0));
+        v.extend(counts_not_adding_up(report));
+    }
+    v.finish();
+    Ok(())
+}
+
+#[test]
+fn tls13_late_goodbye() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    late_goodbye(TlsVersion::Tls13)
+}
+
+#[test]
+fn tls12_late_goodbye() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    late_goodbye(TlsVersion::Tls12)
 }

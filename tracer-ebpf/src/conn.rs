@@ -217,6 +217,10 @@ fn goodbye(sk: u64, st: &SockState) -> bool {
     if !orderly || st.peer_fin_ns == 0 || message_ns == 0 {
         return false;
     }
+    if close_notify_sized(st) {
+        // Followed from its records: the peer's close_notify, however late its FIN.
+        return true;
+    }
     let srtt_ns = (crate::kernel::read::<u32>(sk, crate::off!(tcp_srtt_us)).unwrap_or(0) as u64 >> 3) * 1000;
     let window = if 2 * srtt_ns > GOODBYE_WINDOW_NS { 2 * srtt_ns } else { GOODBYE_WINDOW_NS };
     st.peer_fin_ns.saturating_sub(message_ns) <= window
@@ -224,6 +228,20 @@ fn goodbye(sk: u64, st: &SockState) -> bool {
 
 /// The largest write that may be a TLS alert record (close_notify) with its header.
 pub const ALERT_BYTES: u64 = 64;
+
+/// The largest close_notify of an AEAD cipher with its record's header (TLS 1.2 with
+/// AES-GCM: 5 + an 8-byte explicit nonce + 2 + a 16-byte tag; TLS 1.3's is 24), and
+/// smaller than any request: the smallest HTTP/1 request line alone takes 16 bytes, and
+/// the cipher adds 22 or more.
+pub const CLOSE_NOTIFY_BYTES: u64 = 31;
+
+/// Whether the message read last on a connection followed from its TLS records is too
+/// small to be anything but an alert (the peer's close_notify). Its timing then does not
+/// matter: a busy or slow client may close its socket long after its goodbye.
+#[inline(always)]
+fn close_notify_sized(st: &SockState) -> bool {
+    st.tls & tracer_common::tls::RECORDS != 0 && st.req_in <= CLOSE_NOTIFY_BYTES
+}
 
 /// Whether the last exchange of a connection followed from its TLS records (closing at
 /// `ts`) was the client's close_notify and the server's: a message of alert size (or
@@ -238,7 +256,7 @@ fn tls_goodbye(st: &SockState, ts: u64) -> bool {
     }
     let message_ns = if st.arrival_ns != 0 { st.arrival_ns } else { st.first_read_ns };
     let end = if st.peer_fin_ns != 0 { st.peer_fin_ns } else { ts };
-    message_ns != 0 && end.saturating_sub(message_ns) <= GOODBYE_WINDOW_NS
+    message_ns != 0 && (close_notify_sized(st) || end.saturating_sub(message_ns) <= GOODBYE_WINDOW_NS)
 }
 
 pub fn emit_close(sk: u64, st: &mut SockState, addr: &ConnAddr, ts: u64) {
