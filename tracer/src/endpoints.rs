@@ -246,7 +246,11 @@ pub struct Endpoints {
 impl Endpoints {
     /// The stats of `label`, or of [`OTHER`] when the table already holds `max` labels.
     pub fn entry(&mut self, label: &str, max: usize) -> &mut EndpointStats {
-        if !self.labels.contains_key(label) && self.labels.len() >= max {
+        // (Found before `entry`, which would copy the label for every request.)
+        if self.labels.contains_key(label) {
+            return self.labels.get_mut(label).expect("just found");
+        }
+        if self.labels.len() >= max {
             if self.folded.len() < FOLDED_REMEMBERED {
                 self.folded.insert(self.hasher.hash_one(label));
             }

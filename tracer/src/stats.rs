@@ -412,7 +412,6 @@ fn for_each_endpoint(
     if n == 0 {
         return;
     }
-    let mut done: Vec<&str> = Vec::new();
     for (i, label) in labels.requests.iter().enumerate() {
         let e = table.entry(label, max_labels);
         e.requests += 1;
@@ -426,9 +425,9 @@ fn for_each_endpoint(
         if i == 0 {
             e.errors += labels.errors as u64;
         }
-        if !done.contains(&label.as_str()) {
+        // Once per distinct label (pipelined requests are a handful).
+        if !labels.requests[..i].contains(label) {
             then(e);
-            done.push(label);
         }
     }
 }

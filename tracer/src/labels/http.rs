@@ -12,9 +12,32 @@
 
 use super::{routes, text::CUT, Responses, Routes};
 
-/// Request methods: RFC 9110's, PATCH, and WebDAV's (RFC 4918, 3253, 4791, 5323).
-const METHODS: &str = "GET HEAD POST PUT DELETE PATCH OPTIONS CONNECT TRACE \
-                       PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK REPORT SEARCH MKCALENDAR";
+/// Whether `method` is a request method: RFC 9110's, PATCH, or WebDAV's (RFC 4918, 3253,
+/// 4791, 5323).
+fn is_method(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET"
+            | b"HEAD"
+            | b"POST"
+            | b"PUT"
+            | b"DELETE"
+            | b"PATCH"
+            | b"OPTIONS"
+            | b"CONNECT"
+            | b"TRACE"
+            | b"PROPFIND"
+            | b"PROPPATCH"
+            | b"MKCOL"
+            | b"COPY"
+            | b"MOVE"
+            | b"LOCK"
+            | b"UNLOCK"
+            | b"REPORT"
+            | b"SEARCH"
+            | b"MKCALENDAR"
+    )
+}
 
 /// A request line as far as the bytes hold it.
 #[derive(Debug, PartialEq, Eq)]
@@ -105,28 +128,31 @@ pub fn responses(bytes: &[u8]) -> Responses {
 
 /// `METHOD ROUTE` of a request line.
 fn label(line: &RequestLine, routes: &Routes) -> Vec<u8> {
-    let mut label = line.method.to_vec();
+    // Room for the route: the target's length, and some for `{id}`s and a cut mark.
+    let mut label = Vec::with_capacity(line.method.len() + 1 + line.target.len() + 8);
+    label.extend_from_slice(line.method);
     label.push(b' ');
-    label.extend_from_slice(&route(line.method, line.target, line.complete, routes));
+    route(&mut label, line.method, line.target, line.complete, routes);
     label
 }
 
 /// The route of a request target: `*`; the authority of a CONNECT; otherwise the path
 /// (of an absolute URL too) without query string or fragment, as a `--route` pattern
-/// when one matches, folded when none does.
-fn route(method: &[u8], target: &[u8], complete: bool, routes: &Routes) -> Vec<u8> {
+/// when one matches, folded when none does; added to `out`.
+fn route(out: &mut Vec<u8>, method: &[u8], target: &[u8], complete: bool, routes: &Routes) {
     if target == b"*" || method == b"CONNECT" {
-        return target.to_vec();
+        out.extend_from_slice(target);
+        return;
     }
     let end = target.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(target.len());
     let path = path(&target[..end]);
     // The path is whole once a query string or a fragment began, or the target ended.
     if !complete && end == target.len() {
-        return cut_path(path);
+        return cut_path(out, path);
     }
     match routes.find(path) {
-        Some(pattern) => pattern.as_bytes().to_vec(),
-        None => routes::fold(path),
+        Some(pattern) => out.extend_from_slice(pattern.as_bytes()),
+        None => routes::fold(out, path),
     }
 }
 
@@ -151,19 +177,18 @@ fn absolute_form_path(target: &[u8]) -> Option<&[u8]> {
 }
 
 /// A path whose end was not captured: its complete segments folded, the cut one `…`.
-fn cut_path(path: &[u8]) -> Vec<u8> {
+fn cut_path(out: &mut Vec<u8>, path: &[u8]) {
     let complete = path.iter().rposition(|&b| b == b'/').map_or(&[][..], |slash| &path[..slash]);
-    let mut out = routes::fold(complete);
+    routes::fold(out, complete);
     out.push(b'/');
     out.extend_from_slice(CUT.encode_utf8(&mut [0; 4]).as_bytes());
-    out
 }
 
 /// The request line at the start of `bytes`, if they start with one.
 fn request_line(bytes: &[u8]) -> Option<RequestLine<'_>> {
     let space = bytes.iter().take(17).position(|&b| b == b' ')?;
     let method = &bytes[..space];
-    if !METHODS.split(' ').any(|known| known.as_bytes() == method) {
+    if !is_method(method) {
         return None;
     }
     let rest = &bytes[space + 1..];
@@ -228,9 +253,8 @@ fn head(bytes: &[u8], start: usize) -> Option<Head> {
 
 /// Just past the empty line that ends the headers of the message starting at `start`.
 fn head_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let mut at = start;
-    loop {
-        at += bytes.get(at..)?.iter().position(|&b| b == b'\n')? + 1;
+    for lf in memchr::memchr_iter(b'\n', bytes.get(start..)?) {
+        let at = start + lf + 1;
         match (bytes.get(at), bytes.get(at + 1)) {
             (Some(b'\n'), _) => return Some(at + 1),
             (Some(b'\r'), Some(b'\n')) => return Some(at + 2),
@@ -238,6 +262,7 @@ fn head_end(bytes: &[u8], start: usize) -> Option<usize> {
             _ => {}
         }
     }
+    None
 }
 
 /// The body a header announces, if it is about the body.
@@ -276,7 +301,7 @@ impl<'a> Iterator for Lines<'a> {
 
     fn next(&mut self) -> Option<&'a [u8]> {
         let rest = self.bytes.get(self.pos..)?;
-        let lf = rest.iter().position(|&b| b == b'\n')?;
+        let lf = memchr::memchr(b'\n', rest)?;
         self.pos += lf + 1;
         Some(rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]))
     }

@@ -91,7 +91,8 @@ impl Decoder {
             State::Postgres(session) => session.requests(bytes, whole),
             State::Redis => redis::requests(bytes),
         };
-        raw.iter().map(|label| sanitize(label, MAX_LABEL)).collect()
+        // (Collected in place: a label's bytes and its string share one allocation.)
+        raw.into_iter().map(|label| sanitize(label, MAX_LABEL)).collect()
     }
 
     /// What the first bytes of a response (or of several pipelined responses) say.

@@ -106,17 +106,15 @@ fn segments(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     path.split(|&b| b == b'/').filter(move |_| !path.is_empty())
 }
 
-/// `path` with its identifier-like segments replaced by `{id}`; slashes, empty segments
-/// and a trailing slash are kept as sent.
-pub fn fold(path: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(path.len());
+/// `path` with its identifier-like segments replaced by `{id}`, added to `out`; slashes,
+/// empty segments and a trailing slash are kept as sent.
+pub fn fold(out: &mut Vec<u8>, path: &[u8]) {
     for (i, segment) in path.split(|&b| b == b'/').enumerate() {
         if i > 0 {
             out.push(b'/');
         }
         out.extend_from_slice(if is_identifier(segment) { b"{id}" } else { segment });
     }
-    out
 }
 
 /// Whether a path segment looks like the identifier of one resource rather than a name
@@ -158,7 +156,9 @@ mod tests {
     }
 
     fn folded(path: &str) -> String {
-        String::from_utf8(fold(path.as_bytes())).unwrap()
+        let mut out = Vec::new();
+        fold(&mut out, path.as_bytes());
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

@@ -18,7 +18,17 @@ const REPLACEMENT: char = '?';
 
 /// Makes untrusted bytes safe for a terminal, a JSON string, a log line or a Prometheus
 /// label value, bounded to `max` bytes.
-pub fn sanitize(raw: &[u8], max: usize) -> String {
+pub fn sanitize(raw: Vec<u8>, max: usize) -> String {
+    // The usual label, printable ASCII with nothing to replace and within the bound,
+    // keeps its allocation.
+    if raw.len() <= max && raw.iter().all(|&b| is_safe_ascii(b)) {
+        return String::from_utf8(raw).expect("printable ASCII is UTF-8");
+    }
+    replaced(&raw, max)
+}
+
+/// [`sanitize`]'s general case: unsafe characters replaced, then bounded.
+fn replaced(raw: &[u8], max: usize) -> String {
     let mut out = String::with_capacity(raw.len().min(max));
     for chunk in raw.utf8_chunks() {
         out.extend(chunk.valid().chars().map(|c| if is_safe(c) { c } else { REPLACEMENT }));
@@ -36,6 +46,11 @@ pub fn sanitize(raw: &[u8], max: usize) -> String {
 /// Whether `c` prints as itself without steering what displays or parses it.
 fn is_safe(c: char) -> bool {
     !(c.is_control() || is_invisible_format(c) || matches!(c, '"' | '\\' | '\'' | '`'))
+}
+
+/// Whether ASCII byte `b` prints as itself ([`is_safe`] for one byte).
+fn is_safe_ascii(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && !matches!(b, b'"' | b'\\' | b'\'' | b'`')
 }
 
 /// Unicode format characters (category Cf), the bidi controls among them, and the line
@@ -77,6 +92,10 @@ fn floor_char_boundary(s: &str, index: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sanitize(raw: &[u8], max: usize) -> String {
+        super::sanitize(raw.to_vec(), max)
+    }
 
     /// What every sanitized string must be, whatever went in.
     fn assert_safe(s: &str, max: usize) {
