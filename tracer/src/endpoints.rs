@@ -7,9 +7,11 @@
 //! relative precision (under 0.8%): 512 bytes per power of two its samples fell in.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     hash::{BuildHasher as _, RandomState},
 };
+
+use hashbrown::{hash_map::EntryRef, HashMap};
 
 use hdrhistogram::Histogram;
 
@@ -246,17 +248,18 @@ pub struct Endpoints {
 impl Endpoints {
     /// The stats of `label`, or of [`OTHER`] when the table already holds `max` labels.
     pub fn entry(&mut self, label: &str, max: usize) -> &mut EndpointStats {
-        // (Found before `entry`, which would copy the label for every request.)
-        if self.labels.contains_key(label) {
-            return self.labels.get_mut(label).expect("just found");
-        }
-        if self.labels.len() >= max {
-            if self.folded.len() < FOLDED_REMEMBERED {
-                self.folded.insert(self.hasher.hash_one(label));
+        let full = self.labels.len() >= max;
+        // (The label is copied only when it becomes a new entry.)
+        match self.labels.entry_ref(label) {
+            EntryRef::Occupied(e) => e.into_mut(),
+            EntryRef::Vacant(e) if !full => e.insert(EndpointStats::default()),
+            EntryRef::Vacant(_) => {
+                if self.folded.len() < FOLDED_REMEMBERED {
+                    self.folded.insert(self.hasher.hash_one(label));
+                }
+                self.other.get_or_insert_default()
             }
-            return self.other.get_or_insert_default();
         }
-        self.labels.entry(label.to_owned()).or_default()
     }
 
     /// The label as this table knows it: itself, or [`OTHER`] when folded.

@@ -60,6 +60,10 @@ pub struct Options {
     /// (e.g. the build before a change): its rows and program table are reported too.
     #[arg(long)]
     pub compare: Option<PathBuf>,
+    /// Options the --compare build runs with besides its target (e.g. `--labels`, to
+    /// set a change to labelling against the build before it, both labelling).
+    #[arg(long = "compare-arg", allow_hyphen_values = true)]
+    pub compare_args: Vec<String>,
     /// Only these workloads (default: all): nginx-keep-alive, nginx-close, lab-keep-alive,
     /// nginx-https-keep-alive, nginx-bystander, nginx-bystander-close.
     #[arg(long, value_delimiter = ',')]
@@ -640,6 +644,9 @@ fn start_observer(
             }
             if config == Config::TracerLabels {
                 cmd.arg("--labels");
+            }
+            if config == Config::Compared {
+                cmd.args(&opts.compare_args);
             }
             let mut child = start_until(&mut cmd, "tracer: tracing", "the tracer")?;
             let stdout = child.0.stdout.take();
@@ -2310,6 +2317,7 @@ mod render_tests {
             out: None,
             tracer: None,
             compare: None,
+            compare_args: vec![],
             workload: vec![],
         };
         let syscalls = SyscallCost {
