@@ -45,6 +45,38 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A test per protocol version of a scenario (each skipped without root).
+macro_rules! per_version {
+    ($tls13:ident, $tls12:ident, $scenario:ident) => {
+        #[test]
+        fn $tls13() -> Result<()> {
+            if !require_root() {
+                return Ok(());
+            }
+            $scenario(TlsVersion::Tls13)
+        }
+
+        #[test]
+        fn $tls12() -> Result<()> {
+            if !require_root() {
+                return Ok(());
+            }
+            $scenario(TlsVersion::Tls12)
+        }
+    };
+}
+
+/// nginx on TLS 1.2 and 1.3 with the tests' certificate, answering `hello` to every
+/// request and logging each one's protocol.
+fn hello_nginx(cert: &TestCert) -> Result<Nginx> {
+    Nginx::start_with(
+        1,
+        "log_format protocol '$ssl_protocol';\naccess_log access.log protocol;",
+        "ssl_protocols TLSv1.2 TLSv1.3;\nlocation / { return 200 \"hello\"; }\n",
+        Some(cert),
+    )
+}
+
 /// The lines of nginx's access log.
 fn access_log(nginx: &Nginx) -> Vec<String> {
     fs::read_to_string(nginx.path("access.log")).unwrap_or_default().lines().map(str::to_owned).collect()
@@ -116,12 +148,7 @@ fn tls_pause(version: TlsVersion) -> Result<()> {
         TlsVersion::Tls13 => "TLSv1.3",
     };
     let cert = TestCert::new()?;
-    let nginx = Nginx::start_with(
-        1,
-        "log_format protocol '$ssl_protocol';\naccess_log access.log protocol;",
-        "ssl_protocols TLSv1.2 TLSv1.3;\nlocation / { return 200 \"hello\"; }\n",
-        Some(&cert),
-    )?;
+    let nginx = hello_nginx(&cert)?;
     let port = nginx.addr.port();
     let client = TlsClient::new(&cert.cert, version)?;
     // Untraced connections first: the first handshakes of a new worker and a new client
@@ -175,21 +202,7 @@ fn tls_pause(version: TlsVersion) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn tls13_pause() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    tls_pause(TlsVersion::Tls13)
-}
-
-#[test]
-fn tls12_pause() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    tls_pause(TlsVersion::Tls12)
-}
+per_version!(tls13_pause, tls12_pause, tls_pause);
 
 /// Clients that say goodbye and close late: keep-alive connections whose client sends
 /// its close_notify after its last response and closes the socket only `GOODBYE_LINGER`
@@ -201,12 +214,7 @@ fn late_goodbye(version: TlsVersion) -> Result<()> {
     const REQUESTS: usize = 3;
     const GOODBYE_LINGER: Duration = Duration::from_millis(150);
     let cert = TestCert::new()?;
-    let nginx = Nginx::start_with(
-        1,
-        "log_format protocol '$ssl_protocol';\naccess_log access.log protocol;",
-        "ssl_protocols TLSv1.2 TLSv1.3;\nlocation / { return 200 \"hello\"; }\n",
-        Some(&cert),
-    )?;
+    let nginx = hello_nginx(&cert)?;
     let port = nginx.addr.port();
     let client = TlsClient::new(&cert.cert, version)?;
     let mut v = Verdicts::default();
@@ -239,18 +247,4 @@ fn late_goodbye(version: TlsVersion) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn tls13_late_goodbye() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    late_goodbye(TlsVersion::Tls13)
-}
-
-#[test]
-fn tls12_late_goodbye() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    late_goodbye(TlsVersion::Tls12)
-}
+per_version!(tls13_late_goodbye, tls12_late_goodbye, late_goodbye);
