@@ -48,9 +48,9 @@ fn is_safe(c: char) -> bool {
     !(c.is_control() || is_invisible_format(c) || matches!(c, '"' | '\\' | '\'' | '`'))
 }
 
-/// Whether ASCII byte `b` prints as itself ([`is_safe`] for one byte).
+/// Whether byte `b` is ASCII that prints as itself.
 fn is_safe_ascii(b: u8) -> bool {
-    (0x20..0x7f).contains(&b) && !matches!(b, b'"' | b'\\' | b'\'' | b'`')
+    b.is_ascii() && is_safe(b as char)
 }
 
 /// Unicode format characters (category Cf), the bidi controls among them, and the line
