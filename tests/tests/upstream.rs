@@ -93,6 +93,37 @@ fn bad_backend_stands_out_on_the_balancer() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first upstream call of a server traced while it had none: its thread's request
+/// is bound all the same (the programs keep their per-thread bookkeeping only once a
+/// traced process has an upstream, so the request in progress as the first one opens
+/// was not noted as read: the response it begins ties it to its upstream request).
+/// Every request's think is the slow backend's, the first one's too.
+#[test]
+fn the_first_upstream_call_is_attributed() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (_slow, slow) = start_lab_server(&["--scenario", "slow-think", "--delay-ms", "40"])?;
+    let (balancer, addr) = start_lab_server(&["--scenario", "balancer", "--backend", &slow.to_string()])?;
+    let tracer = start_tracer(&["--pid".into(), balancer.pid().to_string()])?;
+    // One connection (one balancer thread), which connects to the backend at its first
+    // request, after tracing started.
+    client::run(&client_opts(addr, 1, 5))?;
+    let lines = tracer.stop()?;
+    let report = final_report(&lines)?;
+    assert_eq!(report["lost_events"], 0, "{report}");
+    let u = upstream(report, slow)?;
+    assert_eq!((u["requests"].as_u64(), u["connections"].as_u64()), (Some(5), Some(1)), "{u}");
+    let l = listener(report, addr.port())?;
+    assert_eq!(l["requests"], 5, "{l}");
+    let think = l["think_attribution"]["think_ns"].as_u64().unwrap_or(0);
+    let on_slow = attributed_ns(l, slow);
+    // Five waits of 40 ms; one not bound would leave 80% of the think attributed.
+    assert!(on_slow >= 5 * 39_000_000, "on the slow backend {on_slow} ns: {l}");
+    assert!(on_slow as f64 >= 0.95 * think as f64, "think {think} ns, on the slow backend {on_slow} ns: {l}");
+    Ok(())
+}
+
 /// A server that does its work itself: think is local.
 #[test]
 fn local_work_is_local() -> anyhow::Result<()> {
