@@ -42,6 +42,11 @@ pub mod kind {
     /// A connection closed with an exchange still to report ([`ClosingExchange`]): the
     /// exchange and the close in one record (a short connection's last two events).
     pub const CONN_CLOSE_EXCHANGE: u16 = 14;
+    /// With labels on, the usual form of a kept-alive connection's exchange: the read
+    /// that begins a request reports the exchange before it and copies the new request's
+    /// first bytes, and both go in one record — the exchange ([`ShortRequest`], with this
+    /// kind), then the payload as its own record would be ([`Payload`] and its bytes).
+    pub const REQUEST_SHORT_PAYLOAD: u16 = 15;
 }
 
 /// Which bytes a [`Payload`] holds.

@@ -154,6 +154,21 @@ pub fn finish_request(sk: u64, st: &mut SockState, ts: u64, extra_flags: u32) {
     }
 }
 
+/// [`finish_request`], except that an exchange that fits a [`ShortRequest`] is written
+/// at `at` instead of to the ring, to go out with the next request's first bytes (see
+/// `labels::capture`). Whether it was.
+#[inline(always)]
+pub fn stage_exchange(sk: u64, st: &mut SockState, ts: u64, at: *mut ShortRequest) -> bool {
+    let Some(x) = exchange(st, 0) else { return false };
+    if !x.short {
+        emit_exchange(sk, st, ts, &x);
+        return false;
+    }
+    write_short(at, sk, st, &x);
+    request_done(st, x.flags);
+    true
+}
+
 /// Emits exchange `x` (one line when it fits) and resets the per-request fields.
 #[inline(always)]
 fn emit_exchange(sk: u64, st: &mut SockState, ts: u64, x: &Exchange) {

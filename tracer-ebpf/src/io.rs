@@ -11,7 +11,7 @@ use crate::{
     bind,
     conn::{current_tid, dir, emit_open, finish_request, insert_state, now, scratch_state, state_mut, SockState},
     kernel::{conn_addr_in_netns, is_inet_tcp, load, read, tcp_sock},
-    labels::{capture, labels},
+    labels::{capture, labels, stage_before_capture, AFTER_EXCHANGE},
     maps::{filter_by_port, is_traced_port, is_traced_tgid, known_untraced, state_port_marked, tls_records},
     off, records, tls, upstream,
 };
@@ -210,7 +210,7 @@ pub fn on_write_start(sk: u64, msg: u64) {
 /// (the system call's buffer has the bytes).
 pub fn begin_response(sk: u64, st: &mut SockState, ts: u64, plain: u64, len: u64) {
     if labels() && (st.tls == 0 || plain != 0) {
-        capture(sk, st.owner, side::RESPONSE, len, plain);
+        capture(sk, st.owner, side::RESPONSE as u32, len, plain);
     }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
@@ -253,8 +253,15 @@ fn on_read(sk: u64, len: u64) {
 #[inline(always)]
 pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
     if st.dir != dir::READING {
+        let capturing = labels() && (st.tls == 0 || plain != 0);
+        let mut which = side::REQUEST as u32;
         if st.dir == dir::WRITING {
-            finish_request(sk, st, ts, 0);
+            if !capturing {
+                finish_request(sk, st, ts, 0);
+            } else if stage_before_capture(sk, st, ts) {
+                // Out with the request's first bytes, in one record.
+                which |= AFTER_EXCHANGE;
+            }
         }
         st.dir = dir::READING;
         st.first_read_ns = ts;
@@ -268,8 +275,8 @@ pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) 
         if st.arrival_ns == 0 {
             st.req_flags |= flags::ARRIVAL_UNKNOWN;
         }
-        if labels() && (st.tls == 0 || plain != 0) {
-            capture(sk, st.owner, side::REQUEST, len, plain);
+        if capturing {
+            capture(sk, st.owner, which, len, plain);
         }
     }
     st.pending_data_ns = 0;

@@ -22,10 +22,10 @@ use aya_ebpf::{
     macros::map,
     maps::PerCpuArray,
 };
-use tracer_common::{counter, kind, side, Payload};
+use tracer_common::{counter, kind, side, Payload, ShortRequest};
 
 use crate::{
-    conn::header,
+    conn::{finish_request, header, stage_exchange, SockState},
     maps::{bump, submit_flags, CONFIG, EVENTS},
 };
 
@@ -37,9 +37,11 @@ pub fn labels() -> bool {
 }
 
 /// The fixed part and the copied bytes, built per CPU (too big for the BPF stack) and
-/// output as one variable-length record.
+/// output as one variable-length record; before them, the exchange that goes out in
+/// the same record when one is staged (`stage_exchange`). The three are contiguous.
 #[repr(C)]
 pub struct PayloadBuf {
+    pub exchange: ShortRequest,
     pub head: Payload,
     pub data: [u8; side::REQUEST_BYTES as usize],
 }
@@ -153,29 +155,73 @@ fn syscall_buffer() -> Option<(u64, u64)> {
     Some((first[0], first[1]))
 }
 
+/// Set in a capture's `which` (above the side): an exchange is staged in the buffer,
+/// to go out in the same record as the bytes (or alone, when none are copied).
+pub const AFTER_EXCHANGE: u32 = 1 << 16;
+
+/// Reports the exchange in progress on `sk` before a request's first bytes are captured:
+/// staged in the capture's buffer when it fits a short record (the capture's `which`
+/// then takes [`AFTER_EXCHANGE`]), else emitted at once. Whether it was staged.
+#[inline(always)]
+pub fn stage_before_capture(sk: u64, st: &mut SockState, ts: u64) -> bool {
+    match PAYLOAD.get_ptr_mut(0) {
+        Some(buf) => stage_exchange(sk, st, ts, unsafe { &raw mut (*buf).exchange }),
+        None => {
+            finish_request(sk, st, ts, 0);
+            false
+        }
+    }
+}
+
 /// Copies the first bytes of what the current call reads or writes on `sk` (`done`: the
 /// bytes a read returned, or the length of a write about to start; `plain`: where they
 /// are, 0 for the system call's buffer) and sends them to userspace as a [`Payload`] of
-/// `which` side.
+/// side `which` (its low 16 bits) — after the staged exchange, in one record, when
+/// `which` has [`AFTER_EXCHANGE`]; that exchange goes out alone if no bytes are copied.
 // A subprogram of its own: the hooks' stack frames do not grow by its locals.
 #[inline(never)]
-pub fn capture(sk: u64, owner: u32, which: u16, done: u64, plain: u64) {
-    let Some((at, len)) = (if plain != 0 { Some((plain, done)) } else { syscall_buffer() }) else { return };
+pub fn capture(sk: u64, owner: u32, which: u32, done: u64, plain: u64) {
+    let Some(buf) = PAYLOAD.get_ptr_mut(0) else { return };
+    let buf = unsafe { &mut *buf };
+    let n = copy(buf, sk, owner, which as u16, done, plain);
+    let map = core::ptr::addr_of!(EVENTS) as *mut core::ffi::c_void;
+    let (at, size) = if which & AFTER_EXCHANGE == 0 {
+        if n == 0 {
+            return;
+        }
+        ((&raw mut buf.head).cast::<core::ffi::c_void>(), size_of::<Payload>() as u64 + n)
+    } else {
+        let (kind, bytes) = if n == 0 {
+            (kind::REQUEST_SHORT, 0)
+        } else {
+            (kind::REQUEST_SHORT_PAYLOAD, size_of::<Payload>() as u64 + n)
+        };
+        buf.exchange.kind = kind;
+        ((&raw mut buf.exchange).cast(), size_of::<ShortRequest>() as u64 + bytes)
+    };
+    if unsafe { bpf_ringbuf_output(map, at, size, submit_flags()) } != 0 {
+        bump(counter::LOST_EVENTS);
+    }
+}
+
+/// The bytes of [`capture`] copied into `buf` with their fixed part: how many (at most
+/// [`side::REQUEST_BYTES`]), 0 when none.
+#[inline(always)]
+fn copy(buf: &mut PayloadBuf, sk: u64, owner: u32, which: u16, done: u64, plain: u64) -> u64 {
+    let Some((at, len)) = (if plain != 0 { Some((plain, done)) } else { syscall_buffer() }) else { return 0 };
     let total = if done < len { done } else { len };
     let limit = if side::is_request(which) { side::REQUEST_BYTES } else { side::RESPONSE_BYTES } as u64;
     let mut n = if total < limit { total } else { limit };
     if n == 0 {
-        return;
+        return 0;
     }
-    let Some(buf) = PAYLOAD.get_ptr_mut(0) else { return };
-    let buf = unsafe { &mut *buf };
     // Bounds the verifier can see, whatever the compiler made of the comparisons above.
     n &= (side::REQUEST_BYTES as u64 * 2) - 1;
     if n > side::REQUEST_BYTES as u64 {
-        return;
+        return 0;
     }
     if unsafe { probe_read_user_raw(buf.data.as_mut_ptr().cast(), n as u32, at as *const _) } != 0 {
-        return;
+        return 0;
     }
     buf.head = Payload {
         header: header(kind::PAYLOAD, owner, sk, 0),
@@ -183,9 +229,5 @@ pub fn capture(sk: u64, owner: u32, which: u16, done: u64, plain: u64) {
         len: n as u16,
         total: if total > u32::MAX as u64 { u32::MAX } else { total as u32 },
     };
-    let size = size_of::<Payload>() as u64 + n;
-    let map = core::ptr::addr_of!(EVENTS) as *mut core::ffi::c_void;
-    if unsafe { bpf_ringbuf_output(map, (buf as *mut PayloadBuf).cast(), size, submit_flags()) } != 0 {
-        bump(counter::LOST_EVENTS);
-    }
+    n
 }

@@ -87,7 +87,7 @@ pub fn on_connect_closed(sk: u64) {
 /// `plain` (and its `len`): the plaintext a TLS connection's library is handed, or 0.
 pub fn begin_request(sk: u64, st: &mut SockState, ts: u64, plain: u64, len: u64) {
     if labels() && (st.tls == 0 || plain != 0) {
-        capture(sk, st.owner, side::UPSTREAM_REQUEST, len, plain);
+        capture(sk, st.owner, side::UPSTREAM_REQUEST as u32, len, plain);
     }
     st.dir = dir::WRITING;
     st.first_write_ns = ts;
@@ -117,7 +117,7 @@ pub fn on_read(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
         st.first_read_ns = ts;
         if labels() && (st.tls == 0 || plain != 0) {
             // Before the request's event, which takes what it says.
-            capture(sk, st.owner, side::UPSTREAM_RESPONSE, len, plain);
+            capture(sk, st.owner, side::UPSTREAM_RESPONSE as u32, len, plain);
         }
         emit_request(sk, st, 0);
         st.dir = dir::READING;

@@ -25,6 +25,8 @@ pub enum Event {
     TlsDone(TlsDone),
     /// The first bytes of a request or response, for its label.
     Payload(Payload, Vec<u8>),
+    /// A connection's exchange, then the first bytes of its next request, from one record.
+    RequestThenPayload(Request, Payload, Vec<u8>),
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
@@ -44,6 +46,14 @@ pub fn payload(bytes: &[u8]) -> Result<(Payload, &[u8])> {
         bail!("payload record holds {} bytes, not the {} it says", data.len(), p.len);
     }
     Ok((p, &data[..p.len as usize]))
+}
+
+/// An exchange and the next request's first bytes (`kind::REQUEST_SHORT_PAYLOAD`), the
+/// bytes borrowed from the ring.
+pub fn request_then_payload(bytes: &[u8]) -> Result<(Request, Payload, &[u8])> {
+    let exchange: ShortRequest = read(bytes)?;
+    let (p, data) = payload(&bytes[size_of::<ShortRequest>()..])?;
+    Ok((exchange.expand(), p, data))
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Event> {
@@ -71,6 +81,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
             let (p, data) = payload(bytes)?;
             Event::Payload(p, data.to_vec())
         }
+        kind::REQUEST_SHORT_PAYLOAD => {
+            let (req, p, data) = request_then_payload(bytes)?;
+            Event::RequestThenPayload(req, p, data.to_vec())
+        }
         other => bail!("unknown event kind {other}"),
     })
 }
@@ -78,7 +92,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracer_common::flags;
+    use tracer_common::{flags, side};
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
@@ -152,6 +166,41 @@ mod tests {
         assert_eq!((req.header.sock, req.first_read_ns, req.last_write_ns, req.acked_ns), (sock, 1_010, 1_040, 0));
         assert_eq!((req.bytes_in, req.bytes_out, req.flags), (120, 300, flags::UNDELIVERED));
         assert!(decode(&bytes_of(&both)[..150]).is_err(), "a record cut short is refused");
+    }
+
+    #[test]
+    fn splits_an_exchange_and_the_next_requests_bytes() {
+        let sock = 0xffff_8888_0000_3000;
+        let exchange = ShortRequest {
+            kind: kind::REQUEST_SHORT_PAYLOAD,
+            tid: 7,
+            sock,
+            base_ns: 2_000,
+            offsets: [1, 11, 21, 31, 41, 51],
+            bytes_in: 80,
+            bytes_out: 500,
+            ..Default::default()
+        };
+        let asked = b"GET /next HTTP/1.1\r\n";
+        let head = Payload {
+            header: EventHeader { kind: kind::PAYLOAD, tgid: 7, sock, ..Default::default() },
+            side: side::REQUEST,
+            len: asked.len() as u16,
+            total: 90,
+        };
+        let mut record = bytes_of(&exchange);
+        record.extend(bytes_of(&head));
+        record.extend_from_slice(asked);
+        let Event::RequestThenPayload(req, p, data) = decode(&record).unwrap() else {
+            panic!("not an exchange with a payload")
+        };
+        assert_eq!(req.header.kind, kind::REQUEST, "the exchange as a request event carries it");
+        assert_eq!((req.header.sock, req.first_read_ns, req.acked_ns, req.bytes_out), (sock, 2_010, 2_050, 500));
+        assert_eq!((p, data.as_slice()), (head, &asked[..]));
+        let (_, _, borrowed) = request_then_payload(&record).unwrap();
+        assert_eq!(borrowed, asked);
+        assert!(decode(&record[..record.len() - 1]).is_err(), "bytes missing from the payload are refused");
+        assert!(decode(&record[..50]).is_err(), "a record cut short is refused");
     }
 
     #[test]

@@ -95,9 +95,19 @@ struct Session {
 impl Session {
     fn handle(&mut self, bytes: &[u8]) -> Result<()> {
         // The first bytes of a request or response: taken in place (they make no record).
-        if bytes.get(..2) == Some(&tracer_common::kind::PAYLOAD.to_ne_bytes()[..]) {
+        let kind = bytes.get(..2).map(|k| u16::from_ne_bytes([k[0], k[1]]));
+        if kind == Some(tracer_common::kind::PAYLOAD) {
             if let Ok((p, data)) = events::payload(bytes) {
                 self.stats.events += 1;
+                self.timeline.payload(&p, data);
+                return Ok(());
+            }
+        }
+        // An exchange, then the next request's first bytes (in place too).
+        if kind == Some(tracer_common::kind::REQUEST_SHORT_PAYLOAD) {
+            if let Ok((request, p, data)) = events::request_then_payload(bytes) {
+                self.stats.events += 1;
+                self.apply(Event::Request(request))?;
                 self.timeline.payload(&p, data);
                 return Ok(());
             }

@@ -323,6 +323,10 @@ impl Timeline {
             Event::Bind(b) => self.bind(b, out),
             Event::TlsDone(t) => self.tls_done(t, out),
             Event::Payload(p, data) => self.payload(p, data),
+            Event::RequestThenPayload(req, p, data) => {
+                self.exchange(req, out);
+                self.payload(p, data);
+            }
             Event::ProcessExit(_) | Event::ProcessFork(_) => {}
         }
     }
@@ -1142,6 +1146,45 @@ mod tests {
         // Labels gone with the connection: a reused socket address starts afresh.
         let (_, stats) = labelled(&[payload(side::RESPONSE, b"HTTP/1.1 200 OK\r\n\r\n", 19)]);
         assert!(stats.listeners.is_empty());
+    }
+
+    #[test]
+    fn an_exchange_with_the_next_requests_bytes_is_the_two_in_turn() {
+        // Three exchanges on a kept-alive connection, as separate events and as the
+        // programs send them with labels on: each exchange but the last in one record
+        // with the next request's first bytes.
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let paths = ["/products/1", "/nope", "/products/2"];
+        let status = |i: usize| if i == 1 { "HTTP/1.1 404 Not Found\r\n\r\n" } else { "HTTP/1.1 200 OK\r\n\r\n" };
+        let exchange = |i: usize| {
+            let t = 10 * MS * (i as u64 + 1);
+            request([t, t + MS, t + MS, t + 2 * MS, t + 3 * MS, t + 4 * MS], 0, i as u32)
+        };
+        let mut separate = vec![open(MS, 2 * MS, 3 * MS)];
+        let mut merged = separate.clone();
+        for (i, path) in paths.into_iter().enumerate() {
+            let asked = payload(side::REQUEST, &get(path), get(path).len() as u32);
+            let answer = payload(side::RESPONSE, status(i).as_bytes(), status(i).len() as u32);
+            separate.extend([asked.clone(), answer.clone(), exchange(i)]);
+            match (i, asked) {
+                (0, asked) => merged.push(asked),
+                (_, Event::Payload(p, data)) => {
+                    let Event::Request(before) = exchange(i - 1) else { unreachable!() };
+                    merged.push(Event::RequestThenPayload(before, p, data));
+                }
+                _ => unreachable!(),
+            }
+            merged.push(answer);
+        }
+        merged.push(exchange(paths.len() - 1));
+        let (separate_out, separate_stats) = labelled(&separate);
+        let (merged_out, merged_stats) = labelled(&merged);
+        assert_eq!(merged_out, separate_out);
+        let l = merged_stats.on_port(8080);
+        assert_eq!(l.requests, 3);
+        assert_eq!(l.endpoints.get("GET /products/{id}").unwrap().requests, 2);
+        assert_eq!(l.endpoints.get("GET /nope").unwrap().statuses[3], 1);
+        assert_eq!(separate_stats.on_port(8080).requests, 3);
     }
 
     #[test]
