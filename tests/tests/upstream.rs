@@ -93,10 +93,8 @@ fn bad_backend_stands_out_on_the_balancer() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first upstream call of a server traced while it had none: its thread's request
-/// is bound all the same (the programs keep their per-thread bookkeeping only once a
-/// traced process has an upstream, so the request in progress as the first one opens
-/// was not noted as read: the response it begins ties it to its upstream request).
+/// The first upstream call of a server traced while it had none is bound to its
+/// request like every later one: the request its thread read is known to the connect.
 /// Every request's think is the slow backend's, the first one's too.
 #[test]
 fn the_first_upstream_call_is_attributed() -> anyhow::Result<()> {

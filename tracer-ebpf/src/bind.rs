@@ -16,26 +16,17 @@
 //! worker handed the request by a reader thread) has them counted; when it then begins
 //! writing a server response, a `Bind` event ties those requests to it. Userspace does
 //! the rest (`tracer/src/upstream.rs`).
-//!
-//! Until a traced process has an upstream connection (`maps::upstreams`), reads and
-//! responses note nothing. A request in progress when the first one appears has not
-//! been noted as read: its thread is then taken for one that never read, and the
-//! upstream requests it begins for that request are tied to it by a `Bind` event as
-//! it begins the response.
 
 use tracer_common::{kind, Bind, ThreadWork};
 
 use crate::{
     conn::{current_tid, dir, header, SockState},
-    maps::{reserve, upstreams, SOCKS, THREADS},
+    maps::{reserve, SOCKS, THREADS},
 };
 
 /// The current thread read server request (`sk`, `first_read_ns`).
 #[inline(always)]
 pub fn note_read(sk: u64, first_read_ns: u64) {
-    if !upstreams() {
-        return;
-    }
     let tid = current_tid();
     match THREADS.get_ptr_mut(&tid) {
         Some(work) => {
@@ -72,9 +63,6 @@ pub fn note_upstream_response(sock: u64, first_read_ns: u64) {
 /// The current thread begins writing the response of server request `st` on `sk`.
 #[inline(always)]
 pub fn note_response(sk: u64, st: &SockState, ts: u64) {
-    if !upstreams() {
-        return;
-    }
     let tid = current_tid();
     let Some(work) = THREADS.get_ptr_mut(&tid) else { return };
     let work = unsafe { &mut *work };

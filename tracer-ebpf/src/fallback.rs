@@ -51,14 +51,14 @@ pub fn tcp_sendmsg_start(ctx: ProbeContext) -> u32 {
 /// `int tcp_recvmsg(sk, msg, len, flags, addr_len)` (5.19 and later).
 #[fexit]
 pub fn tcp_recvmsg_exit(ctx: FExitContext) -> i32 {
-    on_recv_return(ctx.arg(0), ctx.arg(5), ctx.arg(3));
+    on_recv_return::<false>(ctx.arg(0), ctx.arg(5), ctx.arg(3));
     0
 }
 
 /// `int tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)` (before 5.19).
 #[fexit]
 pub fn tcp_recvmsg_exit_nonblock(ctx: FExitContext) -> i32 {
-    on_recv_return(ctx.arg(0), ctx.arg(6), ctx.arg(4));
+    on_recv_return::<false>(ctx.arg(0), ctx.arg(6), ctx.arg(4));
     0
 }
 
@@ -143,7 +143,7 @@ pub fn tcp_recvmsg_return(ctx: RetProbeContext) -> u32 {
     let thread = bpf_get_current_pid_tgid();
     let Some(call) = (unsafe { RECV_CALLS.get(&thread) }).copied() else { return 0 };
     let _ = RECV_CALLS.remove(&thread);
-    on_recv_return(call.sk, ctx.ret::<i32>(), call.flags);
+    on_recv_return::<false>(call.sk, ctx.ret::<i32>(), call.flags);
     0
 }
 

@@ -20,7 +20,7 @@ const MSG_PEEK: i32 = 2;
 
 tracepoint_hook! {
     fn sock_recv_length / raw_sock_recv_length (ctx) {
-        on_recv_return(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+        on_recv_return::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(2));
         0
     }
 }
@@ -42,10 +42,11 @@ tracepoint_hook! {
 }
 
 /// A receive call on `sk` returned `ret` (bytes, or an error); peeks consume nothing.
+/// `ATOMIC`: the hook runs with preemption off (a tracepoint), see [`read_request`].
 #[inline(always)]
-pub fn on_recv_return(sk: u64, ret: i32, msg_flags: i32) {
+pub fn on_recv_return<const ATOMIC: bool>(sk: u64, ret: i32, msg_flags: i32) {
     if ret > 0 && msg_flags & MSG_PEEK == 0 {
-        on_read(sk, ret as u64);
+        on_read::<ATOMIC>(sk, ret as u64);
     }
 }
 
@@ -221,7 +222,7 @@ pub fn begin_response(sk: u64, st: &mut SockState, ts: u64, plain: u64, len: u64
 }
 
 #[inline(always)]
-fn on_read(sk: u64, len: u64) {
+fn on_read<const ATOMIC: bool>(sk: u64, len: u64) {
     if untraced_caller() {
         return;
     }
@@ -245,18 +246,24 @@ fn on_read(sk: u64, len: u64) {
             return;
         }
     }
-    read_request(sk, st, len, ts, 0);
+    read_request::<ATOMIC>(sk, st, len, ts, 0);
 }
 
 /// The server read `len` bytes of a request on `sk` (from the socket, or as plaintext
 /// from the TLS library into `plain`; 0: the system call's buffer).
+///
+/// With labels on, the exchange this read ends goes out with the new request's first
+/// bytes, staged in the per-CPU buffer until they are copied: only where the hook runs
+/// with preemption off (`ATOMIC`: a tracepoint), as no other program run on this CPU
+/// may then take the buffer in between. Elsewhere (a trampoline, the TLS library's
+/// probes) it goes out at once, as without labels.
 #[inline(always)]
-pub fn read_request(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
+pub fn read_request<const ATOMIC: bool>(sk: u64, st: &mut SockState, len: u64, ts: u64, plain: u64) {
     if st.dir != dir::READING {
         let capturing = labels() && (st.tls == 0 || plain != 0);
         let mut which = side::REQUEST as u32;
         if st.dir == dir::WRITING {
-            if !capturing {
+            if !(capturing && ATOMIC) {
                 finish_request(sk, st, ts, 0);
             } else if stage_before_capture(sk, st, ts) {
                 // Out with the request's first bytes, in one record.

@@ -45,6 +45,10 @@ pub struct PayloadBuf {
     pub head: Payload,
     pub data: [u8; side::REQUEST_BYTES as usize],
 }
+const _: () = assert!(
+    core::mem::offset_of!(PayloadBuf, head) == size_of::<ShortRequest>()
+        && core::mem::offset_of!(PayloadBuf, data) == size_of::<ShortRequest>() + size_of::<Payload>()
+);
 
 #[map]
 static PAYLOAD: PerCpuArray<PayloadBuf> = PerCpuArray::with_max_entries(1, 0);
@@ -201,6 +205,10 @@ pub fn capture(sk: u64, owner: u32, which: u32, done: u64, plain: u64) {
     };
     if unsafe { bpf_ringbuf_output(map, at, size, submit_flags()) } != 0 {
         bump(counter::LOST_EVENTS);
+        if which & AFTER_EXCHANGE != 0 && n != 0 {
+            // Two events in the record.
+            bump(counter::LOST_EVENTS);
+        }
     }
 }
 

@@ -237,32 +237,6 @@ fn count_nonzero(count: &Array<u64>) -> bool {
     count.get(0).is_some_and(|n| unsafe { core::ptr::read_volatile(n) } != 0)
 }
 
-/// Non-zero once a traced process has a connection of its own (an upstream): made by
-/// connect(), adopted, or listed by userspace as open when tracing started. Until then
-/// no thread can begin an upstream request, and the reads and responses of the server
-/// requests skip the per-thread bookkeeping that binds upstream requests to them
-/// (`bind`): two lookups per request that a server with no upstreams never needs.
-#[map]
-static UPSTREAMS: Array<u32> = Array::with_max_entries(1, 0);
-
-/// A traced process has an upstream connection.
-#[inline(always)]
-pub fn note_upstream() {
-    if let Some(flag) = UPSTREAMS.get_ptr_mut(0) {
-        unsafe {
-            if core::ptr::read_volatile(flag) == 0 {
-                core::ptr::write_volatile(flag, 1);
-            }
-        }
-    }
-}
-
-/// Whether a traced process may have begun an upstream request.
-#[inline(always)]
-pub fn upstreams() -> bool {
-    UPSTREAMS.get(0).is_some_and(|flag| unsafe { core::ptr::read_volatile(flag) } != 0)
-}
-
 /// Connects of the traced processes under way (a state made at SYN_SENT, not yet
 /// established or closed): while there are none, the state hook does not look up the
 /// sockets that become established from SYN_SENT (the machine's other clients). A

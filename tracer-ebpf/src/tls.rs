@@ -199,7 +199,7 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     if st.owner == 0 && !crate::accept::adopt_unseen(sk, st) {
         return 0;
     }
-    io::read_request(sk, st, bytes, ts, call.buf);
+    io::read_request::<false>(sk, st, bytes, ts, call.buf);
     0
 }
 

@@ -17,7 +17,7 @@ use crate::{
     },
     kernel::{conn_addr, read, tuple_key},
     labels::{capture, labels},
-    maps::{is_traced_tgid, mark_state_port, note_connect, note_upstream, reserve, EXISTING_CLIENTS},
+    maps::{is_traced_tgid, mark_state_port, note_connect, reserve, EXISTING_CLIENTS},
     off,
 };
 
@@ -39,7 +39,6 @@ pub fn on_connect_start(sk: u64) {
     (st.bound_sock, st.bound_first_read_ns) = bind::current_request(false);
     if insert_state(sk, st) {
         note_connect(true);
-        note_upstream();
     }
 }
 
@@ -171,7 +170,6 @@ pub fn adopt_existing(sk: u64, tgid: u32) -> bool {
     st.owner = tgid;
     st.tid = current_tid();
     st.local_port = addr.local_port as u32;
-    note_upstream();
     insert_state(sk, st)
 }
 

@@ -471,15 +471,11 @@ impl Probes {
         generation.set(1, next, 0).context("invalidating the programs' memory of untraced processes")
     }
 
-    /// An upstream connection the traced process had open before tracing started: the
-    /// programs bind upstream requests to server requests from now on (`UPSTREAMS`).
+    /// An upstream connection the traced process had open before tracing started.
     pub fn add_existing_upstream(&mut self, key: TupleKey) -> Result<()> {
         let mut map: BpfHashMap<&mut MapData, TupleKey, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut("EXISTING_CLIENTS").context("EXISTING_CLIENTS map missing")?)?;
-        map.insert(key, 1, 0).context("registering an open upstream connection")?;
-        let mut flag: Array<&mut MapData, u32> =
-            Array::try_from(self.ebpf.map_mut("UPSTREAMS").context("UPSTREAMS map missing")?)?;
-        flag.set(0, 1, 0).context("noting an open upstream connection")
+        map.insert(key, 1, 0).context("registering an open upstream connection")
     }
 
     /// A traced cgroup (`--cgroup`), by its id.

@@ -2198,25 +2198,25 @@ const READING: &str = "
   per request with the tracer's process (the process 2.14 → 1.35 µs, the programs 3.75
   → 3.50 µs); labels then add 2.13 µs per request over the tracer without them, 1.24 of
   it in the programs (copying the bytes to the ring).
-- **No upstream, no per-thread bookkeeping.** To bind upstream requests to the server
-  request a thread works for, the receive hook noted each request's read in a
-  per-thread map and the write-start hook looked the thread up again as the response
-  began: two lookups in a hash map per request, for servers that never call an
-  upstream (nginx serving files, redis, PostgreSQL) as for those that do. They are now
-  made only once a traced process has an upstream connection (made by connect(),
-  adopted at its first use, or listed as open when tracing started); a request in
-  progress as the first one opens is tied to its upstream request by the response its
-  thread begins, as a worker thread's are (a test holds the first call's wait
-  attributed). Machine-wide program run time per request on nginx keep-alive
-  (`bpf_stats`, 5 s of `wrk -t1 -c16` per run, the two builds alternating, a slow
-  hour): 2.14 → 1.87 µs in median over 8 pairs, 2.26 → 2.00 µs over 6 pairs in the
-  other order, lower in 11 of the 14 pairs; the receive hook 744 → 636 ns, the
-  write-start hook 492 → 438 ns. A 3-round `--compare` in the same hour gave the
-  opposite, 1.89 µs before against 2.10 µs after, within its rounds' spread (2.24–2.72
-  and 2.00–2.74): three rounds of this bench do not resolve a change of this size
-  here. In the tracer's process, labelling checked every byte of a label with the
-  Unicode character test (7% of its time per labelled request); printable ASCII is
-  now told by a few compares.
+- **Per-thread bookkeeping without upstreams (tried, not kept).** To bind upstream
+  requests to the server request a thread works for, the receive hook notes each
+  request's read in a per-thread map and the write-start hook looks the thread up
+  again as the response begins: two lookups per request, for servers that never call
+  an upstream as for those that do. Skipping both until a traced process has an
+  upstream connection cut the programs' time on nginx keep-alive by about a tenth
+  (machine-wide run time per request, `bpf_stats`, 5 s of `wrk -t1 -c16` per run, the
+  two builds alternating at a slow hour: 2.14 → 1.87 µs in median over 8 pairs, 2.26
+  → 2.00 µs over 6 pairs in the other order; a 3-round `--compare` in the same hour
+  gave the opposite, within its rounds' spread). But it was not exact: an event loop
+  that read a request before the first upstream connection opened, and another after
+  it, would bind the first one's upstream request to the second. Skipping only the
+  response's lookup is exact (the request a thread last read stays its current one,
+  which the binding then refuses as answered), and saved nothing measurable (2.08 µs
+  with it, 2.00 without, over 6 pairs). Neither was kept; a test now holds the first
+  upstream call of a server traced while it had none attributed to its request. In
+  the tracer's process, labelling checked every byte of a label with the Unicode
+  character test (7% of its time per labelled request); printable ASCII is now told
+  by a few compares.
 - **Labels: one record fewer per request.** With `--labels` the read that begins a
   request on a kept-alive connection reported the exchange before it (one record) and
   copied the new request's first bytes (another). The exchange is now written beside
