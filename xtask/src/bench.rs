@@ -2221,7 +2221,10 @@ const READING: &str = "
   request on a kept-alive connection reported the exchange before it (one record) and
   copied the new request's first bytes (another). The exchange is now written beside
   the copy, in the same per-CPU buffer, and both go to the ring as one record (the
-  exchange alone when no bytes are copied); the tracer takes them apart in place.
+  exchange alone when no bytes are copied), where the receive hook is a tracepoint
+  (no other program run on the CPU can take the buffer in between; from trampolines
+  and the TLS library's probes the two still go apart); the tracer takes them apart
+  in place.
   Three records per labelled request become two. Small, in alternating runs of the two
   builds at a slow hour (nginx keep-alive, `--labels`): the programs 2.77 → 2.71 µs per
   request in median over 5 pairs (the receive hook 936 → 899 ns), the tracer's
